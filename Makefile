@@ -1,0 +1,54 @@
+# graphir developer tasks. Every target installs what it needs into .venv.
+
+PY    := .venv/bin/python
+PIP   := .venv/bin/pip
+STAMP := .venv/.stamp
+
+.PHONY: setup test run bench figures clean
+
+# Create the virtual environment and install the project (re-runs when
+# pyproject.toml changes). The CPU build of torch goes in first so that the
+# test extra does not pull the CUDA wheels.
+$(STAMP): pyproject.toml
+	python3 -m venv .venv
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[test]'
+	@if ! command -v dot >/dev/null 2>&1; then \
+		if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		echo "installing system graphviz (dot)"; \
+		$$SUDO apt-get update && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y graphviz; \
+	fi
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	@if $(PY) -c "import xdist" >/dev/null 2>&1; then XDIST="-n auto"; else XDIST=""; fi; \
+	$(PY) -m pytest -q -x -p no:cacheprovider $$XDIST
+
+# The main job. Becomes `graphir predict qwen3-next-80b-a3b --hw 2x3090 --quant IQ4_XS --kv-type q8_0 --split layer,graph` once `predict` exists.
+run: setup
+	.venv/bin/graphir stats qwen3-next-80b-a3b --quant IQ4_XS --kv-type q8_0
+	.venv/bin/graphir lower qwen3-next-80b-a3b --phase tg --format summary
+
+# Run every benchmark script in bench/ (figures.py has its own target).
+bench: setup
+	@for f in bench/*.py; do \
+		[ -e "$$f" ] || continue; \
+		[ "$$f" = bench/figures.py ] && continue; \
+		echo "== $$f"; \
+		$(PY) "$$f" || exit $$?; \
+	done
+
+# Placeholder: will generate the pictures used by docs/.
+figures: setup
+	@if [ -f bench/figures.py ]; then \
+		$(PY) bench/figures.py; \
+	else \
+		echo "bench/figures.py does not exist yet; nothing to do"; \
+	fi
+
+clean:
+	rm -rf .venv .pytest_cache .hypothesis .ruff_cache build dist *.egg-info
+	find . -path ./.git -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +

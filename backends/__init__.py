@@ -1,0 +1,1 @@
+"""Placeholder package marker (to be replaced)."""

@@ -1,0 +1,204 @@
+"""Frozen nodes and the graph: a flat, topologically ordered tuple of uniquely named nodes.
+
+Program order is execution order. Passes never mutate a graph: they build a new one
+(`Graph.replace_nodes` or a Builder). Analyses return separate results; nothing is ever
+written back onto nodes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Iterable, Iterator, Mapping
+
+from graphir.ops import LEAVES, Op, ShapeError, check_attrs, infer
+from graphir.spec import TensorSpec
+
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.#\-]*")
+_LAYER_RE = re.compile(r"blk\.(\d+)\.")
+
+AttrValue = Any  # int | float | str | bool | tuple of those
+
+
+class GraphError(ValueError):
+    """A graph that breaks an invariant; the message names the node."""
+
+
+def _freeze(v: Any) -> Any:
+    if isinstance(v, list | tuple):
+        return tuple(_freeze(x) for x in v)
+    if isinstance(v, dict):
+        raise GraphError("attribute values cannot be dicts")
+    return v
+
+
+def freeze_attrs(attrs: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
+    items = attrs.items() if isinstance(attrs, Mapping) else attrs
+    return tuple(sorted((k, _freeze(v)) for k, v in items if v is not None))
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    op: Op
+    inputs: tuple[str, ...]
+    spec: TensorSpec
+    attrs: tuple[tuple[str, AttrValue], ...] = ()
+    device: str | None = None  # "cuda:0"; a collective lists its group: "cuda:0,cuda:1"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "op", Op(self.op))
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        object.__setattr__(self, "attrs", freeze_attrs(self.attrs))
+
+    @cached_property
+    def attr(self) -> dict[str, AttrValue]:
+        return dict(self.attrs)
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return tuple(self.device.split(",")) if self.device else ()
+
+    @property
+    def layer(self) -> int | None:
+        """The layer index from a GGUF-style name (`blk.12.attn_q` -> 12), None outside layers."""
+        m = _LAYER_RE.match(self.name)
+        return int(m.group(1)) if m else None
+
+    def with_(self, **changes: Any) -> "Node":
+        fields = {"name": self.name, "op": self.op, "inputs": self.inputs, "spec": self.spec,
+                  "attrs": self.attrs, "device": self.device}
+        fields.update(changes)
+        return Node(**fields)
+
+
+@dataclass(frozen=True)
+class Graph:
+    nodes: tuple[Node, ...]
+    meta: tuple[tuple[str, AttrValue], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nodes", tuple(self.nodes))
+        object.__setattr__(self, "meta", freeze_attrs(self.meta))
+
+    @cached_property
+    def index(self) -> dict[str, Node]:
+        out: dict[str, Node] = {}
+        for n in self.nodes:
+            if n.name in out:
+                raise GraphError(f"duplicate node name %{n.name}")
+            out[n.name] = n
+        return out
+
+    @cached_property
+    def info(self) -> dict[str, AttrValue]:
+        return dict(self.meta)
+
+    def __getitem__(self, name: str) -> Node:
+        return self.index[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.index
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def by_op(self, op: Op) -> list[Node]:
+        return [n for n in self.nodes if n.op == op]
+
+    @cached_property
+    def users(self) -> dict[str, tuple[str, ...]]:
+        """Consumers of each node, in program order (an analysis, rebuilt per graph)."""
+        out: dict[str, list[str]] = {n.name: [] for n in self.nodes}
+        for n in self.nodes:
+            for i in n.inputs:
+                if i in out and (not out[i] or out[i][-1] != n.name):
+                    out[i].append(n.name)
+        return {k: tuple(v) for k, v in out.items()}
+
+    @cached_property
+    def last_use(self) -> dict[str, int]:
+        """Position of the last consumer of each value (for freeing in executors)."""
+        out: dict[str, int] = {}
+        for pos, n in enumerate(self.nodes):
+            for i in n.inputs:
+                out[i] = pos
+        return out
+
+    def outputs(self) -> dict[str, Node]:
+        """Graph results by key (`logits`, or a state name for state outputs)."""
+        return {n.attr["key"]: n for n in self.nodes if n.op == Op.OUTPUT}
+
+    def replace_nodes(self, nodes: Iterable[Node], **meta: AttrValue) -> "Graph":
+        m = dict(self.meta)
+        m.update(meta)
+        return Graph(tuple(nodes), tuple(m.items()))
+
+    @property
+    def placed(self) -> bool:
+        return all(n.device for n in self.nodes)
+
+    def device_list(self) -> tuple[str, ...]:
+        """Devices in order of first appearance (deterministic)."""
+        seen: dict[str, None] = {}
+        for n in self.nodes:
+            for d in n.devices:
+                seen.setdefault(d, None)
+        return tuple(seen)
+
+
+def verify(g: Graph) -> None:
+    """Re-check every invariant: unique names, topological order, op arity and attrs, specs
+    recomputed from inputs, and, for placed graphs, that no node reads a value from a device
+    it is not on (only copies and collectives cross devices)."""
+    seen: dict[str, Node] = {}
+    placed = any(n.device for n in g.nodes)
+    for n in g.nodes:
+        if not NAME_RE.fullmatch(n.name):
+            raise GraphError(f"%{n.name}: bad node name")
+        if n.name in seen:
+            raise GraphError(f"%{n.name}: duplicate node name")
+        for i in n.inputs:
+            if i not in seen:
+                raise GraphError(f"%{n.name}: input %{i} is not defined before it")
+        try:
+            if n.op in LEAVES:
+                if n.inputs:
+                    raise ShapeError(f"{n.op.value} takes no inputs")
+                check_attrs(n.op, n.attr)
+            else:
+                got = infer(n.op, [seen[i].spec for i in n.inputs], n.attr)
+                if got != n.spec:
+                    raise ShapeError(f"spec {n.spec} but its inputs give {got}")
+        except ShapeError as e:
+            raise GraphError(f"%{n.name} ({n.op.value}): {e}") from None
+        if placed:
+            _verify_device(n, seen)
+        seen[n.name] = n
+
+
+def _verify_device(n: Node, seen: Mapping[str, Node]) -> None:
+    if not n.device:
+        raise GraphError(f"%{n.name}: no device in a placed graph")
+    if len(n.devices) > 1 and n.op != Op.ALL_REDUCE:
+        raise GraphError(f"%{n.name}: only collectives may span devices ({n.device})")
+    if n.op == Op.COPY:
+        return  # a copy reads from anywhere; that is its job
+    if n.op == Op.ALL_REDUCE:
+        srcs = [seen[i].devices for i in n.inputs]
+        for i, src in zip(n.inputs, srcs):
+            if len(src) != 1 or src[0] not in n.devices:
+                raise GraphError(f"%{n.name}: partial %{i} on {','.join(src)} is outside the group {n.device}")
+        if sorted(s[0] for s in srcs) != sorted(n.devices):
+            raise GraphError(f"%{n.name}: group {n.device} needs one partial per device")
+        return
+    here = n.devices[0]
+    for i in n.inputs:
+        src = seen[i].devices
+        if here not in src:
+            raise GraphError(f"%{n.name} on {here} reads %{i} which lives on {','.join(src)}: "
+                             f"insert a copy or a collective")

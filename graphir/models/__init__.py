@@ -1,0 +1,31 @@
+"""Model front ends: `build(cfg, opts)` lowers a ModelConfig to a Graph for one phase."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from graphir.graph import Graph
+from graphir.models import llama, qwen3, qwen3_moe, qwen3_next
+from graphir.models.common import BuildOptions, Ctx, embed, head
+from graphir.models.config import ConfigError, ModelConfig, from_hf_dict
+
+ARCHES: dict[str, ModuleType] = {"llama": llama, "qwen3": qwen3, "qwen3_moe": qwen3_moe, "qwen3_next": qwen3_next}
+
+__all__ = ["ARCHES", "BuildOptions", "ConfigError", "ModelConfig", "build", "from_hf_dict"]
+
+
+def build(cfg: ModelConfig, opts: BuildOptions | None = None, layers: range | None = None) -> Graph:
+    """Lower `cfg` for one phase. `layers` keeps a sub-range (embedding and head stay);
+    kept layers keep their original indices, so names match the full model's."""
+    opts = opts or BuildOptions()
+    c = Ctx(cfg, opts)
+    x = embed(c)
+    keep = layers if layers is not None else range(cfg.n_layer)
+    layer_fn = ARCHES[cfg.arch].layer
+    for i in keep:
+        if not 0 <= i < cfg.n_layer:
+            raise ConfigError(f"layer {i} outside 0..{cfg.n_layer - 1}")
+        x = layer_fn(c, i, x)
+    head(c, x)
+    return c.b.graph(model=cfg.name or cfg.arch, arch=cfg.arch, phase=opts.phase, act=opts.act_dtype,
+                     quant=opts.quant.label, kv_type=opts.kv_type, layers=f"{keep.start}:{keep.stop}")

@@ -1,0 +1,326 @@
+"""The closed op table: one `OpDef` per op with its arity, attributes and shape/dtype rule.
+
+About one op per kernel launch: fused ops (attention, delta-net, swiglu) are single nodes so
+that node counts mean launches to the cost model. Views (`reshape`, `slice`) launch nothing;
+`OpDef.launches` says so. Every backend owns a `dict[Op, rule]` and a test asserts each table
+covers every member of `Op`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from graphir import dims as D
+from graphir.dtypes import DType, F32, I32, dtype
+from graphir.spec import TensorSpec
+
+
+class ShapeError(ValueError):
+    """Inputs or attributes an op cannot accept."""
+
+
+class Op(str, enum.Enum):
+    # leaves: their spec is given, not inferred
+    INPUT = "input"
+    WEIGHT = "weight"
+    STATE_IN = "state_in"
+    # compute
+    GET_ROWS = "get_rows"
+    MATMUL = "matmul"
+    MOE_MATMUL = "moe_matmul"
+    RMS_NORM = "rms_norm"
+    RMS_NORM_GATED = "rms_norm_gated"
+    ADD = "add"
+    MUL = "mul"
+    SILU = "silu"
+    SIGMOID = "sigmoid"
+    SOFTPLUS = "softplus"
+    SWIGLU = "swiglu"
+    CAST = "cast"
+    ROPE = "rope"
+    ATTENTION = "attention"
+    KV_APPEND = "kv_append"
+    CONCAT = "concat"
+    SSM_CONV = "ssm_conv"
+    DELTA_NET = "delta_net"
+    MOE_TOPK = "moe_topk"
+    MOE_WEIGHTS = "moe_weights"
+    MOE_SUM = "moe_sum"
+    # views (no kernel)
+    RESHAPE = "reshape"
+    SLICE = "slice"
+    # placement
+    COPY = "copy"
+    ALL_REDUCE = "all_reduce"
+    # graph results
+    OUTPUT = "output"
+
+
+Rule = Callable[[Sequence[TensorSpec], Mapping[str, Any]], TensorSpec]
+
+
+@dataclass(frozen=True)
+class OpDef:
+    op: Op
+    arity: int | None  # None = variadic (at least one input)
+    required: tuple[str, ...]
+    optional: tuple[str, ...]
+    rule: Rule | None  # None for leaves
+    launches: int = 1  # kernel launches one node costs (0 for views and leaves)
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ShapeError(msg)
+
+
+def _same(a: D.Dim, b: D.Dim) -> bool:
+    return D.dim(a) == D.dim(b)
+
+
+def _broadcast(a: TensorSpec, b: TensorSpec) -> tuple[D.Dim, ...]:
+    ra, rb = list(a.shape), list(b.shape)
+    n = max(len(ra), len(rb))
+    ra = [1] * (n - len(ra)) + ra
+    rb = [1] * (n - len(rb)) + rb
+    out: list[D.Dim] = []
+    for x, y in zip(ra, rb):
+        if _same(x, y) or y == 1:
+            out.append(x)
+        elif x == 1:
+            out.append(y)
+        else:
+            raise ShapeError(f"cannot broadcast {a} with {b}")
+    return tuple(out)
+
+
+def _unary(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    return ins[0]
+
+
+def _binary(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    return TensorSpec(_broadcast(ins[0], ins[1]), ins[0].dtype)
+
+
+def _swiglu(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    g, u = ins
+    _need(len(g.shape) == len(u.shape) and all(_same(x, y) for x, y in zip(g.shape, u.shape)),
+          f"swiglu gate {g} and up {u} differ")
+    return g
+
+
+def _get_rows(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    table, ids = ins
+    _need(table.rank == 2, f"get_rows table must be 2-D, got {table}")
+    _need(ids.dtype == I32 and ids.rank == 1, f"get_rows ids must be i32[n], got {ids}")
+    return TensorSpec((ids.shape[0], table.shape[1]), dtype(attrs["dtype"]))
+
+
+def _matmul(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    x, w = ins
+    _need(w.rank == 2, f"matmul weight must be 2-D [out,in], got {w}")
+    _need(x.rank >= 1 and _same(x.shape[-1], w.shape[1]),
+          f"matmul inner dims differ: x {x} vs weight {w} (weight is [out,in])")
+    return TensorSpec(x.shape[:-1] + (w.shape[0],), x.dtype)
+
+
+def _moe_matmul(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    x, w, ids = ins
+    _need(w.rank == 3, f"moe_matmul weight must be [experts,out,in], got {w}")
+    _need(ids.rank == 2 and ids.dtype == I32, f"moe_matmul ids must be i32[T,k], got {ids}")
+    _need(_same(x.shape[-1], w.shape[2]), f"moe_matmul inner dims differ: x {x} vs weight {w}")
+    _need(_same(x.shape[0], ids.shape[0]), f"moe_matmul x {x} and ids {ids} differ in tokens")
+    if x.rank == 3:
+        _need(_same(x.shape[1], ids.shape[1]), f"moe_matmul x {x} and ids {ids} differ in k")
+    else:
+        _need(x.rank == 2, f"moe_matmul x must be [T,in] or [T,k,in], got {x}")
+    return TensorSpec((x.shape[0], ids.shape[1], w.shape[1]), x.dtype)
+
+
+def _rms_norm(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    x, w = ins[0], ins[-1]
+    _need(w.rank == 1 and _same(w.shape[0], x.shape[-1]), f"rms_norm weight {w} does not match x {x}")
+    if len(ins) == 3:
+        _need(ins[1].shape == x.shape, f"rms_norm_gated gate {ins[1]} does not match x {x}")
+    return x
+
+
+def _cast(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    return ins[0].with_dtype(attrs["dtype"])
+
+
+def _rope(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    x, pos = ins
+    _need(x.rank == 3, f"rope input must be [T,heads,dim], got {x}")
+    _need(pos.rank == 1 and _same(pos.shape[0], x.shape[0]), f"rope positions {pos} do not match {x}")
+    n_rot = attrs["n_rot"]
+    _need(isinstance(x.shape[2], int) and 0 < n_rot <= x.shape[2] and n_rot % 2 == 0,
+          f"rope n_rot={n_rot} does not fit head dim of {x}")
+    return x
+
+
+def _attention(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    q, k, v = ins
+    _need(q.rank == 3 and k.rank == 3 and v.rank == 3, f"attention wants [T,h,d] inputs, got {q} {k} {v}")
+    _need(_same(q.shape[2], k.shape[2]), f"attention q {q} and k {k} head dims differ")
+    _need(_same(k.shape[0], v.shape[0]) and _same(k.shape[1], v.shape[1]), f"attention k {k} and v {v} differ")
+    hq, hkv = q.shape[1], k.shape[1]
+    _need(isinstance(hq, int) and isinstance(hkv, int) and hkv > 0 and hq % hkv == 0,
+          f"attention needs q heads ({hq}) to be a multiple of kv heads ({hkv})")
+    return TensorSpec((q.shape[0], hq, v.shape[2]), q.dtype)
+
+
+def _kv_append(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    cache, new = ins
+    _need(cache.rank == new.rank and all(_same(a, b) for a, b in zip(cache.shape[1:], new.shape[1:])),
+          f"kv_append cache {cache} and new rows {new} differ")
+    return TensorSpec((D.add(cache.shape[0], new.shape[0]),) + cache.shape[1:], cache.dtype)
+
+
+def _concat(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    ax = attrs["dim"]
+    first = ins[0]
+    total: D.Dim = 0
+    for s in ins:
+        _need(s.rank == first.rank and 0 <= ax < s.rank, f"concat dim {ax} invalid for {s}")
+        _need(all(_same(a, b) for i, (a, b) in enumerate(zip(s.shape, first.shape)) if i != ax),
+              f"concat inputs {first} and {s} differ off dim {ax}")
+        total = D.add(total, s.shape[ax])
+    return first.with_shape(first.shape[:ax] + (total,) + first.shape[ax + 1:])
+
+
+def _ssm_conv(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    x, w = ins
+    _need(x.rank == 2 and w.rank == 2 and _same(x.shape[1], w.shape[0]),
+          f"ssm_conv wants x [K-1+T,C] and w [C,K], got {x} and {w}")
+    return TensorSpec((D.sub(x.shape[0], D.sub(w.shape[1], 1)), x.shape[1]), x.dtype)
+
+
+def _delta_net(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    q, k, v, g, beta, s = ins
+    T, nk, dk = q.shape
+    nv, dv = v.shape[1], v.shape[2]
+    _need(k.shape == q.shape, f"delta_net q {q} and k {k} differ")
+    _need(_same(v.shape[0], T) and g.shape == (T, nv) and beta.shape == (T, nv),
+          f"delta_net v {v}, g {g}, beta {beta} do not match q {q}")
+    _need(isinstance(nv, int) and isinstance(nk, int) and nv % nk == 0,
+          f"delta_net value heads ({nv}) must be a multiple of key heads ({nk})")
+    _need(s.shape == (dk, nv, dv), f"delta_net state must be [{dk},{nv},{dv}], got {s}")
+    # packed result: rows [0,T) are the output, rows [T,T+dk) the new state (ggml does the same)
+    return TensorSpec((D.add(T, dk), nv, dv), F32)
+
+
+def _moe_topk(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    (logits,) = ins
+    k = attrs["k"]
+    _need(logits.rank == 2 and isinstance(logits.shape[1], int) and 0 < k <= logits.shape[1],
+          f"moe_topk k={k} invalid for {logits}")
+    return TensorSpec((logits.shape[0], k), I32)
+
+
+def _moe_weights(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    logits, ids = ins
+    _need(_same(logits.shape[0], ids.shape[0]), f"moe_weights logits {logits} and ids {ids} differ")
+    return TensorSpec(ids.shape, F32)
+
+
+def _moe_sum(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    y, w = ins
+    _need(y.rank == 3 and w.shape == y.shape[:2], f"moe_sum wants y [T,k,H] and weights [T,k], got {y} {w}")
+    return TensorSpec((y.shape[0], y.shape[2]), y.dtype)
+
+
+def _reshape(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    (x,) = ins
+    shape = tuple(D.dim(d) for d in attrs["shape"])
+    _need(D.dim(D.mul_dims(shape)) == D.dim(x.numel()), f"reshape of {x} to {list(shape)} changes the size")
+    return x.with_shape(shape)
+
+
+def _slice(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    (x,) = ins
+    ax, start, stop = attrs["dim"], D.dim(attrs["start"]), D.dim(attrs["stop"])
+    _need(0 <= ax < x.rank, f"slice dim {ax} invalid for {x}")
+    size = D.dim(D.sub(stop, start))
+    _need(not isinstance(size, int) or size > 0, f"slice [{start}:{stop}] of {x} is empty")
+    if isinstance(x.shape[ax], int) and isinstance(stop, int):
+        _need(stop <= x.shape[ax] and isinstance(start, int) and start >= 0,
+              f"slice [{start}:{stop}] out of range for {x}")
+    return x.with_shape(x.shape[:ax] + (size,) + x.shape[ax + 1:])
+
+
+def _all_reduce(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    first = ins[0]
+    for s in ins[1:]:
+        _need(s.shape == first.shape, f"all_reduce partials differ: {first} vs {s}")
+    return first
+
+
+_F = ("dtype",)
+DEFS: dict[Op, OpDef] = {d.op: d for d in (
+    OpDef(Op.INPUT, 0, ("role",), (), None, 0),
+    OpDef(Op.WEIGHT, 0, (), ("src", "slice_dim", "start", "stop"), None, 0),
+    OpDef(Op.STATE_IN, 0, ("state",), ("src", "slice_dim", "start", "stop"), None, 0),
+    OpDef(Op.GET_ROWS, 2, _F, (), _get_rows),
+    OpDef(Op.MATMUL, 2, (), (), _matmul),
+    OpDef(Op.MOE_MATMUL, 3, (), (), _moe_matmul),
+    OpDef(Op.RMS_NORM, 2, ("eps",), ("offset",), _rms_norm),
+    OpDef(Op.RMS_NORM_GATED, 3, ("eps",), (), _rms_norm),
+    OpDef(Op.ADD, 2, (), (), _binary),
+    OpDef(Op.MUL, 2, (), (), _binary),
+    OpDef(Op.SILU, 1, (), (), _unary),
+    OpDef(Op.SIGMOID, 1, (), (), _unary),
+    OpDef(Op.SOFTPLUS, 1, (), (), _unary),
+    OpDef(Op.SWIGLU, 2, (), (), _swiglu),
+    OpDef(Op.CAST, 1, _F, (), _cast),
+    OpDef(Op.ROPE, 2, ("n_rot", "theta"), ("scaling", "factor", "low_freq_factor", "high_freq_factor",
+                                             "original_ctx", "attn_factor", "beta_fast", "beta_slow"), _rope),
+    OpDef(Op.ATTENTION, 3, ("scale",), (), _attention),
+    OpDef(Op.KV_APPEND, 2, (), (), _kv_append),
+    OpDef(Op.CONCAT, None, ("dim",), (), _concat),
+    OpDef(Op.SSM_CONV, 2, (), ("act",), _ssm_conv),
+    OpDef(Op.DELTA_NET, 6, (), ("qk_l2norm",), _delta_net),
+    OpDef(Op.MOE_TOPK, 1, ("k",), (), _moe_topk),
+    OpDef(Op.MOE_WEIGHTS, 2, ("norm",), (), _moe_weights),
+    OpDef(Op.MOE_SUM, 2, (), (), _moe_sum),
+    OpDef(Op.RESHAPE, 1, ("shape",), (), _reshape, 0),
+    OpDef(Op.SLICE, 1, ("dim", "start", "stop"), (), _slice, 0),
+    OpDef(Op.COPY, 1, (), (), _unary),
+    OpDef(Op.ALL_REDUCE, None, (), ("dtype",), _all_reduce),
+    OpDef(Op.OUTPUT, 1, ("key",), (), _unary, 0),
+)}
+
+LEAVES = frozenset({Op.INPUT, Op.WEIGHT, Op.STATE_IN})
+VIEWS = frozenset(op for op, d in DEFS.items() if d.launches == 0 and op not in LEAVES)
+
+
+def check_attrs(op: Op, attrs: Mapping[str, Any]) -> None:
+    d = DEFS[op]
+    missing = [a for a in d.required if a not in attrs]
+    unknown = [a for a in attrs if a not in d.required and a not in d.optional]
+    if missing:
+        raise ShapeError(f"{op.value} needs attribute(s) {', '.join(missing)}")
+    if unknown:
+        raise ShapeError(f"{op.value} has unknown attribute(s) {', '.join(unknown)}")
+
+
+def infer(op: Op, ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    """The output spec of `op` on inputs `ins`; raises ShapeError naming what is wrong."""
+    d = DEFS[op]
+    check_attrs(op, attrs)
+    if d.rule is None:
+        raise ShapeError(f"{op.value} is a leaf: its spec is given, not inferred")
+    if d.arity is None:
+        _need(len(ins) >= 1, f"{op.value} needs at least one input")
+    else:
+        _need(len(ins) == d.arity, f"{op.value} takes {d.arity} inputs, got {len(ins)}")
+    return d.rule(ins, attrs)
+
+
+def act_dtype(name: str | DType) -> DType:
+    dt = dtype(name)
+    if not dt.is_float:
+        raise ShapeError(f"{dt.name} is not a compute type (use f32, f16 or bf16)")
+    return dt

@@ -1,0 +1,422 @@
+"""llama-sweep-bench tables: read, write, compare measured with predicted, find crossovers.
+
+One row per KV depth N_KV = 0, ub, 2*ub, ...: PP = u-batch, TG = generated tokens,
+S_PP = PP / T_PP, S_TG = TG / T_TG.  `read_table` detects the format by content, not by suffix
+(logs get saved under any name), and skips blank lines and '#' comments:
+
+* markdown as llama-sweep-bench prints it; extra columns (`RSS HWM`) and lines not starting with
+  '|' are ignored, so a whole console capture reads;
+* CSV with a header: `pp,tg,n_kv,t_pp_s,s_pp_tps,t_tg_s,s_tg_tps`, optionally with `split`;
+* JSON `{"rows": [...], ...}` or a plain list of row objects;
+* JSONL, one object per line, as `llama-sweep-bench --output-format jsonl` prints it
+  (`pp, tg, n_kv, t_pp, speed_pp, t_tg, speed_tg` plus run metadata, which is ignored).
+
+Names match case-insensitively after 't/s' -> 'tps' and punctuation -> '_' (`T_PP s` = `t_pp_s`);
+`_ALIASES` lists the synonyms.  Of each (time, speed) pair one suffices, the other is derived.
+Speeds that disagree with PP/T_PP are kept as printed: sweep-bench rounds T to 1 ms, so a
+recomputed speed would not match the published one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal, Sequence, TextIO
+
+Metric = Literal["pp", "tg"]
+_FIELDS = ("pp", "tg", "n_kv", "t_pp_s", "s_pp_tps", "t_tg_s", "s_tg_tps")
+# Digits written to CSV: times to 1 us (the resolution of ggml_time_us, which sweep-bench uses),
+# speeds to 1e-3 t/s.  Fixed digits keep files diff-friendly and re-writing them byte-identical.
+_DIGITS = {"t_pp_s": 6, "s_pp_tps": 3, "t_tg_s": 6, "s_tg_tps": 3}
+
+
+class TableError(ValueError):
+    """Malformed or unusable sweep table; the message is one line naming the source."""
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    pp: int
+    tg: int
+    n_kv: int
+    t_pp_s: float
+    s_pp_tps: float
+    t_tg_s: float
+    s_tg_tps: float
+    split: str = ""
+
+    @classmethod
+    def from_times(cls, pp: int, tg: int, n_kv: int, t_pp_s: float, t_tg_s: float,
+                   split: str = "") -> SweepRow:
+        """Row from measured/predicted times; speeds follow sweep-bench's S = tokens / T."""
+        if t_pp_s <= 0 or t_tg_s <= 0:
+            raise ValueError(f"times must be positive, got t_pp_s={t_pp_s}, t_tg_s={t_tg_s}")
+        return cls(pp, tg, n_kv, t_pp_s, pp / t_pp_s, t_tg_s, tg / t_tg_s, split)
+
+    def speed(self, metric: Metric) -> float:
+        if metric not in ("pp", "tg"):
+            raise ValueError(f"metric must be 'pp' or 'tg', got {metric!r}")
+        return self.s_pp_tps if metric == "pp" else self.s_tg_tps
+
+
+@dataclass(frozen=True)
+class SweepTable:
+    rows: tuple[SweepRow, ...]
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        # Accept any iterable so callers can pass a list; the stored value stays an immutable tuple.
+        object.__setattr__(self, "rows", tuple(self.rows))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[SweepRow]:
+        return iter(self.rows)
+
+    def splits(self) -> tuple[str, ...]:
+        """Distinct non-empty split names, in order of first appearance."""
+        return tuple(dict.fromkeys(r.split for r in self.rows if r.split))
+
+    def by_split(self, name: str) -> SweepTable:
+        rows = tuple(r for r in self.rows if r.split == name)
+        if not rows:
+            raise KeyError(f"{self.label or 'table'}: no split {name!r} (has {list(self.splits())})")
+        return SweepTable(rows, self.label)
+
+    def at(self, n_kv: int, split: str | None = None) -> SweepRow:
+        hits = [r for r in self.rows if r.n_kv == n_kv and (split is None or r.split == split)]
+        if not hits:
+            raise KeyError(f"{self.label or 'table'}: no row at n_kv={n_kv}")
+        if len(hits) > 1:
+            raise TableError(f"{self.label or 'table'}: {len(hits)} rows at n_kv={n_kv}; pass split=")
+        return hits[0]
+
+
+# ----------------------------------------------------------------------------- reading
+
+_ALIASES = {
+    "pp": "pp", "n_pp": "pp", "tg": "tg", "n_tg": "tg", "n_kv": "n_kv", "nkv": "n_kv",
+    "t_pp_s": "t_pp_s", "t_pp": "t_pp_s", "s_pp_tps": "s_pp_tps", "s_pp": "s_pp_tps",
+    "speed_pp": "s_pp_tps", "t_tg_s": "t_tg_s", "t_tg": "t_tg_s", "s_tg_tps": "s_tg_tps",
+    "s_tg": "s_tg_tps", "speed_tg": "s_tg_tps", "split": "split", "split_mode": "split",
+}
+
+
+def _canon(name: str) -> str | None:
+    s = str(name).strip().lower().replace("t/s", "tps")
+    return _ALIASES.get(re.sub(r"[^a-z0-9]+", "_", s).strip("_"))
+
+
+def _require(names: Iterable[str | None], where: str) -> None:
+    have = list(names)
+    if miss := [k for k in _FIELDS if k not in have]:
+        raise TableError(f"{where}: missing column(s) {', '.join(miss)}")
+
+
+def _num(value: Any, key: str, where: str, integer: bool) -> float:
+    try:
+        if isinstance(value, bool):  # JSON true/false would otherwise pass as 1/0
+            raise TypeError
+        x = float(value)  # float() strips the padding of markdown cells itself
+    except (TypeError, ValueError):
+        raise TableError(f"{where}: non-numeric value {value!r} in column {key}") from None
+    if not math.isfinite(x) or x < 0 or (integer and x != int(x)):
+        raise TableError(f"{where}: {key} = {value!r} is not a finite non-negative "
+                         f"{'integer' if integer else 'number'}")
+    return x
+
+
+def _row(items: Iterable[tuple[str, Any]], where: str) -> SweepRow:
+    """Row from (column name, raw value) pairs of any format; unknown names are ignored."""
+    raw: dict[str, Any] = {}
+    for name, value in items:
+        key = _canon(name)
+        if key is not None and key not in raw:  # first spelling wins, e.g. t_pp_s over t_pp
+            raw[key] = value
+    _require(raw, where)
+    v = [_num(raw[k], k, where, i < 3) for i, k in enumerate(_FIELDS)]  # pp, tg, n_kv: ints
+    split = raw.get("split")
+    return SweepRow(int(v[0]), int(v[1]), int(v[2]), *v[3:],
+                    split="" if split is None else str(split).strip())
+
+
+def _parse_markdown(lines: list[tuple[int, str]], src: str) -> list[SweepRow]:
+    pipes = [(i, s, [c.strip() for c in s[1:-1].split("|")]) for i, s in lines if s[0] == "|"]
+    start = next((k for k, (_, _, c) in enumerate(pipes) if "n_kv" in map(_canon, c)), None)
+    if start is None:
+        raise TableError(f"{src}: markdown table without a header row naming N_KV")
+    header = pipes[start][2]
+    _require(map(_canon, header), f"{src}:{pipes[start][0]}: header")
+    rows = []
+    for i, s, cells in pipes[start + 1:]:
+        if not s.endswith("|"):  # sweep-bench always closes a row: a missing '|' means truncation
+            raise TableError(f"{src}:{i}: row not closed by '|' (truncated?): {s[:60]!r}")
+        if all(re.fullmatch(r":?-+:?", c) for c in cells) or cells == header:
+            continue  # separator, or the header again from a concatenated second run
+        if len(cells) != len(header):
+            raise TableError(f"{src}:{i}: row has {len(cells)} cells, header has {len(header)}")
+        rows.append(_row(zip(header, cells), f"{src}:{i}"))
+    return rows
+
+
+def _parse_csv(lines: list[tuple[int, str]], src: str) -> list[SweepRow]:
+    header = next(csv.reader([lines[0][1]]))
+    _require(map(_canon, header), f"{src}:{lines[0][0]}: CSV header")
+    rows = []
+    for i, s in lines[1:]:
+        cells = next(csv.reader([s]))
+        if len(cells) != len(header):
+            raise TableError(f"{src}:{i}: row has {len(cells)} fields, header has {len(header)}")
+        rows.append(_row(zip(header, cells), f"{src}:{i}"))
+    return rows
+
+
+def _parse_json(lines: list[tuple[int, str]], src: str) -> list[SweepRow]:
+    """A JSON document (a list, or an object with "rows"), else JSONL: one object per line."""
+    try:
+        doc = json.loads("\n".join(s for _, s in lines))
+    except json.JSONDecodeError as e:
+        if lines[0][1].startswith("["):
+            raise TableError(f"{src}:{lines[e.lineno - 1][0]}: invalid JSON: {e.msg}") from None
+        doc = None
+    if isinstance(doc, dict) and "rows" in doc:
+        doc = doc["rows"]
+        if not isinstance(doc, list):
+            raise TableError(f"{src}: 'rows' is not a list")
+    if isinstance(doc, list):
+        items = [(f"{src}: rows[{k}]", x) for k, x in enumerate(doc)]
+    else:
+        items = []
+        for i, s in lines:
+            if s.startswith("{"):  # other lines are console chatter (model loading, timings)
+                try:
+                    items.append((f"{src}:{i}", json.loads(s)))
+                except json.JSONDecodeError as e:
+                    raise TableError(f"{src}:{i}: invalid JSON line: {e.msg}") from None
+    for where, obj in items:
+        if not isinstance(obj, dict):
+            raise TableError(f"{where}: {type(obj).__name__}, not an object")
+    return [_row(obj.items(), where) for where, obj in items]
+
+
+def parse_table(text: str, source: str = "<text>", label: str = "") -> SweepTable:
+    """Parse table text in any accepted format; `source` names it in error messages."""
+    lines = [(i, s.strip()) for i, s in enumerate(text.splitlines(), 1)
+             if s.strip() and not s.strip().startswith("#")]
+    if not lines:
+        raise TableError(f"{source}: empty (no content besides comments)")
+    kind = lines[0][1][0]
+    if kind not in "|[{" and "n_kv" not in [_canon(c) for c in next(csv.reader([lines[0][1]]))]:
+        # not a CSV header: a console capture has log text before the table or the JSON lines
+        kind = next((s[0] for _, s in lines if s[0] in "|{"), "?")
+        if kind == "?":
+            raise TableError(f"{source}:{lines[0][0]}: unknown format (not markdown/CSV/JSON/JSONL)")
+    parse = {"|": _parse_markdown, "[": _parse_json, "{": _parse_json}.get(kind, _parse_csv)
+    rows = parse(lines, source)
+    if not rows:
+        raise TableError(f"{source}: empty table (no data rows)")
+    return SweepTable(tuple(rows), label)
+
+
+def read_table(path: str | Path) -> SweepTable:
+    """Read a sweep table file of any accepted format; the label is the file stem."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TableError(f"{p}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TableError(f"{p}: cannot read ({type(e).__name__})") from None
+    return parse_table(text, str(p), p.stem)
+
+
+# ----------------------------------------------------------------------------- writing
+
+Rows = SweepTable | Iterable[SweepRow]
+
+
+def _fixed(x: float, digits: int) -> str:
+    return f"{x:.{digits}f}".rstrip("0").rstrip(".")
+
+
+def _atomic_write(path: str | Path, text: str) -> None:
+    # Temp file in the target directory, then os.replace: readers never see a half-written file
+    # and a failure leaves the previous file in place.
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_csv(rows: Rows, dest: str | Path | TextIO, comment: str | None = None) -> None:
+    """graphir CSV (`split,pp,tg,...`); `comment` becomes leading '#' lines."""
+    buf = io.StringIO()  # format everything before touching the destination
+    buf.write("".join(f"# {c}\n" for c in (comment or "").splitlines()))
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(("split",) + _FIELDS)
+    for r in rows:
+        w.writerow([r.split, r.pp, r.tg, r.n_kv] + [_fixed(getattr(r, k), d) for k, d in _DIGITS.items()])
+    if isinstance(dest, (str, Path)):
+        _atomic_write(dest, buf.getvalue())
+    else:
+        dest.write(buf.getvalue())
+
+
+def format_markdown(rows: Rows) -> str:
+    """The table exactly as llama-sweep-bench prints it (its printf widths and precisions)."""
+    out = ["|%6s | %6s | %6s | %8s | %8s | %8s | %8s |\n"
+           % ("PP", "TG", "N_KV", "T_PP s", "S_PP t/s", "T_TG s", "S_TG t/s"),
+           "|%6s-|-%6s-|-%6s-|-%8s-|-%8s-|-%8s-|-%8s-|\n" % (("-" * 6,) * 3 + ("-" * 8,) * 4)]
+    out += ["|%6d | %6d | %6d | %8.3f | %8.2f | %8.3f | %8.2f |\n"
+            % (r.pp, r.tg, r.n_kv, r.t_pp_s, r.s_pp_tps, r.t_tg_s, r.s_tg_tps) for r in rows]
+    return "".join(out)
+
+
+def to_json(rows: Rows, **extra: Any) -> str:
+    """graphir JSON `{"rows": [...], "label": ..., **extra}`; floats keep full precision."""
+    doc: dict[str, Any] = {"rows": [asdict(r) for r in rows]}
+    if isinstance(rows, SweepTable) and rows.label:
+        doc["label"] = rows.label
+    return json.dumps(doc | extra, indent=1) + "\n"
+
+
+def to_jsonl(rows: Rows) -> str:
+    """One object per row with llama-sweep-bench's JSONL keys (plus `split` when set)."""
+    return "".join(json.dumps({
+        "pp": r.pp, "tg": r.tg, "n_kv": r.n_kv, "t_pp": r.t_pp_s, "speed_pp": r.s_pp_tps,
+        "t_tg": r.t_tg_s, "speed_tg": r.s_tg_tps} | ({"split": r.split} if r.split else {})) + "\n"
+        for r in rows)
+
+
+# ----------------------------------------------------------------------------- analysis
+
+def _quantile(xs: Sequence[float], p: float) -> float:
+    """Quantile of sorted xs with linear interpolation (numpy's default method)."""
+    pos = p * (len(xs) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    # the equality test keeps inf - inf (two infinite errors) from turning into nan
+    return xs[lo] if xs[hi] == xs[lo] else xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def error_stats(errors: Sequence[float]) -> dict[str, float]:
+    """Median, p90 and max of |error|, and the count (nan statistics when empty)."""
+    xs = sorted(abs(e) for e in errors)
+    if not xs:
+        return {"median": math.nan, "p90": math.nan, "max": math.nan, "count": 0}
+    return {"median": _quantile(xs, 0.5), "p90": _quantile(xs, 0.9), "max": xs[-1], "count": len(xs)}
+
+
+@dataclass(frozen=True)
+class ComparedRow:
+    """One aligned depth; ratio = predicted / measured speed, err = ratio - 1 (> 0: too fast)."""
+    split: str
+    n_kv: int
+    measured_pp: float
+    predicted_pp: float
+    ratio_pp: float
+    err_pp: float
+    measured_tg: float
+    predicted_tg: float
+    ratio_tg: float
+    err_tg: float
+
+
+@dataclass(frozen=True)
+class Comparison:
+    rows: tuple[ComparedRow, ...]
+    summary: dict[str, Any]
+
+    def format(self) -> str:
+        fmt = "%-8s %7s %10s %10s %7s %8s %10s %10s %7s %8s"
+        head = fmt % ("split", "N_KV", "S_PP meas", "S_PP pred", "ratio", "err",
+                      "S_TG meas", "S_TG pred", "ratio", "err")
+        lines = [head, "-" * len(head)]
+        lines += [fmt % (r.split or "-", r.n_kv, f"{r.measured_pp:.2f}", f"{r.predicted_pp:.2f}",
+                         f"{r.ratio_pp:.3f}", f"{100 * r.err_pp:+.1f}%", f"{r.measured_tg:.2f}",
+                         f"{r.predicted_tg:.2f}", f"{r.ratio_tg:.3f}", f"{100 * r.err_tg:+.1f}%")
+                  for r in self.rows]
+        lines += [f"{m.upper()}: n={s['count']}  |err| median {100 * s['median']:.1f}%  p90 "
+                  f"{100 * s['p90']:.1f}%  max {100 * s['max']:.1f}%  bias {100 * s['bias']:+.1f}%"
+                  for m, s in ((m, self.summary[m]) for m in ("pp", "tg"))]
+        lines.append(f"unmatched rows: {self.summary['unmatched_measured']} measured, "
+                     f"{self.summary['unmatched_predicted']} predicted")
+        return "\n".join(lines) + "\n"
+
+
+def _keyed(t: SweepTable, use_split: bool) -> dict[tuple[str, int], SweepRow]:
+    if not use_split and len(t.splits()) > 1:  # never guess which split the caller meant
+        raise TableError(f"{t.label or 'table'} has splits {list(t.splits())}; choose one with "
+                         f"by_split(name)")
+    out: dict[tuple[str, int], SweepRow] = {}
+    for r in t.rows:
+        key = (r.split if use_split else "", r.n_kv)
+        if key in out:
+            raise TableError(f"{t.label or 'table'}: two rows at split={key[0]!r} n_kv={key[1]}")
+        out[key] = r
+    return out
+
+
+def compare(measured: SweepTable, predicted: SweepTable) -> Comparison:
+    """Per-depth ratio predicted/measured of S_PP and S_TG, and error statistics.
+
+    Rows align on n_kv, and on split too when both tables name splits.  A table with several
+    splits facing one without is refused: the caller picks one with `by_split`.
+    """
+    use_split = bool(measured.splits() and predicted.splits())
+    m, p = _keyed(measured, use_split), _keyed(predicted, use_split)
+    keys = [k for k in m if k in p]  # measured order: deterministic and as the user reads it
+    if not keys:
+        raise TableError(f"{measured.label or 'measured'} vs {predicted.label or 'predicted'}: "
+                         f"no row aligns on n_kv{' and split' if use_split else ''}")
+    rows = []
+    for k in keys:
+        a, b = m[k], p[k]  # a zero measured speed gives an infinite error, not a crash
+        rpp, rtg = (b.s_pp_tps / a.s_pp_tps if a.s_pp_tps else math.inf,
+                    b.s_tg_tps / a.s_tg_tps if a.s_tg_tps else math.inf)
+        rows.append(ComparedRow(a.split or b.split, k[1], a.s_pp_tps, b.s_pp_tps, rpp, rpp - 1,
+                                a.s_tg_tps, b.s_tg_tps, rtg, rtg - 1))
+    summary: dict[str, Any] = {}
+    for metric in ("pp", "tg"):
+        errs = [getattr(r, f"err_{metric}") for r in rows]
+        # bias = median signed error: a cost model that is uniformly 10% optimistic shows +10%
+        summary[metric] = error_stats(errs) | {"bias": _quantile(sorted(errs), 0.5)}
+    summary["unmatched_measured"] = len(m) - len(keys)
+    summary["unmatched_predicted"] = len(p) - len(keys)
+    return Comparison(tuple(rows), summary)
+
+
+def crossover(a: SweepTable, b: SweepTable, metric: Metric) -> float | None:
+    """Smallest depth N_KV at which b's speed reaches a's, or None if it never does.
+
+    Uses the depths both tables share; between the two rows that bracket the first sign change
+    of (speed_b - speed_a) the zero is interpolated linearly, so the answer can fall between
+    rows.  If b is already at least as fast at the first shared depth, that depth is returned.
+    """
+    sa = {k[1]: r.speed(metric) for k, r in _keyed(a, False).items()}
+    sb = {k[1]: r.speed(metric) for k, r in _keyed(b, False).items()}
+    depths = sorted(k for k in sa if k in sb)
+    if not depths:
+        raise TableError(f"{a.label or 'a'} vs {b.label or 'b'}: no common n_kv")
+    n0, d0 = depths[0], -1.0
+    for n in depths:
+        d = sb[n] - sa[n]
+        if d >= 0:  # d0 < 0 <= d: the zero of the segment lies in (n0, n]
+            return float(n) if n == depths[0] else n0 + (n - n0) * -d0 / (d - d0)
+        n0, d0 = n, d
+    return None
