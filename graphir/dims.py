@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from typing import Mapping, Union
 
+from graphir.errors import GraphirError
+
 SYMBOLS = ("KV", "T")  # canonical order in printed expressions
 
 Dim = Union[int, str]  # an int, or a canonical linear expression string such as "KV+T"
@@ -19,7 +21,7 @@ Dim = Union[int, str]  # an int, or a canonical linear expression string such as
 _TERM = re.compile(r"([+-]?)\s*(?:(\d+)\s*\*\s*)?([A-Za-z_]\w*|\d+)")
 
 
-class DimError(ValueError):
+class DimError(GraphirError):
     """A malformed or unbindable dimension."""
 
 

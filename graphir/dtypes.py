@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from graphir.errors import GraphirError
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 
-class DTypeError(ValueError):
+class DTypeError(GraphirError):
     """An unknown type name."""
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Iterable, Iterator, Mapping
 
+from graphir.errors import GraphirError
 from graphir.ops import LEAVES, Op, ShapeError, check_attrs, infer
 from graphir.spec import TensorSpec
 
@@ -21,7 +22,7 @@ _LAYER_RE = re.compile(r"blk\.(\d+)\.")
 AttrValue = Any  # int | float | str | bool | tuple of those
 
 
-class GraphError(ValueError):
+class GraphError(GraphirError):
     """A graph that breaks an invariant; the message names the node."""
 
 

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from graphir import dims as D
+from graphir.errors import GraphirError
 from graphir.dtypes import DType, F32, I32, dtype
 from graphir.spec import TensorSpec
 
 
-class ShapeError(ValueError):
+class ShapeError(GraphirError):
     """Inputs or attributes an op cannot accept."""
 
 

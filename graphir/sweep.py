@@ -11,10 +11,9 @@ S_PP = PP / T_PP, S_TG = TG / T_TG.  `read_table` detects the format by content,
 * JSONL, one object per line, as `llama-sweep-bench --output-format jsonl` prints it
   (`pp, tg, n_kv, t_pp, speed_pp, t_tg, speed_tg` plus run metadata, which is ignored).
 
-Names match case-insensitively after 't/s' -> 'tps' and punctuation -> '_' (`T_PP s` = `t_pp_s`);
-`_ALIASES` lists the synonyms.  Of each (time, speed) pair one suffices, the other is derived.
-Speeds that disagree with PP/T_PP are kept as printed: sweep-bench rounds T to 1 ms, so a
-recomputed speed would not match the published one.
+All seven columns are required.  Names match case-insensitively after 't/s' -> 'tps' and
+punctuation -> '_' (`T_PP s` = `t_pp_s`); `_ALIASES` lists synonyms.  Speeds that disagree with
+PP/T_PP are kept as printed: sweep-bench rounds T to 1 ms, so recomputing S would change it.
 """
 
 from __future__ import annotations
@@ -93,10 +92,8 @@ class SweepTable:
 
     def at(self, n_kv: int, split: str | None = None) -> SweepRow:
         hits = [r for r in self.rows if r.n_kv == n_kv and (split is None or r.split == split)]
-        if not hits:
-            raise KeyError(f"{self.label or 'table'}: no row at n_kv={n_kv}")
-        if len(hits) > 1:
-            raise TableError(f"{self.label or 'table'}: {len(hits)} rows at n_kv={n_kv}; pass split=")
+        if len(hits) != 1:  # none, or one per split when the caller named no split
+            raise KeyError(f"{self.label or 'table'}: {len(hits)} rows at n_kv={n_kv}, split={split!r}")
         return hits[0]
 
 
@@ -122,10 +119,8 @@ def _require(names: Iterable[str | None], where: str) -> None:
 
 
 def _num(value: Any, key: str, where: str, integer: bool) -> float:
-    try:
-        if isinstance(value, bool):  # JSON true/false would otherwise pass as 1/0
-            raise TypeError
-        x = float(value)  # float() strips the padding of markdown cells itself
+    try:  # float() strips the padding of markdown cells; JSON true/false must not pass as 1/0
+        x = math.nan if isinstance(value, bool) else float(value)
     except (TypeError, ValueError):
         raise TableError(f"{where}: non-numeric value {value!r} in column {key}") from None
     if not math.isfinite(x) or x < 0 or (integer and x != int(x)):
@@ -134,10 +129,12 @@ def _num(value: Any, key: str, where: str, integer: bool) -> float:
     return x
 
 
-def _row(items: Iterable[tuple[str, Any]], where: str) -> SweepRow:
-    """Row from (column name, raw value) pairs of any format; unknown names are ignored."""
+def _row(obj: Any, where: str) -> SweepRow:
+    """Row from a {column name: raw value} mapping of any format; unknown names are ignored."""
+    if not isinstance(obj, dict):
+        raise TableError(f"{where}: {type(obj).__name__}, not an object")
     raw: dict[str, Any] = {}
-    for name, value in items:
+    for name, value in obj.items():
         key = _canon(name)
         if key is not None and key not in raw:  # first spelling wins, e.g. t_pp_s over t_pp
             raw[key] = value
@@ -148,35 +145,35 @@ def _row(items: Iterable[tuple[str, Any]], where: str) -> SweepRow:
                     split="" if split is None else str(split).strip())
 
 
+def _cell_rows(src: str, hline: int, header: list[str],
+               body: Iterable[tuple[int, list[str]]]) -> list[SweepRow]:
+    _require(map(_canon, header), f"{src}:{hline}: header")
+    rows = []
+    for i, cells in body:
+        if len(cells) != len(header):
+            raise TableError(f"{src}:{i}: row has {len(cells)} cells, header has {len(header)}")
+        rows.append(_row(dict(zip(header, cells)), f"{src}:{i}"))
+    return rows
+
+
 def _parse_markdown(lines: list[tuple[int, str]], src: str) -> list[SweepRow]:
     pipes = [(i, s, [c.strip() for c in s[1:-1].split("|")]) for i, s in lines if s[0] == "|"]
     start = next((k for k, (_, _, c) in enumerate(pipes) if "n_kv" in map(_canon, c)), None)
     if start is None:
         raise TableError(f"{src}: markdown table without a header row naming N_KV")
-    header = pipes[start][2]
-    _require(map(_canon, header), f"{src}:{pipes[start][0]}: header")
-    rows = []
-    for i, s, cells in pipes[start + 1:]:
+    hline, _, header = pipes[start]
+    for i, s, _ in pipes[start:]:
         if not s.endswith("|"):  # sweep-bench always closes a row: a missing '|' means truncation
             raise TableError(f"{src}:{i}: row not closed by '|' (truncated?): {s[:60]!r}")
-        if all(re.fullmatch(r":?-+:?", c) for c in cells) or cells == header:
-            continue  # separator, or the header again from a concatenated second run
-        if len(cells) != len(header):
-            raise TableError(f"{src}:{i}: row has {len(cells)} cells, header has {len(header)}")
-        rows.append(_row(zip(header, cells), f"{src}:{i}"))
-    return rows
+    # skip separators, and the header repeated by a concatenated second run
+    body = [(i, c) for i, _, c in pipes[start + 1:]
+            if c != header and not all(re.fullmatch(r":?-+:?", x) for x in c)]
+    return _cell_rows(src, hline, header, body)
 
 
 def _parse_csv(lines: list[tuple[int, str]], src: str) -> list[SweepRow]:
-    header = next(csv.reader([lines[0][1]]))
-    _require(map(_canon, header), f"{src}:{lines[0][0]}: CSV header")
-    rows = []
-    for i, s in lines[1:]:
-        cells = next(csv.reader([s]))
-        if len(cells) != len(header):
-            raise TableError(f"{src}:{i}: row has {len(cells)} fields, header has {len(header)}")
-        rows.append(_row(zip(header, cells), f"{src}:{i}"))
-    return rows
+    (hline, header), *body = [(i, next(csv.reader([s]))) for i, s in lines]
+    return _cell_rows(src, hline, header, body)
 
 
 def _parse_json(lines: list[tuple[int, str]], src: str) -> list[SweepRow]:
@@ -187,10 +184,7 @@ def _parse_json(lines: list[tuple[int, str]], src: str) -> list[SweepRow]:
         if lines[0][1].startswith("["):
             raise TableError(f"{src}:{lines[e.lineno - 1][0]}: invalid JSON: {e.msg}") from None
         doc = None
-    if isinstance(doc, dict) and "rows" in doc:
-        doc = doc["rows"]
-        if not isinstance(doc, list):
-            raise TableError(f"{src}: 'rows' is not a list")
+    doc = doc["rows"] if isinstance(doc, dict) and "rows" in doc else doc
     if isinstance(doc, list):
         items = [(f"{src}: rows[{k}]", x) for k, x in enumerate(doc)]
     else:
@@ -201,10 +195,7 @@ def _parse_json(lines: list[tuple[int, str]], src: str) -> list[SweepRow]:
                     items.append((f"{src}:{i}", json.loads(s)))
                 except json.JSONDecodeError as e:
                     raise TableError(f"{src}:{i}: invalid JSON line: {e.msg}") from None
-    for where, obj in items:
-        if not isinstance(obj, dict):
-            raise TableError(f"{where}: {type(obj).__name__}, not an object")
-    return [_row(obj.items(), where) for where, obj in items]
+    return [_row(obj, where) for where, obj in items]
 
 
 def parse_table(text: str, source: str = "<text>", label: str = "") -> SweepTable:
@@ -231,21 +222,13 @@ def read_table(path: str | Path) -> SweepTable:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TableError(f"{p}: file not found") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise TableError(f"{p}: cannot read ({type(e).__name__})") from None
+        why = "file not found" if isinstance(e, FileNotFoundError) else type(e).__name__
+        raise TableError(f"{p}: cannot read: {why}") from None
     return parse_table(text, str(p), p.stem)
 
 
 # ----------------------------------------------------------------------------- writing
-
-Rows = SweepTable | Iterable[SweepRow]
-
-
-def _fixed(x: float, digits: int) -> str:
-    return f"{x:.{digits}f}".rstrip("0").rstrip(".")
-
 
 def _atomic_write(path: str | Path, text: str) -> None:
     # Temp file in the target directory, then os.replace: readers never see a half-written file
@@ -263,21 +246,23 @@ def _atomic_write(path: str | Path, text: str) -> None:
         raise
 
 
-def write_csv(rows: Rows, dest: str | Path | TextIO, comment: str | None = None) -> None:
+def write_csv(rows: Iterable[SweepRow], dest: str | Path | TextIO,
+              comment: str | None = None) -> None:
     """graphir CSV (`split,pp,tg,...`); `comment` becomes leading '#' lines."""
     buf = io.StringIO()  # format everything before touching the destination
     buf.write("".join(f"# {c}\n" for c in (comment or "").splitlines()))
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(("split",) + _FIELDS)
     for r in rows:
-        w.writerow([r.split, r.pp, r.tg, r.n_kv] + [_fixed(getattr(r, k), d) for k, d in _DIGITS.items()])
+        w.writerow([r.split, r.pp, r.tg, r.n_kv]
+                   + [f"{getattr(r, k):.{d}f}".rstrip("0").rstrip(".") for k, d in _DIGITS.items()])
     if isinstance(dest, (str, Path)):
         _atomic_write(dest, buf.getvalue())
     else:
         dest.write(buf.getvalue())
 
 
-def format_markdown(rows: Rows) -> str:
+def format_markdown(rows: Iterable[SweepRow]) -> str:
     """The table exactly as llama-sweep-bench prints it (its printf widths and precisions)."""
     out = ["|%6s | %6s | %6s | %8s | %8s | %8s | %8s |\n"
            % ("PP", "TG", "N_KV", "T_PP s", "S_PP t/s", "T_TG s", "S_TG t/s"),
@@ -287,15 +272,14 @@ def format_markdown(rows: Rows) -> str:
     return "".join(out)
 
 
-def to_json(rows: Rows, **extra: Any) -> str:
+def to_json(rows: Iterable[SweepRow], **extra: Any) -> str:
     """graphir JSON `{"rows": [...], "label": ..., **extra}`; floats keep full precision."""
-    doc: dict[str, Any] = {"rows": [asdict(r) for r in rows]}
-    if isinstance(rows, SweepTable) and rows.label:
-        doc["label"] = rows.label
-    return json.dumps(doc | extra, indent=1) + "\n"
+    label = rows.label if isinstance(rows, SweepTable) and rows.label else None
+    doc = {"rows": [asdict(r) for r in rows]} | ({"label": label} if label else {}) | extra
+    return json.dumps(doc, indent=1) + "\n"
 
 
-def to_jsonl(rows: Rows) -> str:
+def to_jsonl(rows: Iterable[SweepRow]) -> str:
     """One object per row with llama-sweep-bench's JSONL keys (plus `split` when set)."""
     return "".join(json.dumps({
         "pp": r.pp, "tg": r.tg, "n_kv": r.n_kv, "t_pp": r.t_pp_s, "speed_pp": r.s_pp_tps,
@@ -343,20 +327,19 @@ class Comparison:
     summary: dict[str, Any]
 
     def format(self) -> str:
-        fmt = "%-8s %7s %10s %10s %7s %8s %10s %10s %7s %8s"
-        head = fmt % ("split", "N_KV", "S_PP meas", "S_PP pred", "ratio", "err",
-                      "S_TG meas", "S_TG pred", "ratio", "err")
-        lines = [head, "-" * len(head)]
-        lines += [fmt % (r.split or "-", r.n_kv, f"{r.measured_pp:.2f}", f"{r.predicted_pp:.2f}",
-                         f"{r.ratio_pp:.3f}", f"{100 * r.err_pp:+.1f}%", f"{r.measured_tg:.2f}",
-                         f"{r.predicted_tg:.2f}", f"{r.ratio_tg:.3f}", f"{100 * r.err_tg:+.1f}%")
-                  for r in self.rows]
-        lines += [f"{m.upper()}: n={s['count']}  |err| median {100 * s['median']:.1f}%  p90 "
-                  f"{100 * s['p90']:.1f}%  max {100 * s['max']:.1f}%  bias {100 * s['bias']:+.1f}%"
-                  for m, s in ((m, self.summary[m]) for m in ("pp", "tg"))]
-        lines.append(f"unmatched rows: {self.summary['unmatched_measured']} measured, "
-                     f"{self.summary['unmatched_predicted']} predicted")
-        return "\n".join(lines) + "\n"
+        fmt = "%-8s %7s" + " %10s %10s %7s %8s" * 2 + "\n"
+        out = fmt % ("split", "N_KV", "S_PP meas", "S_PP pred", "ratio", "err",
+                     "S_TG meas", "S_TG pred", "ratio", "err")
+        for r in self.rows:
+            out += fmt % (r.split or "-", r.n_kv, f"{r.measured_pp:.2f}", f"{r.predicted_pp:.2f}",
+                          f"{r.ratio_pp:.3f}", f"{r.err_pp:+.1%}", f"{r.measured_tg:.2f}",
+                          f"{r.predicted_tg:.2f}", f"{r.ratio_tg:.3f}", f"{r.err_tg:+.1%}")
+        for m in ("pp", "tg"):
+            s = self.summary[m]
+            out += (f"{m.upper()}: n={s['count']}  |err| median {s['median']:.1%}  p90 {s['p90']:.1%}"
+                    f"  max {s['max']:.1%}  bias {s['bias']:+.1%}\n")
+        return out + (f"unmatched rows: {self.summary['unmatched_measured']} measured, "
+                      f"{self.summary['unmatched_predicted']} predicted\n")
 
 
 def _keyed(t: SweepTable, use_split: bool) -> dict[tuple[str, int], SweepRow]:
@@ -375,9 +358,8 @@ def _keyed(t: SweepTable, use_split: bool) -> dict[tuple[str, int], SweepRow]:
 def compare(measured: SweepTable, predicted: SweepTable) -> Comparison:
     """Per-depth ratio predicted/measured of S_PP and S_TG, and error statistics.
 
-    Rows align on n_kv, and on split too when both tables name splits.  A table with several
-    splits facing one without is refused: the caller picks one with `by_split`.
-    """
+    Rows align on n_kv, and on split too when both tables name splits; a table with several
+    splits facing one without is refused (the caller picks one with `by_split`)."""
     use_split = bool(measured.splits() and predicted.splits())
     m, p = _keyed(measured, use_split), _keyed(predicted, use_split)
     keys = [k for k in m if k in p]  # measured order: deterministic and as the user reads it
@@ -391,23 +373,21 @@ def compare(measured: SweepTable, predicted: SweepTable) -> Comparison:
                     b.s_tg_tps / a.s_tg_tps if a.s_tg_tps else math.inf)
         rows.append(ComparedRow(a.split or b.split, k[1], a.s_pp_tps, b.s_pp_tps, rpp, rpp - 1,
                                 a.s_tg_tps, b.s_tg_tps, rtg, rtg - 1))
-    summary: dict[str, Any] = {}
+    summary: dict[str, Any] = {"unmatched_measured": len(m) - len(keys),
+                               "unmatched_predicted": len(p) - len(keys)}
     for metric in ("pp", "tg"):
         errs = [getattr(r, f"err_{metric}") for r in rows]
         # bias = median signed error: a cost model that is uniformly 10% optimistic shows +10%
         summary[metric] = error_stats(errs) | {"bias": _quantile(sorted(errs), 0.5)}
-    summary["unmatched_measured"] = len(m) - len(keys)
-    summary["unmatched_predicted"] = len(p) - len(keys)
     return Comparison(tuple(rows), summary)
 
 
 def crossover(a: SweepTable, b: SweepTable, metric: Metric) -> float | None:
     """Smallest depth N_KV at which b's speed reaches a's, or None if it never does.
 
-    Uses the depths both tables share; between the two rows that bracket the first sign change
-    of (speed_b - speed_a) the zero is interpolated linearly, so the answer can fall between
-    rows.  If b is already at least as fast at the first shared depth, that depth is returned.
-    """
+    Over the depths both tables share, the zero of (speed_b - speed_a) is interpolated linearly
+    between the rows bracketing its first sign change; b already >= a at the first depth gives
+    that depth."""
     sa = {k[1]: r.speed(metric) for k, r in _keyed(a, False).items()}
     sb = {k[1]: r.speed(metric) for k, r in _keyed(b, False).items()}
     depths = sorted(k for k in sa if k in sb)

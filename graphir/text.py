@@ -15,12 +15,13 @@ import math
 import re
 from typing import Any
 
+from graphir.errors import GraphirError
 from graphir.graph import Graph, Node
 from graphir.ops import Op
 from graphir.spec import TensorSpec
 
 
-class ParseError(ValueError):
+class ParseError(GraphirError):
     """Text that is not a graph; the message gives the line number."""
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from graphir.errors import GraphirError
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 Arch = Literal["llama", "qwen3", "qwen3_moe", "qwen3_next"]
@@ -20,7 +21,7 @@ MODEL_TYPES: dict[str, Arch] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(GraphirError):
     """A model description graphir cannot use; the message is one line."""
 
 
