@@ -71,8 +71,7 @@ class SweepTable:
     label: str = ""
 
     def __post_init__(self) -> None:
-        # Accept any iterable so callers can pass a list; the stored value stays an immutable tuple.
-        object.__setattr__(self, "rows", tuple(self.rows))
+        object.__setattr__(self, "rows", tuple(self.rows))  # a list is welcome; store immutable
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -87,13 +86,13 @@ class SweepTable:
     def by_split(self, name: str) -> SweepTable:
         rows = tuple(r for r in self.rows if r.split == name)
         if not rows:
-            raise KeyError(f"{self.label or 'table'}: no split {name!r} (has {list(self.splits())})")
+            raise KeyError(f"{self.label}: no split {name!r}; splits are {self.splits()}")
         return SweepTable(rows, self.label)
 
     def at(self, n_kv: int, split: str | None = None) -> SweepRow:
         hits = [r for r in self.rows if r.n_kv == n_kv and (split is None or r.split == split)]
         if len(hits) != 1:  # none, or one per split when the caller named no split
-            raise KeyError(f"{self.label or 'table'}: {len(hits)} rows at n_kv={n_kv}, split={split!r}")
+            raise KeyError(f"{self.label}: {len(hits)} rows at n_kv={n_kv}, split={split!r}")
         return hits[0]
 
 
@@ -108,13 +107,12 @@ _ALIASES = {
 
 
 def _canon(name: str) -> str | None:
-    s = str(name).strip().lower().replace("t/s", "tps")
-    return _ALIASES.get(re.sub(r"[^a-z0-9]+", "_", s).strip("_"))
+    s = re.sub(r"[^a-z0-9]+", "_", str(name).lower().replace("t/s", "tps"))
+    return _ALIASES.get(s.strip("_"))
 
 
-def _require(names: Iterable[str | None], where: str) -> None:
-    have = list(names)
-    if miss := [k for k in _FIELDS if k not in have]:
+def _require(names: Sequence[str | None] | dict[str, Any], where: str) -> None:
+    if miss := [k for k in _FIELDS if k not in names]:
         raise TableError(f"{where}: missing column(s) {', '.join(miss)}")
 
 
@@ -145,9 +143,8 @@ def _row(obj: Any, where: str) -> SweepRow:
                     split="" if split is None else str(split).strip())
 
 
-def _cell_rows(src: str, hline: int, header: list[str],
-               body: Iterable[tuple[int, list[str]]]) -> list[SweepRow]:
-    _require(map(_canon, header), f"{src}:{hline}: header")
+def _cell_rows(src: str, hline: int, header: list[str], body: Iterable[Any]) -> list[SweepRow]:
+    _require([_canon(h) for h in header], f"{src}:{hline}: header")
     rows = []
     for i, cells in body:
         if len(cells) != len(header):
@@ -205,13 +202,14 @@ def parse_table(text: str, source: str = "<text>", label: str = "") -> SweepTabl
     if not lines:
         raise TableError(f"{source}: empty (no content besides comments)")
     kind = lines[0][1][0]
-    if kind not in "|[{" and "n_kv" not in [_canon(c) for c in next(csv.reader([lines[0][1]]))]:
-        # not a CSV header: a console capture has log text before the table or the JSON lines
+    first = next(csv.reader([lines[0][1]]))
+    if kind not in "|[{" and sum(_canon(c) is not None for c in first) < 3:
+        # no CSV header either (that needs 3 known names): log text before the table or JSON
         kind = next((s[0] for _, s in lines if s[0] in "|{"), "?")
         if kind == "?":
-            raise TableError(f"{source}:{lines[0][0]}: unknown format (not markdown/CSV/JSON/JSONL)")
-    parse = {"|": _parse_markdown, "[": _parse_json, "{": _parse_json}.get(kind, _parse_csv)
-    rows = parse(lines, source)
+            raise TableError(f"{source}:{lines[0][0]}: unknown format (not markdown, CSV or JSON)")
+    rows = (_parse_markdown if kind == "|" else _parse_json if kind in "[{" else _parse_csv)(
+        lines, source)
     if not rows:
         raise TableError(f"{source}: empty table (no data rows)")
     return SweepTable(tuple(rows), label)
@@ -231,8 +229,7 @@ def read_table(path: str | Path) -> SweepTable:
 # ----------------------------------------------------------------------------- writing
 
 def _atomic_write(path: str | Path, text: str) -> None:
-    # Temp file in the target directory, then os.replace: readers never see a half-written file
-    # and a failure leaves the previous file in place.
+    # temp file beside the target, then os.replace: no reader ever sees a half-written file
     p = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
@@ -303,7 +300,8 @@ def error_stats(errors: Sequence[float]) -> dict[str, float]:
     xs = sorted(abs(e) for e in errors)
     if not xs:
         return {"median": math.nan, "p90": math.nan, "max": math.nan, "count": 0}
-    return {"median": _quantile(xs, 0.5), "p90": _quantile(xs, 0.9), "max": xs[-1], "count": len(xs)}
+    return {"median": _quantile(xs, 0.5), "p90": _quantile(xs, 0.9), "max": xs[-1],
+            "count": len(xs)}
 
 
 @dataclass(frozen=True)
@@ -336,16 +334,15 @@ class Comparison:
                           f"{r.predicted_tg:.2f}", f"{r.ratio_tg:.3f}", f"{r.err_tg:+.1%}")
         for m in ("pp", "tg"):
             s = self.summary[m]
-            out += (f"{m.upper()}: n={s['count']}  |err| median {s['median']:.1%}  p90 {s['p90']:.1%}"
-                    f"  max {s['max']:.1%}  bias {s['bias']:+.1%}\n")
+            out += (f"{m.upper()}: n={s['count']}  |err| median {s['median']:.1%}  "
+                    f"p90 {s['p90']:.1%}  max {s['max']:.1%}  bias {s['bias']:+.1%}\n")
         return out + (f"unmatched rows: {self.summary['unmatched_measured']} measured, "
                       f"{self.summary['unmatched_predicted']} predicted\n")
 
 
 def _keyed(t: SweepTable, use_split: bool) -> dict[tuple[str, int], SweepRow]:
     if not use_split and len(t.splits()) > 1:  # never guess which split the caller meant
-        raise TableError(f"{t.label or 'table'} has splits {list(t.splits())}; choose one with "
-                         f"by_split(name)")
+        raise TableError(f"{t.label or 'table'}: has splits {t.splits()}; pick one with by_split()")
     out: dict[tuple[str, int], SweepRow] = {}
     for r in t.rows:
         key = (r.split if use_split else "", r.n_kv)
