@@ -44,6 +44,20 @@ def fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _click_errors(name: str) -> tuple[type, ...]:
+    """click's exception class `name`, and typer's vendored copy of it (typer >= 0.2x raises that)."""
+    import click
+
+    out: list[type] = [getattr(click.exceptions, name)]
+    try:
+        from typer._click import exceptions as vendored  # type: ignore[import-not-found]
+
+        out.append(getattr(vendored, name))
+    except (ImportError, AttributeError):
+        pass
+    return tuple(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     _register()
     try:
@@ -60,12 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(f"error: {msg}", err=True)
         return 2
     except Exception as e:  # click usage errors, or a bug: still one line, never a traceback
-        import click
-
-        if isinstance(e, click.ClickException):
-            typer.echo(f"error: {e.format_message()}", err=True)
+        if isinstance(e, _click_errors("ClickException")):
+            typer.echo(f"error: {e.format_message()}", err=True)  # type: ignore[attr-defined]
             return 2
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, _click_errors("Abort")):
             return 130
         typer.echo(f"error: internal error {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                    err=True)

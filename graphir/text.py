@@ -66,7 +66,7 @@ _NODE = re.compile(
     r"%(?P<name>\S+) : (?P<dtype>\w+)\[(?P<shape>[^\]]*)\]"
     r"(?: @(?P<dev>\S+))? = (?P<op>\w+)\((?P<args>[^)]*)\)(?: (?P<attrs>\{.*\}))?$"
 )
-_TOKEN = re.compile(r'\s*(?:(?P<str>"(?:[^"\\]|\\.)*")|(?P<num>-?(?:inf|nan|[0-9][0-9eE.+\-]*))'
+_TOKEN = re.compile(r'\s*(?:(?P<str>"(?:[^"\\]|\\.)*")|(?P<num>-?(?:(?:inf|nan)(?!\w)|[0-9][0-9eE.+\-]*))'
                     r'|(?P<word>[A-Za-z_]\w*)|(?P<punct>[{}\[\],=]))')
 
 
@@ -84,6 +84,9 @@ class _Attrs:
             self.toks.append((kind, m.group(kind)))
             pos = m.end()
         self.i = 0
+
+    def peek(self) -> str:
+        return self.toks[self.i][1] if self.i < len(self.toks) else ""
 
     def next(self) -> tuple[str, str]:
         if self.i >= len(self.toks):
@@ -109,7 +112,7 @@ class _Attrs:
             return val == "true"
         if val == "[":
             items: list[Any] = []
-            if self.toks[self.i][1] == "]":
+            if self.peek() == "]":
                 self.i += 1
                 return tuple(items)
             while True:
@@ -124,7 +127,7 @@ class _Attrs:
     def mapping(self) -> tuple[tuple[str, Any], ...]:
         self.expect("{")
         out: list[tuple[str, Any]] = []
-        if self.toks[self.i][1] == "}":
+        if self.peek() == "}":
             self.i += 1
         else:
             while True:
@@ -156,21 +159,25 @@ def parse_node(line: str) -> Node:
     except ValueError:
         raise ParseError(f"unknown op {m.group('op')!r}") from None
     shape = tuple(s.strip() for s in m.group("shape").split(",")) if m.group("shape").strip() else ()
-    args = tuple(a.strip()[1:] for a in m.group("args").split(",") if a.strip())
-    if any(not a for a in args):
-        raise ParseError(f"bad argument list {m.group('args')!r}")
+    raw = [a.strip() for a in m.group("args").split(",") if a.strip()]
+    if any(len(a) < 2 or a[0] != "%" for a in raw):
+        raise ParseError(f"bad argument list {m.group('args')!r} (arguments are %names)")
+    args = tuple(a[1:] for a in raw)
     return Node(m.group("name"), op, args, TensorSpec(shape, m.group("dtype")),
                 _parse_attrs(m.group("attrs")), m.group("dev"))
 
 
 def from_text(text: str) -> Graph:
     """Parse the canonical text form; errors name the line."""
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    if not lines or not lines[0].startswith("graph"):
-        raise ParseError("line 1: the text must start with 'graph'")
-    meta = lines[0][len("graph"):].strip()
+    # numbered as in the file: blank and comment lines count
+    lines = [(no, ln) for no, ln in enumerate(text.splitlines(), start=1)
+             if ln.strip() and not ln.lstrip().startswith("#")]
+    if not lines or not lines[0][1].startswith("graph"):
+        raise ParseError(f"line {lines[0][0] if lines else 1}: the text must start with 'graph'")
+    head_no, head = lines[0]
+    meta = head[len("graph"):].strip()
     nodes: list[Node] = []
-    for no, line in enumerate(lines[1:], start=2):
+    for no, line in lines[1:]:
         try:
             nodes.append(parse_node(line))
         except (ParseError, ValueError) as e:
@@ -178,4 +185,4 @@ def from_text(text: str) -> Graph:
     try:
         return Graph(tuple(nodes), _parse_attrs(meta or None))
     except ValueError as e:
-        raise ParseError(f"line 1: {e}") from None
+        raise ParseError(f"line {head_no}: {e}") from None

@@ -21,6 +21,17 @@ MODEL_TYPES: dict[str, Arch] = {
 }
 
 
+# transformers' class defaults for keys a config.json may leave out, where they differ from the
+# generic fallbacks in from_hf_dict (Qwen3Config.head_dim is 128, not hidden/heads, ...)
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mistral": {"num_key_value_heads": 8},
+    "qwen3": {"head_dim": 128, "num_key_value_heads": 32},
+    "qwen3_moe": {"num_key_value_heads": 4, "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768},
+    "qwen3_next": {"head_dim": 256, "num_key_value_heads": 2, "num_experts": 512, "num_experts_per_tok": 10,
+                   "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512},
+}
+
+
 class ConfigError(GraphirError):
     """A model description graphir cannot use; the message is one line."""
 
@@ -156,6 +167,8 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     if mt not in MODEL_TYPES:
         raise ConfigError(f"unknown model_type {mt!r}; supported: {', '.join(sorted(MODEL_TYPES))}")
     arch = MODEL_TYPES[mt]
+    d = {**{k: v for k, v in _HF_DEFAULTS.get(mt, {}).items() if k != "num_experts" or "num_local_experts" not in d},
+         **d}
     rope = dict(_get(d, "rope_parameters", default={}) or {})
     legacy = dict(_get(d, "rope_scaling", default={}) or {})
     rope_theta = _get(rope, "rope_theta", default=_get(d, "rope_theta", default=10000.0))
@@ -184,10 +197,12 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
         )
         if arch in ("qwen3_moe", "qwen3_next"):
             fields.update(
-                n_expert=int(_get(d, "num_experts", default=0)),
+                n_expert=int(_get(d, "num_experts", "num_local_experts", default=0)),
                 n_expert_used=int(_get(d, "num_experts_per_tok", default=0)),
                 moe_intermediate_size=int(_get(d, "moe_intermediate_size", default=0)),
-                shared_expert_intermediate_size=int(_get(d, "shared_expert_intermediate_size", default=0)),
+                # Qwen3-MoE has no shared expert: transformers ignores the key there
+                shared_expert_intermediate_size=int(_get(d, "shared_expert_intermediate_size", default=0))
+                if arch == "qwen3_next" else 0,
                 norm_topk_prob=bool(_get(d, "norm_topk_prob", default=arch == "qwen3_next")),
                 decoder_sparse_step=int(_get(d, "decoder_sparse_step", default=1)),
                 mlp_only_layers=tuple(int(i) for i in _get(d, "mlp_only_layers", default=[])),
