@@ -27,10 +27,10 @@ test: setup
 	@if $(PY) -c "import xdist" >/dev/null 2>&1; then XDIST="-n auto"; else XDIST=""; fi; \
 	$(PY) -m pytest -q -x -p no:cacheprovider $$XDIST
 
-# The main job. Becomes `graphir predict qwen3-next-80b-a3b --hw 2x3090 --quant IQ4_XS --kv-type q8_0 --split layer,graph` once `predict` exists.
+# The main job: predicted llama-sweep-bench tables of Qwen3-Next-80B (IQ4_XS, q8_0 KV) on
+# 2x RTX 3090 for both split modes, with the crossover depths.
 run: setup
-	.venv/bin/graphir stats qwen3-next-80b-a3b --quant IQ4_XS --kv-type q8_0
-	.venv/bin/graphir lower qwen3-next-80b-a3b --phase tg --format summary
+	.venv/bin/graphir predict qwen3-next-80b-a3b --hw 2x3090 --quant IQ4_XS --kv-type q8_0 --split layer,graph
 
 # Run every benchmark script in bench/ (figures.py has its own target).
 bench: setup

@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Sequence, TextIO
 
+from graphir.errors import GraphirError
+
 Metric = Literal["pp", "tg"]
 _FIELDS = ("pp", "tg", "n_kv", "t_pp_s", "s_pp_tps", "t_tg_s", "s_tg_tps")
 # Digits written to CSV: times to 1 us (the resolution of ggml_time_us, which sweep-bench uses),
@@ -36,7 +38,7 @@ _FIELDS = ("pp", "tg", "n_kv", "t_pp_s", "s_pp_tps", "t_tg_s", "s_tg_tps")
 _DIGITS = {"t_pp_s": 6, "s_pp_tps": 3, "t_tg_s": 6, "s_tg_tps": 3}
 
 
-class TableError(ValueError):
+class TableError(GraphirError):
     """Malformed or unusable sweep table; the message is one line naming the source."""
 
 

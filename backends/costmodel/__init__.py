@@ -1,1 +1,24 @@
-"""Placeholder package marker (to be replaced)."""
+"""Cost model: predict llama-sweep-bench tables of placed graphs from hardware and engine profiles.
+
+    from backends.costmodel import predict
+    p = predict("qwen3-next-80b-a3b", "2x3090", "ik_llama.cpp", "IQ4_XS", "q8_0")
+    p.table(); p.crossover("pp"); p.modes["graph"].dominant("tg")
+
+Layers: rules (work per op) -> price (per-node coefficients, once per graph) -> timeline
+(seconds per depth, vectorised) -> predict (tables, breakdowns, energy) -> calibrate (fit
+engine parameters to measured tables). docs/cost_model.md describes every term.
+"""
+
+from backends.costmodel.calibrate import Case, FitResult, fit
+from backends.costmodel.placement import PlaceOptions, place, place_reference
+from backends.costmodel.predict import ModePrediction, Prediction, Workload, predict, predict_placed
+from backends.costmodel.price import Priced, price
+from backends.costmodel.profiles import (GPU, Engine, Link, ProfileError, System, engine_names, gpus, links,
+                                         load_engine, resolve_system, system_specs)
+from backends.costmodel.rules import RULES, Work, distinct_experts, work
+from backends.costmodel.timeline import TERMS, Timeline, evaluate
+
+__all__ = ["Case", "FitResult", "fit", "PlaceOptions", "place", "place_reference", "ModePrediction",
+           "Prediction", "Workload", "predict", "predict_placed", "Priced", "price", "GPU", "Engine", "Link",
+           "ProfileError", "System", "engine_names", "gpus", "links", "load_engine", "resolve_system",
+           "system_specs", "RULES", "Work", "distinct_experts", "work", "TERMS", "Timeline", "evaluate"]

@@ -38,6 +38,8 @@ def delta_net(c: Ctx, i: int, x: str) -> str:
     cv = c.view(p + "conv_v", c.cut(p + "conv_v_flat", conv, 1, 2 * nk * dk, C), T, nv, dv)
     beta = c.op(Op.SIGMOID, p + "ssm_beta", b)
     # g = -exp(A_log) * softplus(a + dt_bias); ssm_a holds -exp(A_log) as in GGUF files
+    if c.act != F32:  # the decay is computed in f32 (as transformers does): exp() of it compounds over T
+        a = c.op(Op.CAST, p + "ssm_alpha_f32", a, dtype="f32")
     sp = c.op(Op.SOFTPLUS, p + "ssm_dt_sp", c.op(Op.ADD, p + "ssm_dt_add", a, c.w(p + "ssm_dt.bias", nv)))
     g = c.op(Op.MUL, p + "ssm_g", sp, c.w(p + "ssm_a", nv))  # [T,nv]
     state = c.state(p + "ssm_state", (dk, nv, dv), F32)

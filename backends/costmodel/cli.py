@@ -1,0 +1,158 @@
+"""`graphir predict`, `graphir calibrate`, `graphir compare`: thin wrappers over the library."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from graphir.errors import GraphirError
+from graphir.sweep import SweepTable, TableError, compare as compare_tables, read_table
+
+
+class CostModelCliError(GraphirError):
+    """A bad option or file given to a cost-model verb."""
+
+
+def _ts(text: str | None) -> tuple[float, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(float(x) for x in re.split(r"[,/]", text) if x.strip())
+    except ValueError:
+        raise CostModelCliError(f"--ts wants ratios like 1,1 or 3,2; got {text!r}") from None
+
+
+def _splits(text: str) -> tuple[str, ...]:
+    out = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [s for s in out if s not in ("layer", "graph")]
+    if bad or not out:
+        raise CostModelCliError(f"--split takes layer and/or graph (comma separated), got {text!r}")
+    return out
+
+
+def _read(path: Path) -> SweepTable:
+    try:
+        return read_table(path)
+    except TableError as e:
+        raise CostModelCliError(str(e)) from None
+
+
+def _emit(text: str, output: Path | None) -> None:
+    from backends.costmodel.report import atomic_write
+
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        atomic_write(output, text)
+
+
+def predict_cmd(
+    model: str = typer.Argument(..., help="preset name, config.json, checkpoint dir or .gguf"),
+    hw: str = typer.Option("2x3090", "--hw", help="system name (2x3090, 2xH200, 3xH100) or YAML file"),
+    engine: str = typer.Option("ik_llama.cpp", "--engine", help="engine name or YAML file"),
+    quant: Optional[str] = typer.Option(None, "--quant", help="file type (IQ4_XS, Q4_K_M) or ggml type; "
+                                        "default: the GGUF's own types, else Q4_K_M"),
+    kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type (f16, q8_0, ...)"),
+    split: str = typer.Option("layer,graph", "--split", help="split modes to predict"),
+    ts: Optional[str] = typer.Option(None, "--ts", help="split ratios per GPU, e.g. 1,1"),
+    max_gpu: Optional[int] = typer.Option(None, "--max-gpu", help="graph split: GPUs per layer"),
+    recurrent: str = typer.Option("single", "--recurrent", help="graph split of delta-net layers: single|split"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="use only the first N GPUs of the system"),
+    ubatch: int = typer.Option(2048, "--ubatch", help="u-batch = PP tokens per row"),
+    tg: int = typer.Option(128, "--tg", help="tokens generated per row"),
+    ctx: int = typer.Option(98304, "--ctx", help="context size; rows at N_KV = 0, ub, 2ub, ... < ctx"),
+    fmt: str = typer.Option("table", "--format", help="table | csv | json"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG/SVG plot here"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="write here instead of stdout"),
+) -> None:
+    """Predict the llama-sweep-bench table per split mode, with breakdowns and crossovers."""
+    from backends.costmodel import report
+    from backends.costmodel.predict import Workload, predict
+
+    if fmt not in ("table", "csv", "json"):
+        raise CostModelCliError(f"--format must be table, csv or json, got {fmt!r}")
+    if recurrent not in ("single", "split"):
+        raise CostModelCliError(f"--recurrent must be single or split, got {recurrent!r}")
+    pred = predict(model, hw, engine, quant, kv_type, _splits(split), _ts(ts), max_gpu, recurrent,
+                   Workload(ubatch, tg, ctx), gpus)
+    text = {"table": report.format_table, "csv": report.format_csv, "json": report.format_json}[fmt](pred)
+    _emit(text, output)
+    if plot is not None:
+        report.plot(pred, plot)
+
+
+def calibrate_cmd(
+    measured: list[Path] = typer.Argument(..., help="measured sweep tables (CSV, markdown, JSONL)"),
+    model: str = typer.Option(..., "--model", help="the model the tables measured"),
+    hw: str = typer.Option("2x3090", "--hw"),
+    engine: str = typer.Option("ik_llama.cpp", "--engine", help="starting engine profile"),
+    quant: Optional[str] = typer.Option(None, "--quant"),
+    kv_type: str = typer.Option("f16", "--kv-type"),
+    split: Optional[str] = typer.Option(None, "--split", help="split mode of each file without a split column, in order"),
+    ts: Optional[str] = typer.Option(None, "--ts"),
+    max_gpu: Optional[int] = typer.Option(None, "--max-gpu"),
+    recurrent: str = typer.Option("single", "--recurrent"),
+    fit_params: Optional[str] = typer.Option(None, "--fit", help="parameters to fit (default: the engine's list)"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="fitted engine YAML"),
+) -> None:
+    """Fit the engine's physical parameters to measured tables; print them and the residuals."""
+    from backends.costmodel.calibrate import Case, fit
+    from backends.costmodel.placement import PlaceOptions
+    from backends.costmodel.predict import place_and_price, resolve_quant
+    from backends.costmodel.profiles import engine_yaml, load_engine, resolve_system
+    from graphir.models.sources import load_source
+
+    sysm, eng = resolve_system(hw), load_engine(engine)
+    src = load_source(model)
+    cfg, q = src.cfg, resolve_quant(src, quant)
+    named = list(_splits(split)) if split else []
+    cases, used = [], 0
+    for path in measured:
+        table = _read(path)
+        parts = [(s, table.by_split(s)) for s in table.splits()] if table.splits() else []
+        if not parts:
+            if used >= len(named):
+                raise CostModelCliError(f"{path}: no split column; name its mode with --split (one per file)")
+            parts, used = [(named[used], table)], used + 1
+        for mode, t in parts:
+            ubs = sorted({r.pp for r in t.rows})
+            if len(ubs) != 1:
+                raise CostModelCliError(f"{path}: rows mix u-batch sizes {ubs}; calibrate one size per table")
+            po = PlaceOptions(mode, sysm.devices, _ts(ts), max_gpu, recurrent)  # type: ignore[arg-type]
+            pp, tg, _ = place_and_price(cfg, q, kv_type, po, ubs[0])
+            cases.append(Case(f"{path.stem}:{mode}", pp, tg, t))
+    params = [p.strip() for p in fit_params.split(",")] if fit_params else None
+    res = fit(cases, sysm, eng, params)
+    sys.stdout.write(res.report())
+    if output is not None:
+        prov = {"data": [p.name for p in measured], "model": model, "hw": sysm.name, "quant": quant,
+                "kv_type": kv_type, "fitted": {k: round(v, 6) for k, v in res.fitted.items()},
+                "residuals": {k: {m: {s: round(float(x), 5) for s, x in st.items()} for m, st in v.items()}
+                              for k, v in res.per_case.items()}}
+        _emit(engine_yaml(res.engine.model_copy(update={"calibration": prov})), output)
+
+
+def compare_cmd(
+    measured: Path = typer.Argument(..., help="measured table"),
+    predicted: Path = typer.Argument(..., help="predicted table"),
+    split: Optional[str] = typer.Option(None, "--split", help="compare only this split mode"),
+) -> None:
+    """Per-depth prediction error of S_PP and S_TG (ratio predicted/measured)."""
+    a, b = _read(measured), _read(predicted)
+    try:
+        if split:
+            a = a.by_split(split) if a.splits() else a
+            b = b.by_split(split) if b.splits() else b
+        sys.stdout.write(compare_tables(a, b).format())
+    except (KeyError, TableError) as e:
+        raise CostModelCliError(str(e).strip("'\"")) from None
+
+
+def register(app: typer.Typer) -> None:
+    app.command("predict")(predict_cmd)
+    app.command("calibrate")(calibrate_cmd)
+    app.command("compare")(compare_cmd)

@@ -1,0 +1,170 @@
+"""Predictions: the llama-sweep-bench table of placed graphs on a system with an engine.
+
+For depth N_KV (REFERENCE §5): T_TG = TG single-token decodes at depths N_KV .. N_KV+TG-1 (the
+per-token cost is linear in depth between kinks, so TG x cost at the mean depth), T_PP = one
+u-batch of PP tokens on top of N_KV cached tokens. Each row also carries the critical-path
+breakdown, per-device utilisation and energy per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from backends.costmodel.placement import PlaceOptions, place
+from backends.costmodel.price import Priced, price
+from backends.costmodel.profiles import Engine, System, load_engine, resolve_system
+from backends.costmodel.timeline import TERMS, Timeline, evaluate
+from graphir.errors import GraphirError
+from graphir.graph import Graph
+from graphir.models import BuildOptions, ModelConfig
+from graphir.models.sources import ModelSource, load_source
+from graphir.ops import Op
+from graphir.quant import QuantScheme, per_tensor, scheme
+from graphir.sweep import SweepRow, SweepTable, crossover
+
+TERM_LABELS = {"compute": "compute", "weights": "weight bytes", "kv": "KV bytes",
+               "activations": "activation/state bytes", "comm": "communication", "launch": "launch/sync"}
+
+
+class WorkloadError(GraphirError):
+    """A workload that cannot be swept (non-positive sizes)."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    ubatch: int = 2048
+    tg: int = 128
+    ctx: int = 98304
+
+    def __post_init__(self) -> None:
+        if self.ubatch <= 0 or self.tg <= 0 or self.ctx <= 0:
+            raise WorkloadError(f"u-batch, tg and ctx must be positive (got {self.ubatch}, {self.tg}, {self.ctx})")
+
+    def depths(self) -> np.ndarray:
+        """N_KV = 0, ub, 2 ub, ... while a whole u-batch still fits below ctx (as sweep-bench)."""
+        return np.arange(0, self.ctx, self.ubatch, dtype=float)
+
+
+@dataclass(frozen=True)
+class ModePrediction:
+    split: str
+    depths: np.ndarray
+    pp: Timeline  # one u-batch per depth
+    tg: Timeline  # one token per depth (at the mean depth of the TG run)
+    workload: Workload
+    power: tuple[float, float]  # idle, full-load watts per device
+    memory_GB: tuple[float, ...] = ()  # per device: weights + caches at the largest depth
+
+    @property
+    def rows(self) -> tuple[SweepRow, ...]:
+        w = self.workload
+        return tuple(SweepRow.from_times(w.ubatch, w.tg, int(d), float(tp), float(tt) * w.tg, self.split)
+                     for d, tp, tt in zip(self.depths, self.pp.total, self.tg.total))
+
+    def table(self) -> SweepTable:
+        return SweepTable(self.rows, self.split)
+
+    def dominant(self, phase: str) -> list[str]:
+        tl = self.pp if phase == "pp" else self.tg
+        return [TERMS[i] for i in np.argmax(tl.terms, axis=0)]
+
+    def utilisation(self, phase: str) -> np.ndarray:
+        tl = self.pp if phase == "pp" else self.tg
+        return tl.busy / tl.total[None, :]
+
+    def energy_per_token(self, phase: str) -> np.ndarray:
+        """Joules per token: idle power all the time plus the load share while busy."""
+        tl = self.pp if phase == "pp" else self.tg
+        idle, full = self.power
+        joules = idle * tl.total * tl.busy.shape[0] + (full - idle) * tl.busy.sum(axis=0)
+        return joules / (self.workload.ubatch if phase == "pp" else 1)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    model: str
+    system: System
+    engine: Engine
+    workload: Workload
+    modes: dict[str, ModePrediction] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+    def table(self) -> SweepTable:
+        return SweepTable(tuple(r for m in self.modes.values() for r in m.rows), self.model)
+
+    def crossover(self, metric: str, a: str = "layer", b: str = "graph") -> float | None:
+        """First depth where mode b's speed reaches mode a's (graphir.sweep.crossover)."""
+        return crossover(self.modes[a].table(), self.modes[b].table(), metric)  # type: ignore[arg-type]
+
+    def speedup(self, metric: str, a: str = "layer", b: str = "graph") -> np.ndarray:
+        sa = np.array([r.speed(metric) for r in self.modes[a].rows])  # type: ignore[arg-type]
+        sb = np.array([r.speed(metric) for r in self.modes[b].rows])  # type: ignore[arg-type]
+        return sb / sa
+
+
+def memory_per_device(g: Graph, ctx: int) -> tuple[float, ...]:
+    """GB per device of weights and caches (KV at ctx tokens, recurrent state)."""
+    env = {"T": 1, "KV": ctx}
+    out: dict[str, float] = {d: 0.0 for d in g.device_list()}
+    for n in g.nodes:
+        if n.op in (Op.WEIGHT, Op.STATE_IN):
+            out[n.devices[0]] += n.spec.nbytes_at(env) / 1e9
+    return tuple(out.values())
+
+
+def predict_placed(pp: Priced, tg: Priced, sysm: System, eng: Engine, workload: Workload,
+                   split: str = "", memory_GB: tuple[float, ...] = ()) -> ModePrediction:
+    """Sweep one placement (priced pp and tg graphs) over the workload's depths."""
+    if pp.tokens != workload.ubatch:
+        raise WorkloadError(f"pp graph priced for {pp.tokens} tokens, workload u-batch is {workload.ubatch}")
+    d = workload.depths()
+    return ModePrediction(split, d, evaluate(pp, sysm, eng, d),
+                          evaluate(tg, sysm, eng, d + (workload.tg - 1) / 2.0), workload,
+                          (sysm.gpu.idle_W, sysm.gpu.tdp_W), memory_GB)
+
+
+def place_and_price(cfg: ModelConfig, quant: str | QuantScheme | None, kv_type: str, po: PlaceOptions,
+                    ubatch: int) -> tuple[Priced, Priced, Graph]:
+    """Build, place and price both phases; also returns the placed tg graph (for memory)."""
+    out = []
+    for phase in ("pp", "tg"):
+        opts = BuildOptions(phase=phase, quant=scheme(quant, default="bf16"), kv_type=kv_type,
+                            logits="last")  # sweep-bench asks for the last row's logits only
+        g = place(cfg, opts, po)
+        out.append((price(g, ubatch), g))
+    return out[0][0], out[1][0], out[1][1]
+
+
+def resolve_quant(src: ModelSource, quant: str | None) -> str | QuantScheme:
+    """`--quant` or, when absent, a GGUF file's own types, else the common Q4_K_M."""
+    if quant is not None:
+        return quant
+    return per_tensor(dict(src.tensor_types), scheme("Q4_K_M")) if src.tensor_types else "Q4_K_M"
+
+
+def predict(model: str, hw: str | System = "2x3090", engine: str | Engine = "ik_llama.cpp",
+            quant: str | None = None, kv_type: str = "f16", splits: Sequence[str] = ("layer", "graph"),
+            ts: tuple[float, ...] | None = None, max_gpu: int | None = None, recurrent: str = "single",
+            workload: Workload | None = None, n_devices: int | None = None) -> Prediction:
+    """Predict the sweep table of `model` on `hw` for each split mode."""
+    sysm = hw if isinstance(hw, System) else resolve_system(hw)
+    eng = engine if isinstance(engine, Engine) else load_engine(engine)
+    wl = workload or Workload()
+    src = load_source(model)
+    q = resolve_quant(src, quant)
+    devices = sysm.devices[: n_devices or sysm.count]
+    modes: dict[str, ModePrediction] = {}
+    warnings: list[str] = []
+    for split in splits:
+        po = PlaceOptions(split, devices, ts, max_gpu, recurrent)  # type: ignore[arg-type]
+        pp, tg, g = place_and_price(src.cfg, q, kv_type, po, wl.ubatch)
+        mem = memory_per_device(g, wl.ctx)
+        for dev, gb in zip(g.device_list(), mem):
+            if gb > sysm.gpu.mem_GB:
+                warnings.append(f"{split}: {dev} needs {gb:.1f} GB for weights and caches at "
+                                f"{wl.ctx} tokens; a {sysm.gpu.name} has {sysm.gpu.mem_GB:g} GB")
+        modes[split] = predict_placed(pp, tg, sysm, eng, wl, split, mem)
+    return Prediction(src.cfg.name or model, sysm, eng, wl, modes, tuple(warnings))

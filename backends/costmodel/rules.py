@@ -1,0 +1,181 @@
+"""Per-op cost rules: `RULES: dict[Op, rule]`, one rule per member of graphir.ops.Op.
+
+A rule looks at one node with its symbols bound (T tokens, KV cached tokens) and returns the
+*work* it does, independent of any hardware: flops, bytes it moves (split into weight bytes at
+their storage type, KV-cache bytes at the cache type, and activation/recurrent-state bytes),
+kernel launches, and for matmuls the problem shape that decides GEMM efficiency. Turning work
+into seconds is the engine's and GPU's business (costing.py), so a graph is priced once.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, NamedTuple, Sequence
+
+from graphir.graph import Node
+from graphir.ops import DEFS, Op
+
+
+class Work(NamedTuple):
+    kind: str  # gemm | attn | recurrent | vector | copy | allreduce | free
+    flops: float = 0.0
+    wbytes: float = 0.0  # weights read, at their storage type
+    kvbytes: float = 0.0  # KV cache read or written, at the cache type
+    actbytes: float = 0.0  # activations and recurrent state read + written
+    launches: int = 0
+    m: float = 0.0  # gemm: tokens per matmul instance (per expert for MoE)
+    n: float = 0.0  # gemm: output rows
+    k: float = 0.0  # gemm: inner size
+    wdtype: str = ""  # gemm: storage type of the weight
+    comm_numel: float = 0.0  # transfers: elements moved
+    comm_elem: float = 0.0  # bytes per element; 0 = the engine picks (all-reduce partial type)
+    tokens: int = 0  # transfers: tokens in the batch (decides reduce algorithm and type)
+
+
+Rule = Callable[[Node, Sequence[Node], Mapping[str, int]], Work]
+
+# flops per output element of the cheap element-wise ops (exp, rsqrt and the like count a few)
+_VEC_FLOPS = {Op.ADD: 1, Op.MUL: 1, Op.SILU: 4, Op.SIGMOID: 4, Op.SOFTPLUS: 4, Op.SWIGLU: 5,
+              Op.CAST: 1, Op.ROPE: 6, Op.RMS_NORM: 4, Op.RMS_NORM_GATED: 8, Op.CONCAT: 0,
+              Op.GET_ROWS: 0, Op.MOE_WEIGHTS: 4, Op.MOE_SUM: 2}
+
+
+def _nb(n: Node, env: Mapping[str, int]) -> float:
+    return float(n.spec.nbytes_at(env))
+
+
+def _split_bytes(ins: Sequence[Node], env: Mapping[str, int]) -> tuple[float, float]:
+    """(weight bytes, other bytes) read from `ins`."""
+    w = a = 0.0
+    for i in ins:
+        if i.op == Op.WEIGHT:
+            w += _nb(i, env)
+        else:
+            a += _nb(i, env)
+    return w, a
+
+
+def _free(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
+    return Work("free")
+
+
+def _vector(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
+    w, a = _split_bytes(ins, env)
+    out = n.spec.numel_at(env)
+    return Work("vector", flops=float(_VEC_FLOPS.get(n.op, 2) * out), wbytes=w, actbytes=a + _nb(n, env),
+                launches=DEFS[n.op].launches)
+
+
+def _get_rows(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
+    table, ids = ins
+    rows = n.spec.bind(env)[0]
+    row_bytes = table.spec.dtype.nbytes(table.spec.bind(env)[-1])
+    return Work("vector", wbytes=float(rows * row_bytes), actbytes=_nb(ids, env) + _nb(n, env), launches=1)
+
+
+def _kv_append(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
+    cache, new = ins
+    rows = new.spec.bind(env)[0]  # only the new rows are written; the cache is updated in place
+    heads = 1
+    for d in new.spec.bind(env)[1:-1]:
+        heads *= d
+    per_row = heads * cache.spec.dtype.nbytes(new.spec.bind(env)[-1])
+    return Work("vector", kvbytes=float(rows * per_row), actbytes=_nb(new, env), launches=1)
+
+
+def _matmul(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
+    x, w = ins
+    out_f, in_f = w.spec.bind(env)
+    m = x.spec.numel_at(env) // in_f
+    wb = _nb(w, env) if w.op == Op.WEIGHT else 0.0
+    ab = _nb(x, env) + _nb(n, env) + (0.0 if w.op == Op.WEIGHT else _nb(w, env))
+    return Work("gemm", flops=2.0 * m * out_f * in_f, wbytes=wb, actbytes=ab, launches=1,
+                m=float(m), n=float(out_f), k=float(in_f), wdtype=w.spec.dtype.name)
+
+
+def distinct_experts(n_expert: int, k: int, tokens: int) -> float:
+    """Expected experts hit by `tokens` tokens routing to k of E each: E(1 - (1 - k/E)^T)."""
+    return n_expert * (1.0 - (1.0 - k / n_expert) ** tokens)
+
+
+def _moe_matmul(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
+    x, w, ids = ins
+    E, out_f, in_f = w.spec.bind(env)
+    T, k = ids.spec.bind(env)
+    used = distinct_experts(E, k, T)  # in TG only the k routed experts' slices are read
+    wb = _nb(w, env) * used / E
+    ab = _nb(x, env) * (k if x.spec.rank == 2 else 1) + _nb(n, env) + _nb(ids, env)  # gathered rows
+    return Work("gemm", flops=2.0 * T * k * out_f * in_f, wbytes=wb, actbytes=ab, launches=1,
+                m=T * k / used, n=float(out_f), k=float(in_f), wdtype=w.spec.dtype.name)
+
+
+def _attention(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
+    q, k, v = ins
+    T, hq, d = q.spec.bind(env)
+    keys = k.spec.bind(env)[0]  # KV + T: the cache including this batch
+    # causal: query i of the batch sees keys - (T - 1 - i); mean keys per query = keys - (T-1)/2
+    flops = 4.0 * hq * d * T * (keys - (T - 1) / 2.0)
+    kv = _nb(k, env) + _nb(v, env)
+    return Work("attn", flops=flops, kvbytes=kv, actbytes=_nb(q, env) + _nb(n, env), launches=1,
+                m=float(T), n=float(hq), k=float(d))
+
+
+def _delta_net(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
+    q, k, v, g, beta, s = ins
+    T, nk, dk = q.spec.bind(env)
+    _, nv, dv = v.spec.bind(env)
+    # per token and value head: decay + S^T k (2 dk dv), rank-1 update (2 dk dv), output S q (2 dk dv)
+    flops = 6.0 * T * nv * dk * dv
+    reads = sum(_nb(i, env) for i in (q, k, v, g, beta))
+    return Work("recurrent", flops=flops, actbytes=reads + _nb(s, env) + _nb(n, env),  # out holds the new state
+                launches=1)
+
+
+def _ssm_conv(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
+    x, w = ins
+    C, K = w.spec.bind(env)
+    T = n.spec.bind(env)[0]
+    return Work("vector", flops=2.0 * T * C * K, wbytes=_nb(w, env), actbytes=_nb(x, env) + _nb(n, env),
+                launches=1)
+
+
+def _moe_topk(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
+    (logits,) = ins
+    return Work("vector", flops=4.0 * logits.spec.numel_at(env), actbytes=_nb(logits, env) + _nb(n, env),
+                launches=1)
+
+
+def _tokens(n: Node, env: Mapping[str, int]) -> int:
+    shape = n.spec.bind(env)
+    return shape[0] if shape else 1
+
+
+def _copy(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
+    return Work("copy", comm_numel=float(n.spec.numel_at(env)),
+                comm_elem=_nb(n, env) / max(1, n.spec.numel_at(env)), tokens=_tokens(n, env), launches=1)
+
+
+def _all_reduce(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
+    dt = n.attr.get("dtype")
+    from graphir.dtypes import dtype  # local: only all-reduces with an explicit type need it
+
+    elem = dtype(dt).nbytes(32) / 32 if dt else 0.0
+    return Work("allreduce", comm_numel=float(n.spec.numel_at(env)), comm_elem=elem,
+                tokens=_tokens(n, env), launches=1)
+
+
+RULES: dict[Op, Rule] = {
+    Op.INPUT: _free, Op.WEIGHT: _free, Op.STATE_IN: _free, Op.RESHAPE: _free, Op.SLICE: _free,
+    Op.OUTPUT: _free,
+    Op.GET_ROWS: _get_rows, Op.MATMUL: _matmul, Op.MOE_MATMUL: _moe_matmul,
+    Op.RMS_NORM: _vector, Op.RMS_NORM_GATED: _vector, Op.ADD: _vector, Op.MUL: _vector,
+    Op.SILU: _vector, Op.SIGMOID: _vector, Op.SOFTPLUS: _vector, Op.SWIGLU: _vector, Op.CAST: _vector,
+    Op.ROPE: _vector, Op.CONCAT: _vector, Op.MOE_WEIGHTS: _vector, Op.MOE_SUM: _vector,
+    Op.ATTENTION: _attention, Op.KV_APPEND: _kv_append, Op.SSM_CONV: _ssm_conv,
+    Op.DELTA_NET: _delta_net, Op.MOE_TOPK: _moe_topk,
+    Op.COPY: _copy, Op.ALL_REDUCE: _all_reduce,
+}
+
+
+def work(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
+    """The work of node `n` (inputs `ins`) with symbols bound by `env`."""
+    return RULES[n.op](n, ins, env)

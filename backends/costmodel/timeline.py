@@ -1,0 +1,194 @@
+"""Seconds from work: node costs (roofline + launch overhead), comm costs (alpha-beta per link and
+algorithm) and the per-device timeline, all vectorised over KV depths.
+
+Node:   t = launches * launch + max(flops / (peak * eff), bytes / (bw * mem_eff))
+Copy:   t = (link latency + engine copy cost) + bytes / (link rate * comm_bw_eff)
+Reduce: ring 2(p-1)a + 2(p-1)/p n/b; one-shot a + (p-1) n/b; gather-broadcast 2(a + (p-1) n/b),
+        plus the engine's per-reduce cost.
+Devices run their segments concurrently; a copy starts when its value is ready and its
+destination is free; an all-reduce starts when every participant is free and ends for all of
+them at once. The breakdown follows the critical path (the participant that arrived last).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from backends.costmodel.price import KINDS, Priced
+from backends.costmodel.profiles import Engine, System
+from graphir.dtypes import dtype
+
+TERMS = ("compute", "weights", "kv", "activations", "comm", "launch")
+_GEMM, _ATTN, _REC, _VEC = (KINDS.index(k) for k in ("gemm", "attn", "recurrent", "vector"))
+
+
+@dataclass(frozen=True)
+class Timeline:
+    total: np.ndarray  # [D] seconds per forward
+    terms: np.ndarray  # [len(TERMS), D] seconds along the critical path (sums to total)
+    busy: np.ndarray  # [P, D] seconds each device works (kernels and transfers)
+    work: dict[str, np.ndarray]  # whole-graph sums per depth: flops, weight/kv/act bytes, comm bytes
+
+
+def _rate_eff(pr: Priced, sysm: System, eng: Engine) -> tuple[np.ndarray, np.ndarray]:
+    """Peak FLOP/s and efficiency of every compute node."""
+    gpu, N = sysm.gpu, len(pr.names)
+    rate, eff = np.full(N, gpu.rate("fp32")), np.full(N, 0.5)
+    m, n, k = pr.mnk
+    small = pr.phase == "tg" or pr.tokens <= eng.mmv_max_tokens
+    qeff = np.ones(N)
+    for i in np.flatnonzero(pr.kind == _GEMM):
+        dt = dtype(pr.wdtype[i])
+        key = eng.quant_rate if dt.is_quant else eng.float_rates.get(dt.name, "fp32")
+        rate[i] = gpu.rate(key)
+        qeff[i] = eng.quant_gemm_eff.get(dt.name, 1.0)
+    # GEMMs: tiles of tokens x rows, each looping over the inner size; a matmul with few tokens
+    # (per expert), few rows or a short inner loop fills its tiles poorly. Mat-vecs (decode) are
+    # streaming kernels: their compute side is the CUDA cores at half rate, never the limit.
+    mm = (pr.kind == _GEMM) & (m > eng.mmv_max_tokens)
+    mv = (pr.kind == _GEMM) & ~mm
+    shape_eff = (m / (m + eng.gemm_m0)) * (n / (n + eng.gemm_tile0)) * (k / (k + eng.gemm_tile0))
+    eff = np.where(mm, eng.gemm_eff * qeff * shape_eff, eff)
+    rate = np.where(mv, gpu.rate("fp32"), rate)
+    attn = pr.kind == _ATTN
+    rate = np.where(attn, gpu.rate(eng.attn_tg_rate if small else eng.attn_pp_rate), rate)
+    # a decode attention kernel has one query per head: its parallelism is heads x KV chunks,
+    # so with few heads on a GPU (a head split) fewer blocks share the work per wave
+    tg_eff = eng.attn_tg_eff * n / (n + eng.attn_tg_h0)
+    eff = np.where(attn, tg_eff if small else eng.attn_pp_eff, eff)
+    rec = pr.kind == _REC
+    rate = np.where(rec, gpu.rate(eng.recurrent_rate), rate)
+    eff = np.where(rec, eng.recurrent_eff, eff)
+    return rate, eff
+
+
+def _mem_eff(pr: Priced, eng: Engine) -> np.ndarray:
+    q = np.array([eng.quant_mem_eff.get(w, 1.0) if w else 1.0 for w in pr.wdtype])
+    return eng.mem_eff * q
+
+
+def node_costs(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per node seconds [N, D] and the same split into TERMS [N, 6, D]."""
+    rate, eff = _rate_eff(pr, sysm, eng)
+    bw = sysm.gpu.mem_bw_GBps * 1e9 * _mem_eff(pr, eng)
+    x = kv[None, :]
+    flops = pr.flops[0][:, None] + pr.flops[1][:, None] * x
+    wb = pr.wbytes.copy()
+    if eng.quant_dequant:  # expanding quantised weights to f16 writes and re-reads 2 bytes each
+        gemm_q = np.array([bool(w) and dtype(w).is_quant for w in pr.wdtype]) & (pr.mnk[0] > eng.mmv_max_tokens)
+        wb = wb + np.where(gemm_q, 4.0 * pr.mnk[1] * pr.mnk[2], 0.0)
+    kvb = pr.kvbytes[0][:, None] + pr.kvbytes[1][:, None] * x
+    act = pr.actbytes[0][:, None] + pr.actbytes[1][:, None] * x
+    byt = wb[:, None] + kvb + act
+    t_c = flops / (rate * eff)[:, None]
+    t_m = byt / bw[:, None]
+    graphs = eng.cuda_graphs == "always" or (eng.cuda_graphs == "tg" and pr.phase == "tg")
+    launch = pr.launches * 1e-6 * (eng.graph_launch_us if graphs else eng.launch_us)
+    body = np.maximum(t_c, t_m)
+    terms = np.zeros((len(pr.names), len(TERMS), len(kv)))
+    comp = t_c >= t_m
+    share = np.where(byt > 0, t_m / np.where(byt > 0, byt, 1.0), 0.0)
+    terms[:, 0] = np.where(comp, t_c, 0.0)
+    terms[:, 1] = np.where(comp, 0.0, share * wb[:, None])
+    terms[:, 2] = np.where(comp, 0.0, share * kvb)
+    terms[:, 3] = np.where(comp, 0.0, share * act)
+    terms[:, 5] = launch[:, None]
+    return body + launch[:, None], terms
+
+
+def comm_costs(pr: Priced, sysm: System, eng: Engine) -> tuple[np.ndarray, np.ndarray]:
+    """Seconds per comm node and its (transfer, engine overhead) parts, each [C]."""
+    link = sysm.link
+    a = link.latency_us * 1e-6
+    beta = link.beta * eng.comm_bw_eff
+    xfer, over = np.zeros(pr.n_comm), np.zeros(pr.n_comm)
+    for c, kind in enumerate(pr.comm_kind):
+        if kind == "copy":
+            # without P2P a copy goes device -> host -> device; an engine that does not pipeline
+            # the two DMA hops pays both in series
+            hops = 2 if (not link.p2p and eng.staged_copy == "serial") else 1
+            xfer[c] = hops * (a + pr.comm_numel[c] * pr.comm_elem[c] / beta)
+            over[c] = eng.copy_us * 1e-6
+            continue
+        p, tok = len(pr.comm_group[c]), int(pr.comm_tokens[c])
+        elem = pr.comm_elem[c] or (2.0 if tok >= eng.reduce_f16_min_tokens else 4.0)
+        nb = pr.comm_numel[c] * elem
+        algo = eng.ar_algo(p, tok, link.p2p)
+        if algo == "ring":
+            xfer[c] = 2 * (p - 1) * a + 2 * (p - 1) / p * nb / beta
+        elif algo == "one_shot":
+            xfer[c] = a + (p - 1) * nb / beta
+        else:
+            xfer[c] = 2 * (a + (p - 1) * nb / beta)
+        over[c] = eng.allreduce_us * 1e-6
+    return xfer, over
+
+
+def evaluate(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray) -> Timeline:
+    """The timeline of one forward pass at every depth in `kv` (tokens already cached)."""
+    kv = np.asarray(kv, dtype=float)
+    D, P = len(kv), len(pr.devices)
+    if P > sysm.count:
+        from backends.costmodel.profiles import ProfileError
+
+        raise ProfileError(f"graph is placed on {P} devices but {sysm.name} has {sysm.count}")
+    cost, terms = node_costs(pr, sysm, eng, kv)
+    if len(pr.seg_start):
+        seg_t = np.add.reduceat(cost, pr.seg_start, axis=0)
+        seg_terms = np.add.reduceat(terms, pr.seg_start, axis=0)
+    else:
+        seg_t, seg_terms = np.zeros((0, D)), np.zeros((0, len(TERMS), D))
+    xfer, over = comm_costs(pr, sysm, eng)
+    t = [np.zeros(D) for _ in range(P)]
+    bd = [np.zeros((len(TERMS), D)) for _ in range(P)]
+    busy = np.zeros((P, D))
+    snaps: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(D), np.zeros((len(TERMS), D)))] * pr.n_snaps
+    zero = (np.zeros(D), np.zeros((len(TERMS), D)))
+    for ev in pr.events:
+        if ev.kind == "seg":
+            d = ev.devices[0]
+            t[d] = t[d] + seg_t[ev.index]
+            bd[d] = bd[d] + seg_terms[ev.index]
+            busy[d] += seg_t[ev.index]
+            if ev.snap >= 0:
+                snaps[ev.snap] = (t[d], bd[d])
+            continue
+        c = ev.index
+        add = np.zeros((len(TERMS), 1))
+        add[4, 0], add[5, 0] = xfer[c], over[c]
+        cost_c = xfer[c] + over[c]
+        if ev.kind == "copy":
+            d = ev.devices[0]
+            rt, rb = snaps[ev.src] if ev.src >= 0 else zero
+            later = rt > t[d]
+            start = np.where(later, rt, t[d])
+            hist = np.where(later[None, :], rb, bd[d])
+            t[d], bd[d] = start + cost_c, hist + add
+            busy[d] += cost_c
+            snaps[ev.snap] = (t[d], bd[d])
+            continue
+        group = ev.devices
+        stack = np.stack([t[d] for d in group])
+        last = np.argmax(stack, axis=0)
+        start = stack.max(axis=0)
+        hist = np.stack([bd[d] for d in group])[last, :, np.arange(D)].T
+        for d in group:
+            t[d], bd[d] = start + cost_c, hist + add
+            busy[d] += cost_c
+        snaps[ev.snap] = (start + cost_c, hist + add)
+    ends = np.stack(t)
+    last = np.argmax(ends, axis=0)
+    total = ends.max(axis=0) + eng.forward_us * 1e-6
+    crit = np.stack(bd)[last, :, np.arange(D)].T
+    crit[5] += eng.forward_us * 1e-6
+    x = kv[None, :]
+    work = {
+        "flops": (pr.flops[0][:, None] + pr.flops[1][:, None] * x).sum(axis=0),
+        "weight_bytes": np.full(D, pr.wbytes.sum()),
+        "kv_bytes": (pr.kvbytes[0][:, None] + pr.kvbytes[1][:, None] * x).sum(axis=0),
+        "act_bytes": (pr.actbytes[0][:, None] + pr.actbytes[1][:, None] * x).sum(axis=0),
+        "comm_bytes": np.full(D, float((pr.comm_numel * np.where(pr.comm_elem > 0, pr.comm_elem, 4.0)).sum())),
+    }
+    return Timeline(total, crit, busy, work)

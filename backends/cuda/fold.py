@@ -1,0 +1,47 @@
+"""Load-time constants: nodes computed from weights alone are evaluated once.
+
+A merged QKV weight (a `concat` of weight leaves), a weight copied to another device, a
+slice or reshape of a weight: their values never change between calls. `fold_weights`
+evaluates them when the session loads, stores them among the weights and returns the graph
+to execute, where each such node is a weight leaf and the leaves only it read are gone (so
+their memory is freed). The graph the cost model prices keeps the nodes; they cost nothing
+per call there either.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from backends.cuda.interp import WEIGHT_VIEWS, ExecContext, Kernel
+from graphir.graph import Graph, Node
+from graphir.ops import Op
+
+
+def fold_weights(g: Graph, weights: dict[str, torch.Tensor], kernels: Mapping[Op, Kernel],
+                 default_device: str = "cpu") -> Graph:
+    """Evaluate weight-only nodes into `weights` (in place) and return the graph to execute."""
+    const = {n.name for n in g.nodes if n.op == Op.WEIGHT}
+    folded: list[Node] = []
+    for n in g.nodes:
+        if n.op in WEIGHT_VIEWS and n.inputs and all(i in const for i in n.inputs):
+            const.add(n.name)
+            folded.append(n)
+    if not folded:
+        return g
+    ctx = ExecContext(g, {}, {}, weights, {}, default_device)
+    for n in folded:
+        if n.name not in weights:  # the prefill and decode graphs share their constants
+            weights[n.name] = _evaluate(kernels, n, [weights[i] for i in n.inputs], ctx)
+    names = {n.name for n in folded}
+    nodes = [Node(n.name, Op.WEIGHT, (), n.spec, (), n.device) if n.name in names else n for n in g.nodes]
+    read = {i for n in nodes for i in n.inputs}
+    # a folded node's own inputs are no longer read; leaves nobody reads now drop out
+    nodes = [n for n in nodes if n.op != Op.WEIGHT or n.name in read]
+    return Graph(tuple(nodes), g.meta)
+
+
+def _evaluate(kernels: Mapping[Op, Kernel], n: Node, args: list[torch.Tensor], ctx: ExecContext) -> torch.Tensor:
+    out = kernels[n.op](n, args, ctx)
+    return out.contiguous()

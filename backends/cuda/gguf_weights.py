@@ -1,0 +1,78 @@
+"""Weights from a GGUF file, dequantised with the `gguf` package.
+
+Tensor names are the graph's (GGUF naming) unless the ModelSource maps them. GGUF stores
+ggml's `ne` order (fastest dimension first): a tensor of ne [H, N] is the torch [N, H].
+Two conventions of llama.cpp's converter are undone so that the graph's semantics hold:
+- `llama`: Q and K rows are permuted for ggml's interleaved RoPE; the graph uses the
+  rotate_half pairing of transformers, so the permutation is inverted.
+- `qwen3_next`: zero-centred norm weights are stored with the 1 added; the graph's norms add
+  it themselves (offset 1), so it is subtracted again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from backends.cuda.weights import WeightError, WeightInfo
+from graphir.models import ModelConfig
+
+
+def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Inverse of llama.cpp's Q/K row permutation: rows [h, 2, d/2] were stored as [h, d/2, 2]."""
+    out = w.shape[0]
+    return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's conversion of transformers Q/K rows (what a llama GGUF holds)."""
+    out = w.shape[0]
+    return w.reshape(n_head, 2, out // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_ROPED = ("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")
+
+
+class GGUFWeights:
+    def __init__(self, path: Path, cfg: ModelConfig, name_map: Mapping[str, str] | None = None) -> None:
+        from gguf import GGUFReader
+
+        self.path, self.cfg = Path(path), cfg
+        self.label = f"GGUF {self.path.name}"
+        self.name_map = dict(name_map or {})
+        self.reader = GGUFReader(str(self.path), "r")
+        self.tensors = {t.name: t for t in self.reader.tensors}
+
+    def _gguf_name(self, info: WeightInfo) -> str:
+        return self.name_map.get(info.name, info.name)
+
+    def check(self, infos: Mapping[str, WeightInfo]) -> None:
+        for info in infos.values():
+            if self._gguf_name(info) not in self.tensors:
+                raise WeightError(f"{self.path.name} lacks tensor {self._gguf_name(info)}")
+
+    def get(self, info: WeightInfo) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        name = self._gguf_name(info)
+        t = self.tensors.get(name)
+        if t is None:
+            raise WeightError(f"{self.path.name} lacks tensor {name}")
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # ne order -> torch order
+        try:
+            data = dequantize(np.asarray(t.data), t.tensor_type)
+        except NotImplementedError as e:
+            raise WeightError(f"{name}: {e}") from None
+        w = torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))  # a copy: the file is mapped read-only
+        if tuple(w.shape) != info.shape:
+            raise WeightError(f"GGUF tensor {name} has shape {list(w.shape)}, the config needs {list(info.shape)}")
+        cfg = self.cfg
+        if cfg.arch == "llama" and info.name.endswith(_ROPED):
+            heads = cfg.n_head if ".attn_q." in info.name else cfg.n_kv_head
+            w = unpermute_rope(w, heads)
+        if cfg.arch == "qwen3_next" and info.norm_offset == 1.0:
+            w = w - 1.0
+        return w

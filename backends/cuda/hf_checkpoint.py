@@ -1,0 +1,203 @@
+"""transformers checkpoints in safetensors: one table per architecture maps names.
+
+`TABLES[arch]` lists (HF name pattern, graph name pattern, transform); `{i}` is the layer.
+Transforms: `neg_exp` (A_log -> ssm_a = -exp(A_log)), `squeeze1` (conv1d [C,1,K] -> [C,K]),
+`experts.gate|up|down` (routed experts as [E,N,H] / [E,H,N], read from whichever layout the
+file has: per-expert `experts.{j}.gate_proj.weight`, which `save_pretrained` of transformers
+5.x writes, fused `experts.gate_up_proj` [E,2N,H] with `experts.down_proj` [E,H,N] as the
+modules hold them, or fused `experts.gate_proj` / `experts.up_proj`; a fused tensor stored
+transposed is recognised by its shape). Single files, several files, and sharded checkpoints
+with `model.safetensors.index.json` all work.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from safetensors import safe_open
+
+from backends.cuda.weights import WeightError, WeightInfo
+from graphir.models import ModelConfig
+
+Entry = tuple[str, str, str]  # (HF name pattern, graph name pattern, transform)
+
+_TOP: list[Entry] = [
+    ("model.embed_tokens.weight", "token_embd.weight", ""),
+    ("model.norm.weight", "output_norm.weight", ""),
+    ("lm_head.weight", "output.weight", ""),
+]
+_ATTN: list[Entry] = [("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight", "")] + [
+    (f"model.layers.{{i}}.self_attn.{hf}_proj.{kind}", f"blk.{{i}}.attn_{g}.{kind}", "")
+    for hf, g in (("q", "q"), ("k", "k"), ("v", "v"), ("o", "output")) for kind in ("weight", "bias")
+] + [
+    ("model.layers.{i}.self_attn.q_norm.weight", "blk.{i}.attn_q_norm.weight", ""),
+    ("model.layers.{i}.self_attn.k_norm.weight", "blk.{i}.attn_k_norm.weight", ""),
+]
+_FFN: list[Entry] = [(f"model.layers.{{i}}.mlp.{p}_proj.weight", f"blk.{{i}}.ffn_{p}.weight", "")
+                     for p in ("gate", "up", "down")]
+_MOE: list[Entry] = [("model.layers.{i}.mlp.gate.weight", "blk.{i}.ffn_gate_inp.weight", "")] + [
+    ("model.layers.{i}.mlp.experts", f"blk.{{i}}.ffn_{p}_exps.weight", f"experts.{p}") for p in ("gate", "up", "down")
+] + [(f"model.layers.{{i}}.mlp.shared_expert.{p}_proj.weight", f"blk.{{i}}.ffn_{p}_shexp.weight", "")
+     for p in ("gate", "up", "down")] + [
+    ("model.layers.{i}.mlp.shared_expert_gate.weight", "blk.{i}.ffn_gate_inp_shexp.weight", ""),
+]
+_SSM: list[Entry] = [
+    ("model.layers.{i}.linear_attn.in_proj_qkvz.weight", "blk.{i}.ssm_in.weight", ""),
+    ("model.layers.{i}.linear_attn.in_proj_ba.weight", "blk.{i}.ssm_ba.weight", ""),
+    ("model.layers.{i}.linear_attn.conv1d.weight", "blk.{i}.ssm_conv1d.weight", "squeeze1"),
+    ("model.layers.{i}.linear_attn.dt_bias", "blk.{i}.ssm_dt.bias", ""),
+    ("model.layers.{i}.linear_attn.A_log", "blk.{i}.ssm_a", "neg_exp"),
+    ("model.layers.{i}.linear_attn.norm.weight", "blk.{i}.ssm_norm.weight", ""),
+    ("model.layers.{i}.linear_attn.out_proj.weight", "blk.{i}.ssm_out.weight", ""),
+]
+_FFN_NORM: list[Entry] = [("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight", "")]
+
+TABLES: dict[str, list[Entry]] = {
+    "llama": _TOP + _ATTN + _FFN + _FFN_NORM,
+    "qwen3": _TOP + _ATTN + _FFN + _FFN_NORM,
+    "qwen3_moe": _TOP + _ATTN + _FFN + _MOE + _FFN_NORM,
+    "qwen3_next": _TOP + _ATTN + _FFN + _MOE + _SSM + [
+        ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight", "")],
+}
+
+# tensors a checkpoint may hold that no graph uses (multi-token-prediction heads, rope caches)
+_IGNORED = re.compile(r"(^mtp\.|rotary_emb\.inv_freq$)")
+
+_TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "": lambda t: t,
+    "neg_exp": lambda t: -torch.exp(t.to(torch.float32)),
+    "squeeze1": lambda t: t.squeeze(1) if t.dim() == 3 and t.shape[1] == 1 else t,
+}
+
+
+def _compile(table: list[Entry]) -> list[tuple[re.Pattern[str], str, str]]:
+    out = []
+    for hf, graph, tf in table:
+        rx = re.escape(graph).replace(re.escape("{i}"), r"(?P<i>\d+)")
+        out.append((re.compile(rx + "$"), hf, tf))
+    return out
+
+
+class HFCheckpoint:
+    """Tensors of a transformers checkpoint directory, looked up by graph name."""
+
+    def __init__(self, path: Path, cfg: ModelConfig) -> None:
+        self.path, self.cfg = Path(path), cfg
+        self.label = f"checkpoint {self.path.name}"
+        self._handles: dict[Path, object] = {}
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            wmap = json.loads(index.read_text()).get("weight_map", {})
+            files = {k: self.path / v for k, v in wmap.items()}
+        else:
+            files = {}
+            for f in sorted(self.path.glob("*.safetensors")):
+                files.update({k: f for k in self._open(f).keys()})  # type: ignore[attr-defined]
+        if not files:
+            raise WeightError(f"{self.path}: no safetensors weights")
+        self.files = files
+        embd = [k for k in files if k.endswith("embed_tokens.weight")]
+        # models wrapped by a multimodal parent keep the decoder under another prefix
+        self.prefix = embd[0][: -len("embed_tokens.weight")] if embd else "model."
+        self.rules = _compile(TABLES[cfg.arch])
+
+    # ---- name resolution -------------------------------------------------------------------
+    def _hf(self, pattern: str, i: str | None) -> str:
+        name = pattern.replace("{i}", i or "")
+        return self.prefix + name[len("model."):] if name.startswith("model.") else name
+
+    def _rule(self, info: WeightInfo) -> tuple[str, str]:
+        for rx, hf, tf in self.rules:
+            m = rx.match(info.name)
+            if m:
+                return self._hf(hf, m.groupdict().get("i")), tf
+        raise WeightError(f"{info.name}: no checkpoint name for this {self.cfg.arch} tensor")
+
+    def _expert_plan(self, base: str, part: str, info: WeightInfo) -> tuple[str, list[str]]:
+        E = info.shape[0]
+        per = [f"{base}.{j}.{part}_proj.weight" for j in range(E)]
+        if all(p in self.files for p in per):
+            return "stack", per
+        if part in ("gate", "up") and f"{base}.gate_up_proj" in self.files:
+            return "gate_up", [f"{base}.gate_up_proj"]
+        for name in (f"{base}.{part}_proj", f"{base}.{part}_proj.weight"):
+            if name in self.files:
+                return "fused", [name]
+        missing = next(p for p in per if p not in self.files)
+        raise WeightError(f"checkpoint lacks {missing} (or a fused {base}.{'gate_up' if part != 'down' else part}"
+                          f"_proj) for {info.name}")
+
+    def names_for(self, info: WeightInfo) -> list[str]:
+        """The checkpoint tensors graph weight `info` is made of; WeightError when absent."""
+        hf, tf = self._rule(info)
+        if tf.startswith("experts."):
+            return self._expert_plan(hf, tf.split(".")[1], info)[1]
+        if hf not in self.files:
+            raise WeightError(f"checkpoint lacks {hf} (graph weight {info.name})")
+        return [hf]
+
+    def check(self, infos: Mapping[str, WeightInfo]) -> None:
+        used: set[str] = set()
+        for info in infos.values():
+            used.update(self.names_for(info))
+        for k in self.files:
+            if k in used or _IGNORED.search(k) or (k == "lm_head.weight" and self.cfg.tie_word_embeddings):
+                continue
+            raise WeightError(f"checkpoint tensor {k} is not part of the model the config describes "
+                              f"({self.cfg.arch}, {self.cfg.n_layer} layers)")
+
+    # ---- reading -------------------------------------------------------------------------------
+    def _open(self, f: Path) -> object:
+        if f not in self._handles:
+            try:
+                self._handles[f] = safe_open(str(f), "pt")
+            except Exception as e:  # safetensors raises its own error type for a bad header
+                raise WeightError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0][:100]})") from None
+        return self._handles[f]
+
+    def _read(self, name: str) -> torch.Tensor:
+        f = self.files[name]
+        try:
+            return self._open(f).get_tensor(name)  # type: ignore[attr-defined]
+        except WeightError:
+            raise
+        except Exception as e:
+            raise WeightError(f"{f}: cannot read tensor {name} ({str(e).splitlines()[0][:100]})") from None
+
+    def get(self, info: WeightInfo) -> torch.Tensor:
+        hf, tf = self._rule(info)
+        if not tf.startswith("experts."):
+            (name,) = self.names_for(info)
+            return self._shaped(_TRANSFORMS[tf](self._read(name)), info, name)
+        part = tf.split(".")[1]
+        how, names = self._expert_plan(hf, part, info)
+        if how == "stack":
+            per = [self._shaped(self._read(n), WeightInfo(info.name, info.shape[1:]), n) for n in names]
+            return torch.stack(per)  # [E,N,H] / [E,H,N]
+        t = self._orient(self._read(names[0]), info, names[0], doubled=how == "gate_up")
+        if how == "gate_up":
+            n = t.shape[1] // 2
+            return t[:, :n] if part == "gate" else t[:, n:]
+        return t
+
+    @staticmethod
+    def _shaped(t: torch.Tensor, info: WeightInfo, name: str) -> torch.Tensor:
+        if tuple(t.shape) != info.shape:
+            raise WeightError(f"checkpoint tensor {name} has shape {list(t.shape)}, {info.name} needs "
+                              f"{list(info.shape)} for this config")
+        return t
+
+    @staticmethod
+    def _orient(t: torch.Tensor, info: WeightInfo, name: str, doubled: bool) -> torch.Tensor:
+        """Fused experts are [E,out,in]; some writers store [E,in,out]: tell them apart by shape."""
+        E, out, inp = info.shape
+        want = (E, 2 * out if doubled else out, inp)
+        if tuple(t.shape) == want:
+            return t
+        if tuple(t.shape) == (want[0], want[2], want[1]):
+            return t.transpose(1, 2)
+        raise WeightError(f"checkpoint tensor {name} has shape {list(t.shape)}, {info.name} needs {list(want)}")

@@ -1,0 +1,171 @@
+"""The kernel rule table of the PyTorch executor: `KERNELS: dict[Op, Kernel]`, one per op.
+
+A kernel takes the node, its input values (already on the node's device) and the execution
+context, and returns a tensor whose shape and type are the node's spec with T and KV bound.
+The same rules run on `cpu` and `cuda:N` devices: nothing here is CPU-specific.
+Norms follow transformers' cast orders (see rms_norm).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from backends.cuda.attention import attention, kv_append, rope
+from backends.cuda.devices import torch_device, torch_dtype
+from backends.cuda.interp import ExecContext, Kernel, Replicas
+from backends.cuda.moe import moe_matmul, moe_sum, moe_topk, moe_weights
+from backends.cuda.recurrent import delta_net, ssm_conv
+from graphir.graph import Node
+from graphir.ops import Op
+
+Args = Sequence[torch.Tensor]
+
+
+def _as_spec(node: Node, t: torch.Tensor) -> torch.Tensor:
+    dt = torch_dtype(node.spec.dtype)
+    return t if t.dtype == dt else t.to(dt)
+
+
+# ---- leaves: values the session provides -------------------------------------------------
+
+def _fed(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    return ctx.feeds[node.name]
+
+
+def _weight(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    return ctx.weights[node.name]
+
+
+# ---- dense math ---------------------------------------------------------------------------
+
+def get_rows(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    table, ids = args  # [V,H], [n] i32
+    return _as_spec(node, table.index_select(0, ids))
+
+
+def matmul(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    x, w = args  # x [...,in], w [out,in]
+    return F.linear(x, w.to(x.dtype))
+
+
+def rms_norm(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    """y = x * rsqrt(mean(x^2) + eps) * (w + offset), normalised in f32.
+    offset 0 (LlamaRMSNorm): cast the normalised x back to x's type, then multiply by w.
+    offset 1 (Qwen3NextRMSNorm): multiply by (1 + w) in f32, then cast."""
+    x, w = args
+    x32 = x.to(torch.float32)
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + float(node.attr["eps"]))
+    offset = float(node.attr.get("offset", 0.0))
+    if offset:
+        return (y * (offset + w.to(torch.float32))).to(x.dtype)
+    return _as_spec(node, w * y.to(x.dtype))
+
+
+def rms_norm_gated(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    """Qwen3NextRMSNormGated: w * norm(x) in x's type, times silu(z) in f32, cast back."""
+    x, z, w = args
+    x32 = x.to(torch.float32)
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + float(node.attr["eps"]))
+    y = w * y.to(x.dtype)
+    return (y * F.silu(z.to(torch.float32))).to(x.dtype)
+
+
+def add(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    return _as_spec(node, args[0] + args[1])
+
+
+def mul(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    return _as_spec(node, args[0] * args[1])
+
+
+def swiglu(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    g, u = args
+    return F.silu(g) * u
+
+
+def cast(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    return _as_spec(node, args[0])
+
+
+# ---- views and shape ops --------------------------------------------------------------------
+
+def reshape(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    return args[0].reshape(ctx.shape(node))  # a view when the layout allows, else a copy
+
+
+def slice_(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    a = node.attr
+    start, stop = ctx.bind(a["start"]), ctx.bind(a["stop"])
+    return args[0].narrow(int(a["dim"]), start, stop - start)
+
+
+def concat(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    # the first input's executed type, not the spec's: a concat of weights (a merged QKV) has
+    # the storage type in its spec while the weights are held in the compute type
+    dt = args[0].dtype
+    return torch.cat([t.to(dt) for t in args], dim=int(node.attr["dim"]))
+
+
+# ---- placement --------------------------------------------------------------------------------
+
+def copy(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    return args[0].to(ctx.device(node), non_blocking=False)
+
+
+def all_reduce(node: Node, args: Args, ctx: ExecContext) -> Replicas:
+    """Sum of one partial per device, present on every device of the group. Partials travel
+    in the `dtype` attribute's type when given (reduced-precision transfers); the sum is
+    accumulated in f32 in input order on every device, so all replicas are identical."""
+    out_dt = torch_dtype(node.spec.dtype)
+    wire = torch_dtype(node.attr["dtype"]) if "dtype" in node.attr else out_dt
+    done: dict[torch.device, torch.Tensor] = {}
+    out = Replicas()
+    for name in node.devices:
+        dev = torch_device(name)
+        if dev not in done:  # logical CPU devices share one torch device: sum once
+            acc = torch.zeros(args[0].shape, dtype=torch.float32, device=dev)
+            for p in args:
+                acc += p.to(wire).to(dev, torch.float32)
+            done[dev] = acc.to(out_dt)
+        out[name] = done[dev]
+    return out
+
+
+def output(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    return args[0]
+
+
+KERNELS: dict[Op, Kernel] = {
+    Op.INPUT: _fed,
+    Op.WEIGHT: _weight,
+    Op.STATE_IN: _fed,
+    Op.GET_ROWS: get_rows,
+    Op.MATMUL: matmul,
+    Op.MOE_MATMUL: moe_matmul,
+    Op.RMS_NORM: rms_norm,
+    Op.RMS_NORM_GATED: rms_norm_gated,
+    Op.ADD: add,
+    Op.MUL: mul,
+    Op.SILU: lambda n, a, c: F.silu(a[0]),
+    Op.SIGMOID: lambda n, a, c: torch.sigmoid(a[0]),
+    Op.SOFTPLUS: lambda n, a, c: F.softplus(a[0]),
+    Op.SWIGLU: swiglu,
+    Op.CAST: cast,
+    Op.ROPE: rope,
+    Op.ATTENTION: attention,
+    Op.KV_APPEND: kv_append,
+    Op.CONCAT: concat,
+    Op.SSM_CONV: ssm_conv,
+    Op.DELTA_NET: delta_net,
+    Op.MOE_TOPK: moe_topk,
+    Op.MOE_WEIGHTS: moe_weights,
+    Op.MOE_SUM: moe_sum,
+    Op.RESHAPE: reshape,
+    Op.SLICE: slice_,
+    Op.COPY: copy,
+    Op.ALL_REDUCE: all_reduce,
+    Op.OUTPUT: output,
+}

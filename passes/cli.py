@@ -1,0 +1,173 @@
+"""CLI verbs of the passes package: `place`, `nodes`, `passes`.
+
+Pipeline of `place` / `nodes`: the `--split` placement first (if any), then `--passes` and
+`--pass` entries in the order given (merges commute with placement, and running them after it
+merges each device's slices), then the memory check when `--mem` is given.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import List, Optional, Sequence
+
+import typer
+
+from graphir.cli_common import emit, source_quant
+from graphir.errors import GraphirError
+from graphir.graph import Graph
+from graphir.models import BuildOptions, ModelConfig, build
+from graphir.models.sources import load_source
+from graphir.ops import Op
+from graphir.serialize import to_json
+from graphir.text import to_text
+
+from passes.count import count_nodes, estimate_nodes
+from passes.devices import parse_devices, parse_ts
+from passes.manager import PassContext, PipelineResult, registered, run_pipeline
+from passes.memory import describe, parse_mem, plan_memory
+
+SPLITS = ("layer", "graph")
+
+
+def build_pipeline(split: str | None, passes: str | None, user: Sequence[str] | None) -> tuple[str, ...]:
+    if split is not None and split not in SPLITS:
+        raise GraphirError(f"--split must be layer or graph, got {split!r}")
+    names = [p.strip() for p in (passes or "").split(",") if p.strip()]
+    return tuple(([f"place_{split}"] if split else []) + names + list(user or []))
+
+
+def load(model: str, phase: str = "pp", quant: str | None = None, kv_type: str = "f16"
+         ) -> tuple[ModelConfig, BuildOptions, Graph]:
+    if phase not in ("pp", "tg"):
+        raise GraphirError(f"--phase must be pp or tg, got {phase!r}")
+    src = load_source(model)
+    opts = BuildOptions(phase=phase, quant=source_quant(src, quant), kv_type=kv_type)  # type: ignore[arg-type]
+    return src.cfg, opts, build(src.cfg, opts)
+
+
+def make_context(model_cfg: ModelConfig, devices: str, ts: str | None, max_gpu: int | None, recurrent: str,
+                 reduce_dtype: str | None, mem: str | None, ctx_len: int, ubatch: int) -> PassContext:
+    devs = parse_devices(devices)
+    ratios = parse_ts(ts, len(devs)) if ts else None
+    caps = parse_mem(mem, len(devs)) if mem else None
+    if ctx_len < 1 or ubatch < 1:
+        raise GraphirError(f"--ctx and --ubatch must be positive, got {ctx_len} and {ubatch}")
+    return PassContext(cfg=model_cfg, devices=devs, ts=ratios, max_gpu=max_gpu, recurrent=recurrent,
+                       reduce_dtype=reduce_dtype, mem=caps, ctx_len=ctx_len, ubatch=ubatch)
+
+
+def place(model: str, *, split: str | None = "graph", devices: str = "2", ts: str | None = None,
+          max_gpu: int | None = None, recurrent: str = "single", reduce_dtype: str | None = None,
+          passes: str | None = None, user_passes: Sequence[str] | None = None, phase: str = "pp",
+          quant: str | None = None, kv_type: str = "f16", mem: str | None = None, ctx_len: int = 4096,
+          ubatch: int = 512, dump_dir: str | None = None, require_placed: bool = True
+          ) -> tuple[PassContext, BuildOptions, PipelineResult]:
+    """The `place` verb as a function: build MODEL, run the pipeline, check memory."""
+    cfg, opts, g = load(model, phase, quant, kv_type)
+    pctx = make_context(cfg, devices, ts, max_gpu, recurrent, reduce_dtype, mem, ctx_len, ubatch)
+    pipeline = build_pipeline(split, passes, user_passes)
+    if pctx.mem is not None:
+        pipeline += ("check_memory",)
+    res = run_pipeline(g, pipeline, pctx, dump_dir=dump_dir)
+    if require_placed and not res.graph.placed:
+        left = sum(1 for n in res.graph.nodes if not n.device)
+        raise GraphirError(f"the pipeline left {left} node(s) without a device: give --split layer|graph "
+                           f"or a placement pass (--pass module:function)")
+    return pctx, opts, res
+
+
+def summary(g: Graph, res: PipelineResult, pctx: PassContext) -> str:
+    counts = count_nodes(g)
+    mem = plan_memory(g, pctx.ctx_len, pctx.ubatch)
+    lines = [f"placed {g.info.get('model', '')} phase={g.info.get('phase')} split={g.info.get('split', '-')} "
+             f"devices={g.info.get('devices', '-')}",
+             f"  nodes {counts.total}  copies {len(g.by_op(Op.COPY))}  all_reduces {len(g.by_op(Op.ALL_REDUCE))}"]
+    lines += [f"  {d:<8} nodes {k:>6}" for d, k in counts.per_device]
+    lines += [f"  memory at ctx {pctx.ctx_len}: {describe(m)}" for m in mem.devices]
+    lines += [f"  pass {r.name:<16} {1e3 * r.seconds:8.1f} ms  verify {1e3 * r.verify_seconds:6.1f} ms  "
+              f"nodes {r.nodes_before} -> {r.nodes_after}" for r in res.reports]
+    return "\n".join(lines)
+
+
+def register(app: typer.Typer) -> None:
+    if any(c.name == "place" for c in app.registered_commands):
+        return  # main() registers on every call; once is enough
+
+    @app.command("place")
+    def place_cmd(model: str = typer.Argument(..., help="preset, config.json, checkpoint dir or .gguf"),
+                  split: Optional[str] = typer.Option(None, "--split", help="layer | graph"),
+                  devices: str = typer.Option("2", "--devices", help="N | cpu,cpu | cuda:0,cuda:1"),
+                  ts: Optional[str] = typer.Option(None, "--ts", help="split ratios, e.g. 3,1"),
+                  max_gpu: Optional[int] = typer.Option(None, "--max-gpu", help="graph split: devices per layer"),
+                  recurrent: str = typer.Option("single", "--recurrent", help="delta-net layers: single | split"),
+                  reduce_dtype: Optional[str] = typer.Option(None, "--reduce-dtype", help="f16 | bf16 | f32"),
+                  user_pass: Optional[List[str]] = typer.Option(None, "--pass", help="module:function (repeatable)"),
+                  passes: Optional[str] = typer.Option(None, "--passes", help="merge_qkv,merge_up_gate,..."),
+                  phase: str = typer.Option("pp", "--phase", help="pp | tg"),
+                  quant: Optional[str] = typer.Option(None, "--quant", help="IQ4_XS, Q4_K_M, q8_0, bf16, ..."),
+                  kv_type: str = typer.Option("f16", "--kv-type"),
+                  format: str = typer.Option("summary", "--format", help="text | json | summary"),
+                  mem: Optional[str] = typer.Option(None, "--mem", help="24GiB,24GiB or a preset like 2x3090"),
+                  ctx: int = typer.Option(4096, "--ctx", help="context length for the KV cache"),
+                  ubatch: int = typer.Option(512, "--ubatch", help="tokens per batch for the compute buffer"),
+                  dump: Optional[str] = typer.Option(None, "--dump", help="folder for a text dump after each pass"),
+                  out: Optional[str] = typer.Option(None, "-o", "--out")) -> None:
+        """Place MODEL on devices (layer or graph split, or user passes) and print or write it."""
+        if format not in ("text", "json", "summary"):
+            raise GraphirError(f"--format must be text, json or summary, got {format!r}")
+        pctx, _, res = place(model, split=split, devices=devices, ts=ts, max_gpu=max_gpu, recurrent=recurrent,
+                             reduce_dtype=reduce_dtype, passes=passes, user_passes=user_pass, phase=phase,
+                             quant=quant, kv_type=kv_type, mem=mem, ctx_len=ctx, ubatch=ubatch, dump_dir=dump)
+        g = res.graph
+        body = {"text": to_text, "json": lambda x: to_json(x, indent=1),
+                "summary": lambda x: summary(x, res, pctx)}[format](g)
+        emit(body, out)
+
+    @app.command("nodes")
+    def nodes_cmd(model: str = typer.Argument(..., help="preset, config.json, checkpoint dir or .gguf"),
+                  phase: str = typer.Option("pp", "--phase", help="pp | tg"),
+                  ubatch: int = typer.Option(512, "--ubatch", help="tokens per batch (for the heuristic)"),
+                  split: Optional[str] = typer.Option(None, "--split", help="layer | graph"),
+                  devices: str = typer.Option("1", "--devices", help="N | cpu,cpu | cuda:0,cuda:1"),
+                  ts: Optional[str] = typer.Option(None, "--ts"),
+                  max_gpu: Optional[int] = typer.Option(None, "--max-gpu"),
+                  recurrent: str = typer.Option("single", "--recurrent"),
+                  passes: Optional[str] = typer.Option(None, "--passes", help="merge_qkv,merge_up_gate"),
+                  quant: Optional[str] = typer.Option(None, "--quant"),
+                  format: str = typer.Option("json", "--format", help="json | table"),
+                  out: Optional[str] = typer.Option(None, "-o", "--out")) -> None:
+        """Node count: the closed-form estimate, the built graph's count, llama.cpp's budget."""
+        if format not in ("json", "table"):
+            raise GraphirError(f"--format must be json or table, got {format!r}")
+        pctx, opts, res = place(model, split=split, devices=devices, ts=ts, max_gpu=max_gpu, recurrent=recurrent,
+                                passes=passes, phase=phase, quant=quant, ubatch=ubatch, require_placed=False)
+        est = estimate_nodes(opts_cfg(pctx), opts, merges=build_pipeline(None, passes, None), split=split,
+                             devices=pctx.devices, ts=pctx.ts, max_gpu=max_gpu,
+                             recurrent=recurrent, ubatch=ubatch)  # type: ignore[arg-type]
+        actual = count_nodes(res.graph)
+        doc = {"model": opts_cfg(pctx).name or model, "phase": phase, "split": split,
+               "devices": list(pctx.devices) if split else [], "estimate": est.budget, "exact": est.exact,
+               "actual": actual.total, "per_device": dict(actual.per_device),
+               "estimate_per_device": dict(est.per_device),
+               "heuristic": est.heuristic, "n_tensors": est.n_tensors, "ubatch": ubatch}
+        if format == "json":
+            emit(json.dumps(doc, indent=1), out)
+        else:
+            emit("\n".join(f"{k:<20} {v}" for k, v in doc.items()), out)
+
+    @app.command("passes")
+    def passes_cmd(format: str = typer.Option("table", "--format", help="table | json")) -> None:
+        """List the registered passes."""
+        rows = registered()
+        if format == "json":
+            typer.echo(json.dumps([{"name": p.name, "doc": p.doc} for p in rows], indent=1))
+        else:
+            for p in rows:
+                typer.echo(f"{p.name:<18} {p.doc}")
+
+
+def opts_cfg(pctx: PassContext) -> ModelConfig:
+    return pctx.require_cfg("nodes")
+
+
+__all__ = ["build_pipeline", "load", "make_context", "place", "register", "summary"]

@@ -1,0 +1,86 @@
+"""Hardware, link, system and engine profiles: shipped data, resolution, user files, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from backends.costmodel.profiles import (Engine, ProfileError, engine_names, engine_yaml, gpus, links,
+                                         load_engine, resolve_system, system_specs)
+from graphir.errors import GraphirError
+
+
+def test_required_gpus_links_systems_engines_ship() -> None:
+    for g in ("RTX 3090", "RTX 4090", "RTX A6000", "A100 80GB", "H100 SXM", "H200 SXM"):
+        assert g in gpus()
+    for lk in ("pcie3", "pcie3-p2p", "pcie4", "pcie4-p2p", "pcie5", "pcie5-p2p", "nvlink-bridge", "nvlink3", "nvlink4"):
+        assert lk in links()
+    for s in ("2x3090", "2x3090-nvlink", "4x3090", "2x4090", "2xA6000", "2xH200", "8xH100", "1xH200"):
+        assert s in system_specs()
+        resolve_system(s)
+    assert {"ik_llama.cpp", "graphir-cuda"} <= set(engine_names())
+
+
+def test_fp16_vs_fp32_accumulate_on_geforce() -> None:
+    g = gpus()["RTX 3090"]
+    assert g.rate("fp16_acc16") == pytest.approx(2 * g.rate("fp16"))
+    assert gpus()["A100 80GB"].rate("fp16_acc16") == gpus()["A100 80GB"].rate("fp16")
+    assert gpus()["RTX 3090"].rate("fp8") == g.rate("fp16")  # no fp8 units: runs as fp16
+
+
+def test_h200_measurements_recorded() -> None:
+    h = gpus()["H200 SXM"]
+    assert h.measured["bf16"] == pytest.approx(803)
+    assert h.measured["mem_bw_GBps"] == pytest.approx(4240)
+
+
+def test_system_shorthand_and_p2p() -> None:
+    s = resolve_system("3xH200")
+    assert s.count == 3 and s.gpu.name == "H200 SXM" and s.link.name == "nvlink4"
+    assert resolve_system("2x4090-pcie4-p2p").link.p2p
+    assert not resolve_system("2x3090").link.p2p
+    assert resolve_system("2x3090-nvlink").link.p2p
+
+
+def test_user_hw_file(tmp_path: Path) -> None:
+    f = tmp_path / "rig.yaml"
+    f.write_text("gpus:\n  My GPU: {rates: {fp32: 10, fp16: 40}, mem_bw_GBps: 500, mem_GB: 16, tdp_W: 200, idle_W: 10}\n"
+                 "system: {gpu: My GPU, count: 2, link: pcie4-p2p}\n")
+    s = resolve_system(f)
+    assert s.count == 2 and s.gpu.mem_bw_GBps == 500 and s.gpu.rate("int8") == pytest.approx(80e12)
+
+
+@pytest.mark.parametrize("bad", ["9x9999", "nonsense", "missing.yaml"])
+def test_unknown_hw_is_a_user_error(bad: str) -> None:
+    with pytest.raises(GraphirError):
+        resolve_system(bad)
+
+
+def test_bad_engine_file(tmp_path: Path) -> None:
+    f = tmp_path / "e.yaml"
+    f.write_text("name: x\nlaunch_us: -1\n")
+    with pytest.raises(ProfileError):
+        load_engine(f)
+    with pytest.raises(ProfileError):
+        load_engine("no-such-engine")
+
+
+def test_engine_yaml_round_trips(tmp_path: Path) -> None:
+    for name in engine_names():
+        e = load_engine(name)
+        f = tmp_path / f"{name}.yaml"
+        f.write_text(engine_yaml(e))
+        assert load_engine(f) == e
+
+
+def test_shipped_ik_profile_is_calibrated_and_physical() -> None:
+    e: Engine = load_engine("ik_llama.cpp")
+    assert e.calibration is not None and "qwen3next_80b_iq4xs_q8kv_2x3090_layer.csv" in e.calibration["data"]
+    assert 2.0 <= e.graph_launch_us <= 6.0  # per kernel, replayed from a CUDA graph
+    link = resolve_system("2x3090").link
+    ar_tg = 2 * link.latency_us + e.allreduce_us  # a ring of two: two latency steps + engine cost
+    assert 10.0 <= ar_tg <= 100.0  # tens of microseconds on PCIe without NVLink
+    for p in e.fit:
+        lo, hi = e.bounds[p]
+        assert lo <= getattr(e, p) <= hi, p

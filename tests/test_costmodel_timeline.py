@@ -1,0 +1,95 @@
+"""Timeline on hand-placed graphs: concurrency, copies, all-reduces, alpha-beta costs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from backends.costmodel.price import price
+from backends.costmodel.profiles import load_engine, resolve_system
+from backends.costmodel.timeline import TERMS, comm_costs, evaluate, node_costs
+from graphir.builder import Builder
+from graphir.graph import Graph, verify
+from graphir.ops import Op
+from graphir.spec import TensorSpec
+
+H = 4096
+
+
+def _two_branches(reduce: bool, rows: tuple[int, int] = (H, H)) -> Graph:
+    """x on both GPUs; each multiplies by its own weight; then all-reduce, or copy 1 -> 0."""
+    b = Builder()
+    b.leaf(Op.INPUT, "x", TensorSpec(("T", H), "f32"), device="cuda:0", role="x")
+    b.leaf(Op.INPUT, "x#1", TensorSpec(("T", H), "f32"), device="cuda:1", role="x")
+    outs = []
+    for k, (dev, x) in enumerate((("cuda:0", "x"), ("cuda:1", "x#1"))):
+        w = b.leaf(Op.WEIGHT, f"w#{k}", TensorSpec((rows[k], H), "q4_0"), device=dev)
+        y = b.emit(Op.MATMUL, f"y#{k}", x, w, device=dev)
+        outs.append(b.emit(Op.MATMUL, f"z#{k}", y, b.leaf(Op.WEIGHT, f"v#{k}", TensorSpec((H, rows[k]), "q4_0"),
+                                                          device=dev), device=dev))
+    if reduce:
+        r = b.emit(Op.ALL_REDUCE, "sum", *outs, device="cuda:0,cuda:1")
+    else:
+        c = b.emit(Op.COPY, "z#1.copy0", outs[1], device="cuda:0")
+        r = b.emit(Op.ADD, "sum", outs[0], c, device="cuda:0")
+    b.emit(Op.OUTPUT, "out", r, device="cuda:0" if not reduce else None, key="out")
+    g = b.graph(phase="tg")
+    if reduce:  # the output of a collective lives on its group; read it on cuda:0
+        nodes = list(g.nodes)
+        nodes[-1] = nodes[-1].with_(device="cuda:0")
+        g = g.replace_nodes(nodes)
+    verify(g)
+    return g
+
+
+def _setup() -> tuple:
+    return resolve_system("2x3090"), load_engine("ik_llama.cpp")
+
+
+def test_devices_run_concurrently_and_reduce_synchronises() -> None:
+    sysm, eng = _setup()
+    g = _two_branches(True, (H, H))
+    pr = price(g)
+    kv = np.array([0.0])
+    cost, _ = node_costs(pr, sysm, eng, kv)
+    per_dev = [cost[pr.dev == d].sum() for d in (0, 1)]
+    xfer, over = comm_costs(pr, sysm, eng)
+    tl = evaluate(pr, sysm, eng, kv)
+    expect = max(per_dev) + xfer[0] + over[0] + eng.forward_us * 1e-6
+    assert tl.total[0] == pytest.approx(expect)
+    assert tl.terms[:, 0].sum() == pytest.approx(tl.total[0])  # the breakdown sums to the time
+    # a slower branch on one device sets the pace of both
+    slow = price(_two_branches(True, (H, 4 * H)))
+    assert evaluate(slow, sysm, eng, kv).total[0] > tl.total[0]
+
+
+def test_copy_waits_for_its_value_and_costs_alpha_beta() -> None:
+    sysm, eng = _setup()
+    pr = price(_two_branches(False))
+    xfer, over = comm_costs(pr, sysm, eng)
+    link = sysm.link
+    nbytes = H * 4  # one token, f32
+    hops = 1 if link.p2p or eng.staged_copy == "pipelined" else 2
+    assert xfer[0] == pytest.approx(hops * (link.latency_us * 1e-6 + nbytes / (link.beta * eng.comm_bw_eff)))
+    assert over[0] == pytest.approx(eng.copy_us * 1e-6)
+    tl = evaluate(pr, sysm, eng, np.array([0.0]))
+    assert tl.terms[TERMS.index("comm"), 0] == pytest.approx(xfer[0])
+
+
+def test_ring_all_reduce_cost() -> None:
+    sysm, eng = _setup()
+    pr = price(_two_branches(True), None)
+    xfer, _ = comm_costs(pr, sysm, eng)
+    a, beta = sysm.link.latency_us * 1e-6, sysm.link.beta * eng.comm_bw_eff
+    # TG: 1 token, partials travel as f32 below reduce_f16_min_tokens
+    assert xfer[0] == pytest.approx(2 * a + 2 * 1 / 2 * H * 4 / beta)
+
+
+def test_unplaced_graph_is_refused() -> None:
+    from graphir.errors import GraphirError
+    from graphir.models import BuildOptions, build
+    from graphir.models.sources import load_preset
+
+    g = build(load_preset("qwen3-0.6b").with_layers(1), BuildOptions(phase="tg"))
+    with pytest.raises(GraphirError):
+        price(g)
