@@ -167,6 +167,8 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     if mt not in MODEL_TYPES:
         raise ConfigError(f"unknown model_type {mt!r}; supported: {', '.join(sorted(MODEL_TYPES))}")
     arch = MODEL_TYPES[mt]
+    if d.get("mlp_bias"):
+        raise ConfigError("mlp_bias=true (biases on the FFN projections) is not supported")
     d = {**{k: v for k, v in _HF_DEFAULTS.get(mt, {}).items() if k != "num_experts" or "num_local_experts" not in d},
          **d}
     rope = dict(_get(d, "rope_parameters", default={}) or {})
