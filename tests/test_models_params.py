@@ -13,8 +13,6 @@ import warnings
 from importlib import resources
 
 import pytest
-
-from graphir.models.config import ConfigError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +23,7 @@ from gguf.constants import GGMLQuantizationType  # noqa: E402
 from gguf.quants import quant_shape_to_byte_shape  # noqa: E402
 
 from graphir.models import BuildOptions, build, from_hf_dict  # noqa: E402
+from graphir.models.config import ConfigError  # noqa: E402
 from graphir.models.sources import load_preset, preset_names  # noqa: E402
 from graphir.ops import Op  # noqa: E402
 from graphir.quant import scheme  # noqa: E402
