@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "passes.cli",
     "backends.cuda.cli",
     "backends.costmodel.cli",
+    "graphir.cli_show",
 )
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from graphir.errors import GraphirError
+from graphir.fileio import write_atomic
 from graphir.models import BuildOptions, build
 from graphir.models.sources import ModelSource, load_source
 from graphir.graph import Graph
@@ -52,20 +51,6 @@ def load_graph(model: str, phase: str = "pp", quant: str | None = None, kv_type:
     opts = BuildOptions(phase=phase, act_dtype=act, quant=source_quant(src, quant), kv_type=kv_type,
                         logits=logits)  # type: ignore[arg-type]
     return src, build(src.cfg, opts, parse_layers(layers, src.cfg.n_layer))
-
-
-def write_atomic(path: str | Path, data: str | bytes) -> None:
-    """Write via a temporary file in the same folder, then rename: never a half-written file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def emit(text: str, out: str | None) -> None:

@@ -22,14 +22,13 @@ import csv
 import io
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Sequence, TextIO
 
 from graphir.errors import GraphirError
+from graphir.fileio import write_atomic
 
 Metric = Literal["pp", "tg"]
 _FIELDS = ("pp", "tg", "n_kv", "t_pp_s", "s_pp_tps", "t_tg_s", "s_tg_tps")
@@ -230,21 +229,6 @@ def read_table(path: str | Path) -> SweepTable:
 
 # ----------------------------------------------------------------------------- writing
 
-def _atomic_write(path: str | Path, text: str) -> None:
-    # temp file beside the target, then os.replace: no reader ever sees a half-written file
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_csv(rows: Iterable[SweepRow], dest: str | Path | TextIO,
               comment: str | None = None) -> None:
     """graphir CSV (`split,pp,tg,...`); `comment` becomes leading '#' lines."""
@@ -256,7 +240,7 @@ def write_csv(rows: Iterable[SweepRow], dest: str | Path | TextIO,
         w.writerow([r.split, r.pp, r.tg, r.n_kv]
                    + [f"{getattr(r, k):.{d}f}".rstrip("0").rstrip(".") for k, d in _DIGITS.items()])
     if isinstance(dest, (str, Path)):
-        _atomic_write(dest, buf.getvalue())
+        write_atomic(dest, buf.getvalue())
     else:
         dest.write(buf.getvalue())
 

@@ -8,6 +8,7 @@ merges each device's slices), then the memory check when `--mem` is given.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence
 
 import typer
@@ -21,17 +22,18 @@ from graphir.ops import Op
 from graphir.serialize import to_json
 from graphir.text import to_text
 
+from passes.auto import AutoPlan, AutoWorkload, place_auto
 from passes.count import count_nodes, estimate_nodes
 from passes.devices import parse_devices, parse_ts
 from passes.manager import PassContext, PipelineResult, registered, run_pipeline
 from passes.memory import describe, parse_mem, plan_memory
 
-SPLITS = ("layer", "graph")
+SPLITS = ("layer", "graph", "auto")
 
 
 def build_pipeline(split: str | None, passes: str | None, user: Sequence[str] | None) -> tuple[str, ...]:
     if split is not None and split not in SPLITS:
-        raise GraphirError(f"--split must be layer or graph, got {split!r}")
+        raise GraphirError(f"--split must be layer or graph (or auto), got {split!r}")
     names = [p.strip() for p in (passes or "").split(",") if p.strip()]
     return tuple(([f"place_{split}"] if split else []) + names + list(user or []))
 
@@ -60,12 +62,17 @@ def place(model: str, *, split: str | None = "graph", devices: str = "2", ts: st
           max_gpu: int | None = None, recurrent: str = "single", reduce_dtype: str | None = None,
           passes: str | None = None, user_passes: Sequence[str] | None = None, phase: str = "pp",
           quant: str | None = None, kv_type: str = "f16", mem: str | None = None, ctx_len: int = 4096,
-          ubatch: int = 512, dump_dir: str | None = None, require_placed: bool = True
-          ) -> tuple[PassContext, BuildOptions, PipelineResult]:
-    """The `place` verb as a function: build MODEL, run the pipeline, check memory."""
+          ubatch: int = 512, dump_dir: str | None = None, require_placed: bool = True,
+          auto: AutoOptions | None = None) -> tuple[PassContext, BuildOptions, PipelineResult]:
+    """The `place` verb as a function: build MODEL, run the pipeline, check memory. Under
+    `--split auto` the search runs first; its plan is in the context's options (`auto_plan`)."""
     cfg, opts, g = load(model, phase, quant, kv_type)
     pctx = make_context(cfg, devices, ts, max_gpu, recurrent, reduce_dtype, mem, ctx_len, ubatch)
-    pipeline = build_pipeline(split, passes, user_passes)
+    pipeline: tuple = build_pipeline(split, passes, user_passes)
+    if split == "auto":
+        plan = auto_plan(g, pctx, auto or AutoOptions())
+        pctx = replace(pctx, options=pctx.options + (("auto_plan", plan),))
+        pipeline = (plan.placer((auto or AutoOptions()).at_depth),) + pipeline[1:]
     if pctx.mem is not None:
         pipeline += ("check_memory",)
     res = run_pipeline(g, pipeline, pctx, dump_dir=dump_dir)
@@ -74,6 +81,30 @@ def place(model: str, *, split: str | None = "graph", devices: str = "2", ts: st
         raise GraphirError(f"the pipeline left {left} node(s) without a device: give --split layer|graph "
                            f"or a placement pass (--pass module:function)")
     return pctx, opts, res
+
+
+@dataclass(frozen=True)
+class AutoOptions:
+    """What `--split auto` minimises for: the system and engine to predict with, the decode
+    run per row, the depths (default: sweep-bench rows up to --ctx), PP:TG weights."""
+
+    hw: str = "2x3090"
+    engine: str = "ik_llama.cpp"
+    tg: int = 128
+    depths: str | None = None  # comma separated N_KV values
+    weights: str = "1,1"  # PP,TG
+    at_depth: int = 0  # the plan's placement at this depth is the one written
+
+
+def auto_plan(g: Graph, pctx: PassContext, ao: AutoOptions) -> AutoPlan:
+    try:
+        depths = tuple(int(x) for x in ao.depths.split(",") if x.strip()) if ao.depths else ()
+        w_pp, w_tg = (float(x) for x in ao.weights.split(","))
+    except ValueError:
+        raise GraphirError(f"--depths wants N_KV values like 0,32768 and --weights PP,TG like 1,1; got "
+                           f"{ao.depths!r} and {ao.weights!r}") from None
+    wl = AutoWorkload(pctx.ubatch, ao.tg, pctx.ctx_len, depths, w_pp, w_tg)
+    return place_auto(g, pctx.require_cfg("place_auto"), pctx.devices, wl, ao.hw, ao.engine, ts=pctx.ts).plan
 
 
 def summary(g: Graph, res: PipelineResult, pctx: PassContext) -> str:
@@ -86,6 +117,9 @@ def summary(g: Graph, res: PipelineResult, pctx: PassContext) -> str:
     lines += [f"  memory at ctx {pctx.ctx_len}: {describe(m)}" for m in mem.devices]
     lines += [f"  pass {r.name:<16} {1e3 * r.seconds:8.1f} ms  verify {1e3 * r.verify_seconds:6.1f} ms  "
               f"nodes {r.nodes_before} -> {r.nodes_after}" for r in res.reports]
+    plan = pctx.option("auto_plan")
+    if plan is not None:
+        lines += ["", plan.explain().rstrip()]
     return "\n".join(lines)
 
 
@@ -95,7 +129,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("place")
     def place_cmd(model: str = typer.Argument(..., help="preset, config.json, checkpoint dir or .gguf"),
-                  split: Optional[str] = typer.Option(None, "--split", help="layer | graph"),
+                  split: Optional[str] = typer.Option(None, "--split", help="layer | graph | auto"),
                   devices: str = typer.Option("2", "--devices", help="N | cpu,cpu | cuda:0,cuda:1"),
                   ts: Optional[str] = typer.Option(None, "--ts", help="split ratios, e.g. 3,1"),
                   max_gpu: Optional[int] = typer.Option(None, "--max-gpu", help="graph split: devices per layer"),
@@ -111,13 +145,22 @@ def register(app: typer.Typer) -> None:
                   ctx: int = typer.Option(4096, "--ctx", help="context length for the KV cache"),
                   ubatch: int = typer.Option(512, "--ubatch", help="tokens per batch for the compute buffer"),
                   dump: Optional[str] = typer.Option(None, "--dump", help="folder for a text dump after each pass"),
+                  hw: str = typer.Option("2x3090", "--hw", help="auto: system to predict on (2x3090, 2xH200, ...)"),
+                  engine: str = typer.Option("ik_llama.cpp", "--engine", help="auto: engine profile"),
+                  tg: int = typer.Option(128, "--tg", help="auto: tokens decoded per depth"),
+                  depths: Optional[str] = typer.Option(None, "--depths",
+                                                       help="auto: N_KV list (default 0, ub, .. < ctx)"),
+                  weights: str = typer.Option("1,1", "--weights", help="auto: weight of PP and of TG time, e.g. 1,3"),
+                  at_depth: int = typer.Option(0, "--at-depth", help="auto: write the plan's placement at this N_KV"),
                   out: Optional[str] = typer.Option(None, "-o", "--out")) -> None:
-        """Place MODEL on devices (layer or graph split, or user passes) and print or write it."""
+        """Place MODEL on devices (layer, graph or auto split, or user passes) and print or write it."""
         if format not in ("text", "json", "summary"):
             raise GraphirError(f"--format must be text, json or summary, got {format!r}")
+        auto = AutoOptions(hw, engine, tg, depths, weights, at_depth)
         pctx, _, res = place(model, split=split, devices=devices, ts=ts, max_gpu=max_gpu, recurrent=recurrent,
                              reduce_dtype=reduce_dtype, passes=passes, user_passes=user_pass, phase=phase,
-                             quant=quant, kv_type=kv_type, mem=mem, ctx_len=ctx, ubatch=ubatch, dump_dir=dump)
+                             quant=quant, kv_type=kv_type, mem=mem, ctx_len=ctx, ubatch=ubatch, dump_dir=dump,
+                             auto=auto)
         g = res.graph
         body = {"text": to_text, "json": lambda x: to_json(x, indent=1),
                 "summary": lambda x: summary(x, res, pctx)}[format](g)
@@ -139,6 +182,9 @@ def register(app: typer.Typer) -> None:
         """Node count: the closed-form estimate, the built graph's count, llama.cpp's budget."""
         if format not in ("json", "table"):
             raise GraphirError(f"--format must be json or table, got {format!r}")
+        if split == "auto":
+            raise GraphirError("nodes: --split auto has no closed-form estimate; place it (graphir place "
+                               "--split auto) and count, or estimate layer or graph")
         pctx, opts, res = place(model, split=split, devices=devices, ts=ts, max_gpu=max_gpu, recurrent=recurrent,
                                 passes=passes, phase=phase, quant=quant, ubatch=ubatch, require_placed=False)
         est = estimate_nodes(opts_cfg(pctx), opts, merges=build_pipeline(None, passes, None), split=split,
@@ -170,4 +216,4 @@ def opts_cfg(pctx: PassContext) -> ModelConfig:
     return pctx.require_cfg("nodes")
 
 
-__all__ = ["build_pipeline", "load", "make_context", "place", "register", "summary"]
+__all__ = ["AutoOptions", "auto_plan", "build_pipeline", "load", "make_context", "place", "register", "summary"]

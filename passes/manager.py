@@ -15,13 +15,14 @@ import importlib
 import inspect
 import os
 import re
-import tempfile
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from graphir.errors import GraphirError
+from graphir.fileio import write_atomic
 from graphir.graph import Graph, verify
 from graphir.models.config import ModelConfig
 from graphir.text import to_text
@@ -103,6 +104,9 @@ def resolve(spec: PassSpec) -> tuple[str, PassFn]:
         return f"{getattr(spec, '__module__', '?')}:{getattr(spec, '__qualname__', repr(spec))}", spec
     if ":" in spec:
         mod, _, attr = spec.partition(":")
+        # as `python -m` does: a user's module in the working folder is importable by name
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
         try:
             obj: Any = importlib.import_module(mod)
         except ImportError as e:
@@ -212,10 +216,7 @@ def _dump(folder: str | Path, k: int, name: str, g: Graph) -> None:
     d.mkdir(parents=True, exist_ok=True)
     safe = re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
     dest = d / f"{k:02d}-{safe}.txt"
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=d)
-    with os.fdopen(fd, "w") as f:
-        f.write(to_text(g))
-    os.replace(tmp, dest)
+    write_atomic(dest, to_text(g))
 
 
 def options(**kw: Any) -> tuple[tuple[str, Any], ...]:

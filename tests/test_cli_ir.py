@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from gguf import GGUFWriter
 
-from graphir import cli_common
+from graphir import fileio
 from graphir.cli import main
 from graphir.graph import verify
 from graphir.models import BuildOptions, build
@@ -117,7 +117,7 @@ def test_output_file_survives_a_failed_write(capsys, tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError(28, "No space left on device", str(dst))
 
-    monkeypatch.setattr(cli_common.os, "replace", broken_replace)
+    monkeypatch.setattr(fileio.os, "replace", broken_replace)
     code, out, err = run(capsys, "lower", QN, "--layers", "0:1", "-o", str(target))
     assert code == 2
     assert err.count("\n") == 1 and "No space left on device" in err

@@ -7,7 +7,7 @@ from functools import lru_cache
 import numpy as np
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from backends.costmodel.placement import PlaceOptions, place_reference
+from backends.costmodel.placement import PlaceOptions, place
 from backends.costmodel.price import Priced, price
 from backends.costmodel.profiles import load_engine, resolve_system
 from backends.costmodel.timeline import evaluate
@@ -25,7 +25,7 @@ def _priced(model: str, quant: str, kv: str, split: str, n_dev: int, phase: str)
     cfg = load_preset(model).with_layers(4)  # every layer kind appears within 4 layers
     opts = BuildOptions(phase=phase, quant=scheme(quant), kv_type=kv, logits="last")
     devs = tuple(f"cuda:{i}" for i in range(n_dev))
-    return price(place_reference(cfg, opts, PlaceOptions(split, devs)), 512)  # type: ignore[arg-type]
+    return price(place(cfg, opts, PlaceOptions(split, devs)), 512)  # type: ignore[arg-type]
 
 
 case = st.tuples(st.sampled_from(MODELS), st.sampled_from(QUANTS), st.sampled_from(("f16", "q8_0")),

@@ -10,15 +10,16 @@ engine parameters to measured tables). docs/cost_model.md describes every term.
 """
 
 from backends.costmodel.calibrate import Case, FitResult, fit
-from backends.costmodel.placement import PlaceOptions, place, place_reference
+from backends.costmodel.placement import PlaceOptions, place
 from backends.costmodel.predict import ModePrediction, Prediction, Workload, predict, predict_placed
 from backends.costmodel.price import Priced, price
 from backends.costmodel.profiles import (GPU, Engine, Link, ProfileError, System, engine_names, gpus, links,
                                          load_engine, resolve_system, system_specs)
 from backends.costmodel.rules import RULES, Work, distinct_experts, work
-from backends.costmodel.timeline import TERMS, Timeline, evaluate
+from backends.costmodel.timeline import TERMS, Span, Timeline, evaluate, trace
 
-__all__ = ["Case", "FitResult", "fit", "PlaceOptions", "place", "place_reference", "ModePrediction",
+__all__ = ["Case", "FitResult", "fit", "PlaceOptions", "place", "ModePrediction",
            "Prediction", "Workload", "predict", "predict_placed", "Priced", "price", "GPU", "Engine", "Link",
            "ProfileError", "System", "engine_names", "gpus", "links", "load_engine", "resolve_system",
-           "system_specs", "RULES", "Work", "distinct_experts", "work", "TERMS", "Timeline", "evaluate"]
+           "system_specs", "RULES", "Work", "distinct_experts", "work", "TERMS", "Span", "Timeline", "evaluate",
+           "trace"]

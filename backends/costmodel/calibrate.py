@@ -19,6 +19,7 @@ import numpy as np
 from backends.costmodel.price import Priced
 from backends.costmodel.profiles import FITTABLE, Engine, ProfileError, System
 from backends.costmodel.timeline import evaluate
+from graphir.progress import track
 from graphir.sweep import SweepTable, error_stats
 
 PRIOR_WEIGHT = 0.05  # residual weight of log(param / start): a factor e costs as much as 5% error
@@ -120,7 +121,7 @@ def fit(cases: Sequence[Case], sysm: System, eng: Engine, params: Sequence[str] 
 
     x, r = x0.copy(), resid(x0)
     cost, lam, it = float(r @ r), 1e-2, 0
-    for it in range(1, max_iter + 1):
+    for it in track(range(1, max_iter + 1), "calibrate"):  # a break closes the bar
         J = np.empty((len(r), len(x)))
         for j in range(len(x)):
             h = 1e-4

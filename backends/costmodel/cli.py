@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
 from graphir.errors import GraphirError
-from graphir.sweep import SweepTable, TableError, compare as compare_tables, read_table
+from graphir.sweep import SweepTable, TableError, compare as compare_tables, parse_table, read_table
 
 
 class CostModelCliError(GraphirError):
@@ -28,9 +29,9 @@ def _ts(text: str | None) -> tuple[float, ...] | None:
 
 def _splits(text: str) -> tuple[str, ...]:
     out = tuple(s.strip() for s in text.split(",") if s.strip())
-    bad = [s for s in out if s not in ("layer", "graph")]
+    bad = [s for s in out if s not in ("layer", "graph", "auto")]
     if bad or not out:
-        raise CostModelCliError(f"--split takes layer and/or graph (comma separated), got {text!r}")
+        raise CostModelCliError(f"--split takes layer, graph and/or auto (comma separated), got {text!r}")
     return out
 
 
@@ -38,7 +39,22 @@ def _read(path: Path) -> SweepTable:
     try:
         return read_table(path)
     except TableError as e:
-        raise CostModelCliError(str(e)) from None
+        try:  # `predict --format json` nests its rows per mode: read them with their split
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            rows = [r | {"split": k} for k, m in doc["modes"].items() for r in m["rows"]]
+            return parse_table(json.dumps({"rows": rows}), str(path), path.stem)
+        except (ValueError, TypeError, KeyError, AttributeError, TableError):
+            raise CostModelCliError(str(e)) from None
+
+
+def split_tables(path: Path, table: SweepTable, split: str | None) -> list[tuple[str, SweepTable]]:
+    """(split, rows) per split of a table: its split column, else `split`, else the file name
+    (`..._layer.md`), else '' (unknown); `split` also filters a table that has several."""
+    if table.splits():
+        names = [s for s in table.splits() if split in (None, s)]
+        return [(s, table.by_split(s)) for s in names]
+    named = [w for w in ("layer", "graph", "auto") if w in re.split(r"[^a-z]+", path.stem.lower())]
+    return [(split or (named[0] if len(named) == 1 else ""), table)]
 
 
 def _emit(text: str, output: Path | None) -> None:
@@ -57,7 +73,7 @@ def predict_cmd(
     quant: Optional[str] = typer.Option(None, "--quant", help="file type (IQ4_XS, Q4_K_M) or ggml type; "
                                         "default: the GGUF's own types, else Q4_K_M"),
     kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type (f16, q8_0, ...)"),
-    split: str = typer.Option("layer,graph", "--split", help="split modes to predict"),
+    split: str = typer.Option("layer,graph", "--split", help="split modes to predict: layer, graph, auto"),
     ts: Optional[str] = typer.Option(None, "--ts", help="split ratios per GPU, e.g. 1,1"),
     max_gpu: Optional[int] = typer.Option(None, "--max-gpu", help="graph split: GPUs per layer"),
     recurrent: str = typer.Option("single", "--recurrent", help="graph split of delta-net layers: single|split"),
@@ -67,6 +83,8 @@ def predict_cmd(
     ctx: int = typer.Option(98304, "--ctx", help="context size; rows at N_KV = 0, ub, 2ub, ... < ctx"),
     fmt: str = typer.Option("table", "--format", help="table | csv | json"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG/SVG plot here"),
+    measured: Optional[List[Path]] = typer.Option(None, "--measured", help="measured table to draw on the plot "
+                                                  "(repeatable; split from its split column or file name)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="write here instead of stdout"),
 ) -> None:
     """Predict the llama-sweep-bench table per split mode, with breakdowns and crossovers."""
@@ -80,9 +98,19 @@ def predict_cmd(
     pred = predict(model, hw, engine, quant, kv_type, _splits(split), _ts(ts), max_gpu, recurrent,
                    Workload(ubatch, tg, ctx), gpus)
     text = {"table": report.format_table, "csv": report.format_csv, "json": report.format_json}[fmt](pred)
+    for name, plan in pred.plans.items():  # why auto chose what it did (CSV: '#' comments)
+        why = plan.explain()
+        if fmt == "table":
+            text += f"\n## split mode {name}: the plan and its alternatives\n\n{why}"
+        elif fmt == "csv":
+            text += "".join(f"# {line}\n" if line else "#\n" for line in why.splitlines())
     _emit(text, output)
+    points = {s: t for p in measured or [] for s, t in split_tables(p, _read(p), None) if s in pred.modes}
+    if measured and not points:
+        raise CostModelCliError(f"--measured: no table names a predicted split ({', '.join(pred.modes)}); "
+                                f"add a split column or put layer/graph in the file name")
     if plot is not None:
-        report.plot(pred, plot)
+        report.plot(pred, plot, points)
 
 
 def calibrate_cmd(
@@ -105,13 +133,14 @@ def calibrate_cmd(
     from backends.costmodel.predict import place_and_price, resolve_quant
     from backends.costmodel.profiles import engine_yaml, load_engine, resolve_system
     from graphir.models.sources import load_source
+    from graphir.progress import track
 
     sysm, eng = resolve_system(hw), load_engine(engine)
     src = load_source(model)
     cfg, q = src.cfg, resolve_quant(src, quant)
     named = list(_splits(split)) if split else []
     cases, used = [], 0
-    for path in measured:
+    for path in track(measured, "place and price"):
         table = _read(path)
         parts = [(s, table.by_split(s)) for s in table.splits()] if table.splits() else []
         if not parts:
@@ -137,19 +166,43 @@ def calibrate_cmd(
 
 
 def compare_cmd(
-    measured: Path = typer.Argument(..., help="measured table"),
-    predicted: Path = typer.Argument(..., help="predicted table"),
-    split: Optional[str] = typer.Option(None, "--split", help="compare only this split mode"),
+    tables: List[Path] = typer.Argument(..., help="reference table (measured) first, then tables to compare with it: "
+                                        "sweep-bench markdown or JSONL, graphir CSV or JSON"),
+    split: Optional[str] = typer.Option(None, "--split", help="compare only this split mode (also names the "
+                                        "split of files that carry none)"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG/SVG plot of speeds and errors here"),
 ) -> None:
-    """Per-depth prediction error of S_PP and S_TG (ratio predicted/measured)."""
-    a, b = _read(measured), _read(predicted)
-    try:
-        if split:
-            a = a.by_split(split) if a.splits() else a
-            b = b.by_split(split) if b.splits() else b
-        sys.stdout.write(compare_tables(a, b).format())
-    except (KeyError, TableError) as e:
-        raise CostModelCliError(str(e).strip("'\"")) from None
+    """Per-depth S_PP and S_TG of each table against the first, aligned on N_KV: ratio and error."""
+    if len(tables) < 2:
+        raise CostModelCliError("compare needs two tables or more: the reference first, then the others")
+    parts = [(p, split_tables(p, _read(p), split)) for p in tables]
+    (ref_path, ref), pairs = parts[0], []
+    for path, entries in parts[1:]:
+        for s, t in entries:
+            hits = [r for r in ref if r[0] == s] or [r for r in ref if not r[0] or not s]
+            if len(hits) > 1 or (hits and not hits[0][0] and len(entries) > 1):
+                names = [", ".join(x or "no split" for x, _ in e) for e in (ref, entries)]
+                raise CostModelCliError(f"{ref_path.name} ({names[0]}) vs {path.name} ({names[1]}): "
+                                        f"which splits to align is ambiguous; name one with --split")
+            if hits:
+                pairs.append((hits[0][0] or s, hits[0][1], path, t))
+    if not pairs:
+        raise CostModelCliError(f"no split of {', '.join(p.name for p in tables[1:])} matches "
+                                f"{ref_path.name} ({', '.join(s or '?' for s, _ in ref)})")
+    out, results = [], []
+    for s, a, path, b in pairs:
+        try:
+            c = compare_tables(a, b)
+        except (KeyError, TableError) as e:
+            raise CostModelCliError(str(e).strip("'\"")) from None
+        results.append((s, path.stem, a, b, c))
+        title = f"{ref_path.name} vs {path.name}" + (f" (split {s})" if s else "")
+        out.append((f"== {title}\n" if len(pairs) > 1 else "") + c.format())
+    sys.stdout.write("\n".join(out))
+    if plot is not None:
+        from backends.costmodel.report import plot_compare
+
+        plot_compare(results, ref_path.stem, plot)
 
 
 def register(app: typer.Typer) -> None:

@@ -9,7 +9,7 @@ breakdown, per-device utilisation and energy per token.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -19,9 +19,10 @@ from backends.costmodel.profiles import Engine, System, load_engine, resolve_sys
 from backends.costmodel.timeline import TERMS, Timeline, evaluate
 from graphir.errors import GraphirError
 from graphir.graph import Graph
-from graphir.models import BuildOptions, ModelConfig
+from graphir.models import BuildOptions, ModelConfig, build
 from graphir.models.sources import ModelSource, load_source
 from graphir.ops import Op
+from graphir.progress import track
 from graphir.quant import QuantScheme, per_tensor, scheme
 from graphir.sweep import SweepRow, SweepTable, crossover
 
@@ -91,6 +92,7 @@ class Prediction:
     workload: Workload
     modes: dict[str, ModePrediction] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    plans: dict[str, Any] = field(default_factory=dict)  # split -> passes.AutoPlan (auto only)
 
     def table(self) -> SweepTable:
         return SweepTable(tuple(r for m in self.modes.values() for r in m.rows), self.model)
@@ -158,7 +160,12 @@ def predict(model: str, hw: str | System = "2x3090", engine: str | Engine = "ik_
     devices = sysm.devices[: n_devices or sysm.count]
     modes: dict[str, ModePrediction] = {}
     warnings: list[str] = []
-    for split in splits:
+    plans: dict[str, Any] = {}
+    for split in track(splits, "predict"):
+        if split == "auto":
+            modes[split], plans[split] = predict_auto(src.cfg, q, kv_type, devices, sysm, eng, wl, ts)
+            warnings += [f"auto: {x}" for x in plans[split].notes]
+            continue
         po = PlaceOptions(split, devices, ts, max_gpu, recurrent)  # type: ignore[arg-type]
         pp, tg, g = place_and_price(src.cfg, q, kv_type, po, wl.ubatch)
         mem = memory_per_device(g, wl.ctx)
@@ -167,4 +174,20 @@ def predict(model: str, hw: str | System = "2x3090", engine: str | Engine = "ik_
                 warnings.append(f"{split}: {dev} needs {gb:.1f} GB for weights and caches at "
                                 f"{wl.ctx} tokens; a {sysm.gpu.name} has {sysm.gpu.mem_GB:g} GB")
         modes[split] = predict_placed(pp, tg, sysm, eng, wl, split, mem)
-    return Prediction(src.cfg.name or model, sysm, eng, wl, modes, tuple(warnings))
+    return Prediction(src.cfg.name or model, sysm, eng, wl, modes, tuple(warnings), plans)
+
+
+def predict_auto(cfg: ModelConfig, quant: str | QuantScheme, kv_type: str, devices: Sequence[str], sysm: System,
+                 eng: Engine, wl: Workload, ts: tuple[float, ...] | None = None) -> tuple[ModePrediction, Any]:
+    """Split mode `auto`: `passes.place_auto` searched for this sweep (every row alike, PP and
+    TG weighted 1:1); the rows are its plan's, switch costs included."""
+    from passes.auto import AutoWorkload, place_auto
+    from passes.auto_report import stitched
+
+    graphs = {ph: build(cfg, BuildOptions(phase=ph, quant=scheme(quant, default="bf16"), kv_type=kv_type,
+                                          logits="last")) for ph in ("pp", "tg")}
+    plan = place_auto(graphs["pp"], cfg, devices, AutoWorkload(wl.ubatch, wl.tg, wl.ctx), sysm, eng,
+                      graphs=graphs, ts=ts).plan
+    pp, tg = stitched(plan)
+    mode = ModePrediction("auto", plan.depths, pp, tg, wl, (sysm.gpu.idle_W, sysm.gpu.tdp_W), plan.memory_GB)
+    return mode, plan

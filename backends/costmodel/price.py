@@ -61,6 +61,7 @@ class Priced:
     events: tuple[Event, ...]
     n_snaps: int
     meta: tuple[tuple[str, Any], ...] = ()
+    comm_names: tuple[str, ...] = ()  # per comm node, for timeline traces (Gantt charts)
 
     @property
     def n_comm(self) -> int:
@@ -166,5 +167,5 @@ def price(g: Graph, tokens: int | None = None) -> Priced:
         comm_elem=np.array([w.comm_elem for _, w in comm], dtype=float),
         comm_tokens=np.array([w.tokens for _, w in comm], dtype=float),
         comm_group=tuple(tuple(dix[d] for d in n.devices) for n, _ in comm),
-        events=tuple(events), n_snaps=len(snaps), meta=g.meta,
+        events=tuple(events), n_snaps=len(snaps), meta=g.meta, comm_names=tuple(n.name for n, _ in comm),
     )

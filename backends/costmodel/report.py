@@ -4,29 +4,15 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from backends.costmodel.predict import TERM_LABELS, ModePrediction, Prediction
 from backends.costmodel.timeline import TERMS
-from graphir.sweep import format_markdown, write_csv
-
-
-def atomic_write(path: str | Path, data: str | bytes) -> None:
-    """Write via a temp file beside the target and os.replace: never a half-written file."""
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from graphir.fileio import write_atomic as atomic_write
+from graphir.sweep import Comparison, SweepTable, crossover, format_markdown, write_csv
 
 
 def _share(m: ModePrediction, phase: str) -> tuple[list[str], np.ndarray]:
@@ -123,29 +109,96 @@ def format_json(pred: Prediction) -> str:
     return json.dumps(doc, indent=1) + "\n"
 
 
-def plot(pred: Prediction, path: str | Path) -> None:
-    """S_PP and S_TG against depth, one line per split mode, crossovers marked."""
+def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> None:
+    """Write a matplotlib figure atomically, byte-identical from run to run (no dates, fixed ids)."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    meta = {"svg": {"Date": None}, "png": {"Software": None}, "pdf": {"CreationDate": None}}.get(fmt, {})
+    buf = io.BytesIO()
+    with matplotlib.rc_context({"svg.hashsalt": "graphir"}):
+        fig.savefig(buf, format=fmt, dpi=dpi, metadata=meta)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
+def _speeds(t: SweepTable, metric: str) -> tuple[list[float], list[float]]:
+    """(N_KV in thousands, speed) of a table's rows, for plotting."""
+    return [r.n_kv / 1000 for r in t.rows], [r.speed(metric) for r in t.rows]  # type: ignore[arg-type]
+
+
+def plot(pred: Prediction, path: str | Path, measured: Mapping[str, SweepTable] | None = None) -> None:
+    """S_PP and S_TG against depth, one line per split mode, measured points (per split) and
+    the crossovers (predicted dotted, measured dashed) marked."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never a window
     import matplotlib.pyplot as plt
 
+    measured = measured or {}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric, title in ((axes[0], "pp", "prompt processing S_PP"), (axes[1], "tg", "generation S_TG")):
-        for split, m in pred.modes.items():
-            ax.plot(m.depths / 1000, [r.speed(metric) for r in m.rows], label=split)  # type: ignore[arg-type]
+        for k, (split, m) in enumerate(pred.modes.items()):
+            ax.plot(m.depths / 1000, [r.speed(metric) for r in m.rows], color=f"C{k}",  # type: ignore[arg-type]
+                    label=f"{split} predicted" if measured else split)
+            if split in measured:
+                t = measured[split]
+                ax.plot(*_speeds(t, metric), "o", ms=3.5, mfc="none", color=f"C{k}", label=f"{split} measured")
         if "layer" in pred.modes and "graph" in pred.modes:
             x = pred.crossover(metric)
             if x is not None:
-                ax.axvline(x / 1000, color="grey", ls=":", label=f"crossover {x / 1000:.1f}k")
+                ax.axvline(x / 1000, color="grey", ls=":", label=f"crossover {x / 1000:.1f}k (predicted)")
+            else:
+                ax.plot([], [], " ", label=f"no crossover below {pred.modes['layer'].depths[-1] / 1000:.0f}k")
+        if "layer" in measured and "graph" in measured:
+            xm = crossover(measured["layer"], measured["graph"], metric)  # type: ignore[arg-type]
+            if xm is not None:
+                ax.axvline(xm / 1000, color="black", ls="--", lw=0.8, label=f"crossover {xm / 1000:.1f}k (measured)")
         ax.set_xlabel("N_KV (thousand tokens)")
         ax.set_ylabel("tokens/s")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"{pred.model} on {pred.system.name}, {pred.engine.name} (predicted)")
+        ax.legend(fontsize=8)
+    wl = pred.workload
+    fig.suptitle(f"{pred.model} on {pred.system.name}, {pred.engine.name}: u-batch {wl.ubatch}, TG {wl.tg}"
+                 f"{' (lines predicted, circles measured)' if measured else ' (predicted)'}")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    save_figure(fig, path)
+
+
+def plot_compare(results: Sequence[tuple[str, str, SweepTable, SweepTable, Comparison]], ref: str,
+                 path: str | Path) -> None:
+    """`graphir compare --plot`: speeds of the reference (circles) and each table (lines) per
+    split, and the per-depth error of each table against the reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 6.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    refs: dict[str, SweepTable] = {}
+    for k, (split, label, a, b, c) in enumerate(results):
+        refs.setdefault(split, a)
+        for j, metric in enumerate(("pp", "tg")):
+            ax, ex = axes[0][j], axes[1][j]
+            name = f"{label} ({split})" if split else label
+            ax.plot(*_speeds(b, metric), color=f"C{k}", label=name)
+            ex.plot([r.n_kv / 1000 for r in c.rows], [100 * getattr(r, f"err_{metric}") for r in c.rows],
+                    color=f"C{k}", marker=".", ms=3, label=name)
+    for k, (split, a) in enumerate(refs.items()):
+        for j, metric in enumerate(("pp", "tg")):
+            color = "black" if len(refs) == 1 else f"C{len(results) + k}"
+            axes[0][j].plot(*_speeds(a, metric), "o", ms=3.5, mfc="none", color=color,
+                            label=f"{ref} ({split})" if split else ref)
+    for j, metric in enumerate(("S_PP", "S_TG")):
+        axes[0][j].set_title(f"{metric} (tokens/s)")
+        axes[0][j].legend(fontsize=8)
+        axes[1][j].axhline(0, color="grey", lw=0.8)
+        axes[1][j].set_ylabel("error vs reference (%)")
+        axes[1][j].set_xlabel("N_KV (thousand tokens)")
+        for ax in (axes[0][j], axes[1][j]):
+            ax.grid(alpha=0.3)
+    fig.suptitle(f"compared with {ref} (circles); error = speed / reference speed - 1")
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -25,6 +25,16 @@ _GEMM, _ATTN, _REC, _VEC = (KINDS.index(k) for k in ("gemm", "attn", "recurrent"
 
 
 @dataclass(frozen=True)
+class Span:
+    """One node's interval on one device in a traced forward pass (seconds from its start)."""
+    device: str
+    start: float
+    end: float
+    node: str
+    kind: str  # gemm | attn | recurrent | vector (compute, price.KINDS) or copy | allreduce
+
+
+@dataclass(frozen=True)
 class Timeline:
     total: np.ndarray  # [D] seconds per forward
     terms: np.ndarray  # [len(TERMS), D] seconds along the critical path (sums to total)
@@ -126,8 +136,16 @@ def comm_costs(pr: Priced, sysm: System, eng: Engine) -> tuple[np.ndarray, np.nd
     return xfer, over
 
 
-def evaluate(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray) -> Timeline:
-    """The timeline of one forward pass at every depth in `kv` (tokens already cached)."""
+def trace(pr: Priced, sysm: System, eng: Engine, kv: float) -> tuple[Span, ...]:
+    """Every node's (device, start, end) in one forward pass at depth `kv`, in event order."""
+    spans: list[Span] = []
+    evaluate(pr, sysm, eng, np.array([float(kv)]), spans)
+    return tuple(spans)
+
+
+def evaluate(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray, spans: list[Span] | None = None) -> Timeline:
+    """The timeline of one forward pass at every depth in `kv` (tokens already cached); with
+    `spans`, the walk also records each node's interval at the first depth (see `trace`)."""
     kv = np.asarray(kv, dtype=float)
     D, P = len(kv), len(pr.devices)
     if P > sysm.count:
@@ -149,6 +167,12 @@ def evaluate(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray) -> Timeline:
     for ev in pr.events:
         if ev.kind == "seg":
             d = ev.devices[0]
+            if spans is not None:  # the segment's nodes run back to back on d
+                lo = pr.seg_start[ev.index]
+                hi = pr.seg_start[ev.index + 1] if ev.index + 1 < len(pr.seg_start) else len(pr.names)
+                ends = t[d][0] + np.cumsum(cost[lo:hi, 0])
+                spans += [Span(pr.devices[d], float(e - cost[i, 0]), float(e), pr.names[i], KINDS[pr.kind[i]])
+                          for i, e in zip(range(lo, hi), ends)]
             t[d] = t[d] + seg_t[ev.index]
             bd[d] = bd[d] + seg_terms[ev.index]
             busy[d] += seg_t[ev.index]
@@ -168,6 +192,8 @@ def evaluate(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray) -> Timeline:
             t[d], bd[d] = start + cost_c, hist + add
             busy[d] += cost_c
             snaps[ev.snap] = (t[d], bd[d])
+            if spans is not None:
+                spans.append(Span(pr.devices[d], float(start[0]), float(t[d][0]), pr.comm_names[c], "copy"))
             continue
         group = ev.devices
         stack = np.stack([t[d] for d in group])
@@ -177,6 +203,8 @@ def evaluate(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray) -> Timeline:
         for d in group:
             t[d], bd[d] = start + cost_c, hist + add
             busy[d] += cost_c
+            if spans is not None:
+                spans.append(Span(pr.devices[d], float(start[0]), float(t[d][0]), pr.comm_names[c], "allreduce"))
         snaps[ev.snap] = (start + cost_c, hist + add)
     ends = np.stack(t)
     last = np.argmax(ends, axis=0)

@@ -1,16 +1,21 @@
-"""`graphir eval`: run a prompt and greedy decode steps, write the logits.
+"""`graphir eval` and `graphir run`: execute a (placed) model; measure it like llama-sweep-bench.
 
-torch is imported only when the verb runs, so other verbs never pay for it.
+torch is imported only when a verb runs, so other verbs never pay for it.
 """
 
 from __future__ import annotations
 
 import io
-from typing import Optional
+import sys
+import time
+from typing import Any, Callable, Optional
 
 import typer
 
 from graphir.errors import GraphirError
+
+SPLITS = ("layer", "graph")
+DEFAULT_PASSES = "merge_qkv,merge_up_gate"
 
 
 def parse_tokens(spec: str) -> list[int]:
@@ -23,8 +28,47 @@ def parse_tokens(spec: str) -> list[int]:
     return ids
 
 
+def make_transform(cfg: Any, devices: tuple[str, ...], split: str | None = None, ts: str | None = None,
+                   max_gpu: int | None = None, recurrent: str = "single", passes: str | None = None,
+                   ctx: int = 4096) -> list[Callable[..., Any]]:
+    """Placement (`split` over `devices`) first, then the named passes (registered names or
+    module:function), as `graphir place` orders them."""
+    from passes import parse_ts, place_graph, place_layer
+    from passes.manager import PassContext, resolve
+
+    if split is not None and split not in SPLITS:
+        raise GraphirError(f"--split must be layer or graph, got {split!r}")
+    if recurrent not in ("single", "split"):
+        raise GraphirError(f"--recurrent must be single or split, got {recurrent!r}")
+    if len(devices) > 1 and split is None:
+        raise GraphirError(f"{len(devices)} devices given: running on several needs a split mode (--split layer|graph)")
+    out: list[Callable[..., Any]] = []
+    ratios = parse_ts(ts, len(devices)) if ts else None
+    if split == "layer":
+        out.append(lambda g: place_layer(g, cfg, devices, ts=ratios))
+    elif split == "graph":
+        out.append(lambda g: place_graph(g, cfg, devices, ts=ratios, max_gpu=max_gpu, recurrent=recurrent))  # type: ignore[arg-type]
+    pctx = PassContext(cfg=cfg, devices=devices, ts=ratios, max_gpu=max_gpu, recurrent=recurrent, ctx_len=ctx)
+    for name in [p.strip() for p in (passes or "").split(",") if p.strip() and p.strip() != "none"]:
+        _, fn = resolve(name)
+        out.append(lambda g, fn=fn: _call(fn, g, pctx))
+    return out
+
+
+def _call(fn: Any, g: Any, pctx: Any) -> Any:
+    import inspect
+
+    try:
+        n = len(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        n = 2
+    return fn(g, pctx) if n >= 2 else fn(g)
+
+
 def evaluate(model: str, tokens: list[int], decode: int = 0, dtype: str = "f32", devices: str = "cpu",
-             seed: int = 0, ctx: int | None = None, out: str | None = None) -> list[int]:
+             seed: int = 0, ctx: int | None = None, out: str | None = None, split: str | None = None,
+             ts: str | None = None, max_gpu: int | None = None, recurrent: str = "single",
+             passes: str | None = None) -> list[int]:
     """The `eval` verb as a function: returns the generated ids; writes logits [P+N, vocab]
     float32 to `out` (.npy, atomically) when given."""
     import numpy as np
@@ -33,20 +77,19 @@ def evaluate(model: str, tokens: list[int], decode: int = 0, dtype: str = "f32",
     from backends.cuda.session import Session, greedy
     from graphir.cli_common import write_atomic
     from graphir.models.sources import load_source
+    from passes.devices import parse_devices as placement_devices
 
     if decode < 0:
         raise GraphirError(f"--decode must be >= 0, got {decode}")
     if dtype not in ("f32", "bf16", "f16"):
         raise GraphirError(f"--dtype must be f32, bf16 or f16, got {dtype!r}")
-    devs = parse_devices(devices)
-    if len(devs) > 1:
-        raise GraphirError(f"{len(devs)} devices given: running on several needs a split mode, which eval "
-                           f"does not offer yet; give one device")
+    devs = parse_devices(placement_devices(devices))
     need = len(tokens) + decode
     if ctx is not None and ctx < need:
         raise GraphirError(f"--ctx {ctx} is shorter than the {len(tokens)} prompt + {decode} decoded tokens")
     source = load_source(model)
-    session = Session(source, None, devs, ctx or need, dtype=dtype, seed=seed)
+    transform = make_transform(source.cfg, devs, split, ts, max_gpu, recurrent, passes, ctx or need)
+    session = Session(source, None, devs, ctx or need, dtype=dtype, seed=seed, transform=transform)
     logits, generated = greedy(session, tokens, decode)
     if out:
         buf = io.BytesIO()
@@ -55,16 +98,112 @@ def evaluate(model: str, tokens: list[int], decode: int = 0, dtype: str = "f32",
     return generated
 
 
+def _progress() -> Callable[[str], None]:
+    """Lines on stderr while it runs, only when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        return lambda msg: None
+    return lambda msg: (sys.stderr.write(f"\r\033[K{msg}"), sys.stderr.flush())  # type: ignore[func-returns-value]
+
+
+def run_sweep(model: str, *, devices: str = "cuda:0", split: str | None = None, ts: str | None = None,
+              recurrent: str = "single", max_gpu: int | None = None, dtype: str = "bf16", ubatch: int = 2048,
+              tg: int = 128, ctx: int = 8192, layers: str | None = None, passes: str | None = DEFAULT_PASSES,
+              seed: int = 0, graphs: bool = True, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The `run` verb as a function: {"rows": [SweepRow], "meta": {...}}."""
+    from backends.cuda.devices import parse_devices
+    from backends.cuda.session import Session
+    from backends.cuda.sweeprun import calibrate, sweep
+    from graphir.cli_common import parse_layers
+    from graphir.models.sources import load_source
+    from passes.devices import parse_devices as placement_devices
+
+    say = say or (lambda msg: None)
+    if dtype not in ("f32", "bf16", "f16"):
+        raise GraphirError(f"--dtype must be f32, bf16 or f16, got {dtype!r}")
+    if ubatch < 1 or tg < 1 or ctx < 1:
+        raise GraphirError(f"--ubatch, --tg and --ctx must be positive, got {ubatch}, {tg}, {ctx}")
+    devs = parse_devices(placement_devices(devices))
+    source = load_source(model)
+    rng = parse_layers(layers, source.cfg.n_layer)
+    transform = make_transform(source.cfg, devs, split, ts, max_gpu, recurrent, passes, ctx)
+    say(f"building {source.cfg.name or model} on {','.join(devs)} ({split or 'one device'})")
+    t0 = time.perf_counter()
+    session = Session(source, None, devs, ctx + max(ubatch, tg), dtype=dtype, seed=seed, transform=transform,
+                      layers=rng, pp_logits="last")
+    load_s = time.perf_counter() - t0
+    cal = calibrate(session, ubatch)
+    label = split or "single"
+    if split == "graph" and any(source.cfg.is_recurrent(i) for i in range(source.cfg.n_layer)):
+        label = f"graph-{recurrent}"  # how delta-net layers were placed
+    rows = sweep(session, ubatch=ubatch, tg=tg, ctx=ctx, split=label, graphs=graphs, seed=seed,
+                 progress=lambda r: say(f"N_KV {r.n_kv:>6}: S_PP {r.s_pp_tps:10.2f} t/s  S_TG {r.s_tg_tps:8.2f} t/s"))
+    from backends.cuda.fastpath import diagnostics
+
+    meta = {"model": source.cfg.name or model, "devices": list(devs), "split": label, "dtype": dtype,
+            "ubatch": ubatch, "tg": tg, "ctx": ctx, "layers": layers or "all", "passes": passes or "none",
+            "cuda_graphs": graphs, "load_s": round(load_s, 3), "delta_net_prefill_ms": cal,
+            "nodes": {k: len(g.nodes) for k, g in session.executed.items()}, "fast_paths": diagnostics()}
+    return {"rows": rows, "meta": meta, "session": session}
+
+
 def register(app: typer.Typer) -> None:
+    if any(c.name == "eval" for c in app.registered_commands):
+        return
+
     @app.command("eval")
     def eval_cmd(model: str = typer.Argument(..., help="preset, config.json, checkpoint dir or .gguf"),
                  tokens: str = typer.Option(..., "--tokens", help="prompt token ids, e.g. 3,1,4"),
                  decode: int = typer.Option(0, "--decode", help="greedy decode steps after the prompt"),
                  dtype: str = typer.Option("f32", "--dtype", help="f32, bf16 or f16"),
-                 devices: str = typer.Option("cpu", "--devices", help="cpu, cpu:N or cuda:N"),
+                 devices: str = typer.Option("cpu", "--devices", help="cpu, cpu,cpu (logical), cuda:0,cuda:1"),
+                 split: Optional[str] = typer.Option(None, "--split", help="layer | graph (several devices)"),
+                 ts: Optional[str] = typer.Option(None, "--ts", help="split ratios, e.g. 3,1"),
+                 max_gpu: Optional[int] = typer.Option(None, "--max-gpu", help="graph split: devices per layer"),
+                 recurrent: str = typer.Option("single", "--recurrent", help="delta-net layers: single | split"),
+                 passes: Optional[str] = typer.Option(None, "--passes", help="merge_qkv,merge_up_gate,..."),
                  seed: int = typer.Option(0, "--seed", help="seed of random weights (when MODEL has none)"),
                  ctx: Optional[int] = typer.Option(None, "--ctx", help="context to preallocate (default: just enough)"),
                  out: Optional[str] = typer.Option(None, "--out", help="write logits [P+N, vocab] float32 .npy")) -> None:
         """Run MODEL on a prompt, then greedy decode steps; print the generated ids."""
-        generated = evaluate(model, parse_tokens(tokens), decode, dtype, devices, seed, ctx, out)
+        generated = evaluate(model, parse_tokens(tokens), decode, dtype, devices, seed, ctx, out, split, ts,
+                             max_gpu, recurrent, passes)
         typer.echo(",".join(str(t) for t in generated))
+
+    @app.command("run")
+    def run_cmd(model: str = typer.Argument(..., help="preset, config.json, checkpoint dir or .gguf"),
+                devices: str = typer.Option("cuda:0", "--devices", help="cuda:0,cuda:1 | cpu | cpu,cpu"),
+                split: Optional[str] = typer.Option(None, "--split", help="layer | graph"),
+                ts: Optional[str] = typer.Option(None, "--ts", help="split ratios, e.g. 3,1"),
+                recurrent: str = typer.Option("single", "--recurrent", help="delta-net layers: single | split"),
+                max_gpu: Optional[int] = typer.Option(None, "--max-gpu", help="graph split: devices per layer"),
+                dtype: str = typer.Option("bf16", "--dtype", help="bf16, f16 or f32"),
+                ubatch: int = typer.Option(2048, "--ubatch", help="PP tokens per row (the u-batch)"),
+                tg: int = typer.Option(128, "--tg", help="decoded tokens per row"),
+                ctx: int = typer.Option(8192, "--ctx", help="rows for N_KV = 0, ub, ... below this"),
+                layers: Optional[str] = typer.Option(None, "--layers", help="keep layers A:B (plus embedding, head)"),
+                passes: str = typer.Option(DEFAULT_PASSES, "--passes", help="after placement; 'none' for none"),
+                seed: int = typer.Option(0, "--seed", help="seed of random weights (when MODEL has none)"),
+                no_graphs: bool = typer.Option(False, "--no-cuda-graphs", help="decode eagerly, no CUDA graphs"),
+                format: str = typer.Option("table", "--format", help="table | csv | json"),
+                out: Optional[str] = typer.Option(None, "-o", "--out", help="write the table here")) -> None:
+        """Measure MODEL like llama-sweep-bench: S_PP and S_TG at each cache depth."""
+        from graphir.cli_common import emit
+        from graphir.sweep import format_markdown, to_json, write_csv
+
+        if format not in ("table", "csv", "json"):
+            raise GraphirError(f"--format must be table, csv or json, got {format!r}")
+        show = _progress()
+        res = run_sweep(model, devices=devices, split=split, ts=ts, recurrent=recurrent, max_gpu=max_gpu,
+                        dtype=dtype, ubatch=ubatch, tg=tg, ctx=ctx, layers=layers, passes=passes, seed=seed,
+                        graphs=not no_graphs, say=show)
+        show("")
+        rows, meta = res["rows"], res["meta"]
+        if format == "csv":
+            buf = io.StringIO()
+            write_csv(rows, buf, comment=" ".join(f"{k}={v}" for k, v in meta.items() if k != "nodes"))
+            text = buf.getvalue()
+        elif format == "json":
+            text = to_json(rows, **{"meta": meta})
+        else:
+            text = format_markdown(rows)
+        emit(text, out)

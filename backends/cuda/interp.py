@@ -44,6 +44,11 @@ class ExecContext:
     weights: Mapping[str, torch.Tensor]  # weight leaves by node name, already on their device
     buffers: Mapping[str, torch.Tensor] = field(default_factory=dict)  # state name -> preallocated cache
     default_device: str = "cpu"
+    # bucket mode (a captured decode step): caches are read as their first `bucket` rows and
+    # written at the device-side position kvpos[device] (int64 [1]); see fastpath.py
+    bucket: int | None = None
+    kvpos: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    cache: dict[Any, Any] = field(default_factory=dict)  # per-call constants kernels keep (index ranges)
     _shapes: dict[Any, tuple[int, ...]] = field(default_factory=dict, repr=False)
 
     def bind(self, d: D.Dim) -> int:

@@ -15,10 +15,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from backends.cuda.devices import parse_devices, torch_device, torch_dtype
-from backends.cuda.fold import fold_weights
+from backends.cuda.fastpath import kernels_for
 from backends.cuda.interp import ExecContext, Kernel, Replicas, RunStats, run_graph
-from backends.cuda.kernels import KERNELS
-from backends.cuda.weights import RandomWeights, WeightSource, load_weights, reference_weights
+from backends.cuda.loader import load_folded
+from backends.cuda.streams import DeviceStreams
+from backends.cuda.weights import DeviceRandomWeights, RandomWeights, WeightSource, reference_weights
 from graphir import dims as D
 from graphir.cli_common import source_quant
 from graphir.errors import GraphirError
@@ -30,12 +31,14 @@ from graphir.ops import Op, act_dtype
 Pass = Callable[[Graph], Graph]
 
 
-def open_weights(weights: WeightSource | str | Path | None, source: ModelSource, seed: int = 0) -> WeightSource:
-    """None: the model's own weights when it holds any, else seeded random ones; "random";
+def open_weights(weights: WeightSource | str | Path | None, source: ModelSource, seed: int = 0,
+                 on_device: bool = False) -> WeightSource:
+    """None: the model's own weights when it holds any, else seeded random ones (drawn on the
+    GPU when `on_device`); "random" (drawn on the CPU: the same values on every device type);
     a checkpoint directory or .gguf path; or any WeightSource."""
     if weights is None:
         if not source.has_weights:
-            return RandomWeights(seed)
+            return DeviceRandomWeights(seed) if on_device else RandomWeights(seed)
         weights = source.path
     if isinstance(weights, str) and weights == "random":
         return RandomWeights(seed)
@@ -78,49 +81,67 @@ class Session:
     """Execute one sequence. `prefill(ids)` -> logits [T, vocab]; `decode(ids)` -> one row per id.
     Prefill may be called several times: a prompt split over calls gives the same logits."""
 
+    check_devices = True  # a rank of a multi-process run names devices of other machines
+
     def __init__(self, model: ModelSource | ModelConfig | str | Path, weights: WeightSource | str | Path | None = None,
                  devices: str | Sequence[str] = "cpu", ctx: int = 4096, *, dtype: str = "f32", seed: int = 0,
                  kv_type: str | None = None, transform: Pass | Iterable[Pass] | None = None,
-                 kernels: Mapping[Op, Kernel] = KERNELS) -> None:
+                 kernels: Mapping[Op, Kernel] | None = None, layers: range | None = None,
+                 pp_logits: str = "all") -> None:
         self.source = _as_source(model)
         self.cfg = self.source.cfg
-        self.devices = parse_devices(devices)
+        self.devices = parse_devices(devices) if self.check_devices else tuple(
+            devices.split(",") if isinstance(devices, str) else devices)
         self.act = act_dtype(dtype)
         self.kv_type = kv_type or self.act.name
         torch_dtype(self.kv_type)  # quantised caches are not executable: say so now
         if ctx < 1:
             raise GraphirError(f"context length must be positive, got {ctx}")
-        self.ctx, self.kernels = int(ctx), kernels
+        self.ctx = int(ctx)
+        self.kernels = kernels if kernels is not None else kernels_for(self.devices)
         passes = [transform] if callable(transform) else list(transform or ())
         quant = source_quant(self.source, None)
         self.graphs: dict[str, Graph] = {}
         for phase in ("pp", "tg"):
-            g = build(self.cfg, BuildOptions(phase=phase, act_dtype=self.act.name, quant=quant,  # type: ignore[arg-type]
-                                             kv_type=self.kv_type))
+            opts = BuildOptions(phase=phase, act_dtype=self.act.name, quant=quant,  # type: ignore[arg-type]
+                                kv_type=self.kv_type, logits=pp_logits if phase == "pp" else "all")  # type: ignore[arg-type]
+            g = build(self.cfg, opts, layers)
             for p in passes:
                 g = p(g)
             verify(g)
             self.graphs[phase] = g
         reference = reference_weights(self.cfg)
-        self.weight_source = open_weights(weights, self.source, seed)
+        on_gpu = any(d.startswith("cuda") for d in self.devices)
+        self.weight_source = open_weights(weights, self.source, seed, on_device=on_gpu)
         self.weight_source.check(reference)
-        self.weights = load_weights(self.graphs.values(), reference, self.weight_source, torch_dtype(self.act),
-                                    self.devices[0])
         # what runs: the same graphs with load-time constants (merged weights, ...) folded
-        self.executed = {k: fold_weights(g, self.weights, kernels, self.devices[0]) for k, g in self.graphs.items()}
-        live = {n.name for g in self.executed.values() for n in g.nodes if n.op == Op.WEIGHT}
-        self.weights = {k: v for k, v in self.weights.items() if k in live}
+        self.weights, self.executed = load_folded(self._select(self.graphs), reference, self.weight_source,
+                                                  torch_dtype(self.act), self.devices[0], self.kernels)
+        self.streams = DeviceStreams(self.used_devices())
         self.last_stats = RunStats()
         self.outputs: dict[str, Any] = {}  # the last call's results by key
         self.reset()
+        self.streams.synchronize_all()  # weights were written on the default streams
+
+    def _select(self, graphs: dict[str, Graph]) -> dict[str, Graph]:
+        """The graphs this process executes (all of them; a rank of a multi-process run keeps its part)."""
+        return graphs
+
+    def used_devices(self) -> list[str]:
+        names = dict.fromkeys(d for g in self.executed.values() for n in g.nodes for d in n.devices)
+        return list(names) or [self.devices[0]]
 
     # ---- state -------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the sequence: empty caches, zero recurrent state."""
+        with self.streams:  # on the streams that will read them: no race with the default stream
+            self._reset()
+
+    def _reset(self) -> None:
         self.n_past = 0
         self.buffers: dict[str, torch.Tensor] = {}  # growing caches, [ctx, ...]
         self.state: dict[str, torch.Tensor] = {}  # fixed-size state (conv, delta-net)
-        for g in self.graphs.values():
+        for g in self.executed.values():
             for n in g.by_op(Op.STATE_IN):
                 key = str(n.attr["state"])
                 if key in self.buffers or key in self.state:
@@ -170,9 +191,19 @@ class Session:
         if self.n_past + len(ids) > self.ctx:
             raise GraphirError(f"context of {self.ctx} tokens is full: {self.n_past} cached + {len(ids)} new")
         sym = {"T": len(ids), "KV": self.n_past}
-        ctx = ExecContext(g, sym, self._feeds(g, ids, sym), self.weights, self.buffers, self.devices[0])
         self.last_stats = RunStats()
-        res = run_graph(g, ctx, self.kernels, self.last_stats)
+        with self.streams:
+            ctx = ExecContext(g, sym, self._feeds(g, ids, sym), self.weights, self.buffers, self.devices[0])
+            res = run_graph(g, ctx, self.kernels, self.last_stats)
+            self._store(res)
+        self.outputs = res
+        self.n_past += len(ids)
+        if "logits" not in res:
+            raise GraphirError("the graph has no logits output")
+        out = res["logits"]
+        return (out.on(None) if isinstance(out, Replicas) else out).to(torch.float32)
+
+    def _store(self, res: Mapping[str, Any]) -> None:
         for key, val in res.items():
             val = val.on(None) if isinstance(val, Replicas) else val
             if key in self.buffers:
@@ -180,13 +211,19 @@ class Session:
                 if not (val.device == buf.device and val.data_ptr() == buf.data_ptr()):
                     buf[:n].copy_(val)  # kv_append could not write in place (e.g. a copied cache)
             elif key in self.state:
-                self.state[key] = val
-        self.outputs = res
-        self.n_past += len(ids)
-        if "logits" not in res:
-            raise GraphirError("the graph has no logits output")
-        out = res["logits"]
-        return (out.on(None) if isinstance(out, Replicas) else out).to(torch.float32)
+                self.state[key].copy_(val)  # in place: the tensor a captured step reads stays the same
+
+    def snapshot(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """The sequence position and fixed-size state (conv, delta-net): what `restore` puts back.
+        Cache rows past the position need no saving: they are never read again."""
+        with self.streams:
+            return self.n_past, {k: v.clone() for k, v in self.state.items()}
+
+    def restore(self, snap: tuple[int, dict[str, torch.Tensor]]) -> None:
+        self.n_past = snap[0]
+        with self.streams:
+            for k, v in snap[1].items():
+                self.state[k].copy_(v)
 
     # ---- public calls ------------------------------------------------------------------------
     def prefill(self, ids: Any) -> torch.Tensor:

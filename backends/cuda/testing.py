@@ -77,3 +77,22 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def patch_triton_interpreter() -> None:
+    """Triton's CPU interpreter turns loop bounds into Python ints with int(array), which
+    numpy 2 refuses for 1-element arrays; read the element instead. Tests only."""
+    try:
+        import triton.runtime.interpreter as interp
+    except ImportError:
+        return
+    if getattr(interp, "_graphir_patched", False):
+        return
+    original = interp._patch_lang_tensor
+
+    def patched(tensor: Any, scope: Any) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+    interp._graphir_patched = True

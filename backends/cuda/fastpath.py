@@ -1,0 +1,290 @@
+"""The CUDA rule table: KERNELS with fast-path overrides, chosen per device type.
+
+`CUDA_KERNELS = KERNELS | OVERRIDES`. Each override runs its fast form on CUDA tensors (or on
+the CPU under Triton's interpreter, for tests) and falls back to the reference kernel
+otherwise, so mixed placements (a `cpu` device beside `cuda:N`) still run. None of them
+reads a value back to the host: no `.item()`, `nonzero`, `bincount` or `.tolist()` on the
+hot path, so a decode step can be captured in a CUDA graph.
+
+Attention and kv_append also run in *bucket* mode (`ExecContext.bucket` set): the cache is
+read as its first `bucket` rows, new rows are written at device-side positions
+(`ExecContext.kvpos`) and attention masks keys past each query's position on the device.
+Shapes then stay fixed while the cache grows, which is what a captured decode step needs.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from backends.cuda import attention as ref_attn
+from backends.cuda import fused
+from backends.cuda import triton_deltanet as tdn
+from backends.cuda.devices import torch_device, torch_dtype
+from backends.cuda.fast_moe import moe_matmul as fast_moe_matmul
+from backends.cuda.interp import ExecContext, Kernel, Replicas
+from backends.cuda.kernels import KERNELS, _as_spec
+from backends.cuda.recurrent import CHUNK
+from graphir.graph import Node
+from graphir.ops import Op
+
+Args = Sequence[torch.Tensor]
+
+
+def _ref(op: Op) -> Kernel:
+    return KERNELS[op]
+
+
+def rms_norm(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    x, w = args
+    if not fused.usable(x) or x.dim() > 3:
+        return _ref(Op.RMS_NORM)(node, args, ctx)
+    out = fused.rms_norm(x, w, float(node.attr["eps"]), float(node.attr.get("offset", 0.0)))
+    return _as_spec(node, out)
+
+
+def rms_norm_gated(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    x, z, w = args
+    if not fused.usable(x) or x.dim() > 3:
+        return _ref(Op.RMS_NORM_GATED)(node, args, ctx)
+    return fused.rms_norm_gated(x, z, w, float(node.attr["eps"]))
+
+
+def swiglu(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    g, u = args
+    if not fused.usable(g) or g.dim() > 3 or g.shape != u.shape:
+        return _ref(Op.SWIGLU)(node, args, ctx)
+    return fused.swiglu(g, u)
+
+
+def rope(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    x, pos = args  # x [T,heads,d], pos [T]
+    if not fused.usable(x):
+        return _ref(Op.ROPE)(node, args, ctx)
+    a = node.attr
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_ctx", "beta_fast", "beta_slow")
+    params = tuple((k, a[k]) for k in keys if k in a)
+    inv = ref_attn._inv_freq_on(x.device, int(a["n_rot"]), float(a["theta"]), a.get("scaling"), params)
+    return fused.rope(x, pos, inv, int(a["n_rot"]), ref_attn._attn_factor(dict(a)))
+
+
+def ssm_conv(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    x, w = args
+    if not fused.usable(x):
+        return _ref(Op.SSM_CONV)(node, args, ctx)
+    return fused.ssm_conv(x.to(w.dtype), w, node.attr.get("act") == "silu").to(x.dtype)
+
+
+def delta_net(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    q, k, v, g, beta, state = args
+    if not fused.usable(q):
+        return _ref(Op.DELTA_NET)(node, args, ctx)
+    l2 = bool(node.attr.get("qk_l2norm", False))
+    if q.shape[0] <= CHUNK:
+        return tdn.delta_net(q, k, v, g, beta, state, l2)
+    return tdn.prefill(q, k, v, g, beta, state, l2)
+
+
+# ---- MoE --------------------------------------------------------------------------------------
+
+def moe_topk(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    (logits,) = args  # softmax is monotonic: the top-k of the logits are the top-k of the probabilities
+    return torch.topk(logits, int(node.attr["k"]), dim=-1).indices.to(torch.int32)
+
+
+def moe_weights(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    logits, ids = args
+    if not node.attr.get("norm"):
+        return _ref(Op.MOE_WEIGHTS)(node, args, ctx)
+    # softmax over all experts, renormalised over the chosen ones == softmax over the chosen logits
+    return torch.softmax(logits.gather(1, ids.long()).to(torch.float32), dim=-1)
+
+
+def moe_matmul(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    x, w, ids = args
+    if not (x.is_cuda or fused.usable(x)):
+        return _ref(Op.MOE_MATMUL)(node, args, ctx)
+    return fast_moe_matmul(x, w, ids)
+
+
+def moe_sum(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    y, w = args  # [T,k,H], [T,k] f32: one batched product instead of mul + sum
+    return torch.bmm(w.to(y.dtype).unsqueeze(1), y).squeeze(1)
+
+
+# ---- attention --------------------------------------------------------------------------------
+
+def _key_index(ctx: ExecContext, device: torch.device, n: int) -> torch.Tensor:
+    key = ("keys", device, n)
+    t = ctx.cache.get(key)
+    if t is None:
+        t = ctx.cache[key] = torch.arange(n, device=device)
+    return t
+
+
+_FLASH_LOWER_RIGHT: dict[str, bool] = {}  # checked once per process against an explicit mask
+
+
+def _explicit(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, scale: float,
+              mask: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def _lower_right(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, scale: float, ctx: ExecContext) -> torch.Tensor:
+    """Causal attention of T queries at the end of S keys (query i at S-T+i)."""
+    T, S = qh.shape[2], kh.shape[2]
+    dev = qh.device
+    mask = _key_index(ctx, dev, S)[None, :] <= (S - T + _key_index(ctx, dev, T))[:, None]  # [T,S]
+    if qh.is_cuda and qh.dtype in (torch.float16, torch.bfloat16) and qh.shape[-1] <= 256:
+        ok = _FLASH_LOWER_RIGHT.get("ok")
+        if ok is not False:
+            try:
+                # the flash kernel's causal flag means lower-right alignment when S > T; GQA native
+                out = torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, vh, 0.0, True, False,
+                                                                         scale=scale)[0]
+            except RuntimeError:
+                _FLASH_LOWER_RIGHT["ok"] = False
+                out = None
+            if out is not None:
+                if ok is None:  # first use: prove it once against the explicit mask
+                    ref = _explicit(qh, kh, vh, scale, mask[None, None])
+                    good = bool(((out.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max() + 1e-3))
+                    _FLASH_LOWER_RIGHT["ok"] = good
+                    return out if good else ref
+                return out
+    return _explicit(qh, kh, vh, scale, mask[None, None])
+
+
+def attention(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    """Scaled-dot-product attention over the cache (flash / efficient kernels on CUDA)."""
+    q, k, v = args  # q [T,hq,d], k [S,hkv,d], v [S,hkv,dv]
+    T, hq, d = q.shape
+    S, hkv, dv = v.shape
+    g = hq // hkv
+    scale = float(node.attr["scale"])
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    kh = k.permute(1, 0, 2).unsqueeze(0)  # [1,hkv,S,d]
+    vh = v.permute(1, 0, 2).unsqueeze(0)
+    mask = None
+    if ctx.bucket is not None:  # fixed S: keys past each query's position are masked on the device
+        pos = ctx.kvpos[ctx.device_name(node)]  # [1] int64: the first query's position
+        keys = _key_index(ctx, q.device, S)
+        mask = keys[None, :] <= (pos + _key_index(ctx, q.device, T))[:, None]  # [T,S]
+    if T == 1:
+        # one query per head: the g query heads of a KV head are g rows of one batched product.
+        # Plain batched matmuls parallelise over the S keys (a fused attention kernel gives a
+        # single query one block per head and walks the whole cache with it).
+        qh = q.reshape(hkv, g, d)
+        scores = torch.bmm(qh, k.permute(1, 2, 0)) * scale  # [hkv,g,S]
+        if mask is not None:
+            scores = scores.masked_fill(~mask.view(1, 1, S), float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.bmm(probs, v.permute(1, 0, 2)).reshape(1, hq, dv)  # [hkv,g,dv] -> [1,hq,dv]
+    qh = q.permute(1, 0, 2).unsqueeze(0)  # [1,hq,T,d]
+    if mask is not None:
+        out = _explicit(qh, kh, vh, scale, mask[None, None])
+    elif S == T:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        out = _lower_right(qh, kh, vh, scale, ctx)
+    return out[0].transpose(0, 1)  # [T,hq,dv]
+
+
+def kv_append(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    if ctx.bucket is None:
+        return _ref(Op.KV_APPEND)(node, args, ctx)
+    cache, new = args  # cache: the first `bucket` rows of the preallocated buffer
+    src = ctx.graph[node.inputs[0]]
+    buf = ctx.buffers[src.attr["state"]]
+    pos = ctx.kvpos[ctx.device_name(node)]
+    idx = pos if new.shape[0] == 1 else pos + _key_index(ctx, new.device, new.shape[0])
+    buf.index_copy_(0, idx, new.to(buf.dtype))
+    return buf[:cache.shape[0] + new.shape[0]]  # bucket rows; KV is bound to bucket - T
+
+
+# ---- placement --------------------------------------------------------------------------------
+
+def copy(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    # device to device: ordered by events on both devices' streams, no host synchronisation
+    return args[0].to(ctx.device(node), non_blocking=True)
+
+
+_NCCL_BROKEN: list[str] = []
+
+
+def _nccl_ok(parts: Sequence[torch.Tensor], devs: Sequence[torch.device]) -> bool:
+    if len(set(devs)) != len(devs) or not all(d.type == "cuda" for d in devs):
+        return False
+    try:
+        import torch.cuda.nccl as nccl
+
+        return bool(nccl.is_available(list(parts)))
+    except (ImportError, RuntimeError):
+        return False
+
+
+def all_reduce(node: Node, args: Args, ctx: ExecContext) -> Replicas:
+    """NCCL all-reduce (torch.cuda.nccl, one call over the group's GPUs) when every member is a
+    distinct GPU; else the reference (peer copies, summed on every device)."""
+    devs = [torch_device(d) for d in node.devices]
+    parts_dev = [p.device for p in args]
+    if _NCCL_BROKEN or not _nccl_ok(args, devs) or parts_dev != devs:
+        return _ref(Op.ALL_REDUCE)(node, args, ctx)
+    import torch.cuda.nccl as nccl
+
+    out_dt = torch_dtype(node.spec.dtype)
+    wire = torch_dtype(node.attr["dtype"]) if "dtype" in node.attr else out_dt
+    users = ctx.graph.users
+    bufs = []
+    for name, p in zip(node.inputs, args):
+        if p.dtype != wire:
+            bufs.append(p.to(wire).contiguous())  # a fresh tensor: reduce it in place
+        elif users.get(name) == (node.name,) and p._base is None and p.is_contiguous():
+            bufs.append(p)  # nobody else reads this partial
+        else:
+            bufs.append(p.clone(memory_format=torch.contiguous_format))
+    try:
+        nccl.all_reduce(bufs)  # in place, on each device's current stream
+    except RuntimeError as e:  # no usable NCCL here: peer copies from now on
+        _NCCL_BROKEN.append(str(e).splitlines()[0] if str(e) else "RuntimeError")
+        return _ref(Op.ALL_REDUCE)(node, args, ctx)
+    out = Replicas()
+    for name, b in zip(node.devices, bufs):
+        out[name] = b if b.dtype == out_dt else b.to(out_dt)
+    return out
+
+
+OVERRIDES: dict[Op, Kernel] = {
+    Op.RMS_NORM: rms_norm,
+    Op.RMS_NORM_GATED: rms_norm_gated,
+    Op.SWIGLU: swiglu,
+    Op.ROPE: rope,
+    Op.SSM_CONV: ssm_conv,
+    Op.DELTA_NET: delta_net,
+    Op.MOE_TOPK: moe_topk,
+    Op.MOE_WEIGHTS: moe_weights,
+    Op.MOE_MATMUL: moe_matmul,
+    Op.MOE_SUM: moe_sum,
+    Op.ATTENTION: attention,
+    Op.KV_APPEND: kv_append,
+    Op.COPY: copy,
+    Op.ALL_REDUCE: all_reduce,
+}
+
+CUDA_KERNELS: dict[Op, Kernel] = {**KERNELS, **OVERRIDES}
+
+
+def diagnostics() -> dict[str, object]:
+    """Which fast paths fell back in this process (for benchmark records)."""
+    from backends.cuda import fast_moe
+
+    return {"grouped_mm_failed": list(fast_moe._GROUPED_BROKEN), "nccl_failed": list(_NCCL_BROKEN),
+            "flash_lower_right": _FLASH_LOWER_RIGHT.get("ok"),
+            "delta_net_prefill": {k: v for k, v in tdn.PREFILL.items()}}
+
+
+def kernels_for(devices: Sequence[str]) -> Mapping[Op, Kernel]:
+    """The rule table for a device list: the CUDA table when any device is a GPU."""
+    return CUDA_KERNELS if any(d.startswith("cuda") for d in devices) else KERNELS

@@ -1,0 +1,238 @@
+"""The CUDA rule table (fastpath.py, fused Triton kernels, grouped MoE, SDPA attention, the
+delta-net kernels) and CUDA-graph decode steps against the CPU reference kernels.
+
+Runs on a GPU; without one it runs the Triton kernels on the CPU when Triton's interpreter
+is on (TRITON_INTERPRET=1), else skips. Tests that need CUDA itself (graph capture, NCCL,
+host-sync checks, two GPUs) skip without it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from backends.cuda import fast_moe, fused
+from backends.cuda import triton_deltanet as tdn
+from backends.cuda.fastpath import CUDA_KERNELS, attention as fast_attention
+from backends.cuda.graphs import DecodeStep
+from backends.cuda.interp import ExecContext
+from backends.cuda.kernels import KERNELS
+from backends.cuda.recurrent import delta_rule_recurrent
+from backends.cuda.session import Session
+from backends.cuda.testing import patch_triton_interpreter, rel_err
+from graphir.builder import Builder
+from graphir.models import from_hf_dict
+from graphir.ops import Op
+from passes import merge_qkv, merge_up_gate, place_graph, place_layer
+
+CUDA = torch.cuda.is_available()
+GPUS = torch.cuda.device_count() if CUDA else 0
+pytestmark = pytest.mark.skipif(not (CUDA or (fused.INTERPRET and fused.triton is not None)),
+                                reason="needs CUDA, or Triton's interpreter (TRITON_INTERPRET=1)")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+DEV = "cuda:0" if CUDA else "cpu"
+if not CUDA:
+    patch_triton_interpreter()
+
+BASE = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16)
+CONFIGS = {
+    "qwen3_next": dict(BASE, model_type="qwen3_next", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=32, linear_num_key_heads=2, linear_num_value_heads=4,
+                       linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+                       full_attention_interval=2),
+    "llama": dict(BASE, model_type="llama", attention_bias=True),
+    "qwen3_moe": dict(BASE, model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32),
+}
+
+
+def rand(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(DEV, dtype)
+
+
+def node(op: Op, name: str = "n", **attrs: object):  # a bare node to hand a rule its attributes
+    from graphir.graph import Node
+    from graphir.spec import TensorSpec
+
+    return Node(name, op, (), TensorSpec((1,), "f32"), tuple(attrs.items()))
+
+
+def ctx_for() -> ExecContext:
+    from graphir.graph import Graph
+
+    return ExecContext(Graph(()), {}, {}, {}, {}, DEV)
+
+
+# ---- kernels ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rms_norm_strided_rows(offset: float) -> None:
+    x = rand(5, 3, 40)[:, :, :32]
+    w = 1 + 0.1 * rand(32, seed=1)
+    n = node(Op.RMS_NORM, eps=1e-6, offset=offset)
+    assert rel_err(CUDA_KERNELS[Op.RMS_NORM](n, [x, w], ctx_for()), KERNELS[Op.RMS_NORM](n, [x, w], ctx_for())) < 1e-5
+
+
+def test_gated_norm_swiglu_conv_rope() -> None:
+    x, z, w = rand(6, 4, 32), rand(6, 4, 32, seed=1), rand(32, seed=2)
+    n = node(Op.RMS_NORM_GATED, eps=1e-6)
+    assert rel_err(fused.rms_norm_gated(x, z, w, 1e-6), KERNELS[Op.RMS_NORM_GATED](n, [x, z, w], ctx_for())) < 1e-5
+    gu = rand(7, 2, 128)
+    assert rel_err(fused.swiglu(gu[..., :64], gu[..., 64:]), F.silu(gu[..., :64]) * gu[..., 64:]) < 1e-5
+    xc, wc = rand(3 + 9, 80), rand(80, 4, seed=3)
+    n = node(Op.SSM_CONV, act="silu")
+    assert rel_err(CUDA_KERNELS[Op.SSM_CONV](n, [xc, wc], ctx_for()), KERNELS[Op.SSM_CONV](n, [xc, wc], ctx_for())) < 1e-5
+    xr, pos = rand(6, 4, 24), torch.arange(10, 16, dtype=torch.int32, device=DEV)
+    n = node(Op.ROPE, n_rot=16, theta=10000.0)
+    assert rel_err(CUDA_KERNELS[Op.ROPE](n, [xr, pos], ctx_for()), KERNELS[Op.ROPE](n, [xr, pos], ctx_for())) < 1e-5
+
+
+@pytest.mark.parametrize("T", [1, 3, 40])
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_moe_matmul(T: int, per_slot: bool) -> None:
+    E, N, K, k = 8, 48, 80, 2
+    x = rand(T, k, K) if per_slot else rand(T, K)
+    w = rand(E, N, K, seed=1)
+    ids = torch.randint(0, E, (T, k), generator=torch.Generator().manual_seed(T), dtype=torch.int32).to(DEV)
+    n = node(Op.MOE_MATMUL)
+    want = KERNELS[Op.MOE_MATMUL](n, [x.cpu(), w.cpu(), ids.cpu()], ctx_for())
+    assert rel_err(fast_moe.moe_matmul(x, w, ids).cpu(), want) < 1e-5
+
+
+@needs_cuda
+def test_grouped_mm_bf16() -> None:
+    E, N, K, T, k = 16, 64, 128, 300, 4
+    x, w = rand(T, K, dtype=torch.bfloat16), rand(E, N, K, dtype=torch.bfloat16, seed=1)
+    ids = torch.randint(0, E, (T, k), generator=torch.Generator().manual_seed(0), dtype=torch.int32).to(DEV)
+    want = KERNELS[Op.MOE_MATMUL](node(Op.MOE_MATMUL), [x.float(), w.float(), ids], ctx_for())
+    assert rel_err(fast_moe.moe_grouped(x, w, ids), want) < 2e-2
+
+
+@pytest.mark.parametrize("T", [1, 7, 64, 150])
+def test_delta_net_kernels(T: int) -> None:
+    nk, nv, dk, dv = 2, 4, 32, 16
+    q, k, v = rand(T, nk, dk), rand(T, nk, dk, seed=1), rand(T, nv, dv, seed=2)
+    g, beta = -torch.rand(T, nv, device=DEV), torch.rand(T, nv, device=DEV)
+    s = rand(dk, nv, dv, seed=3)
+    o, S = delta_rule_recurrent(q.cpu(), k.cpu(), v.cpu(), g.cpu(), beta.cpu(), s.cpu().permute(1, 0, 2))
+    want = torch.cat((o, S.permute(1, 0, 2)))
+    assert rel_err(tdn.delta_net(q, k, v, g, beta, s).cpu(), want) < 1e-5
+    assert rel_err(tdn.delta_net_chunked(q, k, v, g, beta, s).cpu(), want) < 1e-4
+
+
+def _attn_graph(T: int, S: int, hq: int, hkv: int, d: int):
+    b = Builder()
+    q = b.leaf(Op.INPUT, "q", _spec((T, hq, d)), role="q")
+    k = b.leaf(Op.INPUT, "k", _spec((S, hkv, d)), role="k")
+    v = b.leaf(Op.INPUT, "v", _spec((S, hkv, d)), role="v")
+    b.emit(Op.ATTENTION, "a", q, k, v, scale=d ** -0.5)
+    return b.graph()
+
+
+def _spec(shape):
+    from graphir.spec import TensorSpec
+
+    return TensorSpec(shape, "f32")
+
+
+@pytest.mark.parametrize("T,S", [(1, 9), (5, 5), (4, 11), (70, 100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_sdpa(T: int, S: int, dtype: torch.dtype) -> None:
+    hq, hkv, d = 8, 2, 32
+    g = _attn_graph(T, S, hq, hkv, d)
+    q, k, v = rand(T, hq, d, dtype=dtype), rand(S, hkv, d, dtype=dtype, seed=1), rand(S, hkv, d, dtype=dtype, seed=2)
+    a = g["a"]
+    want = KERNELS[Op.ATTENTION](a, [q.float().cpu(), k.float().cpu(), v.float().cpu()], ctx_for())
+    got = fast_attention(a, [q, k, v], ExecContext(g, {}, {}, {}, {}, DEV))
+    assert rel_err(got.float().cpu(), want) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_attention_bucket_mask() -> None:
+    """Bucket mode: S rows of which only the first pos+1 are valid for a query at pos."""
+    hq, hkv, d, S, pos = 4, 2, 16, 32, 12
+    g = _attn_graph(1, S, hq, hkv, d)
+    q, k, v = rand(1, hq, d), rand(S, hkv, d, seed=1), rand(S, hkv, d, seed=2)
+    ctx = ExecContext(g, {}, {}, {}, {}, DEV, bucket=S, kvpos={DEV: torch.tensor([pos], device=DEV)})
+    got = fast_attention(g["a"], [q, k, v], ctx)
+    want = KERNELS[Op.ATTENTION](g["a"], [q.cpu(), k[:pos + 1].cpu(), v[:pos + 1].cpu()], ctx_for())
+    assert rel_err(got.cpu(), want) < 1e-5
+
+
+# ---- sessions ---------------------------------------------------------------------------------
+
+P1, P2 = list(range(1, 9)), [(7 * i) % 64 for i in range(70)]
+
+
+def _transform(cfg, split: str | None, devs: tuple[str, ...]):
+    out = []
+    if split == "layer":
+        out.append(lambda g: place_layer(g, cfg, devs))
+    elif split == "graph":
+        out.append(lambda g: place_graph(g, cfg, devs, ts=(2, 1) if len(devs) == 2 else None, recurrent="split"))
+    return out + [merge_qkv, merge_up_gate]
+
+
+def _run(s: Session) -> torch.Tensor:
+    return torch.cat([s.prefill(P1), s.prefill(P2), s.decode([3, 4, 5])]).cpu()
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_session_fast_table_equals_reference(arch: str) -> None:
+    cfg = from_hf_dict(CONFIGS[arch])
+    ref = _run(Session(cfg, "random", "cpu", 128, kernels=KERNELS))
+    got = _run(Session(cfg, "random", DEV, 128, kernels=CUDA_KERNELS, transform=[merge_qkv, merge_up_gate]))
+    assert rel_err(got, ref) < 1e-4
+
+
+def _steps(s: Session, capture: bool | None) -> torch.Tensor:
+    s.prefill(P1)
+    s.prefill(P2)
+    step = DecodeStep(s, 96, capture=capture)
+    rows = []
+    for t in (3, 4, 5):
+        step.step(t)
+        rows.append(step.logits.float().cpu().clone())
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_next", "llama"])
+def test_decode_step_equals_decode(arch: str) -> None:
+    cfg = from_hf_dict(CONFIGS[arch])
+    s = Session(cfg, "random", DEV, 128, transform=[merge_qkv, merge_up_gate], kernels=CUDA_KERNELS)
+    s.prefill(P1)
+    s.prefill(P2)
+    want = s.decode([3, 4, 5]).cpu()
+    s.reset()
+    got = _steps(s, None)  # captured on CUDA
+    assert rel_err(got, want) < 1e-5
+    assert s.n_past == len(P1) + len(P2) + 3
+
+
+@needs_cuda
+def test_decode_step_has_no_host_sync() -> None:
+    cfg = from_hf_dict(CONFIGS["qwen3_next"])
+    s = Session(cfg, "random", DEV, 128, transform=[merge_qkv, merge_up_gate])
+    s.prefill(P1)
+    step = DecodeStep(s, 64, capture=False)
+    step.step(3)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step.step()  # the eager step: every kernel of the hot path, none may wait for the host
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(GPUS < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("dtype,tol", [("f32", 1e-4)])  # bf16: a tiny random MoE flips routes on rounding
+def test_two_gpus_layer_and_graph_agree(dtype: str, tol: float) -> None:
+    cfg = from_hf_dict(CONFIGS["qwen3_next"])
+    devs = ("cuda:0", "cuda:1")
+    one = _run(Session(cfg, "random", "cuda:0", 128, dtype=dtype, transform=[merge_qkv, merge_up_gate]))
+    for split in ("layer", "graph"):
+        got = _run(Session(cfg, "random", devs, 128, dtype=dtype, transform=_transform(cfg, split, devs)))
+        assert rel_err(got, one) < tol, split
+        s = Session(cfg, "random", devs, 128, dtype=dtype, transform=_transform(cfg, split, devs))
+        assert rel_err(_steps(s, None), one[-3:]) < tol, split  # captured per device segment
