@@ -21,7 +21,7 @@ import torch
 
 from backends.cuda.devices import torch_device
 from backends.cuda.interp import WEIGHT_VIEWS, ExecContext, Kernel
-from backends.cuda.weights import WeightError, WeightInfo, WeightSource
+from backends.cuda.weights import WeightError, WeightInfo, WeightSource, assemble, source_names
 from graphir.graph import Graph, Node
 from graphir.ops import Op
 
@@ -52,7 +52,7 @@ class _Pieces:
         self.source, self.reference = source, reference
         self.uses: dict[str, int] = {}
         for n in leaves:
-            for p in str(n.attr.get("src", n.name)).split("+"):
+            for p in source_names(n):
                 self.uses[p] = self.uses.get(p, 0) + 1
         self.full: dict[str, torch.Tensor] = {}
 
@@ -70,15 +70,9 @@ class _Pieces:
         return self.full[name]
 
     def piece(self, node: Node, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        parts = str(node.attr.get("src", node.name)).split("+")
+        parts = source_names(node)
         ts = [self._get(p, node, device, dtype) for p in parts]
-        t = torch.cat([x.to(device=device, dtype=dtype) for x in ts], dim=0) if len(ts) > 1 else ts[0]
-        if "slice_dim" in node.attr:
-            a = node.attr
-            t = t.narrow(int(a["slice_dim"]), int(a["start"]), int(a["stop"]) - int(a["start"]))
-        want = tuple(int(d) for d in node.spec.shape)
-        if tuple(t.shape) != want:
-            raise WeightError(f"graph weight %{node.name} wants shape {list(want)}, its source gives {list(t.shape)}")
+        t = assemble(node, [x.to(device=device, dtype=dtype) for x in ts] if len(ts) > 1 else ts)
         t = t.to(device=device, dtype=dtype).contiguous()
         if t.untyped_storage().nbytes() > t.numel() * t.element_size():
             t = t.clone()  # a slice must not keep the whole tensor alive

@@ -119,13 +119,14 @@ def _full(source: WeightSource, reference: Mapping[str, WeightInfo], name: str, 
     return t
 
 
-def _piece(node: Node, source: WeightSource, reference: Mapping[str, WeightInfo],
-           cache: dict[str, torch.Tensor]) -> torch.Tensor:
-    parts = str(node.attr.get("src", node.name)).split("+")
-    for p in parts:
-        if p not in cache:
-            cache[p] = _full(source, reference, p, node)
-    t = torch.cat([cache[p] for p in parts], dim=0) if len(parts) > 1 else cache[parts[0]]
+def source_names(node: Node) -> list[str]:
+    """The full tensors a weight leaf is cut from (`src`, several joined by '+')."""
+    return str(node.attr.get("src", node.name)).split("+")
+
+
+def assemble(node: Node, sources: list[torch.Tensor]) -> torch.Tensor:
+    """The piece a weight leaf holds: its sources joined on dim 0, then its slice, shape-checked."""
+    t = torch.cat(sources, dim=0) if len(sources) > 1 else sources[0]
     if "slice_dim" in node.attr:
         a = node.attr
         t = t.narrow(int(a["slice_dim"]), int(a["start"]), int(a["stop"]) - int(a["start"]))
@@ -133,6 +134,15 @@ def _piece(node: Node, source: WeightSource, reference: Mapping[str, WeightInfo]
     if tuple(t.shape) != want:
         raise WeightError(f"graph weight %{node.name} wants shape {list(want)}, its source gives {list(t.shape)}")
     return t
+
+
+def _piece(node: Node, source: WeightSource, reference: Mapping[str, WeightInfo],
+           cache: dict[str, torch.Tensor]) -> torch.Tensor:
+    parts = source_names(node)
+    for p in parts:
+        if p not in cache:
+            cache[p] = _full(source, reference, p, node)
+    return assemble(node, [cache[p] for p in parts])
 
 
 def load_weights(graphs: Iterable[Graph], reference: Mapping[str, WeightInfo], source: WeightSource,
@@ -147,14 +157,14 @@ def load_weights(graphs: Iterable[Graph], reference: Mapping[str, WeightInfo], s
     # a full tensor is read once, kept while later leaves still cut pieces from it
     uses: dict[str, int] = {}
     for n in nodes.values():
-        for p in str(n.attr.get("src", n.name)).split("+"):
+        for p in source_names(n):
             uses[p] = uses.get(p, 0) + 1
     cache: dict[str, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     for n in nodes.values():
         dev = torch_device(n.devices[0] if n.device else default_device)
         out[n.name] = _piece(n, source, reference, cache).to(device=dev, dtype=dtype).contiguous()
-        for p in str(n.attr.get("src", n.name)).split("+"):
+        for p in source_names(n):
             uses[p] -= 1
             if uses[p] == 0:
                 cache.pop(p, None)
