@@ -129,3 +129,22 @@ def test_eval_cli_flags(hf_tiny, capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out == placed
     assert main(["eval", str(path), "--tokens", "1", "--devices", "cpu,cpu"]) == 2
     assert "--split" in capsys.readouterr().err
+
+
+def test_run_split_auto_on_cpu_devices(tiny: Path, tmp_path: Path) -> None:
+    # the auto plan's placements run like any other: rows come out, labelled auto
+    out = tmp_path / "auto.csv"
+    assert main(["run", str(tiny), "--devices", "cpu,cpu", "--split", "auto", "--hw", "2x3090", "--engine",
+                 "ik_llama.cpp", "--dtype", "f32", "--ubatch", "16", "--tg", "2", "--ctx", "32", "--format", "csv",
+                 "-o", str(out)]) == 0
+    rows = list(csv.reader(line for line in out.read_text().splitlines() if not line.startswith("#")))
+    assert [r[0] for r in rows[1:]] == ["auto", "auto"]
+
+
+def test_eval_split_auto_equals_unplaced(tiny: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
+    assert main(["eval", str(tiny), "--tokens", "3,1,4,1,5", "--decode", "2", "--out", str(a)]) == 0
+    assert main(["eval", str(tiny), "--tokens", "3,1,4,1,5", "--decode", "2", "--devices", "cpu,cpu",
+                 "--split", "auto", "--out", str(b)]) == 0
+    x, y = np.load(a), np.load(b)
+    assert float(np.abs(x - y).max() / np.abs(x).max()) < 1e-5

@@ -14,7 +14,7 @@ import typer
 
 from graphir.errors import GraphirError
 
-SPLITS = ("layer", "graph")
+SPLITS = ("layer", "graph", "auto")
 DEFAULT_PASSES = "merge_qkv,merge_up_gate"
 
 
@@ -30,29 +30,50 @@ def parse_tokens(spec: str) -> list[int]:
 
 def make_transform(cfg: Any, devices: tuple[str, ...], split: str | None = None, ts: str | None = None,
                    max_gpu: int | None = None, recurrent: str = "single", passes: str | None = None,
-                   ctx: int = 4096) -> list[Callable[..., Any]]:
+                   ctx: int = 4096, *, ubatch: int = 2048, tg: int = 128, hw: str = "2xH200",
+                   engine: str = "graphir-cuda") -> list[Callable[..., Any]]:
     """Placement (`split` over `devices`) first, then the named passes (registered names or
     module:function), as `graphir place` orders them."""
     from passes import parse_ts, place_graph, place_layer
     from passes.manager import PassContext, resolve
 
     if split is not None and split not in SPLITS:
-        raise GraphirError(f"--split must be layer or graph, got {split!r}")
+        raise GraphirError(f"--split must be layer, graph or auto, got {split!r}")
     if recurrent not in ("single", "split"):
         raise GraphirError(f"--recurrent must be single or split, got {recurrent!r}")
     if len(devices) > 1 and split is None:
-        raise GraphirError(f"{len(devices)} devices given: running on several needs a split mode (--split layer|graph)")
+        raise GraphirError(f"{len(devices)} devices given: running on several needs a split mode (--split layer|graph|auto)")
     out: list[Callable[..., Any]] = []
     ratios = parse_ts(ts, len(devices)) if ts else None
     if split == "layer":
         out.append(lambda g: place_layer(g, cfg, devices, ts=ratios))
     elif split == "graph":
         out.append(lambda g: place_graph(g, cfg, devices, ts=ratios, max_gpu=max_gpu, recurrent=recurrent))  # type: ignore[arg-type]
+    elif split == "auto":
+        out.append(_auto_placer(cfg, devices, ratios, ubatch, tg, ctx, hw, engine))
     pctx = PassContext(cfg=cfg, devices=devices, ts=ratios, max_gpu=max_gpu, recurrent=recurrent, ctx_len=ctx)
     for name in [p.strip() for p in (passes or "").split(",") if p.strip() and p.strip() != "none"]:
         _, fn = resolve(name)
         out.append(lambda g, fn=fn: _call(fn, g, pctx))
     return out
+
+
+def _auto_placer(cfg: Any, devices: tuple[str, ...], ratios: Any, ubatch: int, tg: int, ctx: int, hw: str,
+                 engine: str) -> Callable[..., Any]:
+    """The auto plan's placement of each phase, searched once (on the first graph placed) for a
+    sweep of this shape on `hw` with `engine`. A plan with depth ranges runs its first range's
+    placements: switching layouts mid-sweep is not executed (the cost model prices it)."""
+    from passes.auto import AutoWorkload, place_auto
+
+    plan: list[Any] = []
+
+    def place_auto_plan(g: Any) -> Any:
+        if not plan:
+            wl = AutoWorkload(ubatch=ubatch, tg=tg, ctx=ctx)
+            plan.append(place_auto(g, cfg, devices, wl, hw, engine, ts=ratios).plan)
+        return plan[0].place(g, 0)
+
+    return place_auto_plan
 
 
 def _call(fn: Any, g: Any, pctx: Any) -> Any:
@@ -108,7 +129,8 @@ def _progress() -> Callable[[str], None]:
 def run_sweep(model: str, *, devices: str = "cuda:0", split: str | None = None, ts: str | None = None,
               recurrent: str = "single", max_gpu: int | None = None, dtype: str = "bf16", ubatch: int = 2048,
               tg: int = 128, ctx: int = 8192, layers: str | None = None, passes: str | None = DEFAULT_PASSES,
-              seed: int = 0, graphs: bool = True, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+              seed: int = 0, graphs: bool = True, say: Callable[[str], None] | None = None,
+              hw: str = "2xH200", engine: str = "graphir-cuda") -> dict[str, Any]:
     """The `run` verb as a function: {"rows": [SweepRow], "meta": {...}}."""
     from backends.cuda.devices import parse_devices
     from backends.cuda.session import Session
@@ -125,7 +147,8 @@ def run_sweep(model: str, *, devices: str = "cuda:0", split: str | None = None, 
     devs = parse_devices(placement_devices(devices))
     source = load_source(model)
     rng = parse_layers(layers, source.cfg.n_layer)
-    transform = make_transform(source.cfg, devs, split, ts, max_gpu, recurrent, passes, ctx)
+    transform = make_transform(source.cfg, devs, split, ts, max_gpu, recurrent, passes, ctx, ubatch=ubatch, tg=tg,
+                               hw=hw, engine=engine)
     say(f"building {source.cfg.name or model} on {','.join(devs)} ({split or 'one device'})")
     t0 = time.perf_counter()
     session = Session(source, None, devs, ctx + max(ubatch, tg), dtype=dtype, seed=seed, transform=transform,
@@ -172,10 +195,12 @@ def register(app: typer.Typer) -> None:
     @app.command("run")
     def run_cmd(model: str = typer.Argument(..., help="preset, config.json, checkpoint dir or .gguf"),
                 devices: str = typer.Option("cuda:0", "--devices", help="cuda:0,cuda:1 | cpu | cpu,cpu"),
-                split: Optional[str] = typer.Option(None, "--split", help="layer | graph"),
+                split: Optional[str] = typer.Option(None, "--split", help="layer | graph | auto"),
                 ts: Optional[str] = typer.Option(None, "--ts", help="split ratios, e.g. 3,1"),
                 recurrent: str = typer.Option("single", "--recurrent", help="delta-net layers: single | split"),
                 max_gpu: Optional[int] = typer.Option(None, "--max-gpu", help="graph split: devices per layer"),
+                hw: str = typer.Option("2xH200", "--hw", help="--split auto: the system the search prices"),
+                engine: str = typer.Option("graphir-cuda", "--engine", help="--split auto: the engine profile"),
                 dtype: str = typer.Option("bf16", "--dtype", help="bf16, f16 or f32"),
                 ubatch: int = typer.Option(2048, "--ubatch", help="PP tokens per row (the u-batch)"),
                 tg: int = typer.Option(128, "--tg", help="decoded tokens per row"),
@@ -195,7 +220,7 @@ def register(app: typer.Typer) -> None:
         show = _progress()
         res = run_sweep(model, devices=devices, split=split, ts=ts, recurrent=recurrent, max_gpu=max_gpu,
                         dtype=dtype, ubatch=ubatch, tg=tg, ctx=ctx, layers=layers, passes=passes, seed=seed,
-                        graphs=not no_graphs, say=show)
+                        graphs=not no_graphs, say=show, hw=hw, engine=engine)
         show("")
         rows, meta = res["rows"], res["meta"]
         if format == "csv":
