@@ -45,7 +45,9 @@ def other_phase(g: Graph, cfg: ModelConfig) -> Graph:
     logits = "all" if g.info.get("phase", "pp") == "pp" and "output_last" not in g else "last"
     opts = BuildOptions(phase=phase, act_dtype=str(info.get("act", "f32")), quant=quant,  # type: ignore[arg-type]
                         kv_type=str(info.get("kv_type", "f16")), logits=logits)
-    return build(cfg, opts)
+    # the same layer range as `g` (a `--layers A:B` graph keeps its layers' original indices)
+    layers = [i for i, _ in _sections(g)[1]]
+    return build(cfg, opts, range(layers[0], layers[-1] + 1) if layers else None)
 
 
 class Search:

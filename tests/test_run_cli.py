@@ -148,3 +148,10 @@ def test_eval_split_auto_equals_unplaced(tiny: Path, tmp_path: Path) -> None:
                  "--split", "auto", "--out", str(b)]) == 0
     x, y = np.load(a), np.load(b)
     assert float(np.abs(x - y).max() / np.abs(x).max()) < 1e-5
+
+
+def test_run_split_auto_with_a_layer_range(tiny: Path) -> None:
+    # the search rebuilds the other phase's graph: it must keep the --layers range
+    assert main(["run", str(tiny), "--devices", "cpu,cpu", "--split", "auto", "--hw", "2x3090", "--engine",
+                 "ik_llama.cpp", "--dtype", "f32", "--ubatch", "8", "--tg", "2", "--ctx", "16",
+                 "--layers", "1:3", "--format", "csv"]) == 0
