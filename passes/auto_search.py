@@ -19,6 +19,7 @@ from graphir.graph import Graph
 from graphir.models import BuildOptions, build
 from graphir.models.config import ModelConfig
 from graphir.ops import Op
+from graphir.progress import bar
 from graphir.quant import per_tensor, scheme
 
 from passes.auto import AutoError, AutoPlan, AutoWorkload, Candidate, Segment
@@ -65,6 +66,7 @@ class Search:
         self.cands: list[Candidate] = []
         self.by_choice: dict[Choice, int] = {}
         self.by_plan: dict[tuple, int] = {}
+        self.tick: Callable[[str], None] = lambda name: None  # called once per placement priced
         self.region_cache: dict[str, RegionCache] = {"pp": {}, "tg": {}}
         self.layouts: dict[tuple, int] = {}
         self.layout_pieces: list[list[StatePiece]] = []
@@ -86,6 +88,7 @@ class Search:
                   for ph, g in self.graphs.items()}
         tl_pp = evaluate(price(placed["pp"], self.wl.ubatch), self.sysm, self.eng, self.rows)
         tl_tg = evaluate(price(placed["tg"]), self.sysm, self.eng, self.rows + (self.wl.tg - 1) / 2.0)
+        self.tick(ch.name)
         lay = state_layout(placed["pp"])
         if lay != state_layout(placed["tg"]):
             raise AutoError(f"placement {ch.name}: PP and TG graphs put state in different places")
@@ -272,16 +275,18 @@ def search(g: Graph, cfg: ModelConfig, devices: Sequence[str] | str | int, wl: A
     S = Search({"pp": gs["pp"], "tg": gs["tg"]}, cfg, devs, wl, sysm, eng)
     n = len(devs)
     home = home_counts(cfg, n, S.layers, tuple(ts) if ts else tuple(1.0 for _ in range(n)))
-    S.kinds_stage(home)
-    li, gi = S.ev(layer_choice(home, n)), S.ev(graph_choice(S.kinds, home, n))
-    if n > 2:
-        S.groups_stage()
-    if n > 1:
-        S.ratios_stage()
-    S.home_stage()
-    if n > 1:
-        S.head_stage()
-    S.reduce_stage([d for d in reduce_dtypes if d])
+    with bar("auto: placements priced") as b:  # silent unless stderr is a terminal
+        S.tick = lambda name: (b.advance(), b.update(note=name))
+        S.kinds_stage(home)
+        li, gi = S.ev(layer_choice(home, n)), S.ev(graph_choice(S.kinds, home, n))
+        if n > 2:
+            S.groups_stage()
+        if n > 1:
+            S.ratios_stage()
+        S.home_stage()
+        if n > 1:
+            S.head_stage()
+        S.reduce_stage([d for d in reduce_dtypes if d])
     return _plan(S, li, gi, guard, max_segments, tolerance, time.perf_counter() - t0)
 
 
