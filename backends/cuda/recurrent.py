@@ -9,7 +9,7 @@ the IR keeps it as [dk,nv,dv] (ggml's layout), converted at the kernel boundary.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,14 +65,25 @@ def delta_rule_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
     return out.transpose(0, 1), S
 
 
-def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                       state: torch.Tensor, qk_l2norm: bool = True, chunk: int = CHUNK
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as delta_rule_recurrent, in chunks: within a chunk the delta-rule updates
-    form a unit lower-triangular system (the UT transform) solved at once."""
-    q, k, v, g, beta = _prepare(q, k, v, g, beta, qk_l2norm)
+class ChunkTerms(NamedTuple):
+    """What the chunked delta rule needs per chunk, all f32 [nv, n, C, ...] (C = chunk)."""
+
+    u: torch.Tensor  # [nv,n,C,dv] values after the UT transform
+    w: torch.Tensor  # [nv,n,C,dk] decayed keys after the UT transform (read the incoming state)
+    attn: torch.Tensor  # [nv,n,C,C] causal q·k within the chunk, decayed
+    qd: torch.Tensor  # [nv,n,C,dk] queries decayed from the chunk start
+    kd: torch.Tensor  # [nv,n,C,dk] keys decayed to the chunk end
+    last: torch.Tensor  # [nv,n] decay over the whole chunk
+
+
+def chunk_terms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                qk_l2norm: bool, chunk: int) -> ChunkTerms:
+    """The intra-chunk part of the chunked delta rule (shared by the torch and Triton paths):
+    within a chunk the delta-rule updates form a unit lower-triangular system (the UT
+    transform), solved once for the values and the decayed keys together."""
+    q, k, v, g, beta = _prepare(q, k, v, g, beta, qk_l2norm)  # [nv,T,d] f32
     q = q * q.shape[-1] ** -0.5
-    nv, T, dk = k.shape
+    nv, T, dv = v.shape
     pad = (chunk - T % chunk) % chunk
     # padded steps have beta = 0 and g = 0: they neither write the state nor decay it
     q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
@@ -80,23 +91,32 @@ def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
     n = (T + pad) // chunk
     q, k, v = (x.reshape(nv, n, chunk, x.shape[-1]) for x in (q, k, v))  # [nv,n,C,d]
     g, beta = g.reshape(nv, n, chunk), beta.reshape(nv, n, chunk)
-    kb, vb = k * beta[..., None], v * beta[..., None]
+    kb = k * beta[..., None]
     G = g.cumsum(-1)  # log decay from the chunk start: [nv,n,C]
     upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
     decay = (G[..., :, None] - G[..., None, :]).masked_fill(upper, float("-inf")).exp()  # [nv,n,C,C]
     system = (kb @ k.transpose(-1, -2)) * decay  # its strict lower part couples the updates
-    u = torch.linalg.solve_triangular(system, vb, upper=False, unitriangular=True)
-    w = torch.linalg.solve_triangular(system, kb * G.exp()[..., None], upper=False, unitriangular=True)
+    eG = G.exp()[..., None]
+    rhs = torch.cat((v * beta[..., None], kb * eG), dim=-1)  # one triangular solve for u and w
+    uw = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
     attn = (q @ k.transpose(-1, -2)) * decay  # causal within the chunk (diagonal kept)
-    qd = q * G.exp()[..., None]
     kd = k * (G[..., -1:] - G).exp()[..., None]
-    last = G[..., -1].exp()  # [nv,n]
+    return ChunkTerms(uw[..., :dv], uw[..., dv:], attn, q * eG, kd, G[..., -1].exp())
+
+
+def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                       state: torch.Tensor, qk_l2norm: bool = True, chunk: int = CHUNK
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as delta_rule_recurrent, in chunks (see chunk_terms)."""
+    T = q.shape[0]
+    c = chunk_terms(q, k, v, g, beta, qk_l2norm, chunk)
+    nv, n = c.last.shape
     S = state.to(torch.float32).clone()
-    out = torch.empty_like(v)
+    out = torch.empty_like(c.u)
     for i in range(n):
-        vn = u[:, i] - w[:, i] @ S  # the part of each value the state does not already predict
-        out[:, i] = qd[:, i] @ S + attn[:, i] @ vn
-        S = S * last[:, i, None, None] + kd[:, i].transpose(-1, -2) @ vn
+        vn = c.u[:, i] - c.w[:, i] @ S  # the part of each value the state does not already predict
+        out[:, i] = c.qd[:, i] @ S + c.attn[:, i] @ vn
+        S = S * c.last[:, i, None, None] + c.kd[:, i].transpose(-1, -2) @ vn
     out = out.reshape(nv, n * chunk, -1)[:, :T]
     return out.transpose(0, 1), S
 

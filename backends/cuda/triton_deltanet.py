@@ -21,7 +21,6 @@ rows [0,T) the outputs, rows [T, T+dk) the new state laid out [dk, nv, dv].
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 try:
     import triton
@@ -150,33 +149,12 @@ def delta_net_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torc
                       config: tuple[int, int, bool, int] | None = None) -> torch.Tensor:
     """Same contract as `delta_net`: packed f32 [T+dk, nv, dv]; dk a power of two >= 16.
     `config` (BV, warps, bf16 operands): default the first of CONFIGS that compiled here."""
-    from backends.cuda.recurrent import _prepare
+    from backends.cuda.recurrent import chunk_terms
 
-    T = q.shape[0]
-    dk = q.shape[2]
-    q, k, v, g, beta = _prepare(q, k, v, g, beta, qk_l2norm)  # [nv,T,d] f32
-    q = q * dk ** -0.5
-    nv, _, dv = v.shape
-    pad = (chunk - T % chunk) % chunk
-    # padded steps have beta = 0 and g = 0: they neither write the state nor decay it
-    q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-    g, beta = (F.pad(x, (0, pad)) for x in (g, beta))
-    n = (T + pad) // chunk
-    q, k, v = (x.reshape(nv, n, chunk, x.shape[-1]) for x in (q, k, v))  # [nv,n,C,d]
-    g, beta = g.reshape(nv, n, chunk), beta.reshape(nv, n, chunk)
-    kb = k * beta[..., None]
-    G = g.cumsum(-1)  # log decay from the chunk start
-    upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
-    decay = (G[..., :, None] - G[..., None, :]).masked_fill(upper, float("-inf")).exp()  # [nv,n,C,C]
-    system = (kb @ k.transpose(-1, -2)) * decay
-    eG = G.exp()[..., None]
-    rhs = torch.cat((v * beta[..., None], kb * eG), dim=-1)  # one triangular solve for u and w
-    uw = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
-    u, w = uw[..., :dv].contiguous(), uw[..., dv:].contiguous()
-    attn = ((q @ k.transpose(-1, -2)) * decay).contiguous()
-    qd = (q * eG).contiguous()
-    kd = (k * (G[..., -1:] - G).exp()[..., None]).contiguous()
-    last = G[..., -1].exp().contiguous()  # [nv,n]
+    T, dk, (nv, dv) = q.shape[0], q.shape[2], v.shape[1:]
+    c = chunk_terms(q, k, v, g, beta, qk_l2norm, chunk)
+    n = c.last.shape[1]
+    u, w, attn, qd, kd, last = (x.contiguous() for x in c)
     out = torch.empty((T + dk, nv, dv), dtype=torch.float32, device=q.device)
     s0 = state.contiguous().to(torch.float32)
     tries = [config] if config else ([PREFILL["config"]] if PREFILL.get("config") else list(CONFIGS))
