@@ -11,7 +11,10 @@ stage (so a run cut short keeps what it finished). Stages:
   a      Qwen3-Next-80B-A3B layers 0:8, bf16, cuda:0, sweep to 16k (ubatch 2048, tg 128)
   hf     transformers' Qwen3NextForCausalLM with the same 8 layers, eager, bf16: PP 2048, TG
   b      the full model on 2 GPUs: layer, graph (recurrent single, split), sweep to 32k
-  c      qwen3-32b on 2 GPUs: layer, graph, sweep to 16k
+  b      (also auto, searched for 2xH200 with the graphir-cuda engine)
+  c      qwen3-32b on 2 GPUs: layer, graph, auto, sweep to 16k
+  d      every GPU of the machine (4 or 8): Qwen3-Next and llama-3-70b, layer, graph (all GPUs and
+         two per layer), auto
   tests  pytest tests/test_exec_cuda.py (the CUDA paths against the reference kernels)
 bench/bench_gpu_report.py turns results.json into the markdown and CSV files.
 """
@@ -216,19 +219,32 @@ def stage_a(res: dict[str, Any], out: Path) -> None:
     _sweep(res, "a", NEXT, devices="cuda:0", dtype="bf16", ubatch=2048, tg=128, ctx=16384, layers="0:8")
 
 
-def stage_b(res: dict[str, Any], out: Path, tg: int) -> None:
+def stage_b(res: dict[str, Any], out: Path, tg: int, ctx: int = 32768) -> None:
     for key, split, rec in (("b-layer", "layer", "single"), ("b-graph-single", "graph", "single"),
-                            ("b-graph-split", "graph", "split")):
+                            ("b-graph-split", "graph", "split"), ("b-auto", "auto", "single")):
         _sweep(res, key, NEXT, devices="cuda:0,cuda:1", split=split, recurrent=rec, dtype="bf16", ubatch=2048,
-               tg=tg, ctx=32768)
+               tg=tg, ctx=ctx, hw="2xH200")
         save(res, out)
 
 
 def stage_c(res: dict[str, Any], out: Path, tg: int, ctx: int) -> None:
-    for key, split in (("c-layer", "layer"), ("c-graph", "graph")):
+    for key, split in (("c-layer", "layer"), ("c-graph", "graph"), ("c-auto", "auto")):
         _sweep(res, key, "qwen3-32b", devices="cuda:0,cuda:1", split=split, dtype="bf16", ubatch=2048, tg=tg,
-               ctx=ctx)
+               ctx=ctx, hw="2xH200")
         save(res, out)
+
+
+def stage_d(res: dict[str, Any], out: Path, tg: int, ctx: int) -> None:
+    """Every GPU of the machine (4 or 8): layer, graph over all of them, graph with two GPUs per
+    layer, auto; Qwen3-Next-80B-A3B and llama-3-70b."""
+    n = torch.cuda.device_count()
+    devs = ",".join(f"cuda:{k}" for k in range(n))
+    for model, tag in ((NEXT, "next"), ("llama-3-70b", "l70")):
+        for key, kw in ((f"d{n}-{tag}-layer", {"split": "layer"}), (f"d{n}-{tag}-graph", {"split": "graph"}),
+                        (f"d{n}-{tag}-graph-mg2", {"split": "graph", "max_gpu": 2}),
+                        (f"d{n}-{tag}-auto", {"split": "auto"})):
+            _sweep(res, key, model, devices=devs, dtype="bf16", ubatch=2048, tg=tg, ctx=ctx, hw=f"{n}xH200", **kw)
+            save(res, out)
 
 
 def hf_stage(res: dict[str, Any], out: Path, eager: bool = True) -> None:
@@ -300,6 +316,7 @@ def prof(res: dict[str, Any], out: Path) -> None:
     s = Session(NEXT, None, DEVS[:1], 8192, dtype="bf16", transform=_transform(cfg, None), layers=range(0, 8),
                 pp_logits="last")
     found: dict[str, Any] = {"calibrate_ms": calibrate(s, 2048)}
+    from backends.cuda.fastpath import diagnostics
     warm_up(s, 2048, 16, True, torch.Generator().manual_seed(0))
     sync = s.streams.synchronize_all
 
@@ -343,7 +360,19 @@ def prof(res: dict[str, Any], out: Path) -> None:
         sync()
         found[f"tg_ms_per_token_wait_{wait}"] = (time.perf_counter() - t0) / 64 * 1e3
         step._reset_positions()
+    host = []  # how long the host takes to hand a step to the GPU (the replay call itself)
+    for _ in range(32):
+        sync()
+        t0 = time.perf_counter()
+        step.step(1)
+        host.append(time.perf_counter() - t0)
+    sync()
+    step._reset_positions()
+    found["tg_host_ms_per_step"] = sorted(host)[len(host) // 2] * 1e3
+    log(f"prof: host time of one captured step call {found['tg_host_ms_per_step']:.3f} ms")
     step.close()
+    found["fast_paths"] = diagnostics()
+    log(f"prof: fast paths {found['fast_paths']}")
     log(f"prof: calibrate {found['calibrate_ms']}, captured TG ms/token "
         f"{found['tg_ms_per_token_wait_True']:.3f} (wait each), {found['tg_ms_per_token_wait_False']:.3f} (no wait)")
     res["prof"] = found
@@ -351,8 +380,49 @@ def prof(res: dict[str, Any], out: Path) -> None:
     free()
 
 
+def host(res: dict[str, Any], out: Path) -> None:
+    """Where the host's time goes in a prefill of (a): cProfile of three u-batches."""
+    import cProfile
+    import io
+    import pstats
+
+    from backends.cuda.session import Session
+    from backends.cuda.sweeprun import calibrate, warm_up
+    from graphir.models.sources import load_source
+
+    cfg = load_source(NEXT).cfg
+    s = Session(NEXT, None, DEVS[:1], 8192, dtype="bf16", transform=_transform(cfg, None), layers=range(0, 8),
+                pp_logits="last")
+    calibrate(s, 2048)
+    warm_up(s, 2048, 16, True, torch.Generator().manual_seed(0))
+    s.check_specs = False
+    ids = _tokens(2048)
+    sync = s.streams.synchronize_all
+    walls = []
+    pr = cProfile.Profile()
+    for k in range(4):
+        s.reset()
+        sync()
+        if k:
+            pr.enable()
+        t0 = time.perf_counter()
+        s.prefill(ids)
+        t1 = time.perf_counter()
+        sync()
+        walls.append((t1 - t0, time.perf_counter() - t0))
+        pr.disable()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(30)
+    res["host"] = {"launch_s_and_wall_s": walls, "profile": buf.getvalue()}
+    print(buf.getvalue()[:6000], flush=True)
+    log(f"host: prefill (host call s, wall s): {walls}")
+    del s
+    free()
+
+
 def tests(res: dict[str, Any], out: Path) -> None:
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_exec_cuda.py"],
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_exec_cuda.py",
+                        "tests/test_exec_moe_fast.py"],
                        capture_output=True, text=True, timeout=300)
     tail = (p.stdout + p.stderr)[-6000:]
     sys.stdout.write(tail)
@@ -363,8 +433,8 @@ def save(res: dict[str, Any], out: Path) -> None:
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
 
 
-COST = {"ceil": 5, "tests": 40, "equal": 40, "dist": 40, "a": 30, "hf": 30, "hf2": 30, "b": 150, "c": 60,
-        "prof": 40}
+COST = {"ceil": 5, "tests": 40, "equal": 40, "dist": 40, "a": 30, "hf": 30, "hf2": 30, "b": 150, "c": 60, "d": 200,
+        "prof": 40, "host": 20}
 
 
 def main() -> None:
@@ -375,6 +445,9 @@ def main() -> None:
     ap.add_argument("--tg-b", type=int, default=128)
     ap.add_argument("--tg-c", type=int, default=32)
     ap.add_argument("--ctx-c", type=int, default=16384)
+    ap.add_argument("--ctx-b", type=int, default=32768)
+    ap.add_argument("--tg-d", type=int, default=32)
+    ap.add_argument("--ctx-d", type=int, default=16384)
     args = ap.parse_args()
     out = Path(args.out)
     global DEADLINE
@@ -392,8 +465,9 @@ def main() -> None:
                            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
                            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
     fns = {"ceil": ceilings, "equal": equal, "dist": dist_stage, "a": stage_a, "hf": hf_stage, "tests": tests,
-           "hf2": lambda r, o: hf_stage(r, o, eager=False), "prof": prof,
-           "b": lambda r, o: stage_b(r, o, args.tg_b), "c": lambda r, o: stage_c(r, o, args.tg_c, args.ctx_c)}
+           "hf2": lambda r, o: hf_stage(r, o, eager=False), "prof": prof, "host": host,
+           "b": lambda r, o: stage_b(r, o, args.tg_b, args.ctx_b),
+           "d": lambda r, o: stage_d(r, o, args.tg_d, args.ctx_d), "c": lambda r, o: stage_c(r, o, args.tg_c, args.ctx_c)}
     for st in stages:
         left = args.budget - (time.perf_counter() - T0)
         if left < COST[st] * 0.6:

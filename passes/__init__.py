@@ -11,7 +11,7 @@ from passes.devices import PlacementError, parse_devices, parse_ts
 from passes.manager import (PassContext, PassError, PipelineResult, PassReport, register_pass, registered,
                             resolve, run_pipeline)
 from passes.memory import MemoryPlan, MemoryPlanError, check_fit, parse_mem, plan_memory
-from passes.merge import merge_qkv, merge_up_gate
+from passes.merge import merge_qkv, merge_siblings, merge_up_gate
 from passes.place import place_graph, place_layer
 from passes.transfers import eliminate_dead, insert_transfers, verify_placed
 
@@ -21,7 +21,8 @@ __all__ = [
     "AutoPlan", "AutoResult", "AutoWorkload", "DEFAULT_PASSES", "MemoryPlan", "MemoryPlanError", "NodeCount",
     "NodeEstimate", "PassContext", "PassError",
     "PassReport", "PipelineResult", "PlacementError", "check_fit", "count_nodes", "eliminate_dead",
-    "estimate_nodes", "heuristic_budget", "insert_transfers", "merge_qkv", "merge_up_gate", "parse_devices",
+    "estimate_nodes", "heuristic_budget", "insert_transfers", "merge_qkv", "merge_siblings", "merge_up_gate",
+    "parse_devices",
     "parse_mem", "parse_ts", "place_auto", "place_graph", "place_layer", "plan_memory", "register_pass",
     "registered", "resolve", "run_pipeline", "verify_placed",
 ]

@@ -9,6 +9,7 @@ from graphir.graph import Graph
 from passes.manager import PassContext, register_pass
 from passes.memory import check_fit, plan_memory
 from passes.merge import merge_qkv as _merge_qkv
+from passes.merge import merge_siblings as _merge_siblings
 from passes.merge import merge_up_gate as _merge_up_gate
 from passes.place import place_graph as _place_graph
 from passes.place import place_layer as _place_layer
@@ -27,6 +28,12 @@ def merge_qkv(g: Graph, ctx: PassContext) -> Graph:
 def merge_up_gate(g: Graph, ctx: PassContext) -> Graph:
     """Gate and up projections (dense, shared expert, routed experts) as one matmul."""
     return _merge_up_gate(g)
+
+
+@register_pass("merge_siblings")
+def merge_siblings(g: Graph, ctx: PassContext) -> Graph:
+    """Delta-net in/ba projections; router + shared-expert gate, up and gate-inp: one matmul each."""
+    return _merge_siblings(g)
 
 
 @register_pass("place_layer")

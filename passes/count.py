@@ -91,6 +91,13 @@ class _Tally:
 
 def _merges(cfg: ModelConfig, opts: BuildOptions, i: int, merges: Sequence[str]) -> tuple[bool, bool, bool, bool]:
     """Which merges apply in layer i: (qkv, dense up/gate, shared-expert up/gate, expert up/gate)."""
+    qkv, up, sh, ex, _, _ = _all_merges(cfg, opts, i, merges)
+    return qkv, up, sh, ex
+
+
+def _all_merges(cfg: ModelConfig, opts: BuildOptions, i: int, merges: Sequence[str]
+                ) -> tuple[bool, bool, bool, bool, bool, bool]:
+    """_merges plus merge_siblings': (..., delta-net in+ba, router+shared expert)."""
     H, p, L = cfg.hidden_size, f"blk.{i}.", cfg.n_layer
 
     def t(role: str, *shape: int):  # type: ignore[no-untyped-def]
@@ -109,21 +116,36 @@ def _merges(cfg: ModelConfig, opts: BuildOptions, i: int, merges: Sequence[str])
         else:
             N = cfg.intermediate_size
             up = t("ffn_gate", N, H) == t("ffn_up", N, H)
-    return qkv, up, sh, ex
+    ssm = router = False
+    if "merge_siblings" in merges:
+        if cfg.is_recurrent(i):
+            nk, nv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+            rows = 2 * nk * cfg.linear_key_head_dim + 2 * nv * cfg.linear_value_head_dim
+            ssm = t("ssm_in", rows, H) == t("ssm_ba", 2 * nv, H)
+        Ns = cfg.shared_expert_intermediate_size
+        if cfg.is_moe_layer(i) and Ns:
+            ty = {t("ffn_gate_inp", cfg.n_expert, H), t("ffn_gate_shexp", Ns, H), t("ffn_up_shexp", Ns, H),
+                  t("ffn_gate_inp_shexp", 1, H)}
+            # merge_up_gate first takes the shared gate and up away from the router's group
+            first = "merge_up_gate" not in merges or merges.index("merge_siblings") < merges.index("merge_up_gate")
+            router = len(ty) == 1 and (first or not sh)
+            sh = sh and not router
+    return qkv, up, sh, ex, ssm, router
 
 
-def _mixer(tally: _Tally, cfg: ModelConfig, opts: BuildOptions, i: int, r: RegionPlan, qkv: bool) -> int:
+def _mixer(tally: _Tally, cfg: ModelConfig, opts: BuildOptions, i: int, r: RegionPlan, qkv: bool,
+           ssm: bool = False) -> int:
     devs = r.devices
     if r.kind == "attn":
         per, lead = _attn_nodes(cfg, qkv)
     else:
-        per, lead = _delta_nodes(opts, len(devs) > 1), 0
+        per, lead = _delta_nodes(opts, len(devs) > 1) + (2 if ssm else 0), 0
     tally.each(devs, per)
     tally.on(r.lead, lead)
     return per * len(devs) + lead + tally.exit(devs, r.lead)
 
 
-def _ffn(tally: _Tally, cfg: ModelConfig, r: RegionPlan, up: bool, sh: bool, ex: bool) -> int:
+def _ffn(tally: _Tally, cfg: ModelConfig, r: RegionPlan, up: bool, sh: bool, ex: bool, router: bool = False) -> int:
     devs = r.devices
     if r.kind == "ffn":
         per = 9 + (2 if up else 0)
@@ -132,7 +154,7 @@ def _ffn(tally: _Tally, cfg: ModelConfig, r: RegionPlan, up: bool, sh: bool, ex:
     R = r.share("exps").devices
     S = r.share("shexp").devices if cfg.shared_expert_intermediate_size else ()
     both = [j for j in R if j in S]
-    routed, shared = 12 + (2 if ex else 0), 11 + (2 if sh else 0)
+    routed, shared = 12 + (2 if ex else 0), 11 + (2 if sh or router else 0)
     tally.each(devs, 2)
     tally.each(R, routed)
     tally.each(S, shared)
@@ -191,12 +213,13 @@ def estimate_nodes(cfg: ModelConfig, opts: BuildOptions | None = None, *, merges
         emb, head = plan.embed, plan.head
         holders, rope = {emb}, set()
         for i, m, f in plan.layers:
-            qkv, up, sh, ex = _merges(cfg, opts, i, merges)
+            qkv, up, sh, ex, ssm, router = _all_merges(cfg, opts, i, merges)
             for r in (m, f):
                 need = [j for j in r.devices if j not in holders]
                 tally.each(need, 1)
                 copies += len(need)
-                total += _mixer(tally, cfg, opts, i, r, qkv) if r is m else _ffn(tally, cfg, r, up, sh, ex)
+                total += (_mixer(tally, cfg, opts, i, r, qkv, ssm) if r is m
+                          else _ffn(tally, cfg, r, up, sh, ex, router))
                 holders = set(r.devices)
             if m.kind == "attn":
                 rope.update(m.devices)
@@ -209,20 +232,20 @@ def estimate_nodes(cfg: ModelConfig, opts: BuildOptions | None = None, *, merges
         holders, rope = {emb}, set()
         for i in idx:
             d = where[i]
-            qkv, up, sh, ex = _merges(cfg, opts, i, merges)
+            qkv, up, sh, ex, ssm, router = _all_merges(cfg, opts, i, merges)
             if d not in holders:
                 tally.on(d, 1)
                 copies += 1
             holders = {d}
             if cfg.is_recurrent(i):
-                k = _delta_nodes(opts, False) + 1
+                k = _delta_nodes(opts, False) + 1 + (2 if ssm else 0)
             else:
                 per, lead = _attn_nodes(cfg, qkv)
                 k = per + lead + 1
                 rope.add(d)
             if cfg.is_moe_layer(i):
                 Ns = cfg.shared_expert_intermediate_size
-                k += 2 + 12 + (2 if ex else 0) + ((11 + (2 if sh else 0) + 1) if Ns else 0) + 1
+                k += 2 + 12 + (2 if ex else 0) + ((11 + (2 if sh or router else 0) + 1) if Ns else 0) + 1
             else:
                 k += 9 + (2 if up else 0) + 1
             tally.on(d, k)

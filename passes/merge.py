@@ -1,4 +1,4 @@
-"""Load-time fusions (REFERENCE §4) as graph passes: `merge_qkv` and `merge_up_gate`.
+"""Load-time fusions (REFERENCE §4) as graph passes: `merge_qkv`, `merge_up_gate`, `merge_siblings`.
 
 Several matmuls that read the same activation become one matmul on the concatenated weight,
 followed by slices that keep the old names (so nothing downstream changes):
@@ -43,6 +43,14 @@ UP_GATE = (
     MergeRule(Op.MATMUL, ("ffn_gate_shexp", "ffn_up_shexp"), "ffn_gate_up_shexp"),
     MergeRule(Op.MOE_MATMUL, ("ffn_gate_exps", "ffn_up_exps"), "ffn_gate_up_exps"),
 )
+# matmuls of one activation that no other merge joins: a delta-net layer's two input
+# projections, and the router with the shared expert's gate, up and sigmoid gate (four
+# matmuls of the post-attention norm). In a decode step each is a launch reading a few MB;
+# one launch reads them all at the HBM rate.
+SIBLINGS = (
+    MergeRule(Op.MATMUL, ("ssm_in", "ssm_ba"), "ssm_in_ba"),
+    MergeRule(Op.MATMUL, ("ffn_gate_inp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_gate_inp_shexp"), "ffn_router_shexp"),
+)
 _NAME = re.compile(r"(blk\.\d+\.)([A-Za-z0-9_]+)(#[A-Za-z0-9_.#\-]*)?$")
 
 
@@ -54,6 +62,12 @@ def merge_qkv(g: Graph) -> Graph:
 def merge_up_gate(g: Graph) -> Graph:
     """Gate and up projections of dense FFNs, shared experts and routed experts -> one matmul."""
     return _merge(g, UP_GATE)
+
+
+def merge_siblings(g: Graph) -> Graph:
+    """The delta-net input projections; the router with the shared expert's projections.
+    Runs before merge_up_gate (which would take the shared expert's gate and up alone)."""
+    return _merge(g, SIBLINGS)
 
 
 def _groups(g: Graph, rules: tuple[MergeRule, ...]) -> dict[str, tuple[MergeRule, tuple[Node, ...]]]:

@@ -201,6 +201,8 @@ PIPELINES = [
     (("place_graph", "insert_transfers"), {}),
     (("place_graph", "insert_transfers"), {"recurrent": "split"}),
     (("merge_qkv", "merge_up_gate", "place_graph", "insert_transfers"), {}),
+    (("merge_siblings", "merge_qkv", "merge_up_gate"), {}),
+    (("place_graph", "insert_transfers", "merge_siblings", "merge_qkv", "merge_up_gate"), {"recurrent": "split"}),
 ]
 
 
@@ -217,3 +219,37 @@ def test_placement_passes_match_unplaced(arch: str, pipeline: tuple[str, ...], o
         # merged weights are load-time constants: folded once, the separate leaves freed
         assert not s.executed["tg"].by_op(Op.CONCAT)
         assert not any(k.startswith("blk.0.attn_q.weight") for k in s.weights)
+
+
+MANY = [  # (devices, pipeline, options): the 4- and 8-GPU placements of the multi-GPU runs
+    (4, ("place_layer", "insert_transfers"), {}),
+    (4, ("place_graph", "insert_transfers", "merge_siblings", "merge_qkv", "merge_up_gate"), {}),
+    (4, ("place_graph", "insert_transfers"), {"max_gpu": 2, "recurrent": "split"}),
+    (8, ("place_layer", "insert_transfers"), {}),
+    (8, ("place_graph", "insert_transfers"), {"recurrent": "split"}),
+    (8, ("place_graph", "insert_transfers", "merge_qkv", "merge_up_gate"), {"max_gpu": 2}),
+]
+
+
+@pytest.mark.parametrize("n,pipeline,options", MANY, ids=lambda p: "+".join(p) if isinstance(p, tuple) else str(p))
+@pytest.mark.parametrize("arch", ["llama", "qwen3_next"])
+def test_four_and_eight_devices_match_unplaced(arch: str, n: int, pipeline: tuple[str, ...], options: dict) -> None:
+    """Logical CPU devices stand in for 4 and 8 GPUs: every device holds a part, and the
+    placed graph still computes the unplaced graph's logits."""
+    passes = pytest.importorskip("passes")
+    cfg = from_hf_dict(CONFIGS[arch])
+    devs = tuple(f"cpu:{k}" for k in range(n))
+    pctx = passes.PassContext(cfg=cfg, devices=devs, **options)
+    s = _compare(cfg, lambda g: passes.run_pipeline(g, pipeline, pctx).graph)
+    used = s.graphs["pp"].device_list()
+    assert len(used) >= min(n, 3), used  # three layers (four for qwen3_next) spread over the devices
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_auto_on_four_and_eight_devices_matches_unplaced(n: int) -> None:
+    from backends.cuda.cli import make_transform
+
+    cfg = from_hf_dict(CONFIGS["qwen3_next"])
+    devs = tuple(f"cpu:{k}" for k in range(n))
+    s = _compare(cfg, make_transform(cfg, devs, "auto", ubatch=8, tg=4, ctx=16, hw=f"{n}xH200"))
+    assert len(s.graphs["pp"].device_list()) > 1

@@ -16,6 +16,9 @@ CASES = [  # (split, devices, ts, recurrent, merges)
     ("layer", 2, None, "single", ("merge_qkv", "merge_up_gate")),
     ("graph", 2, None, "single", ("merge_qkv", "merge_up_gate")),
     ("graph", 3, (2.0, 1.0, 1.0), "split", ()),
+    (None, 1, None, "single", ("merge_siblings", "merge_qkv", "merge_up_gate")),
+    ("graph", 2, None, "split", ("merge_siblings", "merge_qkv", "merge_up_gate")),
+    ("graph", 2, None, "single", ("merge_up_gate", "merge_siblings")),
 ]
 
 

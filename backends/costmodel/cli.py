@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -55,6 +56,20 @@ def split_tables(path: Path, table: SweepTable, split: str | None) -> list[tuple
         return [(s, table.by_split(s)) for s in names]
     named = [w for w in ("layer", "graph", "auto") if w in re.split(r"[^a-z]+", path.stem.lower())]
     return [(split or (named[0] if len(named) == 1 else ""), table)]
+
+
+def run_label(label: str, recurrent: str = "single") -> tuple[str, str]:
+    """A table's split label -> (split mode, recurrent placement). `graphir run` labels graph
+    split of a model with delta-net layers `graph-single` / `graph-split`."""
+    mode, _, rec = label.partition("-")
+    if mode not in ("layer", "graph", "auto") or (rec and (mode != "graph" or rec not in ("single", "split"))):
+        raise CostModelCliError(f"split {label!r}: expected layer, graph, graph-single, graph-split or auto")
+    return mode, rec or recurrent
+
+
+def _base(label: str) -> str:
+    """graph-single and graph-split (a measured run's labels) align with a prediction's graph."""
+    return label.partition("-")[0]
 
 
 def _emit(text: str, output: Path | None) -> None:
@@ -151,7 +166,8 @@ def calibrate_cmd(
             ubs = sorted({r.pp for r in t.rows})
             if len(ubs) != 1:
                 raise CostModelCliError(f"{path}: rows mix u-batch sizes {ubs}; calibrate one size per table")
-            po = PlaceOptions(mode, sysm.devices, _ts(ts), max_gpu, recurrent)  # type: ignore[arg-type]
+            split_mode, rec = run_label(mode, recurrent)
+            po = PlaceOptions(split_mode, sysm.devices, _ts(ts), max_gpu, rec)  # type: ignore[arg-type]
             pp, tg, _ = place_and_price(cfg, q, kv_type, po, ubs[0])
             cases.append(Case(f"{path.stem}:{mode}", pp, tg, t))
     params = [p.strip() for p in fit_params.split(",")] if fit_params else None
@@ -179,7 +195,8 @@ def compare_cmd(
     (ref_path, ref), pairs = parts[0], []
     for path, entries in parts[1:]:
         for s, t in entries:
-            hits = [r for r in ref if r[0] == s] or [r for r in ref if not r[0] or not s]
+            hits = ([r for r in ref if r[0] == s] or [r for r in ref if _base(r[0]) == _base(s)]
+                    or [r for r in ref if not r[0] or not s])
             if len(hits) > 1 or (hits and not hits[0][0] and len(entries) > 1):
                 names = [", ".join(x or "no split" for x, _ in e) for e in (ref, entries)]
                 raise CostModelCliError(f"{ref_path.name} ({names[0]}) vs {path.name} ({names[1]}): "
@@ -191,6 +208,8 @@ def compare_cmd(
                                 f"{ref_path.name} ({', '.join(s or '?' for s, _ in ref)})")
     out, results = [], []
     for s, a, path, b in pairs:
+        if a.splits() and b.splits() and a.splits() != b.splits():  # graph-single vs graph: one label
+            b = SweepTable(tuple(dataclasses.replace(r, split=a.rows[0].split) for r in b), b.label)
         try:
             c = compare_tables(a, b)
         except (KeyError, TableError) as e:

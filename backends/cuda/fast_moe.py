@@ -1,51 +1,145 @@
-"""Grouped expert matmuls (CUDA fast path of Op.MOE_MATMUL): no Python loop over experts,
-no host synchronisation.
+"""Grouped expert matmuls and the router's small ops (CUDA fast paths of the MoE ops): no
+Python loop over experts, no host synchronisation.
 
 Decode (a few token slots): a Triton GEMV reads each chosen expert's weight rows straight
 from the [E,N,K] tensor, one program per (slot, block of N rows): exactly the bytes of the k
 experts a token uses, once, in one launch (a gather-then-bmm would read them three times).
 
-Prefill: slots are sorted by expert once; the group ends come from a `searchsorted` on the
-sorted ids (bincount would read its maximum back to the host), then `torch._grouped_mm`
-(Hopper, bf16) runs every expert's product in one launch, reading only the experts that
-got tokens. Where it is absent, a padded batched matmul over the experts in use does the
-same work (that fallback sizes its batch on the host, so it synchronises once).
+Prefill: `route` sorts the slots by expert once per ids tensor (the rule table keeps it for
+every moe_matmul reading the same ids in a graph call); the group ends come from a
+`searchsorted` on the sorted ids (bincount would read its maximum back to the host). Rows
+are gathered into expert order and cast in one pass, `torch._grouped_mm` (Hopper, bf16) runs
+every expert's product in one launch, and one more pass scatters the rows back to slot
+order in the output type. Where _grouped_mm is absent, a padded batched matmul over the
+experts in use does the same work (that fallback sizes its batch on the host, so it
+synchronises once).
+
+Router: one Triton program per token row picks the top k logits (k rounds of max/argmax
+over the row held in registers) and the softmax over the chosen logits (the `norm` routing
+weights) in the same launch; `moe_sum` is one launch too.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from backends.cuda.fused import on, tl, triton, usable
 
 DECODE_SLOTS = 64  # T*k up to this many slots takes the GEMV path
+TOPK_MAX_E = 4096  # widest router row the top-k kernel holds in registers
+TOPK_MAX_K = 64
 
 
 if triton is not None:
 
     @triton.jit
-    def _moe_gemv_k(x_ptr, w_ptr, ids_ptr, o_ptr, N, K, NKB, KSLOT, sx, PER_SLOT: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr):
+    def _moe_gemv_k(x_ptr, w_ptr, ids_ptr, o_ptr, N, K, KSLOT, sx, PER_SLOT: tl.constexpr, BN: tl.constexpr,
+                    BK: tl.constexpr, EVEN: tl.constexpr):
         s = tl.program_id(0)
         nb = tl.program_id(1)
         e = tl.load(ids_ptr + s).to(tl.int64)
         row = s if PER_SLOT else s // KSLOT
         offs_n = nb * BN + tl.arange(0, BN)
+        offs_k = tl.arange(0, BK)
         mn = offs_n < N
-        acc = tl.zeros([BN], dtype=tl.float32)
-        wbase = w_ptr + e * N * K
-        for kb in range(0, NKB):
-            offs_k = kb * BK + tl.arange(0, BK)
-            mk = offs_k < K
-            xv = tl.load(x_ptr + row * sx + offs_k, mask=mk, other=0.0).to(tl.float32)
-            wv = tl.load(wbase + offs_n[:, None] * K + offs_k[None, :], mask=mn[:, None] & mk[None, :],
-                         other=0.0).to(tl.float32)
-            acc += tl.sum(wv * xv[None, :], axis=1)
-        tl.store(o_ptr + s * N + offs_n, acc.to(o_ptr.dtype.element_ty), mask=mn)
+        wp = w_ptr + e * N * K + offs_n[:, None] * K + offs_k[None, :]  # [BN,BK]
+        xp = x_ptr + row * sx + offs_k
+        # products accumulate per lane; one cross-lane reduction at the end, not one per step
+        acc = tl.zeros([BN, BK], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            if EVEN:  # no masks: the loads stay 16-byte vectors
+                xv = tl.load(xp).to(tl.float32)
+                wv = tl.load(wp).to(tl.float32)
+            else:
+                mk = (k0 + offs_k) < K
+                xv = tl.load(xp, mask=mk, other=0.0).to(tl.float32)
+                wv = tl.load(wp, mask=mn[:, None] & mk[None, :], other=0.0).to(tl.float32)
+            acc += wv * xv[None, :]
+            wp += BK
+            xp += BK
+        out = tl.sum(acc, axis=1)
+        if EVEN:
+            tl.store(o_ptr + s * N + offs_n, out.to(o_ptr.dtype.element_ty))
+        else:
+            tl.store(o_ptr + s * N + offs_n, out.to(o_ptr.dtype.element_ty), mask=mn)
+
+    @triton.jit
+    def _rows_k(src_ptr, idx_ptr, out_ptr, D, s_src, s_out, DIV, SCATTER: tl.constexpr, BD: tl.constexpr):
+        # gather: out[i] = src[idx[i] // DIV]; scatter: out[idx[i]] = src[i]; cast to out's type
+        i = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BD + tl.arange(0, BD)
+        m = offs < D
+        j = tl.load(idx_ptr + i).to(tl.int64)
+        if SCATTER:
+            v = tl.load(src_ptr + i * s_src + offs, mask=m)
+            tl.store(out_ptr + j * s_out + offs, v.to(out_ptr.dtype.element_ty), mask=m)
+        else:
+            v = tl.load(src_ptr + (j // DIV) * s_src + offs, mask=m)
+            tl.store(out_ptr + i * s_out + offs, v.to(out_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _topk_k(l_ptr, ids_ptr, w_ptr, E, sl, K: tl.constexpr, KP: tl.constexpr, BE: tl.constexpr):
+        t = tl.program_id(0)
+        offs = tl.arange(0, BE)
+        v = tl.load(l_ptr + t * sl + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
+        slot = tl.arange(0, KP)
+        top_v = tl.full([KP], float("-inf"), tl.float32)
+        top_i = tl.zeros([KP], dtype=tl.int32)
+        for j in tl.static_range(K):
+            # the largest left (lowest index first on ties), then knocked out for the next round
+            m, i = tl.max(v, axis=0, return_indices=True, return_indices_tie_break_left=True)
+            top_v = tl.where(slot == j, m, top_v)
+            top_i = tl.where(slot == j, i, top_i)
+            v = tl.where(offs == i, float("-inf"), v)
+        ks = slot < K
+        tl.store(ids_ptr + t * K + slot, top_i, mask=ks)
+        # softmax over the chosen logits (top_v[0] is their maximum; unused slots give exp(-inf) = 0)
+        p = tl.exp(top_v - tl.max(top_v, axis=0))
+        tl.store(w_ptr + t * K + slot, p / tl.sum(p, axis=0), mask=ks)
+
+    @triton.jit
+    def _sel_softmax_k(l_ptr, ids_ptr, w_ptr, sl, K: tl.constexpr, KP: tl.constexpr):
+        t = tl.program_id(0)
+        slot = tl.arange(0, KP)
+        ks = slot < K
+        e = tl.load(ids_ptr + t * K + slot, mask=ks, other=0)
+        v = tl.load(l_ptr + t * sl + e, mask=ks, other=float("-inf")).to(tl.float32)
+        p = tl.exp(v - tl.max(v, axis=0))
+        tl.store(w_ptr + t * K + slot, p / tl.sum(p, axis=0), mask=ks)
+
+    @triton.jit
+    def _moe_sum_k(y_ptr, w_ptr, o_ptr, H, sy_t, sy_k, K: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr):
+        t = tl.program_id(0)
+        offs = tl.program_id(1) * BH + tl.arange(0, BH)
+        slot = tl.arange(0, KP)
+        ks = slot < K
+        mh = offs < H
+        y = tl.load(y_ptr + t * sy_t + slot[:, None] * sy_k + offs[None, :], mask=ks[:, None] & mh[None, :],
+                    other=0.0)  # [KP,BH]
+        # the reference casts the weights to y's type and rounds each product to it, then sums
+        w = tl.load(w_ptr + t * K + slot, mask=ks, other=0.0).to(y.dtype).to(tl.float32)
+        prod = (y.to(tl.float32) * w[:, None]).to(y.dtype).to(tl.float32)
+        tl.store(o_ptr + t * H + offs, tl.sum(prod, axis=0).to(o_ptr.dtype.element_ty), mask=mh)
 
 
-def moe_gemv(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """x [T,K] or [T,k,K]; w [E,N,K] contiguous; ids [T,k] -> [T,k,N] in x's type."""
+# ---- decode: GEMV over the chosen experts --------------------------------------------------------
+
+def gemv_config(N: int, K: int) -> tuple[int, int, int]:
+    """(BN, BK, num_warps) for an [N,K] expert slice: 128 columns a step, more rows per
+    program for a short K (the down projection) so each program still reads enough."""
+    # measured on an H200 (bench/bench_moe.py): gate_up [512,1024,2048] 13.0 us with (16,128,8)
+    # against 14.4 with (16,256,4); down [512,2048,512] 7.4 us with (64,128,8) against 9.1
+    if K <= 512:
+        return 64, min(128, max(16, triton.next_power_of_2(K))), 8
+    return 16, 128, 8
+
+
+def moe_gemv(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
+             config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x [T,K] or [T,k,K]; w [E,N,K] contiguous; ids [T,k] -> [T,k,N] in x's type.
+    `config` (BN, BK, num_warps) overrides gemv_config (benchmarks)."""
     T, k = ids.shape
     E, N, K = w.shape
     per_slot = x.dim() == 3
@@ -55,12 +149,53 @@ def moe_gemv(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tenso
     w = w if w.is_contiguous() else w.contiguous()
     ids = ids if ids.is_contiguous() else ids.contiguous()
     out = torch.empty((T * k, N), dtype=x.dtype, device=x.device)
-    BN = 16
-    BK = min(256, max(16, triton.next_power_of_2(K)))
+    BN, BK, warps = config or gemv_config(N, K)
+    even = N % BN == 0 and K % BK == 0
     with on(out):
-        _moe_gemv_k[(T * k, triton.cdiv(N, BN))](xs, w, ids, out, N, K, triton.cdiv(K, BK), k, xs.stride(0), PER_SLOT=per_slot, BN=BN,
-                                                  BK=BK, num_warps=4)
+        _moe_gemv_k[(T * k, triton.cdiv(N, BN))](xs, w, ids, out, N, K, k, xs.stride(0), PER_SLOT=per_slot, BN=BN,
+                                                  BK=BK, EVEN=even, num_warps=warps)
     return out.view(T, k, N)
+
+
+# ---- prefill: slots sorted by expert, one grouped GEMM -----------------------------------------
+
+@dataclass(frozen=True)
+class Route:
+    """Slots [T*k] sorted by expert: what every moe_matmul over the same ids shares."""
+
+    order: torch.Tensor  # [T*k] i64: the slot at each sorted position
+    ends: torch.Tensor  # [E] i32: where each expert's group ends in sorted order (_grouped_mm offs)
+
+
+def route(ids: torch.Tensor, n_experts: int) -> Route:
+    """Sort the slots of ids [T,k] by expert, on the device (no host synchronisation)."""
+    flat = ids.reshape(-1)
+    # a 16-bit key halves the radix sort's passes over 32-bit ids (expert ids fit easily)
+    key_dt = torch.int16 if n_experts <= torch.iinfo(torch.int16).max else torch.int32
+    sorted_ids, order = torch.sort(flat.to(key_dt), stable=True)
+    # group e ends after the slots with id <= e
+    ends = torch.searchsorted(sorted_ids, torch.arange(n_experts, device=ids.device, dtype=key_dt), right=True,
+                              out_int32=True)
+    return Route(order, ends)
+
+
+def _rows(src: torch.Tensor, idx: torch.Tensor, div: int, dtype: torch.dtype, scatter: bool) -> torch.Tensor:
+    """gather: out[i] = src[idx[i] // div]; scatter: out[idx[i]] = src[i] (idx a permutation);
+    out in `dtype`, the cast done in the same pass."""
+    n, D = idx.shape[0], src.shape[1]
+    if not usable(src):  # CUDA without Triton
+        if scatter:
+            out = torch.empty((n, D), dtype=src.dtype, device=src.device)
+            return out.index_copy_(0, idx, src).to(dtype)
+        return src.index_select(0, idx if div == 1 else torch.div(idx, div, rounding_mode="floor")).to(dtype)
+    if src.stride(-1) != 1:
+        src = src.contiguous()
+    out = torch.empty((n, D), dtype=dtype, device=src.device)
+    BD = min(1024, triton.next_power_of_2(D))
+    with on(out):
+        _rows_k[(n, triton.cdiv(D, BD))](src, idx, out, D, src.stride(0), out.stride(0), div, SCATTER=scatter,
+                                         BD=BD, num_warps=4)
+    return out
 
 
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -75,32 +210,30 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 _GROUPED_BROKEN: list[str] = []  # the first failure of _grouped_mm, kept so it is tried once
 
 
-def moe_grouped(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """x [T,K] or [T,k,K]; w [E,N,K]; ids [T,k] -> [T,k,N]: slots sorted by expert, one grouped GEMM."""
+def moe_grouped(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, r: Route | None = None) -> torch.Tensor:
+    """x [T,K] or [T,k,K]; w [E,N,K]; ids [T,k] -> [T,k,N]: slots sorted by expert, one grouped
+    GEMM. `r` is route(ids, E) when the caller already has it."""
     T, k = ids.shape
     E, N, K = w.shape
-    flat = ids.reshape(-1).long()  # [T*k]
-    sorted_ids, order = torch.sort(flat)
-    src = order if x.dim() == 3 else torch.div(order, k, rounding_mode="floor")  # row of x each slot reads
-    xs = (x.reshape(T * k, K) if x.dim() == 3 else x).index_select(0, src).to(w.dtype)  # [T*k,K] by expert
-    # group e ends after the slots with id <= e
-    ends = torch.searchsorted(sorted_ids, torch.arange(E, device=ids.device), right=True)
+    if r is None:
+        r = route(ids, E)
+    # each sorted slot reads its own row of a [T,k,K] x, or its token's row of a [T,K] x
+    src, div = (x.reshape(T * k, K), 1) if x.dim() == 3 else (x, k)
+    xs = _rows(src, r.order, div, w.dtype, scatter=False)  # [T*k,K] by expert
     ys = None
     if _grouped_mm_ok(xs, w) and not _GROUPED_BROKEN:
         try:
-            ys = torch._grouped_mm(xs, w.transpose(1, 2), offs=ends.to(torch.int32))  # [T*k,N]
+            ys = torch._grouped_mm(xs, w.transpose(1, 2), offs=r.ends)  # [T*k,N]
         except (RuntimeError, TypeError) as e:  # an older or stricter build: keep the padded path
             _GROUPED_BROKEN.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
     if ys is None:
-        counts = torch.diff(ends, prepend=ends.new_zeros(1))
+        counts = torch.diff(r.ends, prepend=r.ends.new_zeros(1)).long()
         ys = _padded_bmm(xs, w, counts)
-    out = torch.empty_like(ys)
-    out.index_copy_(0, order, ys)
-    return out.view(T, k, N).to(x.dtype)
+    return _rows(ys, r.order, 1, x.dtype, scatter=True).view(T, k, N)  # back to slot order
 
 
-def moe_matmul(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """x [T,K] or [T,k,K]; w [E,N,K]; ids [T,k] -> [T,k,N]."""
+def moe_matmul(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, r: Route | None = None) -> torch.Tensor:
+    """x [T,K] or [T,k,K]; w [E,N,K]; ids [T,k] -> [T,k,N]. `r`: a shared route(ids, E)."""
     if ids.numel() <= DECODE_SLOTS and usable(x):
         return moe_gemv(x, w, ids)
     if ids.numel() <= DECODE_SLOTS:
@@ -109,7 +242,7 @@ def moe_matmul(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Ten
         rows = (x.unsqueeze(1).expand(T, k, K) if x.dim() == 2 else x).reshape(T * k, K, 1)
         wsel = w.index_select(0, ids.reshape(-1).long())  # [T*k,N,K]
         return torch.bmm(wsel, rows.to(w.dtype)).reshape(T, k, -1).to(x.dtype)
-    return moe_grouped(x, w, ids)
+    return moe_grouped(x, w, ids, r)
 
 
 def _padded_bmm(xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -124,3 +257,56 @@ def _padded_bmm(xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torc
     padded[slot, pos] = xs
     y = torch.bmm(padded, w.index_select(0, used).transpose(1, 2))  # [E_used,max_rows,N]
     return y[slot, pos]
+
+
+# ---- router and weighted sum ---------------------------------------------------------------
+
+def topk_ok(logits: torch.Tensor, k: int) -> bool:
+    return (usable(logits) and logits.dim() == 2 and logits.shape[1] <= TOPK_MAX_E and 0 < k <= TOPK_MAX_K
+            and logits.shape[0] > 0 and logits.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
+def _kp(k: int) -> int:
+    return max(2, triton.next_power_of_2(k))
+
+
+def topk_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T,E] -> (ids i32 [T,k], weights f32 [T,k]): the k largest logits, largest first
+    (the set torch.topk picks when there are no ties), and the softmax over them (the routing
+    weights with norm: softmax over all E renormalised over the chosen k is the same)."""
+    T, E = logits.shape
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    ids = torch.empty((T, k), dtype=torch.int32, device=logits.device)
+    wts = torch.empty((T, k), dtype=torch.float32, device=logits.device)
+    BE = max(16, triton.next_power_of_2(E))
+    with on(ids):
+        _topk_k[(T,)](logits, ids, wts, E, logits.stride(0), K=k, KP=_kp(k), BE=BE,
+                      num_warps=4 if BE <= 1024 else 8)
+    return ids, wts
+
+
+def selected_softmax(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """logits [T,E], ids [T,k] -> f32 [T,k]: softmax over each row's chosen logits."""
+    T, k = ids.shape
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    ids = ids if ids.is_contiguous() else ids.contiguous()
+    wts = torch.empty((T, k), dtype=torch.float32, device=logits.device)
+    with on(wts):
+        _sel_softmax_k[(T,)](logits, ids, wts, logits.stride(0), K=k, KP=_kp(k), num_warps=1)
+    return wts
+
+
+def moe_sum(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """y [T,k,H], w f32 [T,k] -> [T,H] in y's type: sum over k of y * w."""
+    T, k, H = y.shape
+    if y.stride(-1) != 1:
+        y = y.contiguous()
+    w = w if w.is_contiguous() else w.contiguous()
+    out = torch.empty((T, H), dtype=y.dtype, device=y.device)
+    BH = max(16, min(256, triton.next_power_of_2(H)))
+    with on(out):
+        _moe_sum_k[(T, triton.cdiv(H, BH))](y, w, out, H, y.stride(0), y.stride(1), K=k, KP=_kp(k), BH=BH,
+                                            num_warps=4)
+    return out

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 
 from backends.cuda import attention as ref_attn
 from backends.cuda import fused
+from backends.cuda import gemv
 from backends.cuda import triton_deltanet as tdn
 from backends.cuda.devices import torch_device, torch_dtype
-from backends.cuda.fast_moe import moe_matmul as fast_moe_matmul
+from backends.cuda import fast_moe
 from backends.cuda.interp import ExecContext, Kernel, Replicas
 from backends.cuda.kernels import KERNELS, _as_spec
 from backends.cuda.recurrent import CHUNK
@@ -35,6 +36,17 @@ Args = Sequence[torch.Tensor]
 
 def _ref(op: Op) -> Kernel:
     return KERNELS[op]
+
+
+def matmul(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    x, w = args
+    base = getattr(w, "aligned_base", None)
+    if base is not None and base.dtype == x.dtype:
+        # a merged weight folded with zero rows for alignment (fold.py): multiply by all of them
+        return F.linear(x, base)[..., :w.shape[0]]
+    if gemv.applies(x, w):  # one row (a decode step): the measured-faster of cuBLAS and a GEMV
+        return gemv.matmul(x, w)
+    return _ref(Op.MATMUL)(node, args, ctx)
 
 
 def rms_norm(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
@@ -72,7 +84,7 @@ def rope(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
 
 def ssm_conv(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     x, w = args
-    if not fused.usable(x):
+    if not fused.usable(x) or w.shape[1] > 4:
         return _ref(Op.SSM_CONV)(node, args, ctx)
     return fused.ssm_conv(x.to(w.dtype), w, node.attr.get("act") == "silu").to(x.dtype)
 
@@ -89,9 +101,22 @@ def delta_net(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
 
 # ---- MoE --------------------------------------------------------------------------------------
 
+def _topk_weights_key(ids_name: str, logits_name: str, device: torch.device) -> tuple:
+    # the routing weights the top-k kernel computed beside the ids, for moe_weights(logits, ids)
+    return ("moe_topk_weights", ids_name, logits_name, device)
+
+
 def moe_topk(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     (logits,) = args  # softmax is monotonic: the top-k of the logits are the top-k of the probabilities
-    return torch.topk(logits, int(node.attr["k"]), dim=-1).indices.to(torch.int32)
+    k = int(node.attr["k"])
+    key = _topk_weights_key(node.name, node.inputs[0], logits.device)
+    if fast_moe.topk_ok(logits, k):
+        # one launch for ids and the norm weights; moe_weights over the same logits and ids takes them
+        ids, wts = fast_moe.topk_softmax(logits, k)
+        ctx.cache[key] = (ids, wts)
+        return ids
+    ctx.cache.pop(key, None)
+    return torch.topk(logits, k, dim=-1).indices.to(torch.int32)
 
 
 def moe_weights(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
@@ -99,19 +124,42 @@ def moe_weights(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     if not node.attr.get("norm"):
         return _ref(Op.MOE_WEIGHTS)(node, args, ctx)
     # softmax over all experts, renormalised over the chosen ones == softmax over the chosen logits
+    done = ctx.cache.get(_topk_weights_key(node.inputs[1], node.inputs[0], ids.device))
+    if done is not None and done[0] is ids:  # this call's ids (a decode step's context outlives a step)
+        return done[1]
+    if fast_moe.topk_ok(logits, ids.shape[1]) and ids.shape[0] == logits.shape[0]:
+        return fast_moe.selected_softmax(logits, ids)
     return torch.softmax(logits.gather(1, ids.long()).to(torch.float32), dim=-1)
+
+
+def _moe_route(node: Node, ids: torch.Tensor, n_experts: int, ctx: ExecContext) -> fast_moe.Route:
+    # the gate/up and down matmuls of a layer read the same ids: sort the slots once per call
+    key = ("moe_route", node.inputs[2], ids.device, n_experts)
+    got = ctx.cache.get(key)
+    if got is not None and got[0] is ids:  # the same value, not a stale one of an earlier call
+        r = got[1]
+    else:
+        r = fast_moe.route(ids, n_experts)
+        ctx.cache[key] = (ids, r)
+    if ctx.graph.users.get(node.inputs[2], ())[-1:] == (node.name,):
+        del ctx.cache[key]  # the ids' last reader: the routing is not kept to the end of the call
+    return r
 
 
 def moe_matmul(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     x, w, ids = args
     if not (x.is_cuda or fused.usable(x)):
         return _ref(Op.MOE_MATMUL)(node, args, ctx)
-    return fast_moe_matmul(x, w, ids)
+    r = _moe_route(node, ids, w.shape[0], ctx) if ids.numel() > fast_moe.DECODE_SLOTS else None
+    return fast_moe.moe_matmul(x, w, ids, r)
 
 
 def moe_sum(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
-    y, w = args  # [T,k,H], [T,k] f32: one batched product instead of mul + sum
-    return torch.bmm(w.to(y.dtype).unsqueeze(1), y).squeeze(1)
+    y, w = args  # [T,k,H], [T,k] f32
+    # one launch for a decode step; a prefill's batched product is faster (measured on an H200)
+    if fused.usable(y) and 0 < y.shape[0] <= 64 and y.shape[1] <= fast_moe.TOPK_MAX_K:
+        return fast_moe.moe_sum(y, w)
+    return torch.bmm(w.to(y.dtype).unsqueeze(1), y).squeeze(1)  # one batched product instead of mul + sum
 
 
 # ---- attention --------------------------------------------------------------------------------
@@ -257,6 +305,7 @@ def all_reduce(node: Node, args: Args, ctx: ExecContext) -> Replicas:
 
 
 OVERRIDES: dict[Op, Kernel] = {
+    Op.MATMUL: matmul,
     Op.RMS_NORM: rms_norm,
     Op.RMS_NORM_GATED: rms_norm_gated,
     Op.SWIGLU: swiglu,
@@ -282,7 +331,8 @@ def diagnostics() -> dict[str, object]:
 
     return {"grouped_mm_failed": list(fast_moe._GROUPED_BROKEN), "nccl_failed": list(_NCCL_BROKEN),
             "flash_lower_right": _FLASH_LOWER_RIGHT.get("ok"),
-            "delta_net_prefill": {k: v for k, v in tdn.PREFILL.items()}}
+            "delta_net_prefill": {k: v for k, v in tdn.PREFILL.items()},
+            "gemv": {f"{n}x{k} {dt}": c for (n, k, dt, _), c in sorted(gemv.CHOICE.items())}}
 
 
 def kernels_for(devices: Sequence[str]) -> Mapping[Op, Kernel]:

@@ -52,38 +52,42 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_k(x_ptr, w_ptr, o_ptr, NH, D, sx_t, sx_h, eps, OFFSET: tl.constexpr, HAS_OFF: tl.constexpr,
-                    BLOCK: tl.constexpr):
-        r = tl.program_id(0)
+    def _rms_norm_k(x_ptr, w_ptr, o_ptr, NR, NH, D, sx_t, sx_h, eps, OFFSET: tl.constexpr, HAS_OFF: tl.constexpr,
+                    R: tl.constexpr, BLOCK: tl.constexpr):
+        # R rows per program: a prefill's per-head norms are tens of thousands of 128-wide rows
+        r = tl.program_id(0) * R + tl.arange(0, R)
+        mr = r < NR
         t = r // NH
         h = r % NH
         offs = tl.arange(0, BLOCK)
-        m = offs < D
-        x = tl.load(x_ptr + t * sx_t + h * sx_h + offs, mask=m, other=0.0)
+        m = mr[:, None] & (offs < D)[None, :]
+        x = tl.load(x_ptr + (t * sx_t + h * sx_h)[:, None] + offs[None, :], mask=m, other=0.0)
         xf = x.to(tl.float32)
-        y = xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
-        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        y = xf * tl.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)[:, None]
+        w = tl.load(w_ptr + offs, mask=offs < D, other=0.0).to(tl.float32)[None, :]
         if HAS_OFF:
             out = y * (OFFSET + w)  # Qwen3NextRMSNorm: (1 + w) in f32, then cast
         else:
             out = y.to(x.dtype).to(tl.float32) * w  # LlamaRMSNorm: cast, then times w in x's type
-        tl.store(o_ptr + r * D + offs, out.to(o_ptr.dtype.element_ty), mask=m)
+        tl.store(o_ptr + r[:, None] * D + offs[None, :], out.to(o_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _rms_norm_gated_k(x_ptr, z_ptr, w_ptr, o_ptr, NH, D, sx_t, sx_h, sz_t, sz_h, eps, BLOCK: tl.constexpr):
-        r = tl.program_id(0)
+    def _rms_norm_gated_k(x_ptr, z_ptr, w_ptr, o_ptr, NR, NH, D, sx_t, sx_h, sz_t, sz_h, eps, R: tl.constexpr,
+                          BLOCK: tl.constexpr):
+        r = tl.program_id(0) * R + tl.arange(0, R)
+        mr = r < NR
         t = r // NH
         h = r % NH
         offs = tl.arange(0, BLOCK)
-        m = offs < D
-        x = tl.load(x_ptr + t * sx_t + h * sx_h + offs, mask=m, other=0.0)
+        m = mr[:, None] & (offs < D)[None, :]
+        x = tl.load(x_ptr + (t * sx_t + h * sx_h)[:, None] + offs[None, :], mask=m, other=0.0)
         xf = x.to(tl.float32)
-        y = (xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)).to(x.dtype).to(tl.float32)
-        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        y = (xf * tl.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)[:, None]).to(x.dtype).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=offs < D, other=0.0).to(tl.float32)[None, :]
         y = (w * y).to(x.dtype).to(tl.float32)  # w * norm(x) in x's type
-        z = tl.load(z_ptr + t * sz_t + h * sz_h + offs, mask=m, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + (t * sz_t + h * sz_h)[:, None] + offs[None, :], mask=m, other=0.0).to(tl.float32)
         out = y * (z / (1.0 + tl.exp(-z)))  # times silu(z) in f32
-        tl.store(o_ptr + r * D + offs, out.to(o_ptr.dtype.element_ty), mask=m)
+        tl.store(o_ptr + r[:, None] * D + offs[None, :], out.to(o_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _swiglu_k(g_ptr, u_ptr, o_ptr, NH, D, sg_t, sg_h, su_t, su_h, BLOCK: tl.constexpr):
@@ -126,24 +130,64 @@ if triton is not None:
         tl.store(o_ptr + r * D + offs, out.to(o_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _ssm_conv_k(x_ptr, w_ptr, o_ptr, T, C, K: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr):
-        t = tl.program_id(0)
+    def _ssm_conv_k(x_ptr, w_ptr, o_ptr, T, C, K: tl.constexpr, SILU: tl.constexpr, BT: tl.constexpr,
+                    BLOCK: tl.constexpr):
+        # BT tokens per program, K <= 4: the taps are loaded once and the last K-1 input rows
+        # roll along in registers, so each input row is read from memory once per program
+        tb = tl.program_id(0)
         cb = tl.program_id(1)
         offs = cb * BLOCK + tl.arange(0, BLOCK)
         m = offs < C
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for j in tl.static_range(K):
-            xv = tl.load(x_ptr + (t + j) * C + offs, mask=m, other=0.0).to(tl.float32)
-            wv = tl.load(w_ptr + offs * K + j, mask=m, other=0.0).to(tl.float32)
-            acc += xv * wv
-        y = acc.to(o_ptr.dtype.element_ty).to(tl.float32)  # the conv's output type, then silu
-        if SILU:
-            y = y / (1.0 + tl.exp(-y))
-        tl.store(o_ptr + t * C + offs, y.to(o_ptr.dtype.element_ty), mask=m)
+        t0 = tb * BT
+        # taps, and rows t0 .. t0+K-2 of x (K-1 state rows come first): the window before the
+        # first output; taps past K stay zero
+        w0 = tl.load(w_ptr + offs * K, mask=m, other=0.0).to(tl.float32)
+        w1 = tl.zeros([BLOCK], dtype=tl.float32)
+        w2 = tl.zeros([BLOCK], dtype=tl.float32)
+        w3 = tl.zeros([BLOCK], dtype=tl.float32)
+        x0 = tl.zeros([BLOCK], dtype=tl.float32)
+        x1 = tl.zeros([BLOCK], dtype=tl.float32)
+        x2 = tl.zeros([BLOCK], dtype=tl.float32)
+        if K > 1:
+            w1 = tl.load(w_ptr + offs * K + 1, mask=m, other=0.0).to(tl.float32)
+            x0 = tl.load(x_ptr + t0 * C + offs, mask=m, other=0.0).to(tl.float32)
+        if K > 2:
+            w2 = tl.load(w_ptr + offs * K + 2, mask=m, other=0.0).to(tl.float32)
+            x1 = tl.load(x_ptr + (t0 + 1) * C + offs, mask=m, other=0.0).to(tl.float32)
+        if K > 3:
+            w3 = tl.load(w_ptr + offs * K + 3, mask=m, other=0.0).to(tl.float32)
+            x2 = tl.load(x_ptr + (t0 + 2) * C + offs, mask=m, other=0.0).to(tl.float32)
+        for i in range(0, BT):
+            t = t0 + i
+            mt = m & ((offs * 0 + t) < T)  # a vector mask: the last block may end before BT tokens
+            xn = tl.load(x_ptr + (t + K - 1) * C + offs, mask=mt, other=0.0).to(tl.float32)
+            if K == 4:
+                acc = x0 * w0 + x1 * w1 + x2 * w2 + xn * w3
+                x0, x1, x2 = x1, x2, xn
+            elif K == 3:
+                acc = x0 * w0 + x1 * w1 + xn * w2
+                x0, x1 = x1, xn
+            elif K == 2:
+                acc = x0 * w0 + xn * w1
+                x0 = xn
+            else:
+                acc = xn * w0
+            y = acc.to(o_ptr.dtype.element_ty).to(tl.float32)  # the conv's output type, then silu
+            if SILU:
+                y = y / (1.0 + tl.exp(-y))
+            tl.store(o_ptr + t * C + offs, y.to(o_ptr.dtype.element_ty), mask=mt)
 
 
 def _block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
+
+
+def _rows_per_program(n: int, d: int) -> int:
+    """Several short rows per program once there are thousands of them (a prefill's heads);
+    one row per program for a decode step, where latency, not bandwidth, decides."""
+    if n < 1024:
+        return 1
+    return max(1, min(16, 2048 // _block(d)))
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
@@ -151,9 +195,11 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float) -> tor
     xs, nt, nh, st, sh = _rows(x)
     D = x.shape[-1]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    n, R = nt * nh, _rows_per_program(nt * nh, D)
     with on(out):
-        _rms_norm_k[(nt * nh,)](xs, w, out, nh, D, st, sh, float(eps), OFFSET=float(offset), HAS_OFF=bool(offset),
-                                BLOCK=_block(D), num_warps=4 if D <= 2048 else 8)
+        _rms_norm_k[(triton.cdiv(n, R),)](xs, w, out, n, nh, D, st, sh, float(eps), OFFSET=float(offset),
+                                          HAS_OFF=bool(offset), R=R, BLOCK=_block(D),
+                                          num_warps=4 if D <= 2048 else 8)
     return out
 
 
@@ -164,8 +210,10 @@ def rms_norm_gated(x: torch.Tensor, z: torch.Tensor, w: torch.Tensor, eps: float
     zs, _, _, zt, zh = _rows(z)
     D = x.shape[-1]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    n, R = nt * nh, _rows_per_program(nt * nh, D)
     with on(out):
-        _rms_norm_gated_k[(nt * nh,)](xs, zs, w, out, nh, D, st, sh, zt, zh, float(eps), BLOCK=_block(D), num_warps=4)
+        _rms_norm_gated_k[(triton.cdiv(n, R),)](xs, zs, w, out, n, nh, D, st, sh, zt, zh, float(eps), R=R,
+                                                BLOCK=_block(D), num_warps=4)
     return out
 
 
@@ -198,7 +246,10 @@ def ssm_conv(x: torch.Tensor, w: torch.Tensor, silu: bool) -> torch.Tensor:
     C, K = w.shape
     T = x.shape[0] - (K - 1)
     out = torch.empty((T, C), dtype=x.dtype, device=x.device)
-    B = 1024
+    if K > 4:  # the kernel keeps at most four taps in registers
+        raise ValueError(f"conv kernel of {K} taps: the Triton kernel handles up to 4")
+    B, BT = 1024, (1 if T < 64 else 32)
     with on(out):
-        _ssm_conv_k[(T, triton.cdiv(C, B))](x, w, out, T, C, K=K, SILU=silu, BLOCK=B, num_warps=4)
+        _ssm_conv_k[(triton.cdiv(T, BT), triton.cdiv(C, B))](x, w, out, T, C, K=K, SILU=silu, BT=BT, BLOCK=B,
+                                                              num_warps=4)
     return out

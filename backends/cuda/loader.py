@@ -20,6 +20,7 @@ from typing import Mapping
 import torch
 
 from backends.cuda.devices import torch_device
+from backends.cuda.fold import align_rows
 from backends.cuda.interp import WEIGHT_VIEWS, ExecContext, Kernel
 from backends.cuda.weights import WeightError, WeightInfo, WeightSource, assemble, source_names
 from graphir.graph import Graph, Node
@@ -98,7 +99,7 @@ def load_folded(graphs: Mapping[str, Graph], reference: Mapping[str, WeightInfo]
         if n.op == Op.WEIGHT:
             weights[n.name] = pieces.piece(n, dev, dtype)
         else:
-            weights[n.name] = kernels[n.op](n, [weights[i] for i in n.inputs], ctx).contiguous()
+            weights[n.name] = align_rows(n, kernels[n.op](n, [weights[i] for i in n.inputs], ctx).contiguous())
             for i in dict.fromkeys(n.inputs):
                 readers[i] -= 1
                 if readers[i] == 0 and i not in live:

@@ -82,6 +82,7 @@ class Session:
     Prefill may be called several times: a prompt split over calls gives the same logits."""
 
     check_devices = True  # a rank of a multi-process run names devices of other machines
+    check_specs = True  # compare every result with its spec (benchmarks turn it off once warmed up)
 
     def __init__(self, model: ModelSource | ModelConfig | str | Path, weights: WeightSource | str | Path | None = None,
                  devices: str | Sequence[str] = "cpu", ctx: int = 4096, *, dtype: str = "f32", seed: int = 0,
@@ -194,7 +195,7 @@ class Session:
         self.last_stats = RunStats()
         with self.streams:
             ctx = ExecContext(g, sym, self._feeds(g, ids, sym), self.weights, self.buffers, self.devices[0])
-            res = run_graph(g, ctx, self.kernels, self.last_stats)
+            res = run_graph(g, ctx, self.kernels, self.last_stats, check=self.check_specs)
             self._store(res)
         self.outputs = res
         self.n_past += len(ids)

@@ -10,6 +10,7 @@ per row over a cache bucket of round_up(N_KV + TG, 256) rows (graphs.DecodeStep)
 
 from __future__ import annotations
 
+import gc
 import time
 from typing import Any, Callable
 
@@ -44,16 +45,23 @@ def calibrate(session: Any, ubatch: int) -> dict[str, float]:
 
 
 def warm_up(session: Any, ubatch: int, tg: int, graphs: bool, gen: torch.Generator) -> None:
-    """Compile kernels and create handles outside the timed region; leaves an empty sequence."""
+    """Compile kernels, create handles and grow the allocator's pools outside the timed region:
+    the first row exactly as it will run (decode steps from graphs captured over its bucket,
+    then a u-batch at depth 0), then a u-batch at depth > 0 (the other attention path and its
+    first-use check). Leaves an empty sequence."""
     session.reset()
-    session.prefill(_tokens(session, ubatch, gen))
-    if session.n_past + ubatch + min(tg, 8) <= _rows(session):
-        session.prefill(_tokens(session, ubatch, gen))  # the KV > 0 prefill path too (its first-use check)
-    step = DecodeStep(session, _bucket(session.n_past + min(tg, 8), _rows(session)), capture=None if graphs else False)
-    for _ in range(min(tg, 8)):
+    limit = _rows(session)
+    step = DecodeStep(session, _bucket(tg, limit), capture=None if graphs else False)
+    for _ in range(min(tg, 16)):
         step.step(int(torch.randint(session.cfg.vocab_size, (1,), generator=gen)))
     session.streams.synchronize_all()
     step.close()
+    del step
+    session.reset()
+    session.prefill(_tokens(session, ubatch, gen))
+    if session.n_past + ubatch <= limit:
+        session.prefill(_tokens(session, ubatch, gen))
+    session.streams.synchronize_all()
     session.reset()
 
 
@@ -71,31 +79,41 @@ def sweep(session: Any, *, ubatch: int, tg: int, ctx: int, split: str = "", grap
     if warm:
         warm_up(session, ubatch, tg, graphs, gen)
     session.reset()
-    sync = session.streams.synchronize_all
-    out: list[SweepRow] = []
-    for n_kv in range(0, ctx, ubatch):
-        if n_kv + max(ubatch, tg) > limit:
-            break
-        snap = session.snapshot()
-        step = DecodeStep(session, _bucket(n_kv + tg, limit), capture=None if graphs else False)
-        toks = _tokens(session, tg, gen)
-        sync()
-        t0 = time.perf_counter()
-        for t in toks:
-            step.step(t)
-            sync()  # as llama_decode: the token is done before the next is fed
-        t_tg = time.perf_counter() - t0
-        step.close()
-        del step
-        session.restore(snap)
-        ids = _tokens(session, ubatch, gen)
-        sync()
-        t0 = time.perf_counter()
-        session.prefill(ids)
-        sync()
-        t_pp = time.perf_counter() - t0
-        row = SweepRow.from_times(ubatch, tg, n_kv, t_pp, t_tg, split)
-        out.append(row)
-        if progress is not None:
-            progress(row)
+    checked = session.check_specs
+    session.check_specs = checked and not warm  # the warm-up ran the checks on these shapes
+    collecting = gc.isenabled()
+    gc.disable()  # no collection may land inside a timed decode step or u-batch
+    try:
+        sync = session.streams.synchronize_all
+        out: list[SweepRow] = []
+        for n_kv in range(0, ctx, ubatch):
+            if n_kv + max(ubatch, tg) > limit:
+                break
+            gc.collect()  # here, not inside a timed region (a full collection of a large
+            snap = session.snapshot()  # session's objects takes tens of milliseconds)
+            step = DecodeStep(session, _bucket(n_kv + tg, limit), capture=None if graphs else False)
+            toks = _tokens(session, tg, gen)
+            sync()
+            t0 = time.perf_counter()
+            for t in toks:
+                step.step(t)
+                sync()  # as llama_decode: the token is done before the next is fed
+            t_tg = time.perf_counter() - t0
+            step.close()
+            del step
+            session.restore(snap)
+            ids = _tokens(session, ubatch, gen)
+            sync()
+            t0 = time.perf_counter()
+            session.prefill(ids)
+            sync()
+            t_pp = time.perf_counter() - t0
+            row = SweepRow.from_times(ubatch, tg, n_kv, t_pp, t_tg, split)
+            out.append(row)
+            if progress is not None:
+                progress(row)
+    finally:
+        session.check_specs = checked
+        if collecting:
+            gc.enable()
     return out

@@ -1,0 +1,249 @@
+"""The MoE fast paths (fast_moe.py and the MoE rules of fastpath.py) against the reference
+kernels: the router's top-k + routing-weights kernel, moe_sum, the decode GEMV and the
+prefill path with its per-call routing cache.
+
+Runs on a GPU, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1); skips where
+neither is available. On the CPU the prefill path takes the padded-bmm fallback
+(_grouped_mm needs Hopper), which still exercises the routing, the row gather and scatter.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backends.cuda import fast_moe, fused
+from backends.cuda.fastpath import CUDA_KERNELS
+from backends.cuda.interp import ExecContext
+from backends.cuda.kernels import KERNELS
+from backends.cuda.testing import patch_triton_interpreter, rel_err
+from graphir.graph import Graph, Node
+from graphir.ops import Op
+from graphir.spec import TensorSpec
+
+CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not (CUDA or (fused.INTERPRET and fused.triton is not None)),
+                                reason="needs CUDA, or Triton's interpreter (TRITON_INTERPRET=1)")
+DEV = "cuda:0" if CUDA else "cpu"
+if not CUDA:
+    patch_triton_interpreter()
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def rand(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(shape, generator=gen(seed)).to(DEV, dtype)
+
+
+def distinct_logits(T: int, E: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """[T,E] logits without ties in any type: each row a permutation of (n - E/2) / 64, exact
+    in bf16 while |n| <= 256 (E <= 512)."""
+    g = gen(seed)
+    rows = [(torch.randperm(E, generator=g).float() - E // 2) / 64 for _ in range(T)]
+    return torch.stack(rows).to(DEV, dtype)
+
+
+def random_ids(T: int, k: int, E: int, seed: int = 0) -> torch.Tensor:
+    """[T,k] i32: k distinct experts per token, as a router picks them."""
+    g = gen(seed)
+    return torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(DEV, torch.int32)
+
+
+def mk(name: str, op: Op, inputs: tuple[str, ...] = (), **attrs: object) -> Node:
+    return Node(name, op, inputs, TensorSpec((1,), "f32"), tuple(attrs.items()))
+
+
+def ctx_for() -> ExecContext:
+    return ExecContext(Graph(()), {}, {}, {}, {}, DEV)
+
+
+CASES = [(E, k) for E in (8, 512) for k in (1, 2, 10) if k <= E]
+
+
+# ---- router ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T", [1, 3, 40])
+@pytest.mark.parametrize("E,k", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_and_weights_match_reference(T: int, E: int, k: int, dtype: torch.dtype) -> None:
+    logits = distinct_logits(T, E, dtype, seed=T + E + k)
+    topk, wnode = mk("ids", Op.MOE_TOPK, ("logits",), k=k), mk("w", Op.MOE_WEIGHTS, ("logits", "ids"), norm=True)
+    ctx = ctx_for()
+    assert fast_moe.topk_ok(logits, k)
+    ids = CUDA_KERNELS[Op.MOE_TOPK](topk, [logits], ctx)
+    want_ids = KERNELS[Op.MOE_TOPK](topk, [logits.cpu()], ctx_for())
+    assert ids.dtype == torch.int32 and ids.shape == (T, k)
+    assert torch.equal(ids.cpu(), want_ids)  # no ties: the same experts, largest first
+    w = CUDA_KERNELS[Op.MOE_WEIGHTS](wnode, [logits, ids], ctx)
+    want_w = KERNELS[Op.MOE_WEIGHTS](wnode, [logits.cpu(), want_ids], ctx_for())
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(w.cpu(), want_w, rtol=1e-6, atol=1e-7)
+    # without the top-k kernel's weights in the cache: the selected-softmax kernel
+    w2 = CUDA_KERNELS[Op.MOE_WEIGHTS](wnode, [logits, ids], ctx_for())
+    torch.testing.assert_close(w2.cpu(), want_w, rtol=1e-6, atol=1e-7)
+
+
+def test_weights_cache_is_keyed_by_ids_and_logits() -> None:
+    logits = distinct_logits(3, 8, torch.float32)
+    other = distinct_logits(3, 8, torch.float32, seed=1)
+    ctx = ctx_for()
+    ids = CUDA_KERNELS[Op.MOE_TOPK](mk("ids", Op.MOE_TOPK, ("logits",), k=2), [logits], ctx)
+    # the same ids over other logits must not take the cached weights
+    wnode = mk("w", Op.MOE_WEIGHTS, ("other", "ids"), norm=True)
+    got = CUDA_KERNELS[Op.MOE_WEIGHTS](wnode, [other, ids], ctx)
+    want = KERNELS[Op.MOE_WEIGHTS](wnode, [other.cpu(), ids.cpu()], ctx_for())
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-7)
+    # norm=false keeps the reference (softmax over all experts, not renormalised)
+    wnode = mk("w", Op.MOE_WEIGHTS, ("logits", "ids"), norm=False)
+    got = CUDA_KERNELS[Op.MOE_WEIGHTS](wnode, [logits, ids], ctx)
+    torch.testing.assert_close(got.cpu(), KERNELS[Op.MOE_WEIGHTS](wnode, [logits.cpu(), ids.cpu()], ctx_for()))
+
+
+def test_weights_cache_never_stale() -> None:
+    # a decode step's context lives across steps: each step's weights must be its own
+    topk, wnode = mk("ids", Op.MOE_TOPK, ("logits",), k=2), mk("w", Op.MOE_WEIGHTS, ("logits", "ids"), norm=True)
+    ctx = ctx_for()
+    for seed in range(3):
+        logits = distinct_logits(1, 8, torch.float32, seed=seed)
+        ids = CUDA_KERNELS[Op.MOE_TOPK](topk, [logits], ctx)
+        got = CUDA_KERNELS[Op.MOE_WEIGHTS](wnode, [logits, ids], ctx)
+        want = KERNELS[Op.MOE_WEIGHTS](wnode, [logits.cpu(), ids.cpu()], ctx_for())
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-7)
+    # ids from elsewhere under the same name do not take the cached weights
+    other = random_ids(1, 2, 8, seed=9)
+    got = CUDA_KERNELS[Op.MOE_WEIGHTS](wnode, [logits, other], ctx)
+    torch.testing.assert_close(got.cpu(), KERNELS[Op.MOE_WEIGHTS](wnode, [logits.cpu(), other.cpu()], ctx_for()),
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_topk_strided_logits() -> None:
+    wide = distinct_logits(4, 40, torch.float32)
+    logits = wide[:, 5:37]  # a slice of a wider row: strided rows, unit-stride columns
+    ids = CUDA_KERNELS[Op.MOE_TOPK](mk("ids", Op.MOE_TOPK, ("l",), k=3), [logits], ctx_for())
+    assert torch.equal(ids.cpu().long(), torch.topk(logits.cpu(), 3).indices)
+
+
+# ---- weighted sum ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T", [1, 3, 40])
+@pytest.mark.parametrize("k", [1, 2, 10])
+@pytest.mark.parametrize("H", [64, 100])
+# bf16: Triton's interpreter rounds f32 -> bf16 toward zero (the GPU to nearest): one ulp apart
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_moe_sum(T: int, k: int, H: int, dtype: torch.dtype, tol: float) -> None:
+    y, w = rand(T, k, H, dtype=dtype), torch.rand(T, k, generator=gen(1)).to(DEV)
+    n = mk("s", Op.MOE_SUM, ("y", "w"))
+    got = CUDA_KERNELS[Op.MOE_SUM](n, [y, w], ctx_for())
+    want = KERNELS[Op.MOE_SUM](n, [y.cpu(), w.cpu()], ctx_for())
+    assert got.dtype == dtype and got.shape == (T, H)
+    assert rel_err(got.cpu(), want) < tol
+
+
+# ---- decode GEMV ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("E,k", CASES)
+@pytest.mark.parametrize("per_slot", [False, True])
+@pytest.mark.parametrize("N,K", [(48, 80), (64, 512), (32, 1024)])
+def test_decode_gemv(T: int, E: int, k: int, per_slot: bool, N: int, K: int) -> None:
+    x = rand(T, k, K) if per_slot else rand(T, K)
+    w = rand(E, N, K, seed=1)
+    ids = random_ids(T, k, E, seed=2)
+    n = mk("m", Op.MOE_MATMUL, ("x", "w", "ids"))
+    want = KERNELS[Op.MOE_MATMUL](n, [x.cpu(), w.cpu(), ids.cpu()], ctx_for())
+    assert rel_err(CUDA_KERNELS[Op.MOE_MATMUL](n, [x, w, ids], ctx_for()).cpu(), want) < 1e-5
+
+
+@pytest.mark.parametrize("config", [(16, 64, 4), (32, 128, 4), (8, 512, 8), (64, 32, 2)])
+def test_decode_gemv_configs(config: tuple[int, int, int]) -> None:
+    x, w = rand(2, 96, dtype=torch.bfloat16), rand(8, 40, 96, dtype=torch.bfloat16, seed=1)
+    ids = random_ids(2, 2, 8)
+    want = KERNELS[Op.MOE_MATMUL](mk("m", Op.MOE_MATMUL), [x.float().cpu(), w.float().cpu(), ids.cpu()], ctx_for())
+    got = fast_moe.moe_gemv(x, w, ids, config)
+    assert got.dtype == torch.bfloat16 and rel_err(got.cpu(), want) < 1e-2
+
+
+# ---- prefill: routing once per ids node -------------------------------------------------------
+
+def test_route_sorts_stably() -> None:
+    ids = random_ids(30, 3, 8, seed=3)
+    r = fast_moe.route(ids, 8)
+    flat = ids.reshape(-1).long().cpu()
+    assert torch.equal(r.order.cpu(), torch.argsort(flat, stable=True))
+    assert r.ends.dtype == torch.int32
+    assert torch.equal(r.ends.cpu().long(), torch.cumsum(torch.bincount(flat, minlength=8), 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_gather_scatter(dtype: torch.dtype) -> None:
+    src = rand(12, 70, dtype=dtype)
+    idx = torch.randperm(36, generator=gen(4)).to(DEV)
+    got = fast_moe._rows(src, idx, 3, torch.float32, scatter=False)
+    assert torch.equal(got.cpu(), src.float().cpu()[idx.cpu() // 3])
+    rows = rand(36, 70, dtype=dtype, seed=5)  # widened on the way (narrowing rounds differently in the interpreter)
+    got = fast_moe._rows(rows, idx, 1, torch.float32, scatter=True)
+    want = torch.empty_like(rows.cpu()).index_copy_(0, idx.cpu(), rows.cpu()).float()
+    assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("E,k", CASES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_prefill_shared_route(E: int, k: int, dtype: torch.dtype, tol: float) -> None:
+    T = 160 // k + 1  # T*k > DECODE_SLOTS: the grouped path
+    H, N = 64, 48
+    assert T * k > fast_moe.DECODE_SLOTS
+    x = rand(T, H, dtype=dtype)
+    w_up, w_down = rand(E, 2 * N, H, dtype=dtype, seed=1), rand(E, H, N, dtype=dtype, seed=2)
+    ids = random_ids(T, k, E, seed=3)
+    up = mk("up", Op.MOE_MATMUL, ("x", "w_up", "ids"))
+    down = mk("down", Op.MOE_MATMUL, ("h", "w_down", "ids"))
+    ctx = ctx_for()
+    g = CUDA_KERNELS[Op.MOE_MATMUL](up, [x, w_up, ids], ctx)  # [T,k,2N]
+    h = g[..., :N] * g[..., N:]  # a strided [T,k,N] per-slot input
+    y = CUDA_KERNELS[Op.MOE_MATMUL](down, [h, w_down, ids], ctx)  # [T,k,H]
+    routes = [key for key in ctx.cache if key[0] == "moe_route"]
+    assert len(routes) == 1  # both matmuls share the ids node's routing
+    assert g.dtype == dtype and y.dtype == dtype and y.shape == (T, k, H)
+    # the same as routing afresh in each call
+    assert torch.equal(g, fast_moe.moe_grouped(x, w_up, ids))
+    assert torch.equal(y, fast_moe.moe_grouped(h, w_down, ids))
+    # and as the reference kernel (f32)
+    ref = KERNELS[Op.MOE_MATMUL]
+    want_g = ref(up, [x.float().cpu(), w_up.float().cpu(), ids.cpu()], ctx_for())
+    want_y = ref(down, [h.float().cpu(), w_down.float().cpu(), ids.cpu()], ctx_for())
+    assert rel_err(g.cpu(), want_g) < tol
+    assert rel_err(y.cpu(), want_y) < tol
+    # new ids under the same node name (a context kept across calls) are routed afresh
+    ids2 = random_ids(T, k, E, seed=4)
+    got = CUDA_KERNELS[Op.MOE_MATMUL](up, [x, w_up, ids2], ctx)
+    assert rel_err(got.cpu(), ref(up, [x.float().cpu(), w_up.float().cpu(), ids2.cpu()], ctx_for())) < tol
+
+
+def test_prefill_graph_routes_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through run_graph: two moe_matmuls over one ids node route once and free the routing."""
+    from graphir.builder import Builder
+
+    E, k, T, H, N = 8, 2, 50, 32, 24
+    vals = {"x": rand(T, H), "w_up": rand(E, N, H, seed=1), "w_down": rand(E, H, N, seed=2),
+            "ids": random_ids(T, k, E, seed=3)}
+    b = Builder()
+    names = {n: b.leaf(Op.INPUT, n, TensorSpec(tuple(v.shape), "i32" if n == "ids" else "f32"), role="test")
+             for n, v in vals.items()}
+    up = b.emit(Op.MOE_MATMUL, "up", names["x"], names["w_up"], names["ids"])
+    down = b.emit(Op.MOE_MATMUL, "down", up, names["w_down"], names["ids"])
+    b.emit(Op.OUTPUT, "y.out", down, key="y")
+    g = b.graph()
+    calls = []
+    real = fast_moe.route
+    monkeypatch.setattr(fast_moe, "route", lambda ids, n: calls.append(n) or real(ids, n))
+    from backends.cuda.interp import run_graph
+
+    ctx = ExecContext(g, {}, vals, {}, {}, DEV)
+    got = run_graph(g, ctx, CUDA_KERNELS)["y"]
+    assert calls == [E]
+    assert not [key for key in ctx.cache if key[0] == "moe_route"]  # freed after its last reader
+    cpu = {n: v.cpu() for n, v in vals.items()}
+    want = run_graph(g, ExecContext(g, {}, cpu, {}, {}), KERNELS)["y"]
+    assert rel_err(got.cpu(), want) < 1e-5
