@@ -76,7 +76,11 @@ def pp_flops(g: Graph, ubatch: int, depth: int) -> int:
 def derived(sweep: dict[str, Any], ceil: dict[str, Any]) -> list[dict[str, float]]:
     meta = sweep["meta"]
     _, tg, pp = graphs(sweep["model"], meta.get("layers"))
-    gpus = 2 if meta["split"].startswith("graph") else 1
+    # GPUs working at once: one for a single GPU and layer split; the GPUs a layer spans for
+    # graph split (max_gpu of them when capped) and auto (an upper bound: its parts may span fewer)
+    n = len(meta.get("devices") or [0])
+    cap = sweep["args"].get("max_gpu") or n
+    gpus = min(n, cap) if meta["split"].startswith(("graph", "auto")) else 1
     bw = min(c["copy_bytes_per_s"] for c in ceil.values()) * gpus
     rate = min(c["bf16_matmul_flops"] for c in ceil.values()) * gpus
     out = []
@@ -114,6 +118,10 @@ def command(sweep: dict[str, Any]) -> str:
         parts.append(f"--split {a['split']}")
         if a["split"] == "graph" and "recurrent" in a:
             parts.append(f"--recurrent {a['recurrent']}")
+        if a.get("max_gpu"):
+            parts.append(f"--max-gpu {a['max_gpu']}")
+        if a["split"] == "auto":
+            parts.append(f"--hw {a.get('hw', '2xH200')} --engine {a.get('engine', 'graphir-cuda')}")
     parts += [f"--dtype {a['dtype']}", f"--ubatch {a['ubatch']}", f"--tg {a['tg']}", f"--ctx {a['ctx']}"]
     if a.get("layers"):
         parts.append(f"--layers {a['layers']}")
@@ -169,8 +177,11 @@ def main() -> None:
                 f"Command: `{command(sweep)}` (run by bench/bench_gpu.py)", "",
                 f"Machine: {', '.join(merged['machine']['gpus'])}; torch {merged['machine']['torch']}; "
                 f"date {merged['machine']['date']}", "",
-                f"Meta: `{json.dumps({k: v for k, v in sweep['meta'].items() if k != 'fast_paths'})}`", "",
-                section(key, sweep, ceil, out)]
+                f"Meta: `{json.dumps({k: v for k, v in sweep['meta'].items() if k not in ('fast_paths', 'auto_plan')})}`",
+                "", section(key, sweep, ceil, out)]
+        if sweep["meta"].get("auto_plan"):
+            text += ["", "The auto plan this run executed (searched before the run with the engine profile of "
+                     "that time):", "", "```", sweep["meta"]["auto_plan"].rstrip(), "```", ""]
         (out / f"{key}.md").write_text("\n".join(text))
         print(f"wrote {key}")
 

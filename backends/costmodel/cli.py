@@ -130,7 +130,8 @@ def predict_cmd(
 
 def calibrate_cmd(
     measured: list[Path] = typer.Argument(..., help="measured sweep tables (CSV, markdown, JSONL)"),
-    model: str = typer.Option(..., "--model", help="the model the tables measured"),
+    model: str = typer.Option(..., "--model", help="the model the tables measured; or one per table, "
+                              "comma separated, in the tables' order"),
     hw: str = typer.Option("2x3090", "--hw"),
     engine: str = typer.Option("ik_llama.cpp", "--engine", help="starting engine profile"),
     quant: Optional[str] = typer.Option(None, "--quant"),
@@ -151,11 +152,15 @@ def calibrate_cmd(
     from graphir.progress import track
 
     sysm, eng = resolve_system(hw), load_engine(engine)
-    src = load_source(model)
-    cfg, q = src.cfg, resolve_quant(src, quant)
+    names = [m.strip() for m in model.split(",") if m.strip()]
+    if len(names) not in (1, len(measured)):
+        raise CostModelCliError(f"--model names {len(names)} models for {len(measured)} tables: give one, or one per table")
+    sources = {m: load_source(m) for m in dict.fromkeys(names)}
     named = list(_splits(split)) if split else []
     cases, used = [], 0
-    for path in track(measured, "place and price"):
+    for k, path in enumerate(track(measured, "place and price")):
+        src = sources[names[k if len(names) > 1 else 0]]
+        cfg, q = src.cfg, resolve_quant(src, quant)
         table = _read(path)
         parts = [(s, table.by_split(s)) for s in table.splits()] if table.splits() else []
         if not parts:

@@ -110,8 +110,8 @@ class ARRule(BaseModel):
 
 
 # Engine parameters calibrate may fit; all are positive scalars with physical units.
-FITTABLE = ("launch_us", "graph_launch_us", "forward_us", "mem_eff", "gemm_eff", "gemm_m0",
-            "gemm_tile0", "attn_pp_eff", "attn_tg_eff", "attn_tg_h0", "recurrent_eff", "comm_bw_eff",
+FITTABLE = ("launch_us", "graph_launch_us", "host_us", "forward_us", "mem_eff", "gemm_eff", "gemm_m0",
+            "gemm_tile0", "attn_pp_eff", "attn_tg_eff", "attn_tg_h0", "recurrent_eff", "recurrent_h0", "comm_bw_eff",
             "copy_us", "allreduce_us")
 
 
@@ -122,6 +122,10 @@ class Engine(BaseModel):
     cuda_graphs: Literal["never", "tg", "always"] = "tg"  # when kernels replay from a CUDA graph
     launch_us: float = Field(gt=0)  # per kernel, launched one by one
     graph_launch_us: float = Field(gt=0)  # per kernel, replayed from a CUDA graph
+    # host time to issue one kernel launched one by one, from ONE host thread for every device
+    # (a Python executor's interpreter + launch); a device cannot run a kernel before it is
+    # issued, so a short-kernel phase on several GPUs is bounded by the host. 0: not modelled
+    host_us: float = Field(default=0.0, ge=0)
     forward_us: float = Field(ge=0)  # host work per forward pass (graph build, inputs, sampling)
     mem_eff: float = Field(gt=0, le=1)  # fraction of DRAM peak reached by streaming kernels
     quant_mem_eff: dict[str, float] = {}  # per storage type multiplier on mem_eff (dequant cost)
@@ -140,6 +144,7 @@ class Engine(BaseModel):
     attn_tg_h0: float = Field(default=1.0, gt=0)  # q heads per GPU at which decode attention halves
     recurrent_rate: str = "fp32"
     recurrent_eff: float = Field(gt=0, le=1)
+    recurrent_h0: float = Field(default=0.0, ge=0)  # value heads per GPU at which the recurrent kernel halves
     comm_bw_eff: float = Field(gt=0, le=1)  # fraction of the link's rate the engine's transfers reach
     copy_us: float = Field(ge=0)  # engine cost per cross-device copy (events, split boundary)
     staged_copy: Literal["serial", "pipelined"] = "pipelined"  # copies through host without P2P

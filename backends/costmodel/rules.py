@@ -127,7 +127,7 @@ def _delta_net(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
     flops = 6.0 * T * nv * dk * dv
     reads = sum(_nb(i, env) for i in (q, k, v, g, beta))
     return Work("recurrent", flops=flops, actbytes=reads + _nb(s, env) + _nb(n, env),  # out holds the new state
-                launches=1)
+                launches=1, m=float(T), n=float(nv), k=float(dk))
 
 
 def _ssm_conv(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:

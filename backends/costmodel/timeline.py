@@ -70,7 +70,10 @@ def _rate_eff(pr: Priced, sysm: System, eng: Engine) -> tuple[np.ndarray, np.nda
     eff = np.where(attn, tg_eff if small else eng.attn_pp_eff, eff)
     rec = pr.kind == _REC
     rate = np.where(rec, gpu.rate(eng.recurrent_rate), rate)
-    eff = np.where(rec, eng.recurrent_eff, eff)
+    # the kernel's parallelism is value heads x value blocks while it walks the tokens (or
+    # chunks) in order: with fewer heads on a GPU (a head split) each step keeps fewer SMs busy
+    rec_eff = eng.recurrent_eff * n / np.maximum(n + eng.recurrent_h0, 1e-9)
+    eff = np.where(rec, rec_eff, eff)
     return rate, eff
 
 
@@ -159,6 +162,12 @@ def evaluate(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray, spans: list[
     else:
         seg_t, seg_terms = np.zeros((0, D)), np.zeros((0, len(TERMS), D))
     xfer, over = comm_costs(pr, sysm, eng)
+    # the host thread that issues eager kernels for every device, in program order (host_us)
+    graphs = eng.cuda_graphs == "always" or (eng.cuda_graphs == "tg" and pr.phase == "tg")
+    issue = 0.0 if graphs else eng.host_us * 1e-6
+    seg_host = (np.add.reduceat(pr.launches * issue, pr.seg_start) if len(pr.seg_start) and issue
+                else np.zeros(len(pr.seg_start)))
+    host = np.zeros(D)
     t = [np.zeros(D) for _ in range(P)]
     bd = [np.zeros((len(TERMS), D)) for _ in range(P)]
     busy = np.zeros((P, D))
@@ -173,8 +182,14 @@ def evaluate(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray, spans: list[
                 ends = t[d][0] + np.cumsum(cost[lo:hi, 0])
                 spans += [Span(pr.devices[d], float(e - cost[i, 0]), float(e), pr.names[i], KINDS[pr.kind[i]])
                           for i, e in zip(range(lo, hi), ends)]
-            t[d] = t[d] + seg_t[ev.index]
+            end = t[d] + seg_t[ev.index]
             bd[d] = bd[d] + seg_terms[ev.index]
+            if issue:  # the device ends no earlier than the host has issued the segment's last kernel
+                host = host + seg_host[ev.index]
+                wait = np.maximum(host - end, 0.0)
+                bd[d][5] = bd[d][5] + wait
+                end = end + wait
+            t[d] = end
             busy[d] += seg_t[ev.index]
             if ev.snap >= 0:
                 snaps[ev.snap] = (t[d], bd[d])

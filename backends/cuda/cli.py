@@ -73,6 +73,7 @@ def _auto_placer(cfg: Any, devices: tuple[str, ...], ratios: Any, ubatch: int, t
             plan.append(place_auto(g, cfg, devices, wl, hw, engine, ts=ratios).plan)
         return plan[0].place(g, 0)
 
+    place_auto_plan.plans = plan  # type: ignore[attr-defined]  # the searched plan, for run records
     return place_auto_plan
 
 
@@ -166,6 +167,9 @@ def run_sweep(model: str, *, devices: str = "cuda:0", split: str | None = None, 
             "ubatch": ubatch, "tg": tg, "ctx": ctx, "layers": layers or "all", "passes": passes or "none",
             "cuda_graphs": graphs, "load_s": round(load_s, 3), "delta_net_prefill_ms": cal,
             "nodes": {k: len(g.nodes) for k, g in session.executed.items()}, "fast_paths": diagnostics()}
+    plans = [p for f in transform for p in getattr(f, "plans", [])]
+    if plans:
+        meta["auto_plan"] = plans[0].explain()
     return {"rows": rows, "meta": meta, "session": session}
 
 
