@@ -13,6 +13,7 @@ stage (so a run cut short keeps what it finished). Stages:
   b      the full model on 2 GPUs: layer, graph (recurrent single, split), sweep to 32k
   b      (also auto, searched for 2xH200 with the graphir-cuda engine)
   c      qwen3-32b on 2 GPUs: layer, graph, auto, sweep to 16k
+  c_auto qwen3-32b on 2 GPUs, auto only
   d      every GPU of the machine (4 or 8): Qwen3-Next and llama-3-70b, layer, graph (all GPUs and
          two per layer), auto
   tests  pytest tests/test_exec_cuda.py (the CUDA paths against the reference kernels)
@@ -234,6 +235,12 @@ def stage_c(res: dict[str, Any], out: Path, tg: int, ctx: int) -> None:
         save(res, out)
 
 
+def stage_c_auto(res: dict[str, Any], out: Path, tg: int, ctx: int) -> None:
+    _sweep(res, "c-auto", "qwen3-32b", devices="cuda:0,cuda:1", split="auto", dtype="bf16", ubatch=2048, tg=tg,
+           ctx=ctx, hw="2xH200")
+    save(res, out)
+
+
 def stage_d(res: dict[str, Any], out: Path, tg: int, ctx: int) -> None:
     """Every GPU of the machine (4 or 8): layer, graph over all of them, graph with two GPUs per
     layer, auto; Qwen3-Next-80B-A3B and llama-3-70b."""
@@ -433,7 +440,7 @@ def save(res: dict[str, Any], out: Path) -> None:
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
 
 
-COST = {"ceil": 5, "tests": 40, "equal": 40, "dist": 40, "a": 30, "hf": 30, "hf2": 30, "b": 150, "c": 60, "d": 200,
+COST = {"ceil": 5, "tests": 40, "equal": 40, "dist": 40, "a": 30, "hf": 30, "hf2": 30, "b": 150, "c": 60, "d": 200, "c_auto": 25,
         "prof": 40, "host": 20}
 
 
@@ -467,7 +474,8 @@ def main() -> None:
     fns = {"ceil": ceilings, "equal": equal, "dist": dist_stage, "a": stage_a, "hf": hf_stage, "tests": tests,
            "hf2": lambda r, o: hf_stage(r, o, eager=False), "prof": prof, "host": host,
            "b": lambda r, o: stage_b(r, o, args.tg_b, args.ctx_b),
-           "d": lambda r, o: stage_d(r, o, args.tg_d, args.ctx_d), "c": lambda r, o: stage_c(r, o, args.tg_c, args.ctx_c)}
+           "d": lambda r, o: stage_d(r, o, args.tg_d, args.ctx_d),
+           "c_auto": lambda r, o: stage_c_auto(r, o, args.tg_c, args.ctx_c), "c": lambda r, o: stage_c(r, o, args.tg_c, args.ctx_c)}
     for st in stages:
         left = args.budget - (time.perf_counter() - T0)
         if left < COST[st] * 0.6:

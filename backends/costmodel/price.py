@@ -56,6 +56,7 @@ class Priced:
     comm_kind: tuple[str, ...]  # per comm node: copy | allreduce
     comm_numel: np.ndarray
     comm_elem: np.ndarray
+    comm_launches: np.ndarray  # kernels per participant: the transfer, plus casts of a typed reduce
     comm_tokens: np.ndarray
     comm_group: tuple[tuple[int, ...], ...]
     events: tuple[Event, ...]
@@ -165,6 +166,7 @@ def price(g: Graph, tokens: int | None = None) -> Priced:
         comm_kind=tuple(w.kind for _, w in comm),
         comm_numel=np.array([w.comm_numel for _, w in comm], dtype=float),
         comm_elem=np.array([w.comm_elem for _, w in comm], dtype=float),
+        comm_launches=np.array([w.launches for _, w in comm], dtype=float),
         comm_tokens=np.array([w.tokens for _, w in comm], dtype=float),
         comm_group=tuple(tuple(dix[d] for d in n.devices) for n, _ in comm),
         events=tuple(events), n_snaps=len(snaps), meta=g.meta, comm_names=tuple(n.name for n, _ in comm),

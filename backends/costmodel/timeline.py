@@ -135,7 +135,9 @@ def comm_costs(pr: Priced, sysm: System, eng: Engine) -> tuple[np.ndarray, np.nd
             xfer[c] = a + (p - 1) * nb / beta
         else:
             xfer[c] = 2 * (a + (p - 1) * nb / beta)
-        over[c] = eng.allreduce_us * 1e-6
+        graphs = eng.cuda_graphs == "always" or (eng.cuda_graphs == "tg" and pr.phase == "tg")
+        extra = max(0.0, float(pr.comm_launches[c]) - 1.0) * (eng.graph_launch_us if graphs else eng.launch_us)
+        over[c] = (eng.allreduce_us + extra) * 1e-6
     return xfer, over
 
 
