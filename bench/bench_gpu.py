@@ -46,6 +46,7 @@ DEVS = ("cuda:0", "cuda:1")
 HF_CONFIG: dict[str, Any] = {}  # overrides of Qwen3NextConfig's defaults (smaller models for a dry run)
 VOCAB = 151936
 DEADLINE = 0.0  # perf_counter time after which no new sweep starts (0: none)
+ONLY: set[str] = set()  # --only: run just these sweeps of stage d (a re-run of one that failed)
 
 
 def log(msg: str) -> None:
@@ -250,6 +251,8 @@ def stage_d(res: dict[str, Any], out: Path, tg: int, ctx: int) -> None:
         for key, kw in ((f"d{n}-{tag}-layer", {"split": "layer"}), (f"d{n}-{tag}-graph", {"split": "graph"}),
                         (f"d{n}-{tag}-graph-mg2", {"split": "graph", "max_gpu": 2}),
                         (f"d{n}-{tag}-auto", {"split": "auto"})):
+            if ONLY and key not in ONLY:
+                continue
             _sweep(res, key, model, devices=devs, dtype="bf16", ubatch=2048, tg=tg, ctx=ctx, hw=f"{n}xH200", **kw)
             save(res, out)
 
@@ -455,10 +458,12 @@ def main() -> None:
     ap.add_argument("--ctx-b", type=int, default=32768)
     ap.add_argument("--tg-d", type=int, default=32)
     ap.add_argument("--ctx-d", type=int, default=16384)
+    ap.add_argument("--only", default="", help="stage d: only these sweep keys (comma separated)")
     args = ap.parse_args()
     out = Path(args.out)
     global DEADLINE
     DEADLINE = T0 + args.budget
+    ONLY.update(k for k in args.only.split(",") if k)
     out.mkdir(parents=True, exist_ok=True)
     SCRATCH.mkdir(parents=True, exist_ok=True)
     stages = args.stages.split(",")

@@ -253,3 +253,30 @@ def test_auto_on_four_and_eight_devices_matches_unplaced(n: int) -> None:
     devs = tuple(f"cpu:{k}" for k in range(n))
     s = _compare(cfg, make_transform(cfg, devs, "auto", ubatch=8, tg=4, ctx=16, hw=f"{n}xH200"))
     assert len(s.graphs["pp"].device_list()) > 1
+
+
+def test_loading_two_layouts_holds_one_full_tensor_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefill sliced over four devices, decode whole on a home device (auto's plans): the
+    loader cuts every piece of a source tensor together, so it never holds more than one full
+    tensor (it held every expert tensor of the model at once before, and ran out of memory)."""
+    from backends.cuda import loader
+    from passes import merge_up_gate, place_graph, place_layer
+
+    cfg = from_hf_dict(CONFIGS["qwen3_next"])
+    devs = tuple(f"cpu:{k}" for k in range(4))
+    peak = [0]
+    get = loader._Pieces._get
+
+    def counting(self, name, node, device, dtype):  # type: ignore[no-untyped-def]
+        t = get(self, name, node, device, dtype)
+        peak[0] = max(peak[0], len(self.full))
+        return t
+
+    monkeypatch.setattr(loader._Pieces, "_get", counting)
+
+    def two_layouts(g: Graph) -> Graph:
+        return place_graph(g, cfg, devs) if g.info.get("phase") == "pp" else place_layer(g, cfg, devs)
+
+    s = Session(cfg, "random", "cpu:0", 16, seed=7, transform=[two_layouts, merge_up_gate])  # loading is the point
+    assert peak[0] <= 2
+    assert s.graphs["pp"].by_op(Op.ALL_REDUCE) and not s.graphs["tg"].by_op(Op.ALL_REDUCE)

@@ -46,6 +46,49 @@ def _constants(graphs: Mapping[str, Graph]) -> tuple[list[Node], set[str], dict[
     return list(order.values()), live, readers
 
 
+def _load_order(nodes: list[Node], leaves: list[Node]) -> list[Node]:
+    """Constants in an order that keeps every source tensor's uses together: when a leaf is
+    loaded, the other leaves cut from the same source tensor (the other phase's placement of
+    it, another device's slice) load with it, and every constant whose inputs are then all
+    present is computed at once. In first-appearance order, a prefill layout that slices the
+    experts and a decode layout that keeps them whole would hold every full expert tensor
+    from the first slice to the decode graph's leaf, i.e. the whole model at once."""
+    by_source: dict[str, list[Node]] = {}
+    for n in leaves:
+        for p in source_names(n):
+            by_source.setdefault(p, []).append(n)
+    missing = {n.name: len(set(n.inputs)) for n in nodes if n.op != Op.WEIGHT}
+    waiting: dict[str, list[Node]] = {}
+    for n in nodes:
+        for i in set(n.inputs):
+            waiting.setdefault(i, []).append(n)
+    out: list[Node] = []
+    done: set[str] = set()
+
+    def emit(n: Node) -> None:
+        stack = [n]
+        while stack:
+            m = stack.pop()
+            if m.name in done:
+                continue
+            done.add(m.name)
+            out.append(m)
+            for d in waiting.get(m.name, ()):
+                missing[d.name] -= 1
+                if missing[d.name] == 0:
+                    stack.append(d)
+
+    for n in nodes:
+        if n.op == Op.WEIGHT and n.name not in done:
+            for p in source_names(n):
+                for sib in by_source[p]:
+                    emit(sib)
+        elif n.op != Op.WEIGHT and n.name not in done and missing[n.name] == 0:
+            emit(n)
+    out += [n for n in nodes if n.name not in done]  # (none: every input is a constant)
+    return out
+
+
 class _Pieces:
     """Full tensors by source name, each kept until its last piece is cut."""
 
@@ -90,6 +133,7 @@ def load_folded(graphs: Mapping[str, Graph], reference: Mapping[str, WeightInfo]
     """(weights the executed graphs read, by node name; the graphs with constants folded to leaves)."""
     nodes, live, readers = _constants(graphs)
     leaves = [n for n in nodes if n.op == Op.WEIGHT]
+    nodes = _load_order(nodes, leaves)
     pieces = _Pieces(source, reference, leaves)
     weights: dict[str, torch.Tensor] = {}
     any_graph = next(iter(graphs.values()))
