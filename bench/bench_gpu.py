@@ -46,7 +46,7 @@ DEVS = ("cuda:0", "cuda:1")
 HF_CONFIG: dict[str, Any] = {}  # overrides of Qwen3NextConfig's defaults (smaller models for a dry run)
 VOCAB = 151936
 DEADLINE = 0.0  # perf_counter time after which no new sweep starts (0: none)
-ONLY: set[str] = set()  # --only: run just these sweeps of stage d (a re-run of one that failed)
+ONLY: set[str] = set()  # --only: run just these sweeps of stages b and d (re-runs)
 
 
 def log(msg: str) -> None:
@@ -224,6 +224,8 @@ def stage_a(res: dict[str, Any], out: Path) -> None:
 def stage_b(res: dict[str, Any], out: Path, tg: int, ctx: int = 32768) -> None:
     for key, split, rec in (("b-layer", "layer", "single"), ("b-graph-single", "graph", "single"),
                             ("b-graph-split", "graph", "split"), ("b-auto", "auto", "single")):
+        if ONLY and key not in ONLY:
+            continue
         _sweep(res, key, NEXT, devices="cuda:0,cuda:1", split=split, recurrent=rec, dtype="bf16", ubatch=2048,
                tg=tg, ctx=ctx, hw="2xH200")
         save(res, out)
@@ -458,7 +460,7 @@ def main() -> None:
     ap.add_argument("--ctx-b", type=int, default=32768)
     ap.add_argument("--tg-d", type=int, default=32)
     ap.add_argument("--ctx-d", type=int, default=16384)
-    ap.add_argument("--only", default="", help="stage d: only these sweep keys (comma separated)")
+    ap.add_argument("--only", default="", help="stages b, d: only these sweep keys (comma separated)")
     args = ap.parse_args()
     out = Path(args.out)
     global DEADLINE

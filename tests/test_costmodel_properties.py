@@ -41,7 +41,9 @@ def test_time_grows_with_depth(c) -> None:
     sysm = resolve_system(hw)
     pr = _priced(model, quant, kv, split, min(2, sysm.count), phase)
     t = evaluate(pr, sysm, load_engine(engine), np.arange(0, 65536, 4096.0)).total
-    assert np.all(np.diff(t) > 0)
+    # never faster deeper; a host-bound phase (graphir-cuda's eager prefill) is flat until the
+    # GPUs' growing attention work overtakes the host, so growth is required over the sweep
+    assert np.all(np.diff(t) >= 0) and t[-1] > t[0]
 
 
 @SET

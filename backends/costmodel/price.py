@@ -49,6 +49,7 @@ class Priced:
     kvbytes: np.ndarray  # [2, N]
     actbytes: np.ndarray  # [2, N]
     launches: np.ndarray
+    host_nodes: np.ndarray  # [N] graph nodes the executor's host walks for this one (free ones before it)
     mnk: np.ndarray  # [3, N] GEMM shape
     wdtype: tuple[str, ...]  # per node ('' if none)
     seg_start: np.ndarray  # first node of each segment (for np.add.reduceat)
@@ -119,8 +120,11 @@ def price(g: Graph, tokens: int | None = None) -> Priced:
                 snap = snaps[snap_of] = len(snaps)
             events.append(Event("seg", len(segs) - 1, (d,), snap=snap))
 
+    hosted: list[int] = []  # per priced node: itself plus the free nodes (views, leaves) the host walked before it
+    skipped = 0
     for n in g.nodes:
         if n.op in LEAVES or n.op in VIEWS or n.op == Op.OUTPUT:
+            skipped += 1
             continue
         ins = [g[i] for i in n.inputs]
         if n.op in (Op.COPY, Op.ALL_REDUCE):
@@ -138,6 +142,8 @@ def price(g: Graph, tokens: int | None = None) -> Priced:
             continue
         d = dix[n.device]
         rows.append((n, work(n, ins, env0), work(n, ins, env1)))
+        hosted.append(1 + skipped)
+        skipped = 0
         pending.setdefault(d, []).append(len(rows) - 1)
         if n.name in feeds:
             flush(d, n.name)
@@ -161,6 +167,7 @@ def price(g: Graph, tokens: int | None = None) -> Priced:
         kind=np.array([KINDS.index(r[1].kind) for r in R], dtype=int),
         flops=lin("flops"), wbytes=col("wbytes"), kvbytes=lin("kvbytes"), actbytes=lin("actbytes"),
         launches=col("launches"), mnk=np.stack([col("m"), col("n"), col("k")]),
+        host_nodes=np.array([hosted[i] for i in order], dtype=float),
         wdtype=tuple(r[1].wdtype for r in R), seg_start=np.asarray(seg_start, dtype=int),
         seg_dev=np.array(seg_dev, dtype=int),
         comm_kind=tuple(w.kind for _, w in comm),

@@ -122,9 +122,10 @@ class Engine(BaseModel):
     cuda_graphs: Literal["never", "tg", "always"] = "tg"  # when kernels replay from a CUDA graph
     launch_us: float = Field(gt=0)  # per kernel, launched one by one
     graph_launch_us: float = Field(gt=0)  # per kernel, replayed from a CUDA graph
-    # host time to issue one kernel launched one by one, from ONE host thread for every device
-    # (a Python executor's interpreter + launch); a device cannot run a kernel before it is
-    # issued, so a short-kernel phase on several GPUs is bounded by the host. 0: not modelled
+    # host time per graph node executed eagerly, from ONE host thread for every device (a
+    # Python executor's interpreter + its torch calls and launches; views and leaves count
+    # too); a device cannot run a kernel before it is issued, so a phase of many short
+    # kernels on several GPUs is bounded by the host. 0: not modelled
     host_us: float = Field(default=0.0, ge=0)
     forward_us: float = Field(ge=0)  # host work per forward pass (graph build, inputs, sampling)
     mem_eff: float = Field(gt=0, le=1)  # fraction of DRAM peak reached by streaming kernels

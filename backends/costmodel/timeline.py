@@ -167,7 +167,7 @@ def evaluate(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray, spans: list[
     # the host thread that issues eager kernels for every device, in program order (host_us)
     graphs = eng.cuda_graphs == "always" or (eng.cuda_graphs == "tg" and pr.phase == "tg")
     issue = 0.0 if graphs else eng.host_us * 1e-6
-    seg_host = (np.add.reduceat(pr.launches * issue, pr.seg_start) if len(pr.seg_start) and issue
+    seg_host = (np.add.reduceat(pr.host_nodes * issue, pr.seg_start) if len(pr.seg_start) and issue
                 else np.zeros(len(pr.seg_start)))
     host = np.zeros(D)
     t = [np.zeros(D) for _ in range(P)]
