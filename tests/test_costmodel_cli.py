@@ -77,3 +77,43 @@ def test_compare_measured_with_predicted(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["compare", str(DATA / "qwen3next_80b_iq4xs_q8kv_2x3090_graph.md"), str(pred), "--split", "graph"]) == 0
     out = capsys.readouterr().out
     assert "PP: n=48" in out and "TG: n=48" in out
+
+
+def test_calibrate_takes_a_model_per_table_and_run_labels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """graphir run's labels (graph-single / graph-split) and one --model per table."""
+    from graphir.sweep import SweepRow, write_csv
+
+    a, b = tmp_path / "next.csv", tmp_path / "dense.csv"
+    assert main(["predict", "qwen3-next-80b-a3b", "--hw", "2xH200", "--engine", "graphir-cuda", "--quant", "bf16",
+                 "--split", "graph", "--recurrent", "split", "--ctx", "4096", "--tg", "8", "--format", "csv",
+                 "-o", str(a)]) == 0
+    rows = [SweepRow(**{**r.__dict__, "split": "graph-split"}) for r in read_table(a).rows]
+    write_csv(rows, a)
+    assert main(["predict", *SMALL[:1], "--hw", "2xH200", "--engine", "graphir-cuda", "--split", "layer", "--ctx",
+                 "4096", "--tg", "8", "--format", "csv", "-o", str(b)]) == 0
+    assert main(["calibrate", str(a), str(b), "--model", "qwen3-next-80b-a3b,qwen3-0.6b", "--hw", "2xH200",
+                 "--engine", "graphir-cuda", "--quant", "bf16", "--fit", "gemm_eff"]) == 0
+    out = capsys.readouterr().out
+    assert "next:graph-split" in out and "dense:layer" in out
+    # the tables are the engine's own predictions: the fit leaves them where they are
+    assert "|err| median 0.0%" in out
+    # compare aligns a measured graph-split table with a predicted graph one
+    c = tmp_path / "pred.csv"
+    assert main(["predict", "qwen3-next-80b-a3b", "--hw", "2xH200", "--engine", "graphir-cuda", "--quant", "bf16",
+                 "--split", "graph", "--recurrent", "split", "--ctx", "4096", "--tg", "8", "--format", "csv",
+                 "-o", str(c)]) == 0
+    assert read_table(c).splits() == ("graph",)
+    assert main(["compare", str(a), str(c)]) == 0
+    assert "graph-split" in capsys.readouterr().out
+    assert main(["calibrate", str(a), str(b), "--model", "a,b,c", "--hw", "2xH200"]) == 2
+    assert "one per table" in capsys.readouterr().err
+
+
+def test_run_labels() -> None:
+    from backends.costmodel.cli import CostModelCliError, run_label
+
+    assert run_label("graph-split") == ("graph", "split")
+    assert run_label("graph", "split") == ("graph", "split")
+    assert run_label("layer") == ("layer", "single")
+    with pytest.raises(CostModelCliError):
+        run_label("layer-split")

@@ -93,3 +93,31 @@ def test_unplaced_graph_is_refused() -> None:
     g = build(load_preset("qwen3-0.6b").with_layers(1), BuildOptions(phase="tg"))
     with pytest.raises(GraphirError):
         price(g)
+
+
+def test_host_thread_bounds_an_eager_phase_of_short_kernels() -> None:
+    """host_us: one host thread walks every node of both devices; when that takes longer than
+    the kernels, the forward pass takes the host's time (and 0 leaves the timeline as it was)."""
+    sysm = resolve_system("2xH200")
+    g = _two_branches(True, (64, 64))
+    pr = price(Graph(g.nodes, (("phase", "pp"),)), 1)  # the same nodes as an eager (prefill) pass
+    eng = load_engine("graphir-cuda")
+    base = evaluate(pr, sysm, eng.model_copy(update={"host_us": 0.0}), np.array([0.0])).total[0]
+    slow = eng.model_copy(update={"host_us": 1000.0})
+    t = evaluate(pr, sysm, slow, np.array([0.0])).total[0]
+    walked = pr.host_nodes.sum()  # both devices' nodes, views and leaves included
+    assert walked == sum(1 for n in g.nodes if n.op not in (Op.ALL_REDUCE, Op.OUTPUT))
+    assert t >= walked * 1e-3 > base
+    # decode replays CUDA graphs: no host walk per node
+    tg = price(_two_branches(True, (64, 64)))
+    assert evaluate(tg, sysm, slow, np.array([0.0])).total[0] == pytest.approx(
+        evaluate(tg, sysm, eng.model_copy(update={"host_us": 0.0}), np.array([0.0])).total[0])
+
+
+def test_a_typed_all_reduce_pays_its_casts() -> None:
+    sysm, eng = _setup()
+    g = _two_branches(True)
+    typed = g.replace_nodes([n.with_(attrs=n.attrs + (("dtype", "f16"),)) if n.op == Op.ALL_REDUCE else n
+                             for n in g.nodes])
+    (_, o0), (_, o1) = comm_costs(price(g), sysm, eng), comm_costs(price(typed), sysm, eng)
+    assert o1[0] - o0[0] == pytest.approx(2 * eng.graph_launch_us * 1e-6)  # tg: replayed kernels
