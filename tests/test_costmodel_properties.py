@@ -40,10 +40,13 @@ def test_time_grows_with_depth(c) -> None:
     model, quant, kv, split, hw, engine, phase = c
     sysm = resolve_system(hw)
     pr = _priced(model, quant, kv, split, min(2, sysm.count), phase)
-    t = evaluate(pr, sysm, load_engine(engine), np.arange(0, 65536, 4096.0)).total
-    # never faster deeper; a host-bound phase (graphir-cuda's eager prefill) is flat until the
-    # GPUs' growing attention work overtakes the host, so growth is required over the sweep
-    assert np.all(np.diff(t) >= 0) and t[-1] > t[0]
+    eng = load_engine(engine)
+    kv = np.arange(0, 65536, 4096.0)
+    # never faster deeper; a host-bound phase (graphir-cuda's eager prefill of a small model)
+    # may stay flat while the host walking the graph is slower than the GPUs' growing work
+    assert np.all(np.diff(evaluate(pr, sysm, eng, kv).total) >= 0)
+    # the GPUs' own time grows with every step of depth
+    assert np.all(np.diff(evaluate(pr, sysm, eng.model_copy(update={"host_us": 0.0}), kv).total) > 0)
 
 
 @SET
