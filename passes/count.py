@@ -89,15 +89,10 @@ class _Tally:
         return _exit(len(devs))
 
 
-def _merges(cfg: ModelConfig, opts: BuildOptions, i: int, merges: Sequence[str]) -> tuple[bool, bool, bool, bool]:
-    """Which merges apply in layer i: (qkv, dense up/gate, shared-expert up/gate, expert up/gate)."""
-    qkv, up, sh, ex, _, _ = _all_merges(cfg, opts, i, merges)
-    return qkv, up, sh, ex
-
-
-def _all_merges(cfg: ModelConfig, opts: BuildOptions, i: int, merges: Sequence[str]
-                ) -> tuple[bool, bool, bool, bool, bool, bool]:
-    """_merges plus merge_siblings': (..., delta-net in+ba, router+shared expert)."""
+def _merges(cfg: ModelConfig, opts: BuildOptions, i: int, merges: Sequence[str]
+            ) -> tuple[bool, bool, bool, bool, bool, bool]:
+    """Which merges apply in layer i: (qkv, dense up/gate, shared-expert up/gate, expert up/gate,
+    delta-net in+ba, router+shared expert)."""
     H, p, L = cfg.hidden_size, f"blk.{i}.", cfg.n_layer
 
     def t(role: str, *shape: int):  # type: ignore[no-untyped-def]
@@ -213,7 +208,7 @@ def estimate_nodes(cfg: ModelConfig, opts: BuildOptions | None = None, *, merges
         emb, head = plan.embed, plan.head
         holders, rope = {emb}, set()
         for i, m, f in plan.layers:
-            qkv, up, sh, ex, ssm, router = _all_merges(cfg, opts, i, merges)
+            qkv, up, sh, ex, ssm, router = _merges(cfg, opts, i, merges)
             for r in (m, f):
                 need = [j for j in r.devices if j not in holders]
                 tally.each(need, 1)
@@ -232,7 +227,7 @@ def estimate_nodes(cfg: ModelConfig, opts: BuildOptions | None = None, *, merges
         holders, rope = {emb}, set()
         for i in idx:
             d = where[i]
-            qkv, up, sh, ex, ssm, router = _all_merges(cfg, opts, i, merges)
+            qkv, up, sh, ex, ssm, router = _merges(cfg, opts, i, merges)
             if d not in holders:
                 tally.on(d, 1)
                 copies += 1

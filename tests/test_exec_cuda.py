@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backends.cuda import fast_moe, fused, gemv
+from backends.cuda import fast_moe, fused
 from backends.cuda import triton_deltanet as tdn
 from backends.cuda.fastpath import CUDA_KERNELS, attention as fast_attention
 from backends.cuda.graphs import DecodeStep
@@ -66,24 +66,6 @@ def ctx_for() -> ExecContext:
 
 
 # ---- kernels ----------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("shape", [(37, 100), (64, 2048), (5, 16), (300, 520)])
-def test_gemv_tiles_match_linear(shape: tuple[int, int]) -> None:
-    N, K = shape
-    x, w = rand(1, K, dtype=torch.bfloat16), rand(N, K, dtype=torch.bfloat16, seed=1)
-    ref = F.linear(x.float(), w.float())
-    for cfg in gemv.CONFIGS:  # every candidate tile, whichever the timing would pick
-        assert rel_err(gemv._triton(x, w, cfg).float(), ref) < 1e-2
-
-
-@needs_cuda
-def test_gemv_choice_is_recorded_and_used() -> None:
-    x, w = rand(1, 4096, dtype=torch.bfloat16), rand(2048, 4096, dtype=torch.bfloat16, seed=1)
-    n = node(Op.MATMUL)
-    got = CUDA_KERNELS[Op.MATMUL](n, [x, w], ctx_for())
-    assert (2048, 4096, str(torch.bfloat16), str(w.device)) in gemv.CHOICE
-    assert rel_err(got.float(), F.linear(x.float(), w.float())) < 1e-2
-
 
 @pytest.mark.parametrize("offset", [0.0, 1.0])
 def test_rms_norm_strided_rows(offset: float) -> None:

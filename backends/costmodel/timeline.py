@@ -82,6 +82,11 @@ def _mem_eff(pr: Priced, eng: Engine) -> np.ndarray:
     return eng.mem_eff * q
 
 
+def _replays(pr: Priced, eng: Engine) -> bool:
+    """Whether this phase's kernels replay from CUDA graphs (else they are launched one by one)."""
+    return eng.cuda_graphs == "always" or (eng.cuda_graphs == "tg" and pr.phase == "tg")
+
+
 def node_costs(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per node seconds [N, D] and the same split into TERMS [N, 6, D]."""
     rate, eff = _rate_eff(pr, sysm, eng)
@@ -97,8 +102,7 @@ def node_costs(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray) -> tuple[n
     byt = wb[:, None] + kvb + act
     t_c = flops / (rate * eff)[:, None]
     t_m = byt / bw[:, None]
-    graphs = eng.cuda_graphs == "always" or (eng.cuda_graphs == "tg" and pr.phase == "tg")
-    launch = pr.launches * 1e-6 * (eng.graph_launch_us if graphs else eng.launch_us)
+    launch = pr.launches * 1e-6 * (eng.graph_launch_us if _replays(pr, eng) else eng.launch_us)
     body = np.maximum(t_c, t_m)
     terms = np.zeros((len(pr.names), len(TERMS), len(kv)))
     comp = t_c >= t_m
@@ -117,6 +121,7 @@ def comm_costs(pr: Priced, sysm: System, eng: Engine) -> tuple[np.ndarray, np.nd
     a = link.latency_us * 1e-6
     beta = link.beta * eng.comm_bw_eff
     xfer, over = np.zeros(pr.n_comm), np.zeros(pr.n_comm)
+    per_launch = eng.graph_launch_us if _replays(pr, eng) else eng.launch_us
     for c, kind in enumerate(pr.comm_kind):
         if kind == "copy":
             # without P2P a copy goes device -> host -> device; an engine that does not pipeline
@@ -135,8 +140,7 @@ def comm_costs(pr: Priced, sysm: System, eng: Engine) -> tuple[np.ndarray, np.nd
             xfer[c] = a + (p - 1) * nb / beta
         else:
             xfer[c] = 2 * (a + (p - 1) * nb / beta)
-        graphs = eng.cuda_graphs == "always" or (eng.cuda_graphs == "tg" and pr.phase == "tg")
-        extra = max(0.0, float(pr.comm_launches[c]) - 1.0) * (eng.graph_launch_us if graphs else eng.launch_us)
+        extra = max(0.0, float(pr.comm_launches[c]) - 1.0) * per_launch
         over[c] = (eng.allreduce_us + extra) * 1e-6
     return xfer, over
 
@@ -165,8 +169,7 @@ def evaluate(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray, spans: list[
         seg_t, seg_terms = np.zeros((0, D)), np.zeros((0, len(TERMS), D))
     xfer, over = comm_costs(pr, sysm, eng)
     # the host thread that issues eager kernels for every device, in program order (host_us)
-    graphs = eng.cuda_graphs == "always" or (eng.cuda_graphs == "tg" and pr.phase == "tg")
-    issue = 0.0 if graphs else eng.host_us * 1e-6
+    issue = 0.0 if _replays(pr, eng) else eng.host_us * 1e-6
     seg_host = (np.add.reduceat(pr.host_nodes * issue, pr.seg_start) if len(pr.seg_start) and issue
                 else np.zeros(len(pr.seg_start)))
     host = np.zeros(D)
