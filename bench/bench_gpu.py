@@ -46,7 +46,7 @@ DEVS = ("cuda:0", "cuda:1")
 HF_CONFIG: dict[str, Any] = {}  # overrides of Qwen3NextConfig's defaults (smaller models for a dry run)
 VOCAB = 151936
 DEADLINE = 0.0  # perf_counter time after which no new sweep starts (0: none)
-ONLY: set[str] = set()  # --only: run just these sweeps of stages b and d (re-runs)
+ONLY: set[str] = set()  # --only: run just these sweeps of stages b, c and d (re-runs)
 
 
 def log(msg: str) -> None:
@@ -233,6 +233,8 @@ def stage_b(res: dict[str, Any], out: Path, tg: int, ctx: int = 32768) -> None:
 
 def stage_c(res: dict[str, Any], out: Path, tg: int, ctx: int) -> None:
     for key, split in (("c-layer", "layer"), ("c-graph", "graph"), ("c-auto", "auto")):
+        if ONLY and key not in ONLY:
+            continue
         _sweep(res, key, "qwen3-32b", devices="cuda:0,cuda:1", split=split, dtype="bf16", ubatch=2048, tg=tg,
                ctx=ctx, hw="2xH200")
         save(res, out)
@@ -460,7 +462,7 @@ def main() -> None:
     ap.add_argument("--ctx-b", type=int, default=32768)
     ap.add_argument("--tg-d", type=int, default=32)
     ap.add_argument("--ctx-d", type=int, default=16384)
-    ap.add_argument("--only", default="", help="stages b, d: only these sweep keys (comma separated)")
+    ap.add_argument("--only", default="", help="stages b, c, d: only these sweep keys (comma separated)")
     args = ap.parse_args()
     out = Path(args.out)
     global DEADLINE

@@ -200,7 +200,10 @@ def _ssm_conv(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec
 
 
 def _delta_net(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
-    q, k, v, g, beta, s = ins
+    raw = bool(attrs.get("raw_gates", False))
+    _need(len(ins) == (8 if raw else 6), f"delta_net takes {8 if raw else 6} inputs"
+          f"{' with raw_gates' if raw else ''}, got {len(ins)}")
+    q, k, v, g, beta, s = ins[:6]  # raw_gates: g, beta are the projections alpha, b
     T, nk, dk = q.shape
     nv, dv = v.shape[1], v.shape[2]
     _need(k.shape == q.shape, f"delta_net q {q} and k {k} differ")
@@ -209,8 +212,20 @@ def _delta_net(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpe
     _need(isinstance(nv, int) and isinstance(nk, int) and nv % nk == 0,
           f"delta_net value heads ({nv}) must be a multiple of key heads ({nk})")
     _need(s.shape == (dk, nv, dv), f"delta_net state must be [{dk},{nv},{dv}], got {s}")
+    if raw:  # g = softplus(f32(alpha) + dt_bias) * a, beta = sigmoid(b): per value head
+        _need(all(x.shape == (nv,) for x in ins[6:]), f"delta_net dt_bias {ins[6]} and a {ins[7]} must be [{nv}]")
     # packed result: rows [0,T) are the output, rows [T,T+dk) the new state (ggml does the same)
     return TensorSpec((D.add(T, dk), nv, dv), F32)
+
+
+def _shared(attrs: Mapping[str, Any], op: str) -> int:
+    """The optional `shared` attribute: slots appended for a shared expert folded into the
+    routed ones (passes/shared_expert.py); 0 when absent."""
+    m = attrs.get("shared")
+    if m is None:
+        return 0
+    _need(isinstance(m, int) and not isinstance(m, bool) and m >= 1, f"{op} shared={m!r} must be an int >= 1")
+    return m
 
 
 def _moe_topk(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
@@ -218,12 +233,22 @@ def _moe_topk(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec
     k = attrs["k"]
     _need(logits.rank == 2 and isinstance(logits.shape[1], int) and 0 < k <= logits.shape[1],
           f"moe_topk k={k} invalid for {logits}")
-    return TensorSpec((logits.shape[0], k), I32)
+    # shared=m: m more columns holding the ids E..E+m-1 (the shared expert's slots)
+    return TensorSpec((logits.shape[0], k + _shared(attrs, "moe_topk")), I32)
 
 
 def _moe_weights(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
-    logits, ids = ins
+    _need(len(ins) in (2, 3), f"moe_weights takes logits, ids and optionally a shared gate; got {len(ins)} inputs")
+    logits, ids = ins[0], ins[1]
     _need(_same(logits.shape[0], ids.shape[0]), f"moe_weights logits {logits} and ids {ids} differ")
+    m = _shared(attrs, "moe_weights")
+    _need((len(ins) == 3) == (m > 0), f"moe_weights: a shared gate input and shared=m go together (shared={m})")
+    if m:
+        gate = ins[2]
+        _need(gate.rank == 2 and _same(gate.shape[0], logits.shape[0]) and gate.shape[1] == 1,
+              f"moe_weights shared gate must be [T,1], got {gate} for logits {logits}")
+        _need(ids.rank == 2 and isinstance(ids.shape[1], int) and ids.shape[1] > m,
+              f"moe_weights ids {ids} has no routed column besides the {m} shared one(s)")
     return TensorSpec(ids.shape, F32)
 
 
@@ -282,9 +307,9 @@ DEFS: dict[Op, OpDef] = {d.op: d for d in (
     OpDef(Op.KV_APPEND, 2, (), (), _kv_append),
     OpDef(Op.CONCAT, None, ("dim",), (), _concat),
     OpDef(Op.SSM_CONV, 2, (), ("act",), _ssm_conv),
-    OpDef(Op.DELTA_NET, 6, (), ("qk_l2norm",), _delta_net),
-    OpDef(Op.MOE_TOPK, 1, ("k",), (), _moe_topk),
-    OpDef(Op.MOE_WEIGHTS, 2, ("norm",), (), _moe_weights),
+    OpDef(Op.DELTA_NET, None, (), ("qk_l2norm", "raw_gates"), _delta_net),
+    OpDef(Op.MOE_TOPK, 1, ("k",), ("shared",), _moe_topk),
+    OpDef(Op.MOE_WEIGHTS, None, ("norm",), ("shared",), _moe_weights),  # logits, ids[, shared gate]
     OpDef(Op.MOE_SUM, 2, (), (), _moe_sum),
     OpDef(Op.RESHAPE, 1, ("shape",), (), _reshape, 0),
     OpDef(Op.SLICE, 1, ("dim", "start", "stop"), (), _slice, 0),

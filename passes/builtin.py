@@ -8,11 +8,14 @@ from graphir.graph import Graph
 
 from passes.manager import PassContext, register_pass
 from passes.memory import check_fit, plan_memory
+from passes.gates import fuse_delta_net_gates as _fuse_delta_net_gates
+from passes.heads import contiguous_heads as _contiguous_heads
 from passes.merge import merge_qkv as _merge_qkv
 from passes.merge import merge_siblings as _merge_siblings
 from passes.merge import merge_up_gate as _merge_up_gate
 from passes.place import place_graph as _place_graph
 from passes.place import place_layer as _place_layer
+from passes.shared_expert import fold_shared_expert as _fold_shared_expert
 from passes.transfers import eliminate_dead, insert_transfers as _insert_transfers
 
 Recurrent = Literal["single", "split"]
@@ -34,6 +37,24 @@ def merge_up_gate(g: Graph, ctx: PassContext) -> Graph:
 def merge_siblings(g: Graph, ctx: PassContext) -> Graph:
     """Delta-net in/ba projections; router + shared-expert gate, up and gate-inp: one matmul each."""
     return _merge_siblings(g)
+
+
+@register_pass("contiguous_heads")
+def contiguous_heads(g: Graph, ctx: PassContext) -> Graph:
+    """Projection weight rows reordered so per-head pieces of the product are views (after merges)."""
+    return _contiguous_heads(g)
+
+
+@register_pass("fuse_delta_net_gates")
+def fuse_delta_net_gates(g: Graph, ctx: PassContext) -> Graph:
+    """Delta-net decay/write gates (cast, add, softplus, mul, sigmoid) made inside the delta_net."""
+    return _fuse_delta_net_gates(g)
+
+
+@register_pass("fold_shared_expert")
+def fold_shared_expert(g: Graph, ctx: PassContext) -> Graph:
+    """Sigmoid-gated shared expert as m = S/N extra routed-expert slots (run before the merges)."""
+    return _fold_shared_expert(g)
 
 
 @register_pass("place_layer")

@@ -35,6 +35,7 @@ class MergeRule:
     merged: str  # role of the merged matmul
     fallback: int = 0  # merge only the first k members when not all types agree (0: none)
     fallback_name: str = ""
+    marker: tuple[str, str] = ("", "")  # (role, attr): apply only where that node carries that attr
 
 
 QKV = (MergeRule(Op.MATMUL, ("attn_q", "attn_k", "attn_v"), "attn_qkv", 2, "attn_qk"),)
@@ -46,10 +47,14 @@ UP_GATE = (
 # matmuls of one activation that no other merge joins: a delta-net layer's two input
 # projections, and the router with the shared expert's gate, up and sigmoid gate (four
 # matmuls of the post-attention norm). In a decode step each is a launch reading a few MB;
-# one launch reads them all at the HBM rate.
+# one launch reads them all at the HBM rate. After fold_shared_expert only the router and
+# the shared gate's logit are left as matmuls there: the pair merges instead.
 SIBLINGS = (
     MergeRule(Op.MATMUL, ("ssm_in", "ssm_ba"), "ssm_in_ba"),
     MergeRule(Op.MATMUL, ("ffn_gate_inp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_gate_inp_shexp"), "ffn_router_shexp"),
+    # only where the shared expert was folded (moe_topk {shared}): unfolded graphs merge as before
+    MergeRule(Op.MATMUL, ("ffn_gate_inp", "ffn_gate_inp_shexp"), "ffn_router_shgate",
+              marker=("ffn_moe_topk", "shared")),
 )
 _NAME = re.compile(r"(blk\.\d+\.)([A-Za-z0-9_]+)(#[A-Za-z0-9_.#\-]*)?$")
 
@@ -65,34 +70,51 @@ def merge_up_gate(g: Graph) -> Graph:
 
 
 def merge_siblings(g: Graph) -> Graph:
-    """The delta-net input projections; the router with the shared expert's projections.
-    Runs before merge_up_gate (which would take the shared expert's gate and up alone)."""
+    """The delta-net input projections; the router with the shared expert's projections (with
+    the shared gate's logit alone after fold_shared_expert). Runs before merge_up_gate (which
+    would take the shared expert's gate and up alone)."""
     return _merge(g, SIBLINGS)
 
 
 def _groups(g: Graph, rules: tuple[MergeRule, ...]) -> dict[str, tuple[MergeRule, tuple[Node, ...]]]:
-    """First member name -> (rule, member nodes) for every mergeable group."""
+    """First member name -> (rule, member nodes) for every mergeable group. Rules that share a
+    first role are tried longest first: the first whose members are all there wins."""
     out: dict[str, tuple[MergeRule, tuple[Node, ...]]] = {}
-    first_role = {r.members[0]: r for r in rules}
+    by_first: dict[str, list[MergeRule]] = {}
+    for r in sorted(rules, key=lambda r: -len(r.members)):  # stable: equal lengths keep their order
+        by_first.setdefault(r.members[0], []).append(r)
     for n in g.nodes:
         m = _NAME.match(n.name)
-        if not m or m.group(2) not in first_role:
+        if not m or m.group(2) not in by_first:
             continue
-        rule = first_role[m.group(2)]
-        if n.op != rule.op:
-            continue  # already merged (a slice now) or not a projection
-        pre, tail = m.group(1), m.group(3) or ""
-        members = [g.index.get(pre + role + tail) for role in rule.members]
-        ok = [x for x in members if x is not None and x.op == rule.op and x.device == n.device
-              and x.inputs[0] == n.inputs[0] and x.inputs[2:] == n.inputs[2:]]
-        if len(ok) != len(members):
-            continue
-        types = [g[x.inputs[1]].spec.dtype for x in ok]
-        if all(t == types[0] for t in types):
-            out[n.name] = (rule, tuple(ok))
-        elif rule.fallback and all(t == types[0] for t in types[:rule.fallback]):
-            out[n.name] = (rule, tuple(ok[:rule.fallback]))
+        for rule in by_first[m.group(2)]:
+            got = _group(g, n, m, rule)
+            if got is not None:
+                out[n.name] = (rule, got)
+                break
     return out
+
+
+def _group(g: Graph, n: Node, m: re.Match[str], rule: MergeRule) -> tuple[Node, ...] | None:
+    """The members of `rule` around first member `n` (all, or the fallback's first k), if mergeable."""
+    if n.op != rule.op:
+        return None  # already merged (a slice now) or not a projection
+    pre, tail = m.group(1), m.group(3) or ""
+    if rule.marker[0]:
+        mark = g.index.get(pre + rule.marker[0] + tail)
+        if mark is None or rule.marker[1] not in mark.attr:
+            return None
+    members = [g.index.get(pre + role + tail) for role in rule.members]
+    ok = [x for x in members if x is not None and x.op == rule.op and x.device == n.device
+          and x.inputs[0] == n.inputs[0] and x.inputs[2:] == n.inputs[2:]]
+    if len(ok) != len(members):
+        return None
+    types = [g[x.inputs[1]].spec.dtype for x in ok]
+    if all(t == types[0] for t in types):
+        return tuple(ok)
+    if rule.fallback and all(t == types[0] for t in types[:rule.fallback]):
+        return tuple(ok[:rule.fallback])
+    return None
 
 
 def _merge(g: Graph, rules: tuple[MergeRule, ...]) -> Graph:

@@ -18,13 +18,13 @@ from backends.cuda.fastpath import CUDA_KERNELS, attention as fast_attention
 from backends.cuda.graphs import DecodeStep
 from backends.cuda.interp import ExecContext
 from backends.cuda.kernels import KERNELS
-from backends.cuda.recurrent import delta_rule_recurrent
+from backends.cuda.recurrent import delta_rule_recurrent, raw_gates
 from backends.cuda.session import Session
 from backends.cuda.testing import patch_triton_interpreter, rel_err
 from graphir.builder import Builder
 from graphir.models import from_hf_dict
 from graphir.ops import Op
-from passes import merge_qkv, merge_siblings, merge_up_gate, place_graph, place_layer
+from passes import contiguous_heads, fuse_delta_net_gates, merge_qkv, merge_siblings, merge_up_gate, place_graph, place_layer
 
 CUDA = torch.cuda.is_available()
 GPUS = torch.cuda.device_count() if CUDA else 0
@@ -133,6 +133,28 @@ def test_delta_net_kernels(T: int) -> None:
     want = torch.cat((o, S.permute(1, 0, 2)))
     assert rel_err(tdn.delta_net(q, k, v, g, beta, s).cpu(), want) < 1e-5
     assert rel_err(tdn.delta_net_chunked(q, k, v, g, beta, s).cpu(), want) < _chunked_tol(tdn.CONFIGS[0][2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_delta_net_raw_gates_and_state_in_place(dtype: torch.dtype) -> None:
+    """The decode kernel making g, beta from the projections, writing the state over the old one."""
+    T, nk, nv, dk, dv = 1, 2, 4, 32, 16
+    q, k, v = rand(T, nk, dk, dtype=dtype), rand(T, nk, dk, seed=1, dtype=dtype), rand(T, nv, dv, seed=2, dtype=dtype)
+    proj = rand(T, 3 * nv, seed=4, dtype=dtype) * 4  # alpha and b as strided slices of one projection
+    alpha, b = proj[:, :nv], proj[:, 2 * nv:]
+    dt_bias, a = rand(nv, seed=5), -torch.rand(nv, generator=torch.Generator().manual_seed(6)).to(DEV) * 8
+    s = rand(dk, nv, dv, seed=3)
+    n = node(Op.DELTA_NET, qk_l2norm=True)
+    g, beta = raw_gates(alpha, b, dt_bias, a)
+    want = KERNELS[Op.DELTA_NET](n, [q, k, v, g, beta, s], ctx_for())
+    # bf16: beta is rounded to b's type; Triton's interpreter truncates where a GPU rounds to
+    # nearest, one ulp of beta (~4e-3) on some heads
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
+    got = tdn.delta_net(q, k, v, alpha, b, s.clone(), True, raw=(dt_bias, a))
+    assert rel_err(got, want) < tol
+    s2 = s.clone()
+    out = tdn.delta_net(q, k, v, alpha, b, s2, True, state_out=s2, raw=(dt_bias, a))
+    assert rel_err(out[:T], want[:T]) < tol and rel_err(s2, want[T:]) < tol
 
 
 def _chunked_tol(ops: str) -> float:
@@ -249,7 +271,7 @@ def _transform(cfg, split: str | None, devs: tuple[str, ...]):
         out.append(lambda g: place_layer(g, cfg, devs))
     elif split == "graph":
         out.append(lambda g: place_graph(g, cfg, devs, ts=(2, 1) if len(devs) == 2 else None, recurrent="split"))
-    return out + [merge_siblings, merge_qkv, merge_up_gate]
+    return out + [merge_siblings, merge_qkv, merge_up_gate, contiguous_heads, fuse_delta_net_gates]
 
 
 def _run(s: Session) -> torch.Tensor:
@@ -261,7 +283,7 @@ def test_session_fast_table_equals_reference(arch: str) -> None:
     cfg = from_hf_dict(CONFIGS[arch])
     ref = _run(Session(cfg, "random", "cpu", 128, kernels=KERNELS))
     got = _run(Session(cfg, "random", DEV, 128, kernels=CUDA_KERNELS,
-                       transform=[merge_siblings, merge_qkv, merge_up_gate]))
+                       transform=[merge_siblings, merge_qkv, merge_up_gate, contiguous_heads, fuse_delta_net_gates]))
     assert rel_err(got, ref) < 1e-4
 
 
@@ -279,7 +301,8 @@ def _steps(s: Session, capture: bool | None) -> torch.Tensor:
 @pytest.mark.parametrize("arch", ["qwen3_next", "llama"])
 def test_decode_step_equals_decode(arch: str) -> None:
     cfg = from_hf_dict(CONFIGS[arch])
-    s = Session(cfg, "random", DEV, 128, transform=[merge_qkv, merge_up_gate], kernels=CUDA_KERNELS)
+    s = Session(cfg, "random", DEV, 128, transform=[merge_siblings, merge_qkv, merge_up_gate, contiguous_heads, fuse_delta_net_gates],
+                kernels=CUDA_KERNELS)
     s.prefill(P1)
     s.prefill(P2)
     want = s.decode([3, 4, 5]).cpu()
@@ -287,6 +310,27 @@ def test_decode_step_equals_decode(arch: str) -> None:
     got = _steps(s, None)  # captured on CUDA
     assert rel_err(got, want) < 1e-5
     assert s.n_past == len(P1) + len(P2) + 3
+
+
+def test_decode_step_updates_delta_net_state_in_place() -> None:
+    cfg = from_hf_dict(CONFIGS["qwen3_next"])
+    s = Session(cfg, "random", DEV, 128, kernels=CUDA_KERNELS)
+    s.prefill(P1)
+    step = DecodeStep(s, 64, capture=False)
+    n_dn = len(s.executed["tg"].by_op(Op.DELTA_NET))
+    assert n_dn and len(step.inplace) == n_dn  # every delta-net layer's state qualifies
+    assert len(step.conv_inplace) == n_dn  # and every conv state shifts in place
+    step.step(3)
+    assert len(step.updated) == n_dn  # and the token-serial kernel wrote each in place
+    after = {k: s.state[k].clone() for k in step.updated}
+    s2 = Session(cfg, "random", DEV, 128, kernels=CUDA_KERNELS)
+    s2.prefill(P1)
+    s2.decode([3])  # the session's own step: state copied back from the packed result
+    for k, v in after.items():
+        assert rel_err(v, s2.state[k]) < 1e-6, k
+    convs = [str(g[c[0]].attr["state"]) for g in [s.executed["tg"]] for c in step.conv_inplace.values()]
+    for k in convs:
+        assert rel_err(s.state[k], s2.state[k]) < 1e-6, k
 
 
 @needs_cuda

@@ -125,6 +125,77 @@ def test_topk_strided_logits() -> None:
     assert torch.equal(ids.cpu().long(), torch.topk(logits.cpu(), 3).indices)
 
 
+def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """One bf16 ulp at each value of x (8 significant bits)."""
+    return torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(1e-30))) - 7)
+
+
+@pytest.mark.parametrize("T", [1, 37])
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_topk_and_weights_match_reference(T: int, m: int, dtype: torch.dtype) -> None:
+    """A folded shared expert: m slots after the k routed ones, ids E.., weights sigmoid(gate)."""
+    E, k = 32, 10
+    logits = distinct_logits(T, E, dtype, seed=T + m)
+    gate = rand(T, 1, dtype=dtype, seed=5) * 3  # both signs, sigmoid well away from 0 and 1
+    topk = mk("ids", Op.MOE_TOPK, ("logits",), k=k, shared=m)
+    wnode = mk("w", Op.MOE_WEIGHTS, ("logits", "ids", "gate"), norm=True, shared=m)
+    ctx = ctx_for()
+    ids = CUDA_KERNELS[Op.MOE_TOPK](topk, [logits], ctx)
+    want_ids = KERNELS[Op.MOE_TOPK](topk, [logits.cpu()], ctx_for())
+    assert ids.dtype == torch.int32 and ids.shape == (T, k + m)
+    assert torch.equal(ids.cpu(), want_ids)
+    assert torch.equal(ids[:, k:].cpu(), torch.arange(E, E + m, dtype=torch.int32).expand(T, m))
+    assert not [key for key in ctx.cache if key[0] == "moe_topk_weights"]  # no weights without the gate
+    w = CUDA_KERNELS[Op.MOE_WEIGHTS](wnode, [logits, ids, gate], ctx)
+    want = KERNELS[Op.MOE_WEIGHTS](wnode, [logits.cpu(), want_ids, gate.cpu()], ctx_for())
+    assert w.dtype == torch.float32 and w.shape == (T, k + m)
+    torch.testing.assert_close(w[:, :k].cpu(), want[:, :k], rtol=1e-6, atol=1e-7)
+    # the routed part is exactly the unshared routing weights
+    plain = KERNELS[Op.MOE_WEIGHTS](mk("w", Op.MOE_WEIGHTS, norm=True), [logits.cpu(), want_ids[:, :k]], ctx_for())
+    torch.testing.assert_close(want[:, :k], plain, rtol=0, atol=0)
+    sig = torch.sigmoid(gate.cpu()).float().expand(T, m)
+    assert torch.equal(want[:, k:], sig)
+    if dtype == torch.float32:
+        torch.testing.assert_close(w[:, k:].cpu(), sig, rtol=1e-6, atol=1e-7)
+    else:  # rounded to bf16 as torch.sigmoid on bf16 rounds: at most one ulp apart
+        assert bool(((w[:, k:].cpu() - sig).abs() <= _bf16_ulp(sig)).all())
+
+
+def test_shared_weights_strided_gate() -> None:
+    """The gate is a [T,1] column of a merged router product (merge_siblings after the fold)."""
+    T, E, k = 5, 16, 4
+    wide = rand(T, E + 1, seed=2)
+    logits, gate = wide[:, :E], wide[:, E:]
+    ids = CUDA_KERNELS[Op.MOE_TOPK](mk("ids", Op.MOE_TOPK, ("l",), k=k, shared=1), [logits], ctx_for())
+    wnode = mk("w", Op.MOE_WEIGHTS, ("l", "ids", "g"), norm=True, shared=1)
+    got = CUDA_KERNELS[Op.MOE_WEIGHTS](wnode, [logits, ids, gate], ctx_for())
+    want = KERNELS[Op.MOE_WEIGHTS](wnode, [logits.cpu(), ids.cpu(), gate.cpu()], ctx_for())
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("T", [1, 37])
+def test_shared_slots_through_the_expert_kernels(T: int) -> None:
+    """k+m slots over E+m experts: the decode GEMV (T=1), the grouped prefill path and moe_sum."""
+    E, k, m, H, N = 32, 10, 2, 64, 16
+    x = rand(T, H)
+    w_up, w_down = rand(E + m, N, H, seed=1), rand(E + m, H, N, seed=2)
+    topk = mk("ids", Op.MOE_TOPK, ("logits",), k=k, shared=m)
+    ids = CUDA_KERNELS[Op.MOE_TOPK](topk, [distinct_logits(T, E, torch.float32, seed=3)], ctx_for())
+    up, down = mk("up", Op.MOE_MATMUL, ("x", "w_up", "ids")), mk("down", Op.MOE_MATMUL, ("h", "w_down", "ids"))
+    ctx = ctx_for()
+    h = CUDA_KERNELS[Op.MOE_MATMUL](up, [x, w_up, ids], ctx)
+    y = CUDA_KERNELS[Op.MOE_MATMUL](down, [h, w_down, ids], ctx)
+    ref = KERNELS[Op.MOE_MATMUL]
+    want_h = ref(up, [x.cpu(), w_up.cpu(), ids.cpu()], ctx_for())
+    want_y = ref(down, [want_h, w_down.cpu(), ids.cpu()], ctx_for())
+    assert y.shape == (T, k + m, H) and rel_err(y.cpu(), want_y) < 1e-5
+    wts = torch.rand(T, k + m, generator=gen(4)).to(DEV)
+    s = mk("s", Op.MOE_SUM, ("y", "w"))
+    got = CUDA_KERNELS[Op.MOE_SUM](s, [y, wts], ctx_for())
+    assert rel_err(got.cpu(), KERNELS[Op.MOE_SUM](s, [want_y, wts.cpu()], ctx_for())) < 1e-5
+
+
 # ---- weighted sum ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("T", [1, 3, 40])
@@ -247,3 +318,29 @@ def test_prefill_graph_routes_once(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = {n: v.cpu() for n, v in vals.items()}
     want = run_graph(g, ExecContext(g, {}, cpu, {}, {}), KERNELS)["y"]
     assert rel_err(got.cpu(), want) < 1e-5
+
+
+# ---- a folded shared expert end to end ------------------------------------------------------
+
+def test_folded_shared_expert_session() -> None:
+    """Qwen3-Next with its shared expert folded (and merged after) through the fast paths: the
+    reference kernels' logits of the unfolded graph (f32)."""
+    from backends.cuda.session import Session, greedy
+    from graphir.models import from_hf_dict
+    from passes import PassContext, run_pipeline
+
+    cfg = from_hf_dict(dict(model_type="qwen3_next", vocab_size=50, hidden_size=32, intermediate_size=36,
+                            num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3, head_dim=8,
+                            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+                            shared_expert_intermediate_size=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                            linear_key_head_dim=4, linear_value_head_dim=4, linear_conv_kernel_dim=3,
+                            full_attention_interval=2))
+    prompt = [5, 3, 9, 1, 1]
+    ref, gen = greedy(Session(cfg, "random", "cpu", 16, seed=7, kernels=KERNELS), prompt, 3)
+    pipe = ("fold_shared_expert", "merge_siblings", "merge_qkv", "merge_up_gate")
+    pctx = PassContext(cfg=cfg, devices=(DEV,))
+    s = Session(cfg, "random", DEV, 16, seed=7, kernels=CUDA_KERNELS,
+                transform=lambda g: run_pipeline(g, pipe, pctx).graph)
+    assert all(n.attr.get("shared") == 2 for n in s.executed["tg"].by_op(Op.MOE_TOPK))
+    got = torch.cat([s.prefill(prompt), s.decode(gen)]).cpu()
+    assert rel_err(got, ref) < 1e-4

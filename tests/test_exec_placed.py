@@ -203,6 +203,23 @@ PIPELINES = [
     (("merge_qkv", "merge_up_gate", "place_graph", "insert_transfers"), {}),
     (("merge_siblings", "merge_qkv", "merge_up_gate"), {}),
     (("place_graph", "insert_transfers", "merge_siblings", "merge_qkv", "merge_up_gate"), {"recurrent": "split"}),
+    # the shared expert folded into the routed experts (a no-op for qwen3_moe): in front of the
+    # merges and of place_layer; after place_graph, which cannot split a folded layer (it folds per device)
+    (("fold_shared_expert", "merge_qkv", "merge_up_gate"), {}),
+    (("fold_shared_expert", "place_layer", "insert_transfers"), {}),
+    (("place_graph", "insert_transfers", "fold_shared_expert"), {}),
+    (("place_graph", "insert_transfers", "fold_shared_expert"), {"recurrent": "split"}),
+    (("fold_shared_expert", "merge_siblings", "merge_qkv", "merge_up_gate"), {}),
+    (("place_graph", "insert_transfers", "fold_shared_expert", "merge_siblings", "merge_qkv", "merge_up_gate"),
+     {"recurrent": "split"}),
+    # the CUDA backend's default passes (graphir run), after each placement
+    (("fold_shared_expert", "merge_siblings", "merge_qkv", "merge_up_gate", "contiguous_heads",
+      "fuse_delta_net_gates"), {}),
+    (("place_layer", "insert_transfers", "fold_shared_expert", "merge_siblings", "merge_qkv", "merge_up_gate",
+      "contiguous_heads", "fuse_delta_net_gates"), {}),
+    (("place_graph", "insert_transfers", "fold_shared_expert", "merge_siblings", "merge_qkv", "merge_up_gate",
+      "contiguous_heads", "fuse_delta_net_gates"), {"recurrent": "split"}),
+    (("place_graph", "insert_transfers", "contiguous_heads", "fuse_delta_net_gates"), {}),
 ]
 
 
@@ -219,6 +236,18 @@ def test_placement_passes_match_unplaced(arch: str, pipeline: tuple[str, ...], o
         # merged weights are load-time constants: folded once, the separate leaves freed
         assert not s.executed["tg"].by_op(Op.CONCAT)
         assert not any(k.startswith("blk.0.attn_q.weight") for k in s.weights)
+    if "fold_shared_expert" in pipeline and arch == "qwen3_next":
+        topks = s.graphs["tg"].by_op(Op.MOE_TOPK)
+        assert topks and all(n.attr.get("shared") == 1 for n in topks)
+    if "fuse_delta_net_gates" in pipeline and arch == "qwen3_next":
+        dns = s.graphs["tg"].by_op(Op.DELTA_NET)
+        assert dns and all(n.attr.get("raw_gates") for n in dns)  # every piece's chain matched
+        assert not s.graphs["tg"].by_op(Op.SOFTPLUS)
+    if "contiguous_heads" in pipeline and arch == "qwen3_next":
+        # the per-head pieces of the projections are views now: no reshape of a strided slice
+        g = s.graphs["tg"]
+        assert not [n for n in g.nodes if n.op == Op.CONCAT and ".conv_x" in n.name]
+        assert [n for n in g.nodes if n.name.endswith(".cols") or ".cols#" in n.name]  # and it did rewrite
 
 
 MANY = [  # (devices, pipeline, options): the 4- and 8-GPU placements of the multi-GPU runs

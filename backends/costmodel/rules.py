@@ -101,7 +101,9 @@ def _moe_matmul(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
     x, w, ids = ins
     E, out_f, in_f = w.spec.bind(env)
     T, k = ids.spec.bind(env)
-    used = distinct_experts(E, k, T)  # in TG only the k routed experts' slices are read
+    # a folded shared expert (moe_topk {shared=m}) is m slots every token reads, not routed ones
+    m = int(ids.attr.get("shared", 0)) if ids.op == Op.MOE_TOPK else 0
+    used = m + distinct_experts(E - m, k - m, T)  # in TG only the k routed experts' slices are read
     wb = _nb(w, env) * used / E
     ab = _nb(x, env) * (k if x.spec.rank == 2 else 1) + _nb(n, env) + _nb(ids, env)  # gathered rows
     return Work("gemm", flops=2.0 * T * k * out_f * in_f, wbytes=wb, actbytes=ab, launches=1,
@@ -120,7 +122,7 @@ def _attention(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
 
 
 def _delta_net(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
-    q, k, v, g, beta, s = ins
+    q, k, v, g, beta, s = ins[:6]  # raw_gates: g, beta are the projections (+ two [nv] vectors)
     T, nk, dk = q.spec.bind(env)
     _, nv, dv = v.spec.bind(env)
     # per token and value head: decay + S^T k (2 dk dv), rank-1 update (2 dk dv), output S q (2 dk dv)

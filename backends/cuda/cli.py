@@ -15,7 +15,7 @@ import typer
 from graphir.errors import GraphirError
 
 SPLITS = ("layer", "graph", "auto")
-DEFAULT_PASSES = "merge_siblings,merge_qkv,merge_up_gate"
+DEFAULT_PASSES = "fold_shared_expert,merge_siblings,merge_qkv,merge_up_gate,contiguous_heads,fuse_delta_net_gates"
 
 
 def parse_tokens(spec: str) -> list[int]:

@@ -16,7 +16,10 @@ synchronises once).
 
 Router: one Triton program per token row picks the top k logits (k rounds of max/argmax
 over the row held in registers) and the softmax over the chosen logits (the `norm` routing
-weights) in the same launch; `moe_sum` is one launch too.
+weights) in the same launch; `moe_sum` is one launch too. A folded shared expert (`shared`
+= m slots, passes/shared_expert.py) is m more experts E..E+m-1 to every kernel here: the top-k
+kernel writes their ids in the same launch, and the selected-softmax kernel their weights
+(the sigmoid of the shared gate) beside the k routed ones.
 """
 
 from __future__ import annotations
@@ -80,7 +83,8 @@ if triton is not None:
             tl.store(out_ptr + i * s_out + offs, v.to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _topk_k(l_ptr, ids_ptr, w_ptr, E, sl, K: tl.constexpr, KP: tl.constexpr, BE: tl.constexpr):
+    def _topk_k(l_ptr, ids_ptr, w_ptr, E, sl, K: tl.constexpr, M: tl.constexpr, KP: tl.constexpr,
+                BE: tl.constexpr):
         t = tl.program_id(0)
         offs = tl.arange(0, BE)
         v = tl.load(l_ptr + t * sl + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
@@ -94,20 +98,31 @@ if triton is not None:
             top_i = tl.where(slot == j, i, top_i)
             v = tl.where(offs == i, float("-inf"), v)
         ks = slot < K
-        tl.store(ids_ptr + t * K + slot, top_i, mask=ks)
-        # softmax over the chosen logits (top_v[0] is their maximum; unused slots give exp(-inf) = 0)
-        p = tl.exp(top_v - tl.max(top_v, axis=0))
-        tl.store(w_ptr + t * K + slot, p / tl.sum(p, axis=0), mask=ks)
+        # M shared-expert slots follow the K routed ones: ids E..E+M-1 (row stride K+M)
+        top_i = tl.where(ks, top_i, E + slot - K)
+        tl.store(ids_ptr + t * (K + M) + slot, top_i, mask=slot < K + M)
+        if M == 0:  # with shared slots moe_weights needs the gate too, so it computes them itself
+            # softmax over the chosen logits (top_v[0] is their maximum; unused slots give exp(-inf) = 0)
+            p = tl.exp(top_v - tl.max(top_v, axis=0))
+            tl.store(w_ptr + t * K + slot, p / tl.sum(p, axis=0), mask=ks)
 
     @triton.jit
-    def _sel_softmax_k(l_ptr, ids_ptr, w_ptr, sl, K: tl.constexpr, KP: tl.constexpr):
+    def _sel_softmax_k(l_ptr, ids_ptr, g_ptr, w_ptr, sl, sg, K: tl.constexpr, M: tl.constexpr,
+                       KP: tl.constexpr):
         t = tl.program_id(0)
         slot = tl.arange(0, KP)
         ks = slot < K
-        e = tl.load(ids_ptr + t * K + slot, mask=ks, other=0)
+        e = tl.load(ids_ptr + t * (K + M) + slot, mask=ks, other=0)
         v = tl.load(l_ptr + t * sl + e, mask=ks, other=float("-inf")).to(tl.float32)
         p = tl.exp(v - tl.max(v, axis=0))
-        tl.store(w_ptr + t * K + slot, p / tl.sum(p, axis=0), mask=ks)
+        w = p / tl.sum(p, axis=0)
+        if M > 0:
+            # the shared expert's slots: sigmoid of its gate logit, rounded to the gate's type as
+            # torch.sigmoid on that type rounds it (the unfolded graph's sigmoid node)
+            g = tl.load(g_ptr + t * sg).to(tl.float32)
+            sig = (1.0 / (1.0 + tl.exp(-g))).to(g_ptr.dtype.element_ty).to(tl.float32)
+            w = tl.where(ks, w, sig)
+        tl.store(w_ptr + t * (K + M) + slot, w, mask=slot < K + M)
 
     @triton.jit
     def _moe_sum_k(y_ptr, w_ptr, o_ptr, H, sy_t, sy_k, K: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr):
@@ -270,31 +285,38 @@ def _kp(k: int) -> int:
     return max(2, triton.next_power_of_2(k))
 
 
-def topk_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_softmax(logits: torch.Tensor, k: int, shared: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [T,E] -> (ids i32 [T,k], weights f32 [T,k]): the k largest logits, largest first
     (the set torch.topk picks when there are no ties), and the softmax over them (the routing
-    weights with norm: softmax over all E renormalised over the chosen k is the same)."""
+    weights with norm: softmax over all E renormalised over the chosen k is the same).
+    `shared` = m appends the ids E..E+m-1 ([T,k+m]) and gives no weights (None): those slots'
+    weights come from the shared gate, which moe_weights reads."""
     T, E = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    ids = torch.empty((T, k), dtype=torch.int32, device=logits.device)
-    wts = torch.empty((T, k), dtype=torch.float32, device=logits.device)
+    ids = torch.empty((T, k + shared), dtype=torch.int32, device=logits.device)
+    wts = torch.empty((T, k), dtype=torch.float32, device=logits.device) if not shared else ids  # unused then
     BE = max(16, triton.next_power_of_2(E))
     with on(ids):
-        _topk_k[(T,)](logits, ids, wts, E, logits.stride(0), K=k, KP=_kp(k), BE=BE,
+        _topk_k[(T,)](logits, ids, wts, E, logits.stride(0), K=k, M=shared, KP=_kp(k + shared), BE=BE,
                       num_warps=4 if BE <= 1024 else 8)
-    return ids, wts
+    return ids, (None if shared else wts)
 
 
-def selected_softmax(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """logits [T,E], ids [T,k] -> f32 [T,k]: softmax over each row's chosen logits."""
-    T, k = ids.shape
+def selected_softmax(logits: torch.Tensor, ids: torch.Tensor, gate: torch.Tensor | None = None,
+                     shared: int = 0) -> torch.Tensor:
+    """logits [T,E], ids [T,k] -> f32 [T,k]: softmax over each row's chosen logits. With
+    `shared` = m and the shared expert's gate [T,1], ids are [T,k+m] (the m shared slots last)
+    and the m last weights are sigmoid(gate), as moe.moe_weights computes them."""
+    T, kt = ids.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     ids = ids if ids.is_contiguous() else ids.contiguous()
-    wts = torch.empty((T, k), dtype=torch.float32, device=logits.device)
+    wts = torch.empty((T, kt), dtype=torch.float32, device=logits.device)
+    g = gate if gate is not None and shared else wts  # a placeholder pointer when there is no gate
     with on(wts):
-        _sel_softmax_k[(T,)](logits, ids, wts, logits.stride(0), K=k, KP=_kp(k), num_warps=1)
+        _sel_softmax_k[(T,)](logits, ids, g, wts, logits.stride(0), g.stride(0), K=kt - shared, M=shared,
+                             KP=_kp(kt), num_warps=1)
     return wts
 
 

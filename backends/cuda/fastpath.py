@@ -26,6 +26,8 @@ from backends.cuda.devices import torch_device, torch_dtype
 from backends.cuda import fast_moe
 from backends.cuda.interp import ExecContext, Kernel, Replicas
 from backends.cuda.kernels import KERNELS, _as_spec
+from backends.cuda.moe import shared_ids
+from backends.cuda import recurrent
 from backends.cuda.recurrent import CHUNK
 from graphir.graph import Node
 from graphir.ops import Op
@@ -86,13 +88,22 @@ def ssm_conv(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     return fused.ssm_conv(x.to(w.dtype), w, node.attr.get("act") == "silu").to(x.dtype)
 
 
-def delta_net(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
-    q, k, v, g, beta, state = args
+def delta_net_in_place(q: torch.Tensor, state: torch.Tensor) -> bool:
+    """Whether `delta_net(..., state_out=state)` runs the token-serial kernel, which can write
+    the new state over the old one."""
+    return (fused.usable(q) and q.shape[0] <= CHUNK and state.dtype == torch.float32
+            and state.is_contiguous())
+
+
+def delta_net(node: Node, args: Args, ctx: ExecContext, state_out: torch.Tensor | None = None) -> torch.Tensor:
+    q = args[0]
     if not fused.usable(q):
         return _ref(Op.DELTA_NET)(node, args, ctx)
     l2 = bool(node.attr.get("qk_l2norm", False))
-    if q.shape[0] <= CHUNK:
-        return tdn.delta_net(q, k, v, g, beta, state, l2)
+    if q.shape[0] <= CHUNK:  # token-serial: raw gates are made in the kernel
+        raw = (args[6], args[7]) if node.attr.get("raw_gates") else None
+        return tdn.delta_net(*args[:6], l2, state_out=state_out, raw=raw)
+    q, k, v, g, beta, state = recurrent.gates_of(node, args)
     return tdn.prefill(q, k, v, g, beta, state, l2)
 
 
@@ -105,20 +116,32 @@ def _topk_weights_key(ids_name: str, logits_name: str, device: torch.device) -> 
 
 def moe_topk(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     (logits,) = args  # softmax is monotonic: the top-k of the logits are the top-k of the probabilities
-    k = int(node.attr["k"])
+    k, m = int(node.attr["k"]), int(node.attr.get("shared", 0))
     key = _topk_weights_key(node.name, node.inputs[0], logits.device)
-    if fast_moe.topk_ok(logits, k):
+    if fast_moe.topk_ok(logits, k + m):
         # one launch for ids and the norm weights; moe_weights over the same logits and ids takes them
-        ids, wts = fast_moe.topk_softmax(logits, k)
-        ctx.cache[key] = (ids, wts)
+        # (with shared slots there are none: their weights need the shared gate)
+        ids, wts = fast_moe.topk_softmax(logits, k, m)
+        if wts is None:
+            ctx.cache.pop(key, None)
+        else:
+            ctx.cache[key] = (ids, wts)
         return ids
     ctx.cache.pop(key, None)
-    return torch.topk(logits, k, dim=-1).indices.to(torch.int32)
+    ids = torch.topk(logits, k, dim=-1).indices.to(torch.int32)
+    if m:
+        ids = torch.cat([ids, shared_ids(ids.shape[0], logits.shape[1], m, ids.device)], dim=1)  # [T,k+m]
+    return ids
 
 
 def moe_weights(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
-    logits, ids = args
+    logits, ids = args[0], args[1]
+    m = int(node.attr.get("shared", 0))
     if not node.attr.get("norm"):
+        return _ref(Op.MOE_WEIGHTS)(node, args, ctx)
+    if m:  # k softmax weights and the shared gate's sigmoid in one launch
+        if fast_moe.topk_ok(logits, ids.shape[1]) and ids.shape[0] == logits.shape[0]:
+            return fast_moe.selected_softmax(logits, ids, args[2], m)
         return _ref(Op.MOE_WEIGHTS)(node, args, ctx)
     # softmax over all experts, renormalised over the chosen ones == softmax over the chosen logits
     done = ctx.cache.get(_topk_weights_key(node.inputs[1], node.inputs[0], ids.device))

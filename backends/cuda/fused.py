@@ -33,6 +33,11 @@ def usable(t: torch.Tensor) -> bool:
     return triton is not None and (t.is_cuda or INTERPRET)
 
 
+def usable_device(dev: str) -> bool:
+    """Whether Triton can run on a device named like "cuda:0" / "cpu" (see usable)."""
+    return triton is not None and (dev.startswith("cuda") or INTERPRET)
+
+
 def on(t: torch.Tensor) -> Any:
     """Triton launches on the *current* device's stream: make it the tensor's (several GPUs)."""
     return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
@@ -178,6 +183,27 @@ if triton is not None:
             tl.store(o_ptr + t * C + offs, y.to(o_ptr.dtype.element_ty), mask=mt)
 
 
+    @triton.jit
+    def _conv_step_k(s_ptr, x_ptr, w_ptr, o_ptr, C, K: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr):
+        # one token: out = conv over [state rows, x]; the state then shifts up one row and takes
+        # x, in place (each program owns its channels in every row: read all, then write)
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < C
+        xn = tl.load(x_ptr + offs, mask=m, other=0.0)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for j in tl.static_range(K - 1):  # oldest tap first, as _ssm_conv_k sums
+            r = tl.load(s_ptr + j * C + offs, mask=m, other=0.0)
+            acc += r.to(tl.float32) * tl.load(w_ptr + offs * K + j, mask=m, other=0.0).to(tl.float32)
+            if j > 0:
+                tl.store(s_ptr + (j - 1) * C + offs, r, mask=m)
+        acc += xn.to(tl.float32) * tl.load(w_ptr + offs * K + (K - 1), mask=m, other=0.0).to(tl.float32)
+        tl.store(s_ptr + (K - 2) * C + offs, xn.to(s_ptr.dtype.element_ty), mask=m)
+        y = acc.to(o_ptr.dtype.element_ty).to(tl.float32)  # the conv's output type, then silu
+        if SILU:
+            y = y / (1.0 + tl.exp(-y))
+        tl.store(o_ptr + offs, y.to(o_ptr.dtype.element_ty), mask=m)
+
+
 def _block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
@@ -252,4 +278,21 @@ def ssm_conv(x: torch.Tensor, w: torch.Tensor, silu: bool) -> torch.Tensor:
     with on(out):
         _ssm_conv_k[(triton.cdiv(T, BT), triton.cdiv(C, B))](x, w, out, T, C, K=K, SILU=silu, BT=BT, BLOCK=B,
                                                               num_warps=4)
+    return out
+
+
+def conv_step(state: torch.Tensor, x: torch.Tensor, w: torch.Tensor, silu: bool) -> torch.Tensor:
+    """One decode token of the causal conv with its state kept in place: state [K-1, C]
+    (contiguous, updated: shifted one row, x appended), x [1, C], w [C, K] -> [1, C] in x's
+    type; the same values as ssm_conv(concat(state, x), w)."""
+    C, K = w.shape
+    if (K < 2 or K > 4 or state.shape != (K - 1, C) or not state.is_contiguous() or x.shape != (1, C)
+            or not state.dtype == x.dtype == w.dtype):
+        raise ValueError(f"conv step wants state [{K - 1},{C}] contiguous, x [1,{C}], one type, K in 2..4")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    w = w if w.is_contiguous() else w.contiguous()
+    out = torch.empty((1, C), dtype=x.dtype, device=x.device)
+    B = 1024
+    with on(out):
+        _conv_step_k[(triton.cdiv(C, B),)](state, x, w, out, C, K=K, SILU=silu, BLOCK=B, num_warps=4)
     return out

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
-from backends.cuda import fastpath
+from backends.cuda import fastpath, fused
 from backends.cuda.devices import torch_device
 from backends.cuda.interp import ExecContext, ExecError, Replicas, _read
 from graphir.graph import Node
@@ -76,7 +76,15 @@ class DecodeStep:
         self.kernels[Op.KV_APPEND] = fastpath.kv_append
         self.kernels[Op.OUTPUT] = self._output
         self.kernels[Op.COPY] = self._copy
+        self.inplace = _inplace_states(g)  # delta_net node -> the state key it may update in place
+        self.updated: set[str] = set()  # state keys a kernel already wrote this step
+        if self.inplace:
+            self.kernels[Op.DELTA_NET] = self._delta_net
         self.schedule = _schedule(g, self._is_position, s.devices[0])
+        self.conv_inplace = _inplace_convs(g, s.state)
+        if self.conv_inplace:
+            self.schedule = _conv_in_place(self.schedule, g, self.conv_inplace)
+            self.kernels[Op.SSM_CONV] = self._ssm_conv
         self.last_use = _last_use(self.schedule)
         self.logits: torch.Tensor | None = None
         self._buffers: dict[str, torch.Tensor] = {}
@@ -91,8 +99,26 @@ class DecodeStep:
             return self.pos32[node.devices[0]]  # every device counts positions itself
         return self.s.kernels[Op.COPY](node, args, ctx)
 
+    def _delta_net(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
+        key = self.inplace.get(node.name)
+        q, state = args[0], args[5]
+        if key is None or not fastpath.delta_net_in_place(q, state) or state is not self.s.state.get(key):
+            return self.s.kernels[Op.DELTA_NET](node, args, ctx)
+        # the recurrent kernel writes the new state over the old one (its only reader), so the
+        # state's output needs no copy: 2 MB and a launch less per layer and token
+        self.updated.add(key)
+        return fastpath.delta_net(node, args, ctx, state_out=state)
+
+    def _ssm_conv(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
+        if len(node.inputs) == 2:
+            return self.s.kernels[Op.SSM_CONV](node, args, ctx)
+        state, x, w = args  # rewritten by _conv_in_place: the state is read and shifted in place
+        return fused.conv_step(state, x, w, node.attr.get("act") == "silu")
+
     def _output(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
         key = str(node.attr["key"])
+        if key in self.updated:
+            return args[0]  # its rows in the packed result were not written: never read them
         if key in self.s.state:
             self.s.state[key].copy_(args[0])  # in place, inside the step (and its graph)
         elif key == "logits":
@@ -302,6 +328,73 @@ def _schedule(g: Any, is_position: Any, default: str) -> list[tuple]:
         d = n.devices[0] if n.device else default
         stretch.setdefault(d, []).append(n)
     flush()
+    return out
+
+
+def _inplace_states(g: Any) -> dict[str, str]:
+    """delta_net nodes whose new state only goes back to the state they read: {node: key}.
+    The packed result's state rows must feed nothing but that state's output."""
+    out: dict[str, str] = {}
+    for n in g.by_op(Op.DELTA_NET):
+        src = g[n.inputs[5]]
+        if src.op != Op.STATE_IN or g.users.get(src.name) != (n.name,):
+            continue  # another reader would see the state after the kernel overwrote it
+        key = str(src.attr["state"])
+        users = [g[u] for u in g.users.get(n.name, ())]
+        rows = int(g[n.inputs[0]].spec.shape[0])  # T = 1 in a decode graph
+        state_reads = [u for u in users if not (u.op == Op.SLICE and u.attr["dim"] == 0 and u.attr["stop"] == rows)]
+        if (len(state_reads) == 1 and state_reads[0].op == Op.SLICE and state_reads[0].attr["start"] == rows
+                and [g[x].op for x in g.users.get(state_reads[0].name, ())] == [Op.OUTPUT]
+                and g[g.users[state_reads[0].name][0]].attr["key"] == key):
+            out[n.name] = key
+    return out
+
+
+def _inplace_convs(g: Any, state: dict[str, torch.Tensor]) -> dict[str, tuple[str, str, set[str]]]:
+    """Decode convs whose state can shift in place: ssm_conv(concat(S, x)) where S is a state
+    read by that concat alone and the concat's rows [1:] go only to S's output.
+    {conv node: (state node, x node, the nodes the in-place kernel makes unnecessary)}."""
+    out: dict[str, tuple[str, str, set[str]]] = {}
+    for n in g.by_op(Op.SSM_CONV):
+        if not fused.usable_device(n.devices[0] if n.device else str(next(iter(state.values()), torch.empty(0)).device)):
+            continue
+        cat = g[n.inputs[0]]
+        w = g[n.inputs[1]]
+        if cat.op != Op.CONCAT or cat.attr["dim"] != 0 or len(cat.inputs) != 2 or not 2 <= w.spec.shape[1] <= 4:
+            continue
+        src, x = g[cat.inputs[0]], g[cat.inputs[1]]
+        if src.op != Op.STATE_IN or g.users.get(src.name) != (cat.name,) or x.spec.shape[0] != 1:
+            continue
+        key = str(src.attr["state"])
+        others = [g[u] for u in g.users.get(cat.name, ()) if u != n.name]
+        if (key not in state or src.spec.dtype != x.spec.dtype or len(others) != 1 or others[0].op != Op.SLICE
+                or others[0].attr["start"] != 1 or [g[u].op for u in g.users.get(others[0].name, ())] != [Op.OUTPUT]):
+            continue
+        outp = g[g.users[others[0].name][0]]
+        if outp.attr["key"] != key:
+            continue
+        out[n.name] = (src.name, x.name, {cat.name, others[0].name, outp.name})
+    return out
+
+
+def _conv_in_place(schedule: list[tuple], g: Any, convs: dict[str, tuple[str, str, set[str]]]) -> list[tuple]:
+    """The schedule with each such conv reading (state, x, w) and its concat, state slice and
+    state output gone."""
+    gone = set().union(*(d for _, _, d in convs.values()))
+    out: list[tuple] = []
+    for item in schedule:
+        if item[0] != "seg":
+            out.append(item)
+            continue
+        nodes = []
+        for n in item[2]:
+            if n.name in gone:
+                continue
+            if n.name in convs:
+                src, x, _ = convs[n.name]
+                n = n.with_(inputs=(src, x, n.inputs[1]))
+            nodes.append(n)
+        out.append(("seg", item[1], nodes))
     return out
 
 

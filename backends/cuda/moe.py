@@ -4,6 +4,10 @@ Numerics follow transformers' Qwen3 MoE router: softmax of the router logits in 
 on the probabilities (so ties resolve as torch.topk does), weights renormalised over the
 chosen k when `norm`; the weights are cast to the activation type before they scale the
 expert outputs, as transformers does.
+
+A shared expert folded into the routed ones (passes/shared_expert.py, attr `shared` = m)
+adds m slots after the k routed ones: moe_topk's ids E..E+m-1, and as their weights the
+sigmoid of the shared gate logit, in the gate's type as the unfolded graph computes it.
 """
 
 from __future__ import annotations
@@ -17,18 +21,37 @@ from backends.cuda.interp import ExecContext
 from graphir.graph import Node
 
 
+def shared_ids(T: int, E: int, m: int, device: torch.device) -> torch.Tensor:
+    """i32 [T,m]: the ids E..E+m-1 of a shared expert folded into m extra expert slots."""
+    return torch.arange(E, E + m, dtype=torch.int32, device=device).expand(T, m)
+
+
 def moe_topk(node: Node, args: Sequence[torch.Tensor], ctx: ExecContext) -> torch.Tensor:
     (logits,) = args  # [T,E]
     probs = torch.softmax(logits.to(torch.float32), dim=-1)
-    return torch.topk(probs, int(node.attr["k"]), dim=-1).indices.to(torch.int32)  # [T,k]
+    ids = torch.topk(probs, int(node.attr["k"]), dim=-1).indices.to(torch.int32)  # [T,k]
+    m = int(node.attr.get("shared", 0))
+    if m:
+        ids = torch.cat([ids, shared_ids(ids.shape[0], logits.shape[1], m, ids.device)], dim=1)  # [T,k+m]
+    return ids
+
+
+def shared_gate(gate: torch.Tensor, m: int) -> torch.Tensor:
+    """f32 [T,m]: sigmoid of the shared expert's gate [T,1], taken in the gate's own type (as
+    the unfolded graph's `sigmoid` node does), for each of its m slots."""
+    return torch.sigmoid(gate).to(torch.float32).expand(gate.shape[0], m)
 
 
 def moe_weights(node: Node, args: Sequence[torch.Tensor], ctx: ExecContext) -> torch.Tensor:
-    logits, ids = args  # [T,E], [T,k]
+    logits, ids = args[0], args[1]  # [T,E], [T,k] (or [T,k+m] with a shared gate [T,1] third)
+    m = int(node.attr.get("shared", 0))
+    routed = ids[:, :ids.shape[1] - m]  # [T,k]
     probs = torch.softmax(logits.to(torch.float32), dim=-1)
-    w = probs.gather(1, ids.long())  # [T,k] f32
+    w = probs.gather(1, routed.long())  # [T,k] f32
     if node.attr.get("norm"):
         w = w / w.sum(dim=-1, keepdim=True)
+    if m:
+        w = torch.cat([w, shared_gate(args[2], m)], dim=1)  # [T,k+m]
     return w
 
 

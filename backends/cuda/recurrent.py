@@ -121,9 +121,24 @@ def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
     return out.transpose(0, 1), S
 
 
+def raw_gates(alpha: torch.Tensor, b: torch.Tensor, dt_bias: torch.Tensor, a: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A delta_net with `raw_gates`: (g, beta) from the projections, as the unfused graph makes
+    them: g = softplus(f32(alpha) + dt_bias) * a (a = -exp(A_log)), beta = sigmoid(b) in b's type."""
+    return F.softplus(alpha.to(torch.float32) + dt_bias) * a, torch.sigmoid(b)
+
+
+def gates_of(node: Node, args: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The six-input form of a delta_net's arguments (gates computed when they come raw)."""
+    if not node.attr.get("raw_gates"):
+        return list(args)
+    q, k, v, alpha, b, state, dt_bias, a = args
+    return [q, k, v, *raw_gates(alpha, b, dt_bias, a), state]
+
+
 def delta_net(node: Node, args: Sequence[torch.Tensor], ctx: ExecContext) -> torch.Tensor:
     """Packed result [T+dk, nv, dv] f32: rows [0,T) the output, rows [T,T+dk) the new state."""
-    q, k, v, g, beta, state = args  # state [dk,nv,dv]
+    q, k, v, g, beta, state = gates_of(node, args)  # state [dk,nv,dv]
     qk = bool(node.attr.get("qk_l2norm", False))
     fn = delta_rule_chunked if q.shape[0] > CHUNK else delta_rule_recurrent
     out, S = fn(q, k, v, g, beta, state.permute(1, 0, 2), qk)  # S [nv,dk,dv]

@@ -42,10 +42,10 @@ except ImportError:  # CPU-only installs: the reference kernel in the rule table
 if triton is not None:
 
     @triton.jit
-    def _delta_net_fwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, s_ptr, out_ptr,
+    def _delta_net_fwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, s_ptr, out_ptr, so_ptr, dtb_ptr, ad_ptr,
                        T, NV, R, DK, DV,
                        sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sg_t, sb_t,
-                       scale, L2: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+                       scale, L2: tl.constexpr, RAW: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
         h = tl.program_id(0)
         vb = tl.program_id(1)
         kh = h // R
@@ -65,15 +65,23 @@ if triton is not None:
                 k = k / tl.sqrt(tl.sum(k * k, axis=0) + 1e-6)
             q = q * scale
             v = tl.load(v_ptr + t * sv_t + h * sv_h + offs_v, mask=mv, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + t * sg_t + h).to(tl.float32)
-            beta = tl.load(b_ptr + t * sb_t + h).to(tl.float32)
+            if RAW:  # g_ptr, b_ptr hold the projections: the gates are made here (recurrent.raw_gates)
+                x = tl.load(g_ptr + t * sg_t + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
+                sp = tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))  # softplus
+                g = sp * tl.load(ad_ptr + h).to(tl.float32)
+                braw = tl.load(b_ptr + t * sb_t + h)
+                beta = (1.0 / (1.0 + tl.exp(-braw.to(tl.float32)))).to(braw.dtype).to(tl.float32)
+            else:
+                g = tl.load(g_ptr + t * sg_t + h).to(tl.float32)
+                beta = tl.load(b_ptr + t * sb_t + h).to(tl.float32)
             S = S * tl.exp(g)
             kv = tl.sum(S * k[:, None], axis=0)  # [BV] = kᵀS
             delta = (v - kv) * beta
             S = S + k[:, None] * delta[None, :]
             o = tl.sum(S * q[:, None], axis=0)  # [BV] = qᵀS
             tl.store(out_ptr + t * (NV * DV) + h * DV + offs_v, o, mask=mv)
-        tl.store(out_ptr + T * (NV * DV) + s_idx, S, mask=m2)
+        # each program owns its [BK, BV] block: read whole before this write, so so_ptr may be s_ptr
+        tl.store(so_ptr + s_idx, S, mask=m2)
 
 
 def _on(t: torch.Tensor):  # type: ignore[no-untyped-def]
@@ -87,22 +95,33 @@ def available(device: torch.device) -> bool:
 
 
 def delta_net(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-              state: torch.Tensor, qk_l2norm: bool = True) -> torch.Tensor:
-    """q,k [T,nk,dk]; v [T,nv,dv]; g,beta [T,nv]; state [dk,nv,dv] -> packed f32 [T+dk,nv,dv]."""
+              state: torch.Tensor, qk_l2norm: bool = True, state_out: torch.Tensor | None = None,
+              raw: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """q,k [T,nk,dk]; v [T,nv,dv]; g,beta [T,nv]; state [dk,nv,dv] -> packed f32 [T+dk,nv,dv].
+    With `state_out` (contiguous f32 [dk,nv,dv], may be `state` itself) the new state is written
+    there instead, and the packed result's state rows are left unwritten: a decode step that keeps
+    its state in place saves a 2 MB copy and a launch per layer. With `raw` = (dt_bias [nv],
+    a [nv]), g and beta are the projections alpha and b, and the gates are made in the kernel
+    (recurrent.raw_gates): five launches less per layer and token."""
     T, nk, dk = q.shape
     nv, dv = v.shape[1], v.shape[2]
     # the innermost dim must be unit-stride for the vector loads; views from slices usually are
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    g, beta = g.contiguous(), beta.contiguous()
+    g, beta = (x if x.stride(-1) == 1 else x.contiguous() for x in (g, beta))  # rows by stride(0)
     state = state.contiguous()
     out = torch.empty((T + dk, nv, dv), dtype=torch.float32, device=q.device)
+    so = out[T:] if state_out is None else state_out
+    if so.shape != (dk, nv, dv) or so.dtype != torch.float32 or not so.is_contiguous():
+        raise ValueError(f"state_out must be contiguous f32 {[dk, nv, dv]}, got {so.dtype} {list(so.shape)}")
     BK = triton.next_power_of_2(dk)
     BV = min(32, triton.next_power_of_2(dv))
     grid = (nv, triton.cdiv(dv, BV))
     with _on(out):
-        _delta_net_fwd[grid](q, k, v, g, beta, state, out, T, nv, nv // nk, dk, dv,
+        dtb, ad = (g, g) if raw is None else (raw[0].contiguous(), raw[1].contiguous())
+        _delta_net_fwd[grid](q, k, v, g, beta, state, out, so, dtb, ad, T, nv, nv // nk, dk, dv,
                              q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                             g.stride(0), beta.stride(0), dk ** -0.5, L2=qk_l2norm, BK=BK, BV=BV,
+                             g.stride(0), beta.stride(0), dk ** -0.5, L2=qk_l2norm, RAW=raw is not None,
+                             BK=BK, BV=BV,
                              num_warps=4)
     return out
 
