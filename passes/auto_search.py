@@ -81,13 +81,15 @@ class Search:
         if key in self.by_plan:
             self.by_choice[ch] = self.by_plan[key]
             return self.by_plan[key]
+        from backends.costmodel.placement import engine_graph
         from backends.costmodel.price import price
         from backends.costmodel.timeline import evaluate
 
         placed = {ph: place_choice(g, self.cfg, self.devices, ch, self.region_cache[ph])
                   for ph, g in self.graphs.items()}
-        tl_pp = evaluate(price(placed["pp"], self.wl.ubatch), self.sysm, self.eng, self.rows)
-        tl_tg = evaluate(price(placed["tg"]), self.sysm, self.eng, self.rows + (self.wl.tg - 1) / 2.0)
+        run = {ph: engine_graph(g, self.cfg, self.eng.passes) for ph, g in placed.items()}  # what executes
+        tl_pp = evaluate(price(run["pp"], self.wl.ubatch), self.sysm, self.eng, self.rows)
+        tl_tg = evaluate(price(run["tg"]), self.sysm, self.eng, self.rows + (self.wl.tg - 1) / 2.0)
         self.tick(ch.name)
         lay = state_layout(placed["pp"])
         if lay != state_layout(placed["tg"]):

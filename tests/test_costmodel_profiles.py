@@ -84,3 +84,32 @@ def test_shipped_ik_profile_is_calibrated_and_physical() -> None:
     for p in e.fit:
         lo, hi = e.bounds[p]
         assert lo <= getattr(e, p) <= hi, p
+
+
+def test_graphir_cuda_profile_prices_the_graph_graphir_run_executes() -> None:
+    """The engine's passes are the CUDA backend's defaults, so launch and host-node counts of a
+    prediction are those of the executed graph (a fit of one against the other is meaningless)."""
+    from backends.costmodel.profiles import load_engine
+    from backends.cuda.cli import DEFAULT_PASSES
+
+    assert load_engine("graphir-cuda").passes == DEFAULT_PASSES.split(",")
+    assert load_engine("ik_llama.cpp").passes == []
+
+
+def test_engine_passes_cut_the_priced_launches() -> None:
+    from backends.costmodel.placement import PlaceOptions, engine_graph, place
+    from backends.costmodel.price import price
+    from graphir.models import BuildOptions
+    from graphir.models.sources import load_preset
+    from graphir.quant import scheme
+
+    cfg = load_preset("qwen3-next-80b-a3b")
+    opts = BuildOptions(phase="tg", quant=scheme("bf16"), kv_type="bf16", logits="last")
+    g = place(cfg, opts, PlaceOptions("layer", ("cuda:0", "cuda:1")))
+    fused = engine_graph(g, cfg, ["fold_shared_expert", "merge_siblings", "merge_qkv", "merge_up_gate",
+                                  "contiguous_heads", "fuse_delta_net_gates"])
+    a, b = price(g), price(fused)
+    assert b.launches.sum() < 0.8 * a.launches.sum()  # ~37 -> ~20 kernels a delta-net layer
+    # the same bytes are read (a merged weight's matmul books them as activation bytes: it reads a concat)
+    tot_a, tot_b = a.wbytes.sum() + a.actbytes[0].sum(), b.wbytes.sum() + b.actbytes[0].sum()
+    assert abs(tot_b - tot_a) < 0.02 * tot_a

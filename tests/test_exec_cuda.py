@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backends.cuda import fast_moe, fused
+from backends.cuda import fast_moe, fused, gemv
 from backends.cuda import triton_deltanet as tdn
 from backends.cuda.fastpath import CUDA_KERNELS, attention as fast_attention
 from backends.cuda.graphs import DecodeStep
@@ -66,6 +66,24 @@ def ctx_for() -> ExecContext:
 
 
 # ---- kernels ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(37, 100), (64, 2048), (5, 16), (300, 520)])
+def test_gemv_tiles_match_linear(shape: tuple[int, int]) -> None:
+    N, K = shape
+    x, w = rand(1, K, dtype=torch.bfloat16), rand(N, K, dtype=torch.bfloat16, seed=1)
+    ref = F.linear(x.float(), w.float())
+    for cfg in gemv.CONFIGS:  # every candidate tile, whichever the timing would pick
+        assert rel_err(gemv._triton(x, w, cfg).float(), ref) < 1e-2
+
+
+@needs_cuda
+def test_gemv_choice_is_recorded_and_used() -> None:
+    x, w = rand(1, 4096, dtype=torch.bfloat16), rand(2048, 4096, dtype=torch.bfloat16, seed=1)
+    n = node(Op.MATMUL)
+    got = CUDA_KERNELS[Op.MATMUL](n, [x, w], ctx_for())
+    assert (2048, 4096, str(torch.bfloat16), str(w.device)) in gemv.CHOICE
+    assert rel_err(got.float(), F.linear(x.float(), w.float())) < 1e-2
+
 
 @pytest.mark.parametrize("offset", [0.0, 1.0])
 def test_rms_norm_strided_rows(offset: float) -> None:
@@ -133,6 +151,17 @@ def test_delta_net_kernels(T: int) -> None:
     want = torch.cat((o, S.permute(1, 0, 2)))
     assert rel_err(tdn.delta_net(q, k, v, g, beta, s).cpu(), want) < 1e-5
     assert rel_err(tdn.delta_net_chunked(q, k, v, g, beta, s).cpu(), want) < _chunked_tol(tdn.CONFIGS[0][2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_add_rms_norm_is_add_then_norm(dtype: torch.dtype, offset: float) -> None:
+    a, b, w = rand(1, 2048, dtype=dtype), rand(1, 2048, seed=1, dtype=dtype), rand(2048, seed=2, dtype=dtype)
+    total, normed = fused.add_rms_norm(a, b, w, 1e-6, offset)
+    want = a + b
+    ref = KERNELS[Op.RMS_NORM](node(Op.RMS_NORM, eps=1e-6, offset=offset), [want, w], ctx_for())
+    tol = 0.0 if dtype == torch.float32 else 8e-3  # bf16: the interpreter truncates where torch rounds
+    assert rel_err(total, want) <= tol + 1e-7 and rel_err(normed, ref) < tol + 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -312,6 +341,26 @@ def test_decode_step_equals_decode(arch: str) -> None:
     assert s.n_past == len(P1) + len(P2) + 3
 
 
+def test_decode_step_bf16_fusions_equal_decode() -> None:
+    """bf16: the casts a gated norm folds in (f32 delta-net output -> bf16) and the add+norm
+    pairs, against the session's own decode (bf16 rounding, and the Triton interpreter
+    truncates where a GPU rounds to nearest)."""
+    cfg = from_hf_dict(CONFIGS["qwen3_next"])
+    s = Session(cfg, "random", DEV, 128, dtype="bf16", kernels=CUDA_KERNELS,
+                transform=[merge_siblings, merge_qkv, merge_up_gate, contiguous_heads, fuse_delta_net_gates])
+    s.prefill(P1)
+    want = s.decode([3, 4]).float().cpu()
+    s.reset()
+    s.prefill(P1)
+    step = DecodeStep(s, 64, capture=None)
+    assert step.cast_norms and step.add_norms
+    rows = []
+    for t in (3, 4):
+        step.step(t)
+        rows.append(step.logits.float().cpu().clone())
+    assert rel_err(torch.cat(rows), want) < 3e-2
+
+
 def test_decode_step_updates_delta_net_state_in_place() -> None:
     cfg = from_hf_dict(CONFIGS["qwen3_next"])
     s = Session(cfg, "random", DEV, 128, kernels=CUDA_KERNELS)
@@ -320,6 +369,7 @@ def test_decode_step_updates_delta_net_state_in_place() -> None:
     n_dn = len(s.executed["tg"].by_op(Op.DELTA_NET))
     assert n_dn and len(step.inplace) == n_dn  # every delta-net layer's state qualifies
     assert len(step.conv_inplace) == n_dn  # and every conv state shifts in place
+    assert len(step.add_norms) >= 2 * cfg.n_layer - 1  # residual add + the next norm: one launch
     step.step(3)
     assert len(step.updated) == n_dn  # and the token-serial kernel wrote each in place
     after = {k: s.state[k].clone() for k in step.updated}

@@ -97,3 +97,15 @@ def test_deep_random_model_stays_finite() -> None:
         s = Session(from_hf_dict({**base, "num_hidden_layers": 24}), "random", "cpu", 16)
         out = s.prefill(PROMPT)
         assert torch.isfinite(out).all() and float(out.abs().max()) < 1e3
+
+
+def test_decode_pieces_start_short_and_cover_every_node() -> None:
+    from backends.cuda.graphs import _pieces
+    from graphir.graph import Node
+    from graphir.ops import Op
+    from graphir.spec import TensorSpec
+
+    nodes = [Node(f"n{i}", Op.ADD, (), TensorSpec((1,), "f32")) for i in range(300)]
+    pieces = _pieces(nodes, 64)
+    assert [len(p) for p in pieces[:4]] == [8, 16, 32, 64]  # the GPU starts after a short launch
+    assert [n for p in pieces for n in p] == nodes

@@ -173,7 +173,7 @@ def calibrate_cmd(
                 raise CostModelCliError(f"{path}: rows mix u-batch sizes {ubs}; calibrate one size per table")
             split_mode, rec = run_label(mode, recurrent)
             po = PlaceOptions(split_mode, sysm.devices, _ts(ts), max_gpu, rec)  # type: ignore[arg-type]
-            pp, tg, _ = place_and_price(cfg, q, kv_type, po, ubs[0])
+            pp, tg, _ = place_and_price(cfg, q, kv_type, po, ubs[0], eng.passes)
             cases.append(Case(f"{path.stem}:{mode}", pp, tg, t))
     params = [p.strip() for p in fit_params.split(",")] if fit_params else None
     res = fit(cases, sysm, eng, params)

@@ -51,3 +51,19 @@ def place(cfg: ModelConfig, opts: BuildOptions, po: PlaceOptions) -> Graph:
 
         return place_auto(g, cfg, po.devices, po.workload, po.hw, po.engine, ts=po.ts).graph
     raise PlacementError(f"unknown split mode {po.split!r} ({', '.join(SPLITS)})")
+
+
+def engine_graph(g: Graph, cfg: ModelConfig, passes: "list[str] | tuple[str, ...]") -> Graph:
+    """The graph an engine executes: placed graph `g` after the engine's own passes (registered
+    names or module:function, each `g -> g` or `(g, ctx) -> g`)."""
+    if not passes:
+        return g
+    import inspect
+
+    from passes.manager import PassContext, resolve
+
+    ctx = PassContext(cfg=cfg, devices=g.device_list())
+    for name in passes:
+        _, fn = resolve(name)
+        g = fn(g, ctx) if len(inspect.signature(fn).parameters) >= 2 else fn(g)
+    return g

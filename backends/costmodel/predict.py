@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from backends.costmodel.placement import PlaceOptions, place
+from backends.costmodel.placement import PlaceOptions, engine_graph, place
 from backends.costmodel.price import Priced, price
 from backends.costmodel.profiles import Engine, System, load_engine, resolve_system
 from backends.costmodel.timeline import TERMS, Timeline, evaluate
@@ -129,14 +129,15 @@ def predict_placed(pp: Priced, tg: Priced, sysm: System, eng: Engine, workload: 
 
 
 def place_and_price(cfg: ModelConfig, quant: str | QuantScheme | None, kv_type: str, po: PlaceOptions,
-                    ubatch: int) -> tuple[Priced, Priced, Graph]:
-    """Build, place and price both phases; also returns the placed tg graph (for memory)."""
+                    ubatch: int, passes: Sequence[str] = ()) -> tuple[Priced, Priced, Graph]:
+    """Build, place and price both phases (after the engine's `passes`); also returns the
+    placed tg graph (for memory)."""
     out = []
     for phase in ("pp", "tg"):
         opts = BuildOptions(phase=phase, quant=scheme(quant, default="bf16"), kv_type=kv_type,
                             logits="last")  # sweep-bench asks for the last row's logits only
         g = place(cfg, opts, po)
-        out.append((price(g, ubatch), g))
+        out.append((price(engine_graph(g, cfg, list(passes)), ubatch), g))
     return out[0][0], out[1][0], out[1][1]
 
 
@@ -167,7 +168,7 @@ def predict(model: str, hw: str | System = "2x3090", engine: str | Engine = "ik_
             warnings += [f"auto: {x}" for x in plans[split].notes]
             continue
         po = PlaceOptions(split, devices, ts, max_gpu, recurrent)  # type: ignore[arg-type]
-        pp, tg, g = place_and_price(src.cfg, q, kv_type, po, wl.ubatch)
+        pp, tg, g = place_and_price(src.cfg, q, kv_type, po, wl.ubatch, eng.passes)
         mem = memory_per_device(g, wl.ctx)
         for dev, gb in zip(g.device_list(), mem):
             if gb > sysm.gpu.mem_GB:

@@ -87,6 +87,9 @@ def _tokens(g: Graph, tokens: int | None) -> int:
     return int(tokens)
 
 
+_FOLDED = (Op.CONCAT, Op.RESHAPE, Op.SLICE, Op.COPY)  # ops an executor evaluates once when all inputs are weights
+
+
 def price(g: Graph, tokens: int | None = None) -> Priced:
     """Price placed graph `g` with T bound to `tokens` (1 for a tg graph)."""
     T = _tokens(g, tokens)
@@ -122,8 +125,11 @@ def price(g: Graph, tokens: int | None = None) -> Priced:
 
     hosted: list[int] = []  # per priced node: itself plus the free nodes (views, leaves) the host walked before it
     skipped = 0
+    const: set[str] = set()  # weight-only nodes (a merged weight's concat): folded at load, free per call
     for n in g.nodes:
-        if n.op in LEAVES or n.op in VIEWS or n.op == Op.OUTPUT:
+        if n.op == Op.WEIGHT or (n.op in _FOLDED and n.inputs and all(i in const for i in n.inputs)):
+            const.add(n.name)
+        if n.op in LEAVES or n.op in VIEWS or n.op == Op.OUTPUT or n.name in const:
             skipped += 1
             continue
         ins = [g[i] for i in n.inputs]

@@ -127,6 +127,10 @@ class Engine(BaseModel):
     # too); a device cannot run a kernel before it is issued, so a phase of many short
     # kernels on several GPUs is bounded by the host. 0: not modelled
     host_us: float = Field(default=0.0, ge=0)
+    # graph passes the engine runs on the placed graph before executing it (graphir-cuda: the
+    # fusions `graphir run` applies): predictions price that graph, so launches and host nodes
+    # are the executed ones
+    passes: list[str] = []
     forward_us: float = Field(ge=0)  # host work per forward pass (graph build, inputs, sampling)
     mem_eff: float = Field(gt=0, le=1)  # fraction of DRAM peak reached by streaming kernels
     quant_mem_eff: dict[str, float] = {}  # per storage type multiplier on mem_eff (dequant cost)

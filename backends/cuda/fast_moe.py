@@ -25,6 +25,7 @@ kernel writes their ids in the same launch, and the selected-softmax kernel thei
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -151,10 +152,37 @@ def gemv_config(N: int, K: int) -> tuple[int, int, int]:
     return 16, 128, 8
 
 
+# tiles tried against gemv_config's on the first eager call of each shape (GPU-timed, kept only
+# when clearly faster: gemv.fastest); whole-K tiles for the short-K down projection
+GEMV_TILES: tuple[tuple[int, int, int], ...] = ((16, 128, 8), (64, 128, 8), (8, 512, 4), (16, 512, 8),
+                                                (32, 256, 8), (16, 256, 4), (8, 256, 4))
+GEMV_CHOICE: dict[tuple, tuple[int, int, int]] = {}  # (N, K, slots, dtype, device) -> tile
+
+
+def _tile(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> tuple[int, int, int]:
+    E, N, K = w.shape
+    key = (N, K, ids.numel(), str(x.dtype), str(x.device))
+    got = GEMV_CHOICE.get(key)
+    if got is not None:
+        return got
+    base = gemv_config(N, K)
+    if not x.is_cuda or torch.cuda.is_current_stream_capturing():
+        return base
+    from backends.cuda.gemv import fastest
+
+    cands = {",".join(map(str, c)): (lambda c=c: moe_gemv(x, w, ids, c)) for c in (base, *GEMV_TILES)}
+    best = fastest(cands, ",".join(map(str, base)), x.device)
+    GEMV_CHOICE[key] = tuple(int(v) for v in best.split(","))  # type: ignore[assignment]
+    return GEMV_CHOICE[key]
+
+
 def moe_gemv(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
              config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x [T,K] or [T,k,K]; w [E,N,K] contiguous; ids [T,k] -> [T,k,N] in x's type.
-    `config` (BN, BK, num_warps) overrides gemv_config (benchmarks)."""
+    `config` (BN, BK, num_warps) overrides the tile (benchmarks); by default the measured
+    fastest of gemv_config's and GEMV_TILES for this shape on this GPU."""
+    if config is None:
+        config = _tile(x, w, ids)
     T, k = ids.shape
     E, N, K = w.shape
     per_slot = x.dim() == 3
@@ -164,7 +192,7 @@ def moe_gemv(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
     w = w if w.is_contiguous() else w.contiguous()
     ids = ids if ids.is_contiguous() else ids.contiguous()
     out = torch.empty((T * k, N), dtype=x.dtype, device=x.device)
-    BN, BK, warps = config or gemv_config(N, K)
+    BN, BK, warps = config
     even = N % BN == 0 and K % BK == 0
     with on(out):
         _moe_gemv_k[(T * k, triton.cdiv(N, BN))](xs, w, ids, out, N, K, k, xs.stride(0), PER_SLOT=per_slot, BN=BN,
@@ -297,10 +325,33 @@ def topk_softmax(logits: torch.Tensor, k: int, shared: int = 0) -> tuple[torch.T
     ids = torch.empty((T, k + shared), dtype=torch.int32, device=logits.device)
     wts = torch.empty((T, k), dtype=torch.float32, device=logits.device) if not shared else ids  # unused then
     BE = max(16, triton.next_power_of_2(E))
-    with on(ids):
-        _topk_k[(T,)](logits, ids, wts, E, logits.stride(0), K=k, M=shared, KP=_kp(k + shared), BE=BE,
-                      num_warps=4 if BE <= 1024 else 8)
+
+    def run(warps: int) -> torch.Tensor:
+        with on(ids):
+            _topk_k[(T,)](logits, ids, wts, E, logits.stride(0), K=k, M=shared, KP=_kp(k + shared), BE=BE,
+                          num_warps=warps)
+        return ids
+
+    run(_topk_warps(logits, BE, k, shared, run))
     return ids, (None if shared else wts)
+
+
+TOPK_WARPS: dict[tuple, int] = {}  # (T, E, k, m, dtype, device) -> warps, measured (a decode step's k
+# sequential arg-max rounds are reductions across the warps: fewer warps, fewer barriers)
+
+
+def _topk_warps(logits: torch.Tensor, BE: int, k: int, m: int, run: Any) -> int:
+    base = 4 if BE <= 1024 else 8
+    key = (logits.shape[0], logits.shape[1], k, m, str(logits.dtype), str(logits.device))
+    if key in TOPK_WARPS:
+        return TOPK_WARPS[key]
+    if not logits.is_cuda or torch.cuda.is_current_stream_capturing() or logits.shape[0] > 64:
+        return base
+    from backends.cuda.gemv import fastest
+
+    cands = {str(w): (lambda w=w: run(w)) for w in (base, 1, 2)}  # the same ids whatever the warps
+    TOPK_WARPS[key] = int(fastest(cands, str(base), logits.device))
+    return TOPK_WARPS[key]
 
 
 def selected_softmax(logits: torch.Tensor, ids: torch.Tensor, gate: torch.Tensor | None = None,

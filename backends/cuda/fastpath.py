@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from backends.cuda import attention as ref_attn
 from backends.cuda import fused
+from backends.cuda import gemv
 from backends.cuda import triton_deltanet as tdn
 from backends.cuda.devices import torch_device, torch_dtype
 from backends.cuda import fast_moe
@@ -44,7 +45,10 @@ def matmul(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     base = getattr(w, "aligned_base", None)
     if base is not None and base.dtype == x.dtype:
         # a merged weight folded with zero rows for alignment (fold.py): multiply by all of them
-        return F.linear(x, base)[..., :w.shape[0]]
+        y = gemv.matmul(x, base) if gemv.applies(x, base) else F.linear(x, base)
+        return y[..., :w.shape[0]]
+    if gemv.applies(x, w):  # one row (a decode step): the measured-faster of cuBLAS and a GEMV
+        return gemv.matmul(x, w)
     return _ref(Op.MATMUL)(node, args, ctx)
 
 
@@ -351,7 +355,11 @@ def diagnostics() -> dict[str, object]:
 
     return {"grouped_mm_failed": list(fast_moe._GROUPED_BROKEN), "nccl_failed": list(_NCCL_BROKEN),
             "flash_lower_right": _FLASH_LOWER_RIGHT.get("ok"),
-            "delta_net_prefill": {k: v for k, v in tdn.PREFILL.items()}}
+            "delta_net_prefill": {k: v for k, v in tdn.PREFILL.items()},
+            "gemv": {f"{n}x{k} {dt}": c for (n, k, dt, _), c in sorted(gemv.CHOICE.items())},
+            "moe_gemv": {f"{n}x{k} slots {s} {dt}": ",".join(map(str, c))
+                         for (n, k, s, dt, _), c in sorted(fast_moe.GEMV_CHOICE.items())},
+            "topk_warps": {f"T {t} E {e} k {k}+{m}": w for (t, e, k, m, _, _), w in sorted(fast_moe.TOPK_WARPS.items())}}
 
 
 def kernels_for(devices: Sequence[str]) -> Mapping[Op, Kernel]:

@@ -78,7 +78,7 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_gated_k(x_ptr, z_ptr, w_ptr, o_ptr, NR, NH, D, sx_t, sx_h, sz_t, sz_h, eps, R: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          BLOCK: tl.constexpr, ROUND: tl.constexpr):
         r = tl.program_id(0) * R + tl.arange(0, R)
         mr = r < NR
         t = r // NH
@@ -86,6 +86,8 @@ if triton is not None:
         offs = tl.arange(0, BLOCK)
         m = mr[:, None] & (offs < D)[None, :]
         x = tl.load(x_ptr + (t * sx_t + h * sx_h)[:, None] + offs[None, :], mask=m, other=0.0)
+        if ROUND:  # x comes wider than the output (a cast folded in): round it to the output type first
+            x = x.to(o_ptr.dtype.element_ty)
         xf = x.to(tl.float32)
         y = (xf * tl.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)[:, None]).to(x.dtype).to(tl.float32)
         w = tl.load(w_ptr + offs, mask=offs < D, other=0.0).to(tl.float32)[None, :]
@@ -184,6 +186,26 @@ if triton is not None:
 
 
     @triton.jit
+    def _add_rms_norm_k(a_ptr, b_ptr, w_ptr, s_ptr, o_ptr, D, eps, OFFSET: tl.constexpr, HAS_OFF: tl.constexpr,
+                        BLOCK: tl.constexpr):
+        # a residual add and the norm that reads it: the sum rounded as torch's add rounds it,
+        # written out (the next residual reads it), then normalised as _rms_norm_k does
+        r = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        m = offs < D
+        a = tl.load(a_ptr + r * D + offs, mask=m, other=0.0)
+        x = (a.to(tl.float32) + tl.load(b_ptr + r * D + offs, mask=m, other=0.0).to(tl.float32)).to(a.dtype)
+        tl.store(s_ptr + r * D + offs, x, mask=m)
+        xf = x.to(tl.float32)
+        y = xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
+        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_OFF:
+            out = y * (OFFSET + w)
+        else:
+            out = y.to(x.dtype).to(tl.float32) * w
+        tl.store(o_ptr + r * D + offs, out.to(o_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
     def _conv_step_k(s_ptr, x_ptr, w_ptr, o_ptr, C, K: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr):
         # one token: out = conv over [state rows, x]; the state then shifts up one row and takes
         # x, in place (each program owns its channels in every row: read all, then write)
@@ -229,17 +251,21 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float) -> tor
     return out
 
 
-def rms_norm_gated(x: torch.Tensor, z: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm_gated(x: torch.Tensor, z: torch.Tensor, w: torch.Tensor, eps: float,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`dtype`: the output type when x is wider (f32 x, bf16 out): x is rounded to it first,
+    the value of rms_norm_gated(cast(x, dtype), z, w)."""
     xs, nt, nh, st, sh = _rows(x)
     if z.shape != x.shape:
         z = z.reshape(x.shape)
     zs, _, _, zt, zh = _rows(z)
     D = x.shape[-1]
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dt = dtype or x.dtype
+    out = torch.empty(x.shape, dtype=dt, device=x.device)
     n, R = nt * nh, _rows_per_program(nt * nh, D)
     with on(out):
         _rms_norm_gated_k[(triton.cdiv(n, R),)](xs, zs, w, out, n, nh, D, st, sh, zt, zh, float(eps), R=R,
-                                                BLOCK=_block(D), num_warps=4)
+                                                BLOCK=_block(D), ROUND=dt != x.dtype, num_warps=4)
     return out
 
 
@@ -296,3 +322,21 @@ def conv_step(state: torch.Tensor, x: torch.Tensor, w: torch.Tensor, silu: bool)
     with on(out):
         _conv_step_k[(triton.cdiv(C, B),)](state, x, w, out, C, K=K, SILU=silu, BLOCK=B, num_warps=4)
     return out
+
+
+
+def add_rms_norm(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, eps: float, offset: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a + b, rms_norm(a + b)) for rows [T, D] of one type in one launch: a decode step's
+    residual add and the norm after it (the values of torch's add, then `rms_norm`)."""
+    if a.shape != b.shape or a.dim() != 2 or a.dtype != b.dtype or w.shape != (a.shape[1],):
+        raise ValueError(f"add_rms_norm wants two [T, D] rows of one type and w [D], got {list(a.shape)}, "
+                         f"{list(b.shape)}, {list(w.shape)}")
+    a, b = (x if x.is_contiguous() else x.contiguous() for x in (a, b))
+    T, D = a.shape
+    s = torch.empty_like(a)
+    out = torch.empty_like(a)
+    with on(out):
+        _add_rms_norm_k[(T,)](a, b, w, s, out, D, float(eps), OFFSET=float(offset), HAS_OFF=bool(offset),
+                              BLOCK=_block(D), num_warps=4 if D <= 2048 else 8)
+    return s, out

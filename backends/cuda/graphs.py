@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from backends.cuda import fastpath, fused
-from backends.cuda.devices import torch_device
+from backends.cuda.devices import torch_device, torch_dtype
 from backends.cuda.interp import ExecContext, ExecError, Replicas, _read
 from graphir.graph import Node
 from graphir.ops import LEAVES, Op
@@ -81,6 +81,15 @@ class DecodeStep:
         if self.inplace:
             self.kernels[Op.DELTA_NET] = self._delta_net
         self.schedule = _schedule(g, self._is_position, s.devices[0])
+        self.add_norms = _add_norms(g)  # residual add -> the rms_norm reading it, computed together
+        self.normed: dict[str, Any] = {}  # norm node -> its value, made by the add before it
+        if self.add_norms:
+            self.kernels[Op.ADD] = self._add
+            self.kernels[Op.RMS_NORM] = self._rms_norm
+        self.cast_norms = _cast_norms(g)  # a cast only a gated norm reads: the norm rounds as it loads
+        if self.cast_norms:
+            self.kernels[Op.CAST] = self._cast
+            self.kernels[Op.RMS_NORM_GATED] = self._rms_norm_gated
         self.conv_inplace = _inplace_convs(g, s.state)
         if self.conv_inplace:
             self.schedule = _conv_in_place(self.schedule, g, self.conv_inplace)
@@ -108,6 +117,34 @@ class DecodeStep:
         # state's output needs no copy: 2 MB and a launch less per layer and token
         self.updated.add(key)
         return fastpath.delta_net(node, args, ctx, state_out=state)
+
+    def _add(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
+        norm = self.add_norms.get(node.name)
+        a, b = args
+        if norm is None or not fused.usable(a) or not isinstance(b, torch.Tensor) or a.shape != b.shape \
+                or a.dim() != 2 or a.dtype != b.dtype:
+            return self.s.kernels[Op.ADD](node, args, ctx)
+        w = self.s.weights[norm.inputs[1]]
+        total, normed = fused.add_rms_norm(a, b, w, float(norm.attr["eps"]), float(norm.attr.get("offset", 0.0)))
+        self.normed[norm.name] = normed  # one launch for both; the norm node takes it
+        return total
+
+    def _rms_norm(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
+        got = self.normed.pop(node.name, None)
+        return got if got is not None else self.s.kernels[Op.RMS_NORM](node, args, ctx)
+
+    def _cast(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
+        if node.name in self.cast_norms and isinstance(args[0], torch.Tensor) and fused.usable(args[0]):
+            return _Uncast(args[0], torch_dtype(str(node.attr["dtype"])))  # no kernel: the norm casts
+        return self.s.kernels[Op.CAST](node, args, ctx)
+
+    def _rms_norm_gated(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
+        x, z, w = args
+        if isinstance(x, _Uncast):
+            if x.value.dim() <= 3:
+                return fused.rms_norm_gated(x.value, z, w, float(node.attr["eps"]), dtype=x.dtype)
+            x = x.value.to(x.dtype)
+        return self.s.kernels[Op.RMS_NORM_GATED](node, [x, z, w], ctx)
 
     def _ssm_conv(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
         if len(node.inputs) == 2:
@@ -293,11 +330,14 @@ PIECE_NODES = 64
 
 
 def _pieces(nodes: Sequence[Node], size: int) -> list[list[Node]]:
-    """Consecutive runs of about `size` nodes (views and leaves ride along for free)."""
+    """Consecutive runs of about `size` nodes (views and leaves ride along for free); the first
+    runs are shorter (size/8, /4, /2): the GPU starts once the first piece is launched, and a
+    decode step that waits for each token starts every step from an idle GPU."""
     out: list[list[Node]] = [[]]
     work = 0
+    limits = [max(1, size // 8), max(1, size // 4), max(1, size // 2)]
     for n in nodes:
-        if work >= size:
+        if work >= (limits[len(out) - 1] if len(out) <= len(limits) else size):
             out.append([])
             work = 0
         out[-1].append(n)
@@ -347,6 +387,39 @@ def _inplace_states(g: Any) -> dict[str, str]:
                 and [g[x].op for x in g.users.get(state_reads[0].name, ())] == [Op.OUTPUT]
                 and g[g.users[state_reads[0].name][0]].attr["key"] == key):
             out[n.name] = key
+    return out
+
+
+class _Uncast:
+    """A cast left to its only reader (a gated norm that rounds as it loads)."""
+
+    def __init__(self, value: torch.Tensor, dtype: torch.dtype) -> None:
+        self.value, self.dtype = value, dtype
+
+
+def _cast_norms(g: Any) -> set[str]:
+    """Casts to a narrower float read only by an rms_norm_gated, as its x."""
+    out: set[str] = set()
+    for n in g.by_op(Op.CAST):
+        users = g.users.get(n.name, ())
+        src = g[n.inputs[0]]
+        if (len(users) == 1 and g[users[0]].op == Op.RMS_NORM_GATED and g[users[0]].inputs[0] == n.name
+                and n.inputs[0] not in g[users[0]].inputs[1:] and g[users[0]].device == n.device
+                and src.spec.dtype.name == "f32" and n.spec.dtype.name in ("bf16", "f16")):
+            out.add(n.name)
+    return out
+
+
+def _add_norms(g: Any) -> dict[str, Node]:
+    """Residual adds read by an rms_norm of a weight on the same device: {add: norm}."""
+    out: dict[str, Node] = {}
+    for n in g.by_op(Op.ADD):
+        for u in g.users.get(n.name, ()):
+            m = g[u]
+            if (m.op == Op.RMS_NORM and m.inputs[0] == n.name and m.device == n.device
+                    and g[m.inputs[1]].op == Op.WEIGHT and n.spec == m.spec):
+                out[n.name] = m
+                break
     return out
 
 
