@@ -29,6 +29,8 @@ import torch
 from backends.cuda import fastpath, fused
 from backends.cuda.devices import torch_device, torch_dtype
 from backends.cuda.interp import ExecContext, ExecError, Replicas, _read
+from backends.cuda.step_rewrites import (Uncast, add_norms, cast_norms, conv_in_place, inplace_convs,
+                                         inplace_states)
 from graphir.graph import Node
 from graphir.ops import LEAVES, Op
 
@@ -76,23 +78,23 @@ class DecodeStep:
         self.kernels[Op.KV_APPEND] = fastpath.kv_append
         self.kernels[Op.OUTPUT] = self._output
         self.kernels[Op.COPY] = self._copy
-        self.inplace = _inplace_states(g)  # delta_net node -> the state key it may update in place
+        self.inplace = inplace_states(g)  # delta_net node -> the state key it may update in place
         self.updated: set[str] = set()  # state keys a kernel already wrote this step
         if self.inplace:
             self.kernels[Op.DELTA_NET] = self._delta_net
         self.schedule = _schedule(g, self._is_position, s.devices[0])
-        self.add_norms = _add_norms(g)  # residual add -> the rms_norm reading it, computed together
+        self.add_norms = add_norms(g)  # residual add -> the rms_norm reading it, computed together
         self.normed: dict[str, Any] = {}  # norm node -> its value, made by the add before it
         if self.add_norms:
             self.kernels[Op.ADD] = self._add
             self.kernels[Op.RMS_NORM] = self._rms_norm
-        self.cast_norms = _cast_norms(g)  # a cast only a gated norm reads: the norm rounds as it loads
+        self.cast_norms = cast_norms(g)  # a cast only a gated norm reads: the norm rounds as it loads
         if self.cast_norms:
             self.kernels[Op.CAST] = self._cast
             self.kernels[Op.RMS_NORM_GATED] = self._rms_norm_gated
-        self.conv_inplace = _inplace_convs(g, s.state)
+        self.conv_inplace = inplace_convs(g, s.state)
         if self.conv_inplace:
-            self.schedule = _conv_in_place(self.schedule, g, self.conv_inplace)
+            self.schedule = conv_in_place(self.schedule, g, self.conv_inplace)
             self.kernels[Op.SSM_CONV] = self._ssm_conv
         self.last_use = _last_use(self.schedule)
         self.logits: torch.Tensor | None = None
@@ -135,12 +137,12 @@ class DecodeStep:
 
     def _cast(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
         if node.name in self.cast_norms and isinstance(args[0], torch.Tensor) and fused.usable(args[0]):
-            return _Uncast(args[0], torch_dtype(str(node.attr["dtype"])))  # no kernel: the norm casts
+            return Uncast(args[0], torch_dtype(str(node.attr["dtype"])))  # no kernel: the norm casts
         return self.s.kernels[Op.CAST](node, args, ctx)
 
     def _rms_norm_gated(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
         x, z, w = args
-        if isinstance(x, _Uncast):
+        if isinstance(x, Uncast):
             if x.value.dim() <= 3:
                 return fused.rms_norm_gated(x.value, z, w, float(node.attr["eps"]), dtype=x.dtype)
             x = x.value.to(x.dtype)
@@ -368,106 +370,6 @@ def _schedule(g: Any, is_position: Any, default: str) -> list[tuple]:
         d = n.devices[0] if n.device else default
         stretch.setdefault(d, []).append(n)
     flush()
-    return out
-
-
-def _inplace_states(g: Any) -> dict[str, str]:
-    """delta_net nodes whose new state only goes back to the state they read: {node: key}.
-    The packed result's state rows must feed nothing but that state's output."""
-    out: dict[str, str] = {}
-    for n in g.by_op(Op.DELTA_NET):
-        src = g[n.inputs[5]]
-        if src.op != Op.STATE_IN or g.users.get(src.name) != (n.name,):
-            continue  # another reader would see the state after the kernel overwrote it
-        key = str(src.attr["state"])
-        users = [g[u] for u in g.users.get(n.name, ())]
-        rows = int(g[n.inputs[0]].spec.shape[0])  # T = 1 in a decode graph
-        state_reads = [u for u in users if not (u.op == Op.SLICE and u.attr["dim"] == 0 and u.attr["stop"] == rows)]
-        if (len(state_reads) == 1 and state_reads[0].op == Op.SLICE and state_reads[0].attr["start"] == rows
-                and [g[x].op for x in g.users.get(state_reads[0].name, ())] == [Op.OUTPUT]
-                and g[g.users[state_reads[0].name][0]].attr["key"] == key):
-            out[n.name] = key
-    return out
-
-
-class _Uncast:
-    """A cast left to its only reader (a gated norm that rounds as it loads)."""
-
-    def __init__(self, value: torch.Tensor, dtype: torch.dtype) -> None:
-        self.value, self.dtype = value, dtype
-
-
-def _cast_norms(g: Any) -> set[str]:
-    """Casts to a narrower float read only by an rms_norm_gated, as its x."""
-    out: set[str] = set()
-    for n in g.by_op(Op.CAST):
-        users = g.users.get(n.name, ())
-        src = g[n.inputs[0]]
-        if (len(users) == 1 and g[users[0]].op == Op.RMS_NORM_GATED and g[users[0]].inputs[0] == n.name
-                and n.inputs[0] not in g[users[0]].inputs[1:] and g[users[0]].device == n.device
-                and src.spec.dtype.name == "f32" and n.spec.dtype.name in ("bf16", "f16")):
-            out.add(n.name)
-    return out
-
-
-def _add_norms(g: Any) -> dict[str, Node]:
-    """Residual adds read by an rms_norm of a weight on the same device: {add: norm}."""
-    out: dict[str, Node] = {}
-    for n in g.by_op(Op.ADD):
-        for u in g.users.get(n.name, ()):
-            m = g[u]
-            if (m.op == Op.RMS_NORM and m.inputs[0] == n.name and m.device == n.device
-                    and g[m.inputs[1]].op == Op.WEIGHT and n.spec == m.spec):
-                out[n.name] = m
-                break
-    return out
-
-
-def _inplace_convs(g: Any, state: dict[str, torch.Tensor]) -> dict[str, tuple[str, str, set[str]]]:
-    """Decode convs whose state can shift in place: ssm_conv(concat(S, x)) where S is a state
-    read by that concat alone and the concat's rows [1:] go only to S's output.
-    {conv node: (state node, x node, the nodes the in-place kernel makes unnecessary)}."""
-    out: dict[str, tuple[str, str, set[str]]] = {}
-    for n in g.by_op(Op.SSM_CONV):
-        if not fused.usable_device(n.devices[0] if n.device else str(next(iter(state.values()), torch.empty(0)).device)):
-            continue
-        cat = g[n.inputs[0]]
-        w = g[n.inputs[1]]
-        if cat.op != Op.CONCAT or cat.attr["dim"] != 0 or len(cat.inputs) != 2 or not 2 <= w.spec.shape[1] <= 4:
-            continue
-        src, x = g[cat.inputs[0]], g[cat.inputs[1]]
-        if src.op != Op.STATE_IN or g.users.get(src.name) != (cat.name,) or x.spec.shape[0] != 1:
-            continue
-        key = str(src.attr["state"])
-        others = [g[u] for u in g.users.get(cat.name, ()) if u != n.name]
-        if (key not in state or src.spec.dtype != x.spec.dtype or len(others) != 1 or others[0].op != Op.SLICE
-                or others[0].attr["start"] != 1 or [g[u].op for u in g.users.get(others[0].name, ())] != [Op.OUTPUT]):
-            continue
-        outp = g[g.users[others[0].name][0]]
-        if outp.attr["key"] != key:
-            continue
-        out[n.name] = (src.name, x.name, {cat.name, others[0].name, outp.name})
-    return out
-
-
-def _conv_in_place(schedule: list[tuple], g: Any, convs: dict[str, tuple[str, str, set[str]]]) -> list[tuple]:
-    """The schedule with each such conv reading (state, x, w) and its concat, state slice and
-    state output gone."""
-    gone = set().union(*(d for _, _, d in convs.values()))
-    out: list[tuple] = []
-    for item in schedule:
-        if item[0] != "seg":
-            out.append(item)
-            continue
-        nodes = []
-        for n in item[2]:
-            if n.name in gone:
-                continue
-            if n.name in convs:
-                src, x, _ = convs[n.name]
-                n = n.with_(inputs=(src, x, n.inputs[1]))
-            nodes.append(n)
-        out.append(("seg", item[1], nodes))
     return out
 
 

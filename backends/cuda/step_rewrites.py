@@ -1,0 +1,122 @@
+"""Rewrites a decode step makes at run time, found by pattern in the executed decode graph.
+
+The graph stays what the passes made; `DecodeStep` (graphs.py) swaps a few kernels where the
+pattern allows a cheaper launch sequence with the same values:
+
+- `inplace_states`: a delta_net whose new state only goes back to the state it read: the
+  token-serial kernel writes it over the old one (no 2 MB copy, no launch).
+- `inplace_convs` / `conv_in_place`: ssm_conv(concat(state, x)) whose concat's rows [1:] only go
+  back to that state: one kernel reads the state, shifts it in place and convolves.
+- `add_norms`: a residual add read by an rms_norm: both in one kernel.
+- `cast_norms`: a cast (f32 -> bf16) read only by a gated norm: the norm rounds as it loads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from backends.cuda import fused
+from graphir.graph import Node
+from graphir.ops import Op
+
+
+def inplace_states(g: Any) -> dict[str, str]:
+    """delta_net nodes whose new state only goes back to the state they read: {node: key}.
+    The packed result's state rows must feed nothing but that state's output."""
+    out: dict[str, str] = {}
+    for n in g.by_op(Op.DELTA_NET):
+        src = g[n.inputs[5]]
+        if src.op != Op.STATE_IN or g.users.get(src.name) != (n.name,):
+            continue  # another reader would see the state after the kernel overwrote it
+        key = str(src.attr["state"])
+        users = [g[u] for u in g.users.get(n.name, ())]
+        rows = int(g[n.inputs[0]].spec.shape[0])  # T = 1 in a decode graph
+        state_reads = [u for u in users if not (u.op == Op.SLICE and u.attr["dim"] == 0 and u.attr["stop"] == rows)]
+        if (len(state_reads) == 1 and state_reads[0].op == Op.SLICE and state_reads[0].attr["start"] == rows
+                and [g[x].op for x in g.users.get(state_reads[0].name, ())] == [Op.OUTPUT]
+                and g[g.users[state_reads[0].name][0]].attr["key"] == key):
+            out[n.name] = key
+    return out
+
+
+class Uncast:
+    """A cast left to its only reader (a gated norm that rounds as it loads)."""
+
+    def __init__(self, value: torch.Tensor, dtype: torch.dtype) -> None:
+        self.value, self.dtype = value, dtype
+
+
+def cast_norms(g: Any) -> set[str]:
+    """Casts to a narrower float read only by an rms_norm_gated, as its x."""
+    out: set[str] = set()
+    for n in g.by_op(Op.CAST):
+        users = g.users.get(n.name, ())
+        src = g[n.inputs[0]]
+        if (len(users) == 1 and g[users[0]].op == Op.RMS_NORM_GATED and g[users[0]].inputs[0] == n.name
+                and n.inputs[0] not in g[users[0]].inputs[1:] and g[users[0]].device == n.device
+                and src.spec.dtype.name == "f32" and n.spec.dtype.name in ("bf16", "f16")):
+            out.add(n.name)
+    return out
+
+
+def add_norms(g: Any) -> dict[str, Node]:
+    """Residual adds read by an rms_norm of a weight on the same device: {add: norm}."""
+    out: dict[str, Node] = {}
+    for n in g.by_op(Op.ADD):
+        for u in g.users.get(n.name, ()):
+            m = g[u]
+            if (m.op == Op.RMS_NORM and m.inputs[0] == n.name and m.device == n.device
+                    and g[m.inputs[1]].op == Op.WEIGHT and n.spec == m.spec):
+                out[n.name] = m
+                break
+    return out
+
+
+def inplace_convs(g: Any, state: dict[str, torch.Tensor]) -> dict[str, tuple[str, str, set[str]]]:
+    """Decode convs whose state can shift in place: ssm_conv(concat(S, x)) where S is a state
+    read by that concat alone and the concat's rows [1:] go only to S's output.
+    {conv node: (state node, x node, the nodes the in-place kernel makes unnecessary)}."""
+    out: dict[str, tuple[str, str, set[str]]] = {}
+    for n in g.by_op(Op.SSM_CONV):
+        if not fused.usable_device(n.devices[0] if n.device else str(next(iter(state.values()), torch.empty(0)).device)):
+            continue
+        cat = g[n.inputs[0]]
+        w = g[n.inputs[1]]
+        if cat.op != Op.CONCAT or cat.attr["dim"] != 0 or len(cat.inputs) != 2 or not 2 <= w.spec.shape[1] <= 4:
+            continue
+        src, x = g[cat.inputs[0]], g[cat.inputs[1]]
+        if src.op != Op.STATE_IN or g.users.get(src.name) != (cat.name,) or x.spec.shape[0] != 1:
+            continue
+        key = str(src.attr["state"])
+        others = [g[u] for u in g.users.get(cat.name, ()) if u != n.name]
+        if (key not in state or src.spec.dtype != x.spec.dtype or len(others) != 1 or others[0].op != Op.SLICE
+                or others[0].attr["start"] != 1 or [g[u].op for u in g.users.get(others[0].name, ())] != [Op.OUTPUT]):
+            continue
+        outp = g[g.users[others[0].name][0]]
+        if outp.attr["key"] != key:
+            continue
+        out[n.name] = (src.name, x.name, {cat.name, others[0].name, outp.name})
+    return out
+
+
+def conv_in_place(schedule: list[tuple], g: Any, convs: dict[str, tuple[str, str, set[str]]]) -> list[tuple]:
+    """The schedule with each such conv reading (state, x, w) and its concat, state slice and
+    state output gone."""
+    gone = set().union(*(d for _, _, d in convs.values()))
+    out: list[tuple] = []
+    for item in schedule:
+        if item[0] != "seg":
+            out.append(item)
+            continue
+        nodes = []
+        for n in item[2]:
+            if n.name in gone:
+                continue
+            if n.name in convs:
+                src, x, _ = convs[n.name]
+                n = n.with_(inputs=(src, x, n.inputs[1]))
+            nodes.append(n)
+        out.append(("seg", item[1], nodes))
+    return out
