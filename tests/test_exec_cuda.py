@@ -341,6 +341,27 @@ def test_decode_step_equals_decode(arch: str) -> None:
     assert s.n_past == len(P1) + len(P2) + 3
 
 
+@pytest.mark.skipif(DEV != "cpu", reason="logical CPU devices stand in for two GPUs (Triton's interpreter)")
+@pytest.mark.parametrize("split", ["layer", "graph"])
+def test_decode_step_rewrites_on_two_devices(split: str) -> None:
+    """The run-time rewrites (in-place state, add+norm) and the passes on a placed graph: two
+    logical devices, recurrent split (the conv state in three pieces: no in-place conv there)."""
+    cfg = from_hf_dict(CONFIGS["qwen3_next"])
+    devs = ("cpu:0", "cpu:1")
+    s = Session(cfg, "random", devs, 128, kernels=CUDA_KERNELS, transform=_transform(cfg, split, devs))
+    s.prefill(P1)
+    want = s.decode([3, 4]).cpu()
+    s.reset()
+    s.prefill(P1)
+    step = DecodeStep(s, 64, capture=False)
+    assert step.add_norms and step.inplace
+    rows = []
+    for t in (3, 4):
+        step.step(t)
+        rows.append(step.logits.float().cpu().clone())
+    assert rel_err(torch.cat(rows), want) < 1e-5
+
+
 def test_decode_step_bf16_fusions_equal_decode() -> None:
     """bf16: the casts a gated norm folds in (f32 delta-net output -> bf16) and the add+norm
     pairs, against the session's own decode (bf16 rounding, and the Triton interpreter
