@@ -10,10 +10,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Container, Iterable, Iterator, Mapping
 
 from graphir.errors import GraphirError
-from graphir.ops import LEAVES, Op, ShapeError, check_attrs, infer
+from graphir.ops import CONST_OPS, LEAVES, Op, ShapeError, check_attrs, infer
 from graphir.spec import TensorSpec
 
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.#\-]*")
@@ -150,6 +150,21 @@ class Graph:
             for d in n.devices:
                 seen.setdefault(d, None)
         return tuple(seen)
+
+
+def is_constant(n: Node, const: Container[str]) -> bool:
+    """A weight, or a CONST_OPS node whose inputs are all in `const`: computed once at load
+    (executors fold it; the cost model prices it as free)."""
+    return n.op == Op.WEIGHT or (n.op in CONST_OPS and bool(n.inputs) and all(i in const for i in n.inputs))
+
+
+def constants(g: Graph) -> set[str]:
+    """Names of g's load-time constants (see is_constant)."""
+    out: set[str] = set()
+    for n in g.nodes:
+        if is_constant(n, out):
+            out.add(n.name)
+    return out
 
 
 def verify(g: Graph) -> None:

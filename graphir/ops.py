@@ -320,6 +320,9 @@ DEFS: dict[Op, OpDef] = {d.op: d for d in (
 
 LEAVES = frozenset({Op.INPUT, Op.WEIGHT, Op.STATE_IN})
 VIEWS = frozenset(op for op, d in DEFS.items() if d.launches == 0 and op not in LEAVES)
+# ops that pass weights on unchanged (a merged weight's concat, a weight's slice or copy to
+# another device): with weights alone as inputs they are load-time constants
+CONST_OPS = frozenset({Op.COPY, Op.RESHAPE, Op.SLICE, Op.CONCAT})
 
 
 def check_attrs(op: Op, attrs: Mapping[str, Any]) -> None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphir import dims as D
-from graphir.graph import Graph, Node
+from graphir.graph import Graph, Node, constants
 from graphir.ops import Op
 
 from passes.emit import Emitter, base_name
@@ -50,7 +50,7 @@ class _Plan:
 
 def contiguous_heads(g: Graph) -> Graph:
     """Permute projection weights so the per-head pieces read from the product are views."""
-    const = _constants(g)
+    const = constants(g)
     plans = [p for n in g.nodes if n.op == Op.MATMUL and n.inputs[1] in const
              for p in [_plan(g, n)] if p is not None]
     if not plans:
@@ -64,14 +64,6 @@ def contiguous_heads(g: Graph) -> Graph:
         elif n.name not in dropped:
             em.add(n)
     return Graph(tuple(em.nodes), g.meta)
-
-
-def _constants(g: Graph) -> set[str]:
-    out: set[str] = set()
-    for n in g.nodes:
-        if n.op == Op.WEIGHT or (n.op in (*_VIEWS, Op.COPY) and n.inputs and all(i in out for i in n.inputs)):
-            out.add(n.name)
-    return out
 
 
 def _plan(g: Graph, m: Node) -> _Plan | None:

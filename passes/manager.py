@@ -123,7 +123,8 @@ def resolve(spec: PassSpec) -> tuple[str, PassFn]:
     return spec, _REGISTRY[spec].fn
 
 
-def _call(fn: PassFn, g: Graph, ctx: PassContext) -> Graph:
+def call_pass(fn: PassFn, g: Graph, ctx: PassContext) -> Graph:
+    """fn(g, ctx) or fn(g), whichever the pass takes."""
     try:
         params = [p for p in inspect.signature(fn).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
@@ -182,7 +183,7 @@ def run_pipeline(g: Graph, pipeline: Sequence[PassSpec], ctx: PassContext | None
         before = len(g.nodes)
         t0 = time.perf_counter()
         try:
-            out = _call(fn, g, ctx)
+            out = call_pass(fn, g, ctx)
         except Exception as e:  # user passes may raise anything: say which pass, keep the cause
             raise PassError(f"pass {name!r}{_after(done)} failed: {_msg(e)}") from e
         if not isinstance(out, Graph):

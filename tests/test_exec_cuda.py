@@ -294,13 +294,16 @@ def test_attention_bucket_mask() -> None:
 P1, P2 = list(range(1, 9)), [(7 * i) % 64 for i in range(70)]
 
 
+FUSIONS = [merge_siblings, merge_qkv, merge_up_gate, contiguous_heads, fuse_delta_net_gates]  # graphir run's, less the fold
+
+
 def _transform(cfg, split: str | None, devs: tuple[str, ...]):
     out = []
     if split == "layer":
         out.append(lambda g: place_layer(g, cfg, devs))
     elif split == "graph":
         out.append(lambda g: place_graph(g, cfg, devs, ts=(2, 1) if len(devs) == 2 else None, recurrent="split"))
-    return out + [merge_siblings, merge_qkv, merge_up_gate, contiguous_heads, fuse_delta_net_gates]
+    return out + FUSIONS
 
 
 def _run(s: Session) -> torch.Tensor:
@@ -312,25 +315,37 @@ def test_session_fast_table_equals_reference(arch: str) -> None:
     cfg = from_hf_dict(CONFIGS[arch])
     ref = _run(Session(cfg, "random", "cpu", 128, kernels=KERNELS))
     got = _run(Session(cfg, "random", DEV, 128, kernels=CUDA_KERNELS,
-                       transform=[merge_siblings, merge_qkv, merge_up_gate, contiguous_heads, fuse_delta_net_gates]))
+                       transform=FUSIONS))
     assert rel_err(got, ref) < 1e-4
 
 
-def _steps(s: Session, capture: bool | None) -> torch.Tensor:
-    s.prefill(P1)
-    s.prefill(P2)
-    step = DecodeStep(s, 96, capture=capture)
+def _step_rows(step: DecodeStep, tokens: tuple[int, ...]) -> torch.Tensor:
     rows = []
-    for t in (3, 4, 5):
+    for t in tokens:
         step.step(t)
         rows.append(step.logits.float().cpu().clone())
     return torch.cat(rows)
 
 
+def _steps(s: Session, capture: bool | None) -> torch.Tensor:
+    s.prefill(P1)
+    s.prefill(P2)
+    return _step_rows(DecodeStep(s, 96, capture=capture), (3, 4, 5))
+
+
+def _decode_then_restart(s: Session, tokens: list[int]) -> torch.Tensor:
+    """The session's own decode of `tokens` after P1, then the session back at P1."""
+    s.prefill(P1)
+    want = s.decode(tokens).float().cpu()
+    s.reset()
+    s.prefill(P1)
+    return want
+
+
 @pytest.mark.parametrize("arch", ["qwen3_next", "llama"])
 def test_decode_step_equals_decode(arch: str) -> None:
     cfg = from_hf_dict(CONFIGS[arch])
-    s = Session(cfg, "random", DEV, 128, transform=[merge_siblings, merge_qkv, merge_up_gate, contiguous_heads, fuse_delta_net_gates],
+    s = Session(cfg, "random", DEV, 128, transform=FUSIONS,
                 kernels=CUDA_KERNELS)
     s.prefill(P1)
     s.prefill(P2)
@@ -349,17 +364,10 @@ def test_decode_step_rewrites_on_two_devices(split: str) -> None:
     cfg = from_hf_dict(CONFIGS["qwen3_next"])
     devs = ("cpu:0", "cpu:1")
     s = Session(cfg, "random", devs, 128, kernels=CUDA_KERNELS, transform=_transform(cfg, split, devs))
-    s.prefill(P1)
-    want = s.decode([3, 4]).cpu()
-    s.reset()
-    s.prefill(P1)
+    want = _decode_then_restart(s, [3, 4])
     step = DecodeStep(s, 64, capture=False)
     assert step.add_norms and step.inplace
-    rows = []
-    for t in (3, 4):
-        step.step(t)
-        rows.append(step.logits.float().cpu().clone())
-    assert rel_err(torch.cat(rows), want) < 1e-5
+    assert rel_err(_step_rows(step, (3, 4)), want) < 1e-5
 
 
 def test_decode_step_bf16_fusions_equal_decode() -> None:
@@ -368,18 +376,11 @@ def test_decode_step_bf16_fusions_equal_decode() -> None:
     truncates where a GPU rounds to nearest)."""
     cfg = from_hf_dict(CONFIGS["qwen3_next"])
     s = Session(cfg, "random", DEV, 128, dtype="bf16", kernels=CUDA_KERNELS,
-                transform=[merge_siblings, merge_qkv, merge_up_gate, contiguous_heads, fuse_delta_net_gates])
-    s.prefill(P1)
-    want = s.decode([3, 4]).float().cpu()
-    s.reset()
-    s.prefill(P1)
+                transform=FUSIONS)
+    want = _decode_then_restart(s, [3, 4])
     step = DecodeStep(s, 64, capture=None)
     assert step.cast_norms and step.add_norms
-    rows = []
-    for t in (3, 4):
-        step.step(t)
-        rows.append(step.logits.float().cpu().clone())
-    assert rel_err(torch.cat(rows), want) < 3e-2
+    assert rel_err(_step_rows(step, (3, 4)), want) < 3e-2
 
 
 def test_decode_step_updates_delta_net_state_in_place() -> None:

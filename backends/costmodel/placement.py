@@ -8,7 +8,7 @@ placed-graph contract (passes/README.md), so any other placement prices the same
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Sequence, TYPE_CHECKING
 
 from graphir.graph import Graph
 from graphir.models import BuildOptions, ModelConfig, build
@@ -53,17 +53,12 @@ def place(cfg: ModelConfig, opts: BuildOptions, po: PlaceOptions) -> Graph:
     raise PlacementError(f"unknown split mode {po.split!r} ({', '.join(SPLITS)})")
 
 
-def engine_graph(g: Graph, cfg: ModelConfig, passes: "list[str] | tuple[str, ...]") -> Graph:
+def engine_graph(g: Graph, cfg: ModelConfig, passes: Sequence[str]) -> Graph:
     """The graph an engine executes: placed graph `g` after the engine's own passes (registered
     names or module:function, each `g -> g` or `(g, ctx) -> g`)."""
     if not passes:
         return g
-    import inspect
+    from passes.manager import PassContext, run_pipeline
 
-    from passes.manager import PassContext, resolve
-
-    ctx = PassContext(cfg=cfg, devices=g.device_list())
-    for name in passes:
-        _, fn = resolve(name)
-        g = fn(g, ctx) if len(inspect.signature(fn).parameters) >= 2 else fn(g)
-    return g
+    # no verify after each pass: the graph is priced on every candidate of auto's search
+    return run_pipeline(g, list(passes), PassContext(cfg=cfg, devices=g.device_list()), verify_each=False).graph

@@ -137,7 +137,7 @@ def place_and_price(cfg: ModelConfig, quant: str | QuantScheme | None, kv_type: 
         opts = BuildOptions(phase=phase, quant=scheme(quant, default="bf16"), kv_type=kv_type,
                             logits="last")  # sweep-bench asks for the last row's logits only
         g = place(cfg, opts, po)
-        out.append((price(engine_graph(g, cfg, list(passes)), ubatch), g))
+        out.append((price(engine_graph(g, cfg, passes), ubatch), g))
     return out[0][0], out[1][0], out[1][1]
 
 

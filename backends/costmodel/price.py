@@ -16,7 +16,7 @@ import numpy as np
 
 from backends.costmodel.rules import Work, work
 from graphir.errors import GraphirError
-from graphir.graph import Graph, Node
+from graphir.graph import Graph, Node, constants
 from graphir.ops import LEAVES, VIEWS, Op
 
 KINDS = ("gemm", "attn", "recurrent", "vector")
@@ -87,9 +87,6 @@ def _tokens(g: Graph, tokens: int | None) -> int:
     return int(tokens)
 
 
-_FOLDED = (Op.CONCAT, Op.RESHAPE, Op.SLICE, Op.COPY)  # ops an executor evaluates once when all inputs are weights
-
-
 def price(g: Graph, tokens: int | None = None) -> Priced:
     """Price placed graph `g` with T bound to `tokens` (1 for a tg graph)."""
     T = _tokens(g, tokens)
@@ -125,10 +122,8 @@ def price(g: Graph, tokens: int | None = None) -> Priced:
 
     hosted: list[int] = []  # per priced node: itself plus the free nodes (views, leaves) the host walked before it
     skipped = 0
-    const: set[str] = set()  # weight-only nodes (a merged weight's concat): folded at load, free per call
+    const = constants(g)  # weight-only nodes (a merged weight's concat): folded at load, free per call
     for n in g.nodes:
-        if n.op == Op.WEIGHT or (n.op in _FOLDED and n.inputs and all(i in const for i in n.inputs)):
-            const.add(n.name)
         if n.op in LEAVES or n.op in VIEWS or n.op == Op.OUTPUT or n.name in const:
             skipped += 1
             continue

@@ -35,7 +35,7 @@ def make_transform(cfg: Any, devices: tuple[str, ...], split: str | None = None,
     """Placement (`split` over `devices`) first, then the named passes (registered names or
     module:function), as `graphir place` orders them."""
     from passes import parse_ts, place_graph, place_layer
-    from passes.manager import PassContext, resolve
+    from passes.manager import PassContext, call_pass, resolve
 
     if split is not None and split not in SPLITS:
         raise GraphirError(f"--split must be layer, graph or auto, got {split!r}")
@@ -54,7 +54,7 @@ def make_transform(cfg: Any, devices: tuple[str, ...], split: str | None = None,
     pctx = PassContext(cfg=cfg, devices=devices, ts=ratios, max_gpu=max_gpu, recurrent=recurrent, ctx_len=ctx)
     for name in [p.strip() for p in (passes or "").split(",") if p.strip() and p.strip() != "none"]:
         _, fn = resolve(name)
-        out.append(lambda g, fn=fn: _call(fn, g, pctx))
+        out.append(lambda g, fn=fn: call_pass(fn, g, pctx))
     return out
 
 
@@ -75,16 +75,6 @@ def _auto_placer(cfg: Any, devices: tuple[str, ...], ratios: Any, ubatch: int, t
 
     place_auto_plan.plans = plan  # type: ignore[attr-defined]  # the searched plan, for run records
     return place_auto_plan
-
-
-def _call(fn: Any, g: Any, pctx: Any) -> Any:
-    import inspect
-
-    try:
-        n = len(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        n = 2
-    return fn(g, pctx) if n >= 2 else fn(g)
 
 
 def evaluate(model: str, tokens: list[int], decode: int = 0, dtype: str = "f32", devices: str = "cpu",

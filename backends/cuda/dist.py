@@ -19,10 +19,10 @@ import torch
 import torch.distributed as dist
 
 from backends.cuda.devices import torch_dtype
-from backends.cuda.interp import ExecContext, ExecError, Replicas, RunStats, _check, _read, WEIGHT_VIEWS
+from backends.cuda.interp import ExecContext, ExecError, Replicas, RunStats, _check, _read
 from backends.cuda.session import Session
 from graphir.errors import GraphirError
-from graphir.graph import Graph, Node
+from graphir.graph import Graph, Node, is_constant
 from graphir.ops import Op
 
 
@@ -146,7 +146,7 @@ class RankSession(Session):
                     out = self.kernels[n.op](n, args, ctx)
                 except Exception as e:
                     raise ExecError(f"rank {self.rank}: %{n.name} ({n.op.value}): {type(e).__name__}: {e}") from e
-                if n.op == Op.WEIGHT or (n.op in WEIGHT_VIEWS and all(i in weights for i in n.inputs)):
+                if is_constant(n, weights):
                     weights.add(n.name)
                 _check(n, out, ctx, n.name in weights)
                 if n.op == Op.OUTPUT:

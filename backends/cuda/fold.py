@@ -14,20 +14,16 @@ from typing import Mapping
 
 import torch
 
-from backends.cuda.interp import WEIGHT_VIEWS, ExecContext, Kernel
-from graphir.graph import Graph, Node
+from backends.cuda.interp import ExecContext, Kernel
+from graphir.graph import Graph, Node, constants
 from graphir.ops import Op
 
 
 def fold_weights(g: Graph, weights: dict[str, torch.Tensor], kernels: Mapping[Op, Kernel],
                  default_device: str = "cpu") -> Graph:
     """Evaluate weight-only nodes into `weights` (in place) and return the graph to execute."""
-    const = {n.name for n in g.nodes if n.op == Op.WEIGHT}
-    folded: list[Node] = []
-    for n in g.nodes:
-        if n.op in WEIGHT_VIEWS and n.inputs and all(i in const for i in n.inputs):
-            const.add(n.name)
-            folded.append(n)
+    const = constants(g)
+    folded = [n for n in g.nodes if n.name in const and n.op != Op.WEIGHT]
     if not folded:
         return g
     ctx = ExecContext(g, {}, {}, weights, {}, default_device)

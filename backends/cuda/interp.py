@@ -17,7 +17,7 @@ import torch
 from backends.cuda.devices import describe, torch_device, torch_dtype
 from graphir import dims as D
 from graphir.errors import GraphirError
-from graphir.graph import Graph, Node
+from graphir.graph import Graph, Node, is_constant
 from graphir.ops import Op
 
 
@@ -84,10 +84,6 @@ def _read(v: Any, node: Node) -> Any:
     return v
 
 
-# ops that pass a weight on unchanged: their value keeps the weight's executed type
-WEIGHT_VIEWS = frozenset({Op.COPY, Op.RESHAPE, Op.SLICE, Op.CONCAT})
-
-
 def _check(node: Node, out: Any, ctx: ExecContext, weight_like: bool) -> None:
     """Results must match the spec the IR promised (catches kernel bugs at the node). Weights
     are held in the compute type while their spec names the storage type (bf16, q4_k, ...),
@@ -120,7 +116,7 @@ def run_graph(graph: Graph, ctx: ExecContext, kernels: Mapping[Op, Kernel],
         except Exception as e:  # a kernel failing is reported at the node, in one line
             raise ExecError(_where(node, args) + f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") \
                 from e
-        if node.op == Op.WEIGHT or (node.op in WEIGHT_VIEWS and all(i in weights for i in node.inputs)):
+        if is_constant(node, weights):
             weights.add(node.name)
         if check:
             _check(node, out, ctx, node.name in weights)

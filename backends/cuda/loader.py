@@ -21,9 +21,9 @@ import torch
 
 from backends.cuda.devices import torch_device
 from backends.cuda.fold import align_rows
-from backends.cuda.interp import WEIGHT_VIEWS, ExecContext, Kernel
+from backends.cuda.interp import ExecContext, Kernel
 from backends.cuda.weights import WeightError, WeightInfo, WeightSource, assemble, source_names
-from graphir.graph import Graph, Node
+from graphir.graph import Graph, Node, is_constant
 from graphir.ops import Op
 
 
@@ -34,7 +34,7 @@ def _constants(graphs: Mapping[str, Graph]) -> tuple[list[Node], set[str], dict[
     for g in graphs.values():
         const: set[str] = set()
         for n in g.nodes:
-            if n.op == Op.WEIGHT or (n.op in WEIGHT_VIEWS and n.inputs and all(i in const for i in n.inputs)):
+            if is_constant(n, const):
                 const.add(n.name)
                 order.setdefault(n.name, n)
             else:
@@ -157,7 +157,7 @@ def _as_leaves(g: Graph, weights: Mapping[str, torch.Tensor]) -> Graph:
     const: set[str] = set()
     out: list[Node] = []
     for n in g.nodes:
-        if n.op == Op.WEIGHT or (n.op in WEIGHT_VIEWS and n.inputs and all(i in const for i in n.inputs)):
+        if is_constant(n, const):
             const.add(n.name)
             if n.name in weights:
                 out.append(n if n.op == Op.WEIGHT else Node(n.name, Op.WEIGHT, (), n.spec, (), n.device))
