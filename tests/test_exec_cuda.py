@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backends.cuda import fast_moe, fused, gemv
+from backends.cuda import decode_attention, fast_moe, fused, gemv
 from backends.cuda import triton_deltanet as tdn
 from backends.cuda.fastpath import CUDA_KERNELS, attention as fast_attention
 from backends.cuda.graphs import DecodeStep
@@ -24,7 +24,7 @@ from backends.cuda.testing import patch_triton_interpreter, rel_err
 from graphir.builder import Builder
 from graphir.models import from_hf_dict
 from graphir.ops import Op
-from passes import contiguous_heads, fuse_delta_net_gates, merge_qkv, merge_siblings, merge_up_gate, place_graph, place_layer
+from passes import contiguous_heads, fold_shared_expert, fuse_delta_net_gates, merge_qkv, merge_siblings, merge_up_gate, place_graph, place_layer
 
 CUDA = torch.cuda.is_available()
 GPUS = torch.cuda.device_count() if CUDA else 0
@@ -289,6 +289,24 @@ def test_attention_bucket_mask() -> None:
     assert rel_err(got.cpu(), want) < 1e-5
 
 
+@pytest.mark.parametrize("hq,hkv,d,S,pos", [(16, 2, 256, 256, 0), (16, 2, 256, 256, 200), (4, 2, 16, 96, 50),
+                                            (8, 8, 64, 600, 599), (6, 2, 32, 700, 333), (64, 8, 128, 4096, 3000)])
+def test_decode_attention_two_launches(hq: int, hkv: int, d: int, S: int, pos: int) -> None:
+    """Bucket mode, one bf16 query (a decode step): the split kernel and its combine against
+    the reference over the valid rows; garbage past the position must not leak in."""
+    g = _attn_graph(1, S, hq, hkv, d)
+    q, k, v = (rand(*sh, dtype=torch.bfloat16, seed=i) for i, sh in enumerate([(1, hq, d), (S, hkv, d), (S, hkv, d)]))
+    k[pos + 1:], v[pos + 1:] = 1e4, float("nan")  # rows not yet written
+    assert decode_attention.usable_for(q, k, v)
+    ctx = ExecContext(g, {}, {}, {}, {}, DEV, bucket=S, kvpos={DEV: torch.tensor([pos], device=DEV)})
+    got = fast_attention(g["a"], [q, k, v], ctx)
+    want = KERNELS[Op.ATTENTION](g["a"], [x.float().cpu() for x in (q, k[:pos + 1], v[:pos + 1])], ctx_for())
+    assert got.dtype == torch.bfloat16 and got.shape == (1, hq, d)
+    # bf16 rounding (scores, probabilities, output); Triton's interpreter rounds toward zero,
+    # which biases every rounding the same way (a GPU rounds to nearest)
+    assert rel_err(got.float().cpu(), want) < (2e-2 if CUDA else 4e-2)
+
+
 # ---- sessions ---------------------------------------------------------------------------------
 
 P1, P2 = list(range(1, 9)), [(7 * i) % 64 for i in range(70)]
@@ -381,6 +399,21 @@ def test_decode_step_bf16_fusions_equal_decode() -> None:
     step = DecodeStep(s, 64, capture=None)
     assert step.cast_norms and step.add_norms
     assert rel_err(_step_rows(step, (3, 4)), want) < 3e-2
+
+
+@pytest.mark.parametrize("dtype,tol", [("f32", 1e-5), ("bf16", 3e-2)])
+def test_decode_step_moe_fusions_equal_decode(dtype: str, tol: float) -> None:
+    """With the shared expert folded (graphir run's passes): the top-k kernel writes the
+    weights with the shared gate, the down GEMV applies the swiglu, and moe_sum, the residual
+    add and the next norm are one kernel; bf16 also takes the two-launch decode attention."""
+    cfg = from_hf_dict(CONFIGS["qwen3_next"])
+    s = Session(cfg, "random", DEV, 128, dtype=dtype, kernels=CUDA_KERNELS, transform=[fold_shared_expert, *FUSIONS])
+    want = _decode_then_restart(s, [3, 4])
+    step = DecodeStep(s, 64, capture=None)
+    n_moe = len(s.executed["tg"].by_op(Op.MOE_SUM))
+    assert n_moe and len(step.topk_weights) == len(step.swiglus) == len(step.moe_sums) == n_moe
+    assert rel_err(_step_rows(step, (3, 4)), want) < tol
+    assert not step.ahead  # every value made ahead was taken by its node
 
 
 def test_decode_step_updates_delta_net_state_in_place() -> None:

@@ -162,6 +162,61 @@ def test_shared_topk_and_weights_match_reference(T: int, m: int, dtype: torch.dt
         assert bool(((w[:, k:].cpu() - sig).abs() <= _bf16_ulp(sig)).all())
 
 
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """The same values but for the order of a sum the compiler may change: f32 within 1e-6
+    relative, 16-bit types within one ulp of their type."""
+    g, w = got.float().cpu(), want.float().cpu()
+    if got.dtype == torch.float32:
+        return bool(((g - w).abs() <= 1e-6 * w.abs().max()).all())
+    return bool(((g - w).abs() <= _bf16_ulp(w)).all())
+
+
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_with_gate_writes_the_shared_weights(T: int, dtype: torch.dtype) -> None:
+    """The decode step's fused router: ids and every weight (routed softmax, shared sigmoid)
+    from one launch, bit for bit what the top-k and selected-softmax kernels give apart. The
+    gate is the merged router product's last column, as after the fold and merge_siblings."""
+    E, k, m = 32, 10, 1
+    wide = distinct_logits(T, E + 1, dtype, seed=7)
+    logits, gate = wide[:, :E], wide[:, E:]
+    ids, w = fast_moe.topk_softmax(logits, k, m, gate)
+    want_ids, none = fast_moe.topk_softmax(logits, k, m)
+    assert none is None and torch.equal(ids, want_ids)
+    assert w is not None and w.shape == (T, k + m) and w.dtype == torch.float32
+    assert torch.equal(w, fast_moe.selected_softmax(logits, want_ids, gate, m))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K,config", [(512, None), (96, None), (96, (16, 64, 4)), (80, (8, 32, 2))])
+def test_gemv_reads_swiglu_as_it_loads(dtype: torch.dtype, K: int, config: tuple[int, int, int] | None) -> None:
+    """moe_gemv(g, up=u) is moe_gemv(swiglu(g, u)) (the down projection after the gate/up
+    product, whose halves are strided views of one tensor), masked tiles included."""
+    T, k, E, N = 1, 3, 8, 48
+    gu = rand(T, k, 2 * K, dtype=dtype, seed=3)
+    g, u = gu[..., :K], gu[..., K:]
+    w = rand(E, N, K, dtype=dtype, seed=4)
+    ids = random_ids(T, k, E, seed=5)
+    want = fast_moe.moe_gemv(fused.swiglu(g, u), w, ids, config)
+    got = fast_moe.moe_gemv(g, w, ids, config, up=u)
+    assert got.dtype == dtype and _close(got, want)
+
+
+@pytest.mark.parametrize("T,k,H", [(1, 11, 64), (1, 3, 100), (2, 4, 2048)])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_add_rms_norm_is_sum_add_norm(T: int, k: int, H: int, offset: float, dtype: torch.dtype) -> None:
+    """The layer end of a decode step in one launch: moe_sum, the residual add, the norm."""
+    a, y = rand(T, H, dtype=dtype, seed=1), rand(T, k, H, dtype=dtype, seed=2)
+    wk, w = torch.rand(T, k, generator=gen(3)).to(DEV), rand(H, dtype=dtype, seed=4)
+    total, normed = fast_moe.moe_add_rms_norm(a, y, wk, w, 1e-6, offset)
+    want_total, want_normed = fused.add_rms_norm(a, fast_moe.moe_sum(y, wk), w, 1e-6, offset)
+    assert total.dtype == normed.dtype == dtype
+    assert _close(total, want_total) and _close(normed, want_normed)
+    with pytest.raises(ValueError, match="moe_add_rms_norm wants"):
+        fast_moe.moe_add_rms_norm(a[:, :-1], y, wk, w, 1e-6, offset)
+
+
 def test_shared_weights_strided_gate() -> None:
     """The gate is a [T,1] column of a merged router product (merge_siblings after the fold)."""
     T, E, k = 5, 16, 4

@@ -37,10 +37,11 @@ TOPK_MAX_K = 64
 
 
 if triton is not None:
+    from backends.cuda.fused import norm_row  # a jit helper the layer-end kernel calls
 
     @triton.jit
-    def _moe_gemv_k(x_ptr, w_ptr, ids_ptr, o_ptr, N, K, KSLOT, sx, PER_SLOT: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr, EVEN: tl.constexpr):
+    def _moe_gemv_k(x_ptr, u_ptr, w_ptr, ids_ptr, o_ptr, N, K, KSLOT, sx, PER_SLOT: tl.constexpr, BN: tl.constexpr,
+                    BK: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr):
         s = tl.program_id(0)
         nb = tl.program_id(1)
         e = tl.load(ids_ptr + s).to(tl.int64)
@@ -50,17 +51,27 @@ if triton is not None:
         mn = offs_n < N
         wp = w_ptr + e * N * K + offs_n[:, None] * K + offs_k[None, :]  # [BN,BK]
         xp = x_ptr + row * sx + offs_k
+        up = u_ptr + row * sx + offs_k
         # products accumulate per lane; one cross-lane reduction at the end, not one per step
         acc = tl.zeros([BN, BK], dtype=tl.float32)
         for k0 in range(0, K, BK):
             if EVEN:  # no masks: the loads stay 16-byte vectors
-                xv = tl.load(xp).to(tl.float32)
+                xv = tl.load(xp)
                 wv = tl.load(wp).to(tl.float32)
             else:
                 mk = (k0 + offs_k) < K
-                xv = tl.load(xp, mask=mk, other=0.0).to(tl.float32)
+                xv = tl.load(xp, mask=mk, other=0.0)
                 wv = tl.load(wp, mask=mn[:, None] & mk[None, :], other=0.0).to(tl.float32)
-            acc += wv * xv[None, :]
+            if GATED:  # x = swiglu(x, u), rounded where _swiglu_k rounds (silu, then the product)
+                if EVEN:
+                    uv = tl.load(up).to(tl.float32)
+                else:
+                    uv = tl.load(up, mask=mk, other=0.0).to(tl.float32)
+                gf = xv.to(tl.float32)
+                sv = (gf / (1.0 + tl.exp(-gf))).to(xv.dtype).to(tl.float32)
+                xv = (sv * uv).to(xv.dtype)
+                up += BK
+            acc += wv * xv.to(tl.float32)[None, :]
             wp += BK
             xp += BK
         out = tl.sum(acc, axis=1)
@@ -84,8 +95,8 @@ if triton is not None:
             tl.store(out_ptr + i * s_out + offs, v.to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _topk_k(l_ptr, ids_ptr, w_ptr, E, sl, K: tl.constexpr, M: tl.constexpr, KP: tl.constexpr,
-                BE: tl.constexpr):
+    def _topk_k(l_ptr, ids_ptr, w_ptr, g_ptr, E, sl, sg, K: tl.constexpr, M: tl.constexpr, KP: tl.constexpr,
+                BE: tl.constexpr, GATE: tl.constexpr):
         t = tl.program_id(0)
         offs = tl.arange(0, BE)
         v = tl.load(l_ptr + t * sl + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
@@ -102,10 +113,15 @@ if triton is not None:
         # M shared-expert slots follow the K routed ones: ids E..E+M-1 (row stride K+M)
         top_i = tl.where(ks, top_i, E + slot - K)
         tl.store(ids_ptr + t * (K + M) + slot, top_i, mask=slot < K + M)
-        if M == 0:  # with shared slots moe_weights needs the gate too, so it computes them itself
+        if M == 0 or GATE:  # shared slots need the shared gate (GATE: given; else moe_weights reads it)
             # softmax over the chosen logits (top_v[0] is their maximum; unused slots give exp(-inf) = 0)
             p = tl.exp(top_v - tl.max(top_v, axis=0))
-            tl.store(w_ptr + t * K + slot, p / tl.sum(p, axis=0), mask=ks)
+            w = p / tl.sum(p, axis=0)
+            if M > 0:  # the shared slots: as _sel_softmax_k computes them
+                g = tl.load(g_ptr + t * sg).to(tl.float32)
+                sig = (1.0 / (1.0 + tl.exp(-g))).to(g_ptr.dtype.element_ty).to(tl.float32)
+                w = tl.where(ks, w, sig)
+            tl.store(w_ptr + t * (K + M) + slot, w, mask=slot < K + M)
 
     @triton.jit
     def _sel_softmax_k(l_ptr, ids_ptr, g_ptr, w_ptr, sl, sg, K: tl.constexpr, M: tl.constexpr,
@@ -139,6 +155,28 @@ if triton is not None:
         prod = (y.to(tl.float32) * w[:, None]).to(y.dtype).to(tl.float32)
         tl.store(o_ptr + t * H + offs, tl.sum(prod, axis=0).to(o_ptr.dtype.element_ty), mask=mh)
 
+    @triton.jit
+    def _moe_add_norm_k(a_ptr, y_ptr, wk_ptr, nw_ptr, s_ptr, o_ptr, H, sy_t, sy_k, eps, K: tl.constexpr,
+                        OFFSET: tl.constexpr, HAS_OFF: tl.constexpr, BLOCK: tl.constexpr):
+        # a decode step's layer end: moe_sum (each product rounded as _moe_sum_k rounds it,
+        # summed in slot order), the residual add (as torch's add rounds it, written out: the
+        # next residual reads it) and the next norm (as fused._add_rms_norm_k), one row per
+        # program; the slots are a loop, not a [K, H] tile (which would not fit in registers)
+        t = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        mh = offs < H
+        a = tl.load(a_ptr + t * H + offs, mask=mh, other=0.0)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for j in tl.static_range(K):
+            y = tl.load(y_ptr + t * sy_t + j * sy_k + offs, mask=mh, other=0.0)
+            wj = tl.load(wk_ptr + t * K + j).to(y.dtype).to(tl.float32)
+            acc += (y.to(tl.float32) * wj).to(y.dtype).to(tl.float32)
+        moe = acc.to(a.dtype)
+        x = (a.to(tl.float32) + moe.to(tl.float32)).to(a.dtype)
+        tl.store(s_ptr + t * H + offs, x, mask=mh)
+        out = norm_row(x, nw_ptr, offs, mh, H, eps, OFFSET, HAS_OFF)
+        tl.store(o_ptr + t * H + offs, out.to(o_ptr.dtype.element_ty), mask=mh)
+
 
 # ---- decode: GEMV over the chosen experts --------------------------------------------------------
 
@@ -153,15 +191,18 @@ def gemv_config(N: int, K: int) -> tuple[int, int, int]:
 
 
 # tiles tried against gemv_config's on the first eager call of each shape (GPU-timed, kept only
-# when clearly faster: gemv.fastest); whole-K tiles for the short-K down projection
+# when clearly faster: gemv.fastest); whole-K tiles for the short-K down projection, few-row
+# long-K tiles (a program issues all its loads at once) for the gate/up projection
 GEMV_TILES: tuple[tuple[int, int, int], ...] = ((16, 128, 8), (64, 128, 8), (8, 512, 4), (16, 512, 8),
-                                                (32, 256, 8), (16, 256, 4), (8, 256, 4))
-GEMV_CHOICE: dict[tuple, tuple[int, int, int]] = {}  # (N, K, slots, dtype, device) -> tile
+                                                (32, 256, 8), (16, 256, 4), (8, 256, 4), (2, 2048, 4),
+                                                (4, 2048, 8), (4, 1024, 4), (8, 1024, 8))
+GEMV_CHOICE: dict[tuple, tuple[int, int, int]] = {}  # (N, K, slots, dtype, device, swiglu) -> tile
 
 
-def _tile(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> tuple[int, int, int]:
+def _tile(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, up: torch.Tensor | None = None
+          ) -> tuple[int, int, int]:
     E, N, K = w.shape
-    key = (N, K, ids.numel(), str(x.dtype), str(x.device))
+    key = (N, K, ids.numel(), str(x.dtype), str(x.device), up is not None)
     got = GEMV_CHOICE.get(key)
     if got is not None:
         return got
@@ -170,33 +211,36 @@ def _tile(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> tuple[int, int
         return base
     from backends.cuda.gemv import fastest
 
-    cands = {",".join(map(str, c)): (lambda c=c: moe_gemv(x, w, ids, c)) for c in (base, *GEMV_TILES)}
+    cands = {",".join(map(str, c)): (lambda c=c: moe_gemv(x, w, ids, c, up)) for c in (base, *GEMV_TILES)}
     best = fastest(cands, ",".join(map(str, base)), x.device)
     GEMV_CHOICE[key] = tuple(int(v) for v in best.split(","))  # type: ignore[assignment]
     return GEMV_CHOICE[key]
 
 
 def moe_gemv(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
-             config: tuple[int, int, int] | None = None) -> torch.Tensor:
+             config: tuple[int, int, int] | None = None, up: torch.Tensor | None = None) -> torch.Tensor:
     """x [T,K] or [T,k,K]; w [E,N,K] contiguous; ids [T,k] -> [T,k,N] in x's type.
+    `up` (x's shape): the product reads swiglu(x, up) as it loads, the value of
+    moe_gemv(swiglu(x, up), ...) without the launch and the round trip between them.
     `config` (BN, BK, num_warps) overrides the tile (benchmarks); by default the measured
     fastest of gemv_config's and GEMV_TILES for this shape on this GPU."""
     if config is None:
-        config = _tile(x, w, ids)
+        config = _tile(x, w, ids, up)
     T, k = ids.shape
     E, N, K = w.shape
     per_slot = x.dim() == 3
     xs = x.reshape(T * k, K) if per_slot else x
-    if xs.stride(-1) != 1:
-        xs = xs.contiguous()
+    us = xs if up is None else (up.reshape(T * k, K) if per_slot else up)
+    if xs.stride(-1) != 1 or us.stride() != xs.stride():
+        xs, us = xs.contiguous(), us.contiguous()
     w = w if w.is_contiguous() else w.contiguous()
     ids = ids if ids.is_contiguous() else ids.contiguous()
     out = torch.empty((T * k, N), dtype=x.dtype, device=x.device)
     BN, BK, warps = config
     even = N % BN == 0 and K % BK == 0
     with on(out):
-        _moe_gemv_k[(T * k, triton.cdiv(N, BN))](xs, w, ids, out, N, K, k, xs.stride(0), PER_SLOT=per_slot, BN=BN,
-                                                  BK=BK, EVEN=even, num_warps=warps)
+        _moe_gemv_k[(T * k, triton.cdiv(N, BN))](xs, us, w, ids, out, N, K, k, xs.stride(0), PER_SLOT=per_slot,
+                                                  BN=BN, BK=BK, EVEN=even, GATED=up is not None, num_warps=warps)
     return out.view(T, k, N)
 
 
@@ -313,27 +357,31 @@ def _kp(k: int) -> int:
     return max(2, triton.next_power_of_2(k))
 
 
-def topk_softmax(logits: torch.Tensor, k: int, shared: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+def topk_softmax(logits: torch.Tensor, k: int, shared: int = 0, gate: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [T,E] -> (ids i32 [T,k], weights f32 [T,k]): the k largest logits, largest first
     (the set torch.topk picks when there are no ties), and the softmax over them (the routing
     weights with norm: softmax over all E renormalised over the chosen k is the same).
-    `shared` = m appends the ids E..E+m-1 ([T,k+m]) and gives no weights (None): those slots'
-    weights come from the shared gate, which moe_weights reads."""
+    `shared` = m appends the ids E..E+m-1 ([T,k+m]); their weights are sigmoid(`gate` [T,1])
+    as selected_softmax computes them, or, without a gate, none are given (None): moe_weights
+    then reads the gate itself."""
     T, E = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
+    with_gate = bool(shared) and gate is not None
     ids = torch.empty((T, k + shared), dtype=torch.int32, device=logits.device)
-    wts = torch.empty((T, k), dtype=torch.float32, device=logits.device) if not shared else ids  # unused then
+    wts = torch.empty((T, k + shared), dtype=torch.float32, device=logits.device) if with_gate or not shared else ids
+    g = gate if with_gate else wts  # a placeholder pointer when there is no gate
     BE = max(16, triton.next_power_of_2(E))
 
     def run(warps: int) -> torch.Tensor:
         with on(ids):
-            _topk_k[(T,)](logits, ids, wts, E, logits.stride(0), K=k, M=shared, KP=_kp(k + shared), BE=BE,
-                          num_warps=warps)
+            _topk_k[(T,)](logits, ids, wts, g, E, logits.stride(0), g.stride(0), K=k, M=shared, KP=_kp(k + shared),
+                          BE=BE, GATE=with_gate, num_warps=warps)
         return ids
 
     run(_topk_warps(logits, BE, k, shared, run))
-    return ids, (None if shared else wts)
+    return ids, (wts if with_gate or not shared else None)
 
 
 TOPK_WARPS: dict[tuple, int] = {}  # (T, E, k, m, dtype, device) -> warps, measured (a decode step's k
@@ -383,3 +431,24 @@ def moe_sum(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         _moe_sum_k[(T, triton.cdiv(H, BH))](y, w, out, H, y.stride(0), y.stride(1), K=k, KP=_kp(k), BH=BH,
                                             num_warps=4)
     return out
+
+
+def moe_add_rms_norm(a: torch.Tensor, y: torch.Tensor, wk: torch.Tensor, w: torch.Tensor, eps: float,
+                     offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a + moe_sum(y, wk), rms_norm(that)) in one launch: a [T,H] residual, y [T,k,H] expert
+    outputs, wk f32 [T,k], w [H] the norm's weight; the values of moe_sum, torch's add and
+    fused.rms_norm in turn."""
+    T, k, H = y.shape
+    if a.shape != (T, H) or a.dtype != y.dtype or w.shape != (H,) or wk.shape != (T, k):
+        raise ValueError(f"moe_add_rms_norm wants a [T,H], y [T,k,H] of one type, wk [T,k], w [H]; got "
+                         f"{list(a.shape)}, {list(y.shape)}, {list(wk.shape)}, {list(w.shape)}")
+    a = a if a.is_contiguous() else a.contiguous()
+    y = y if y.stride(-1) == 1 else y.contiguous()
+    wk = wk if wk.is_contiguous() else wk.contiguous()
+    s = torch.empty_like(a)
+    out = torch.empty_like(a)
+    B = max(16, triton.next_power_of_2(H))
+    with on(out):
+        _moe_add_norm_k[(T,)](a, y, wk, w, s, out, H, y.stride(0), y.stride(1), float(eps), K=k,
+                              OFFSET=float(offset), HAS_OFF=bool(offset), BLOCK=B, num_warps=4 if B <= 2048 else 8)
+    return s, out

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from backends.cuda import attention as ref_attn
-from backends.cuda import fused
+from backends.cuda import decode_attention, fused
 from backends.cuda import gemv
 from backends.cuda import triton_deltanet as tdn
 from backends.cuda.devices import torch_device, torch_dtype
@@ -242,6 +242,8 @@ def attention(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     mask = None
     if ctx.bucket is not None:  # fixed S: keys past each query's position are masked on the device
         pos = ctx.kvpos[ctx.device_name(node)]  # [1] int64: the first query's position
+        if T == 1 and decode_attention.usable_for(q, k, v):
+            return decode_attention.decode_attention(q, k, v, pos, scale)  # two launches, not nine
         keys = _key_index(ctx, q.device, S)
         mask = keys[None, :] <= (pos + _key_index(ctx, q.device, T))[:, None]  # [T,S]
     if T == 1:
@@ -357,8 +359,8 @@ def diagnostics() -> dict[str, object]:
             "flash_lower_right": _FLASH_LOWER_RIGHT.get("ok"),
             "delta_net_prefill": {k: v for k, v in tdn.PREFILL.items()},
             "gemv": {f"{n}x{k} {dt}": c for (n, k, dt, _), c in sorted(gemv.CHOICE.items())},
-            "moe_gemv": {f"{n}x{k} slots {s} {dt}": ",".join(map(str, c))
-                         for (n, k, s, dt, _), c in sorted(fast_moe.GEMV_CHOICE.items())},
+            "moe_gemv": {f"{n}x{k} slots {s} {dt}{' swiglu' if gated else ''}": ",".join(map(str, c))
+                         for (n, k, s, dt, _, gated), c in sorted(fast_moe.GEMV_CHOICE.items())},
             "topk_warps": {f"T {t} E {e} k {k}+{m}": w for (t, e, k, m, _, _), w in sorted(fast_moe.TOPK_WARPS.items())}}
 
 

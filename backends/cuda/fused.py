@@ -196,14 +196,19 @@ if triton is not None:
         a = tl.load(a_ptr + r * D + offs, mask=m, other=0.0)
         x = (a.to(tl.float32) + tl.load(b_ptr + r * D + offs, mask=m, other=0.0).to(tl.float32)).to(a.dtype)
         tl.store(s_ptr + r * D + offs, x, mask=m)
+        tl.store(o_ptr + r * D + offs, norm_row(x, w_ptr, offs, m, D, eps, OFFSET, HAS_OFF).to(o_ptr.dtype.element_ty),
+                 mask=m)
+
+    @triton.jit
+    def norm_row(x, w_ptr, offs, m, D, eps, OFFSET: tl.constexpr, HAS_OFF: tl.constexpr):
+        # one row's rms_norm in f32, rounded where _rms_norm_k rounds (kernels that make the
+        # row themselves call this: the add+norm ones)
         xf = x.to(tl.float32)
         y = xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
         w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
         if HAS_OFF:
-            out = y * (OFFSET + w)
-        else:
-            out = y.to(x.dtype).to(tl.float32) * w
-        tl.store(o_ptr + r * D + offs, out.to(o_ptr.dtype.element_ty), mask=m)
+            return y * (OFFSET + w)
+        return y.to(x.dtype).to(tl.float32) * w
 
     @triton.jit
     def _conv_step_k(s_ptr, x_ptr, w_ptr, o_ptr, C, K: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr):

@@ -13,8 +13,9 @@ Which is faster depends on the shape and the GPU, so it is measured, not guessed
 call of each (N, K, dtype, device) outside a CUDA-graph capture times cuBLAS and each tile
 configuration and keeps the fastest if it beats cuBLAS by a clear margin (`CHOICE`, recorded
 for benchmark logs). The launches are queued behind a GPU sleep, so the timing is the GPU's
-(back-to-back kernels, as in a captured step), not the Python launcher's. Calls inside a
-capture before any measurement use cuBLAS.
+(kernels queued back to back, as in a captured step), not the Python launcher's; an L2-sized
+write between calls makes each read its weight from HBM, as a decode step does. Calls inside
+a capture before any measurement use cuBLAS.
 """
 
 from __future__ import annotations
@@ -70,17 +71,29 @@ def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
             and x.is_contiguous())
 
 
+def _flush_bytes(device: torch.device) -> int:
+    """Bytes to write between timed calls so that none of their operands stays in L2."""
+    return max(64 << 20, 4 * int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)))
+
+
 def _time(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
+    """Median GPU time of one call with its operands in HBM, not L2: in a decode step each
+    weight is read once per token, after the rest of the model has gone through the cache
+    (repeating a call back to back would time a 17 MB weight out of an H200's 50 MB L2)."""
     fn()  # compile / warm
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    flush = torch.empty(_flush_bytes(device), dtype=torch.uint8, device=device)
+    marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(REPS)]
     with torch.cuda.device(device):
         torch.cuda._sleep(2_000_000)  # the GPU waits while the host queues every launch below
-        start.record()
-        for _ in range(REPS):
+        for start, end in marks:
+            flush.zero_()
+            start.record()
             fn()
-        end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / REPS
+            end.record()
+    marks[-1][1].synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in marks)
+    del flush
+    return times[len(times) // 2]
 
 
 def fastest(candidates: dict[str, Callable[[], torch.Tensor]], default: str, device: torch.device) -> str:

@@ -29,8 +29,10 @@ import torch
 from backends.cuda import fastpath, fused
 from backends.cuda.devices import torch_device, torch_dtype
 from backends.cuda.interp import ExecContext, ExecError, Replicas, _read
-from backends.cuda.step_rewrites import (Uncast, add_norms, cast_norms, conv_in_place, inplace_convs,
-                                         inplace_states)
+from backends.cuda import fast_moe
+from backends.cuda.step_rewrites import (Deferred, MoeSum, Swiglu, Uncast, add_norms, cast_norms, conv_in_place,
+                                         inplace_convs, inplace_states, moe_sum_adds, swiglu_gemvs, topk_gates,
+                                         topk_with_gate)
 from graphir.graph import Node
 from graphir.ops import LEAVES, Op
 
@@ -84,10 +86,23 @@ class DecodeStep:
             self.kernels[Op.DELTA_NET] = self._delta_net
         self.schedule = _schedule(g, self._is_position, s.devices[0])
         self.add_norms = add_norms(g)  # residual add -> the rms_norm reading it, computed together
-        self.normed: dict[str, Any] = {}  # norm node -> its value, made by the add before it
+        self.ahead: dict[str, Any] = {}  # node -> its value, made by an earlier node's kernel
         if self.add_norms:
             self.kernels[Op.ADD] = self._add
             self.kernels[Op.RMS_NORM] = self._rms_norm
+        self.moe_sums = moe_sum_adds(g, self.add_norms)  # a moe_sum the add+norm after it computes
+        if self.moe_sums:
+            self.kernels[Op.MOE_SUM] = self._moe_sum
+        self.swiglus = swiglu_gemvs(g)  # a swiglu the expert GEMV after it applies as it loads
+        if self.swiglus:
+            self.kernels[Op.SWIGLU] = self._swiglu
+            self.kernels[Op.MOE_MATMUL] = self._moe_matmul
+        pairs = topk_gates(g)
+        self.schedule, gated = topk_with_gate(self.schedule, pairs)
+        self.topk_weights = {t: pairs[t][0] for t in gated}  # top-k node -> its moe_weights node
+        if self.topk_weights:  # the top-k kernel reads the shared gate and writes the weights too
+            self.kernels[Op.MOE_TOPK] = self._moe_topk
+            self.kernels[Op.MOE_WEIGHTS] = self._moe_weights
         self.cast_norms = cast_norms(g)  # a cast only a gated norm reads: the norm rounds as it loads
         if self.cast_norms:
             self.kernels[Op.CAST] = self._cast
@@ -123,17 +138,63 @@ class DecodeStep:
     def _add(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
         norm = self.add_norms.get(node.name)
         a, b = args
+        if isinstance(a, MoeSum):
+            a, b = b, a  # the sum's operand order does not change an f32 sum
+        if norm is not None and isinstance(b, MoeSum) and isinstance(a, torch.Tensor) and fused.usable(a) \
+                and a.dim() == 2 and b.y.dim() == 3 and a.shape == (b.y.shape[0], b.y.shape[2]) \
+                and a.dtype == b.y.dtype:
+            total, normed = fast_moe.moe_add_rms_norm(a, b.y, b.w, self.s.weights[norm.inputs[1]],
+                                                      float(norm.attr["eps"]), float(norm.attr.get("offset", 0.0)))
+            self.ahead[norm.name] = normed  # sum, add and norm in one launch; the norm node takes it
+            return total
+        a, b = (x.materialize() if isinstance(x, Deferred) else x for x in (a, b))
         if norm is None or not fused.usable(a) or not isinstance(b, torch.Tensor) or a.shape != b.shape \
                 or a.dim() != 2 or a.dtype != b.dtype:
-            return self.s.kernels[Op.ADD](node, args, ctx)
+            return self.s.kernels[Op.ADD](node, [a, b], ctx)
         w = self.s.weights[norm.inputs[1]]
         total, normed = fused.add_rms_norm(a, b, w, float(norm.attr["eps"]), float(norm.attr.get("offset", 0.0)))
-        self.normed[norm.name] = normed  # one launch for both; the norm node takes it
+        self.ahead[norm.name] = normed  # one launch for both; the norm node takes it
         return total
 
     def _rms_norm(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
-        got = self.normed.pop(node.name, None)
+        got = self.ahead.pop(node.name, None)
         return got if got is not None else self.s.kernels[Op.RMS_NORM](node, args, ctx)
+
+    def _moe_sum(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
+        y, w = args
+        if node.name in self.moe_sums and isinstance(y, torch.Tensor) and fused.usable(y) and y.dim() == 3:
+            return MoeSum(y, w)  # computed by the add (and norm) that reads it
+        return self.s.kernels[Op.MOE_SUM](node, args, ctx)
+
+    def _swiglu(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
+        g, u = args
+        if node.name in self.swiglus and fused.usable(g) and g.dim() == 3 and g.shape == u.shape \
+                and g.dtype == u.dtype and g.shape[0] * g.shape[1] <= fast_moe.DECODE_SLOTS:
+            return Swiglu(g, u)  # applied by the expert GEMV as it loads
+        return self.s.kernels[Op.SWIGLU](node, args, ctx)
+
+    def _moe_matmul(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
+        x, w, ids = args
+        if isinstance(x, Swiglu):
+            if ids.numel() <= fast_moe.DECODE_SLOTS and ids.shape == x.g.shape[:2]:
+                return fast_moe.moe_gemv(x.g, w, ids, up=x.u)
+            x = x.materialize()
+        return self.s.kernels[Op.MOE_MATMUL](node, [x, w, ids], ctx)
+
+    def _moe_topk(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
+        if len(args) == 1:
+            return self.s.kernels[Op.MOE_TOPK](node, args, ctx)
+        logits, gate = args  # rewritten by topk_with_gate
+        k, m = int(node.attr["k"]), int(node.attr["shared"])
+        if not fast_moe.topk_ok(logits, k + m) or gate.shape != (logits.shape[0], 1):
+            return self.s.kernels[Op.MOE_TOPK](node.with_(inputs=node.inputs[:1]), [logits], ctx)
+        ids, wts = fast_moe.topk_softmax(logits, k, m, gate)
+        self.ahead[self.topk_weights[node.name]] = wts  # the moe_weights node takes them
+        return ids
+
+    def _moe_weights(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
+        got = self.ahead.pop(node.name, None)
+        return got if got is not None else self.s.kernels[Op.MOE_WEIGHTS](node, args, ctx)
 
     def _cast(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
         if node.name in self.cast_norms and isinstance(args[0], torch.Tensor) and fused.usable(args[0]):
@@ -145,7 +206,7 @@ class DecodeStep:
         if isinstance(x, Uncast):
             if x.value.dim() <= 3:
                 return fused.rms_norm_gated(x.value, z, w, float(node.attr["eps"]), dtype=x.dtype)
-            x = x.value.to(x.dtype)
+            x = x.materialize()
         return self.s.kernels[Op.RMS_NORM_GATED](node, [x, z, w], ctx)
 
     def _ssm_conv(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
@@ -169,6 +230,8 @@ class DecodeStep:
                    free: bool = True) -> None:
         for node in nodes:
             args = [_read(env[i], node) for i in node.inputs]
+            if node.op not in DEFERRED_READERS:  # a rewrite's reader is the only one; be safe anyway
+                args = [a.materialize() if isinstance(a, Deferred) else a for a in args]
             try:
                 out = self.kernels[node.op](node, args, self.ctx)
             except Exception as e:
@@ -286,7 +349,7 @@ class DecodeStep:
                     self._boundary(item[1], env, free=False)
                     plan.append(("bnd", item[1]))
         self._env = env  # captured outputs and boundary buffers stay alive at fixed addresses
-        self._plan = plan
+        self._plan = _runs(plan)
         self._tail = adv.get(len(self.schedule), [])
         s.streams.synchronize_all()
         s.restore(snap)
@@ -312,9 +375,10 @@ class DecodeStep:
                 self._eager()
             else:
                 for kind, what in self._plan:
-                    if kind == "graph":
+                    if kind == "graphs":  # consecutive graphs of one device: one device switch
                         with torch.cuda.device(what[0]):
-                            what[1].replay()
+                            for graph in what[1]:
+                                graph.replay()
                     else:
                         self._boundary(what, self._env, free=False)
                 for d in self._tail:
@@ -323,6 +387,9 @@ class DecodeStep:
         self.steps += 1
         s.n_past = self.start + self.steps
 
+
+# the ops whose DecodeStep kernels take Deferred values (and materialize what they cannot use)
+DEFERRED_READERS = frozenset({Op.RMS_NORM_GATED, Op.MOE_MATMUL, Op.ADD})
 
 # Nodes per captured graph. Launching a graph costs host time that grows with its kernels
 # (~170 us for the ~400 of a Qwen3-Next decode step on an H200, measured), and the GPU starts
@@ -346,6 +413,21 @@ def _pieces(nodes: Sequence[Node], size: int) -> list[list[Node]]:
         work += n.op not in LEAVES and n.op != Op.SLICE
     if len(out) > 1 and not _works(out[-1]):  # a tail of views alone would capture an empty graph
         out[-2].extend(out.pop())
+    return out
+
+
+def _runs(plan: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """[("graph", (dev, g)) | ("bnd", node)] -> [("graphs", (dev, [g, ...])) | ("bnd", node)]:
+    consecutive graphs of one device replay under one device switch (less host time before
+    the GPU gets its next piece)."""
+    out: list[tuple[str, Any]] = []
+    for kind, what in plan:
+        if kind == "graph" and out and out[-1][0] == "graphs" and out[-1][1][0] == what[0]:
+            out[-1][1][1].append(what[1])
+        elif kind == "graph":
+            out.append(("graphs", (what[0], [what[1]])))
+        else:
+            out.append((kind, what))
     return out
 
 

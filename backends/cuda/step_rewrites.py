@@ -9,6 +9,15 @@ pattern allows a cheaper launch sequence with the same values:
   back to that state: one kernel reads the state, shifts it in place and convolves.
 - `add_norms`: a residual add read by an rms_norm: both in one kernel.
 - `cast_norms`: a cast (f32 -> bf16) read only by a gated norm: the norm rounds as it loads.
+- `topk_gates` / `topk_with_gate`: a moe_topk whose moe_weights also reads a shared-expert
+  gate: the top-k kernel takes the gate and writes the weights too (one launch, not two).
+- `swiglu_gemvs`: a swiglu read only by an expert GEMV: the GEMV applies it as it loads x.
+- `moe_sum_adds`: a moe_sum read only by a residual add that add_norms pairs with a norm:
+  sum, add and norm in one kernel.
+
+A rewrite that folds a node into its reader hands the reader a `Deferred` value (what to
+compute, not the result); a reader that cannot take it at run time (a shape, a device) asks
+for the plain value, which runs the node's own kernel then.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from typing import Any
 
 import torch
 
-from backends.cuda import fused
+from backends.cuda import fast_moe, fused
 from graphir.graph import Node
 from graphir.ops import Op
 
@@ -41,11 +50,104 @@ def inplace_states(g: Any) -> dict[str, str]:
     return out
 
 
-class Uncast:
-    """A cast left to its only reader (a gated norm that rounds as it loads)."""
+class Deferred:
+    """A node's value left to its only reader, which computes it inside its own kernel."""
+
+    def materialize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Uncast(Deferred):
+    """A cast left to a gated norm that rounds as it loads."""
 
     def __init__(self, value: torch.Tensor, dtype: torch.dtype) -> None:
         self.value, self.dtype = value, dtype
+
+    def materialize(self) -> torch.Tensor:
+        return self.value.to(self.dtype)
+
+
+class Swiglu(Deferred):
+    """A swiglu left to the expert GEMV that reads it."""
+
+    def __init__(self, g: torch.Tensor, u: torch.Tensor) -> None:
+        self.g, self.u = g, u
+
+    def materialize(self) -> torch.Tensor:
+        return fused.swiglu(self.g, self.u)
+
+
+class MoeSum(Deferred):
+    """A weighted expert sum left to the residual add (and norm) that reads it."""
+
+    def __init__(self, y: torch.Tensor, w: torch.Tensor) -> None:
+        self.y, self.w = y, w
+
+    def materialize(self) -> torch.Tensor:
+        return fast_moe.moe_sum(self.y, self.w)
+
+
+def only_reader(g: Any, n: Node, op: Op, arg: int | None = None) -> Node | None:
+    """The single node reading n, when it is an `op` on n's device (reading n as input `arg`)."""
+    users = g.users.get(n.name, ())
+    if len(users) != 1:
+        return None
+    u = g[users[0]]
+    if u.op != op or u.device != n.device or (arg is not None and (u.inputs[arg] != n.name
+                                                                   or u.inputs.count(n.name) != 1)):
+        return None
+    return u
+
+
+def topk_gates(g: Any) -> dict[str, tuple[str, str]]:
+    """moe_topk nodes whose (norm) moe_weights reads the same logits and a shared gate:
+    {topk: (weights node, gate value)}."""
+    out: dict[str, tuple[str, str]] = {}
+    for n in g.by_op(Op.MOE_TOPK):
+        m = int(n.attr.get("shared", 0))
+        for u in g.users.get(n.name, ()):
+            w = g[u]
+            if (w.op == Op.MOE_WEIGHTS and m and w.attr.get("norm") and int(w.attr.get("shared", 0)) == m
+                    and len(w.inputs) == 3 and w.inputs[:2] == (n.inputs[0], n.name) and w.device == n.device):
+                out[n.name] = (w.name, w.inputs[2])
+    return out
+
+
+def topk_with_gate(schedule: list[tuple], pairs: dict[str, tuple[str, str]]) -> tuple[list[tuple], set[str]]:
+    """The schedule with each such top-k reading (logits, gate), where the gate is made earlier
+    in the same segment; and the top-k nodes rewritten."""
+    seg_of: dict[str, int] = {}
+    done: set[str] = set()
+    out: list[tuple] = []
+    for k, item in enumerate(schedule):
+        if item[0] != "seg":
+            out.append(item)
+            continue
+        nodes = []
+        for n in item[2]:
+            got = pairs.get(n.name)
+            if got is not None and seg_of.get(got[1]) == k:
+                n = n.with_(inputs=(n.inputs[0], got[1]))
+                done.add(n.name)
+            seg_of[n.name] = k
+            nodes.append(n)
+        out.append(("seg", item[1], nodes))
+    return out, done
+
+
+def swiglu_gemvs(g: Any) -> set[str]:
+    """swiglu nodes read only by a moe_matmul, as its x."""
+    return {n.name for n in g.by_op(Op.SWIGLU) if only_reader(g, n, Op.MOE_MATMUL, 0) is not None}
+
+
+def moe_sum_adds(g: Any, adds: dict[str, Node]) -> set[str]:
+    """moe_sum nodes read only by a residual add that `adds` (add_norms) pairs with a norm."""
+    out: set[str] = set()
+    for n in g.by_op(Op.MOE_SUM):
+        u = only_reader(g, n, Op.ADD)
+        if u is not None and u.name in adds and u.inputs.count(n.name) == 1:
+            out.add(n.name)
+    return out
 
 
 def cast_norms(g: Any) -> set[str]:
