@@ -381,10 +381,17 @@ def test_decode_step_rewrites_on_two_devices(split: str) -> None:
     logical devices, recurrent split (the conv state in three pieces: no in-place conv there)."""
     cfg = from_hf_dict(CONFIGS["qwen3_next"])
     devs = ("cpu:0", "cpu:1")
-    s = Session(cfg, "random", devs, 128, kernels=CUDA_KERNELS, transform=_transform(cfg, split, devs))
+    placed = _transform(cfg, split, devs)  # the placement, then FUSIONS; the fold goes first of
+    transform = [placed[0], fold_shared_expert, *placed[1:]]  # those, as in graphir run's passes
+    s = Session(cfg, "random", devs, 128, kernels=CUDA_KERNELS, transform=transform)
     want = _decode_then_restart(s, [3, 4])
     step = DecodeStep(s, 64, capture=False)
     assert step.add_norms and step.inplace
+    if split == "layer":  # whole MoE layers on each device: the MoE rewrites apply
+        n_moe = len(s.executed["tg"].by_op(Op.MOE_SUM))
+        assert len(step.topk_weights) == len(step.swiglus) == n_moe
+        # but the last layer on cpu:0 ends in a norm on cpu:1: its sum and add stay apart
+        assert len(step.moe_sums) == n_moe - 1
     assert rel_err(_step_rows(step, (3, 4)), want) < 1e-5
 
 
