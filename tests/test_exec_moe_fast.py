@@ -282,7 +282,7 @@ def test_decode_gemv(T: int, E: int, k: int, per_slot: bool, N: int, K: int) -> 
     assert rel_err(CUDA_KERNELS[Op.MOE_MATMUL](n, [x, w, ids], ctx_for()).cpu(), want) < 1e-5
 
 
-@pytest.mark.parametrize("config", [(16, 64, 4), (32, 128, 4), (8, 512, 8), (64, 32, 2)])
+@pytest.mark.parametrize("config", [(16, 64, 4), (32, 128, 4), (8, 512, 8), (64, 32, 2), (16, 32, 4, 3)])
 def test_decode_gemv_configs(config: tuple[int, int, int]) -> None:
     x, w = rand(2, 96, dtype=torch.bfloat16), rand(8, 40, 96, dtype=torch.bfloat16, seed=1)
     ids = random_ids(2, 2, 8)

@@ -41,7 +41,7 @@ if triton is not None:
 
     @triton.jit
     def _moe_gemv_k(x_ptr, u_ptr, w_ptr, ids_ptr, o_ptr, N, K, KSLOT, sx, PER_SLOT: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr):
+                    BK: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr, STAGES: tl.constexpr):
         s = tl.program_id(0)
         nb = tl.program_id(1)
         e = tl.load(ids_ptr + s).to(tl.int64)
@@ -54,7 +54,7 @@ if triton is not None:
         up = u_ptr + row * sx + offs_k
         # products accumulate per lane; one cross-lane reduction at the end, not one per step
         acc = tl.zeros([BN, BK], dtype=tl.float32)
-        for k0 in range(0, K, BK):
+        for k0 in tl.range(0, K, BK, num_stages=STAGES):  # STAGES > 1: the next tiles' loads in flight
             if EVEN:  # no masks: the loads stay 16-byte vectors
                 xv = tl.load(xp)
                 wv = tl.load(wp).to(tl.float32)
@@ -193,14 +193,16 @@ def gemv_config(N: int, K: int) -> tuple[int, int, int]:
 # tiles tried against gemv_config's on the first eager call of each shape (GPU-timed, kept only
 # when clearly faster: gemv.fastest); whole-K tiles for the short-K down projection, few-row
 # long-K tiles (a program issues all its loads at once) for the gate/up projection
-GEMV_TILES: tuple[tuple[int, int, int], ...] = ((16, 128, 8), (64, 128, 8), (8, 512, 4), (16, 512, 8),
-                                                (32, 256, 8), (16, 256, 4), (8, 256, 4), (2, 2048, 4),
-                                                (4, 2048, 8), (4, 1024, 4), (8, 1024, 8))
-GEMV_CHOICE: dict[tuple, tuple[int, int, int]] = {}  # (N, K, slots, dtype, device, swiglu) -> tile
+GEMV_TILES: tuple[tuple[int, ...], ...] = ((16, 128, 8), (64, 128, 8), (8, 512, 4), (16, 512, 8),
+                                           (32, 256, 8), (16, 256, 4), (8, 256, 4), (2, 2048, 4),
+                                           (4, 2048, 8), (4, 1024, 4), (8, 1024, 8),
+                                           # a fourth entry: software-pipelined loads (stages)
+                                           (16, 128, 8, 3), (16, 256, 8, 3), (64, 128, 8, 3), (32, 128, 8, 4))
+GEMV_CHOICE: dict[tuple, tuple[int, ...]] = {}  # (N, K, slots, dtype, device, swiglu) -> tile
 
 
 def _tile(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, up: torch.Tensor | None = None
-          ) -> tuple[int, int, int]:
+          ) -> tuple[int, ...]:
     E, N, K = w.shape
     key = (N, K, ids.numel(), str(x.dtype), str(x.device), up is not None)
     got = GEMV_CHOICE.get(key)
@@ -218,11 +220,11 @@ def _tile(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, up: torch.Tensor 
 
 
 def moe_gemv(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
-             config: tuple[int, int, int] | None = None, up: torch.Tensor | None = None) -> torch.Tensor:
+             config: tuple[int, ...] | None = None, up: torch.Tensor | None = None) -> torch.Tensor:
     """x [T,K] or [T,k,K]; w [E,N,K] contiguous; ids [T,k] -> [T,k,N] in x's type.
     `up` (x's shape): the product reads swiglu(x, up) as it loads, the value of
     moe_gemv(swiglu(x, up), ...) without the launch and the round trip between them.
-    `config` (BN, BK, num_warps) overrides the tile (benchmarks); by default the measured
+    `config` (BN, BK, num_warps[, stages]) overrides the tile (benchmarks); by default the measured
     fastest of gemv_config's and GEMV_TILES for this shape on this GPU."""
     if config is None:
         config = _tile(x, w, ids, up)
@@ -236,11 +238,12 @@ def moe_gemv(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
     w = w if w.is_contiguous() else w.contiguous()
     ids = ids if ids.is_contiguous() else ids.contiguous()
     out = torch.empty((T * k, N), dtype=x.dtype, device=x.device)
-    BN, BK, warps = config
+    BN, BK, warps, *rest = config
     even = N % BN == 0 and K % BK == 0
     with on(out):
         _moe_gemv_k[(T * k, triton.cdiv(N, BN))](xs, us, w, ids, out, N, K, k, xs.stride(0), PER_SLOT=per_slot,
-                                                  BN=BN, BK=BK, EVEN=even, GATED=up is not None, num_warps=warps)
+                                                  BN=BN, BK=BK, EVEN=even, GATED=up is not None,
+                                                  STAGES=rest[0] if rest else 1, num_warps=warps)
     return out.view(T, k, N)
 
 

@@ -27,9 +27,12 @@ import torch.nn.functional as F
 
 from backends.cuda.fused import on, tl, triton, usable
 
-# (BN rows per program, BK columns per tile, warps): tall-thin tiles for short N, wide for long K
-CONFIGS: tuple[tuple[int, int, int], ...] = ((2, 2048, 4), (4, 2048, 4), (4, 1024, 4), (8, 1024, 4),
-                                             (8, 512, 4), (16, 256, 4), (8, 2048, 8), (16, 512, 8))
+# (BN rows per program, BK columns per tile, warps[, pipeline stages]): tall-thin tiles for short N,
+# wide for long K
+CONFIGS: tuple[tuple[int, ...], ...] = ((2, 2048, 4), (4, 2048, 4), (4, 1024, 4), (8, 1024, 4),
+                                        (8, 512, 4), (16, 256, 4), (8, 2048, 8), (16, 512, 8),
+                                        # a fourth entry: software-pipelined loads (stages)
+                                        (4, 512, 4, 3), (8, 256, 4, 3), (16, 256, 8, 3), (2, 1024, 4, 3))
 CHOICE: dict[tuple[int, int, str, str], str] = {}  # (N, K, dtype, device) -> "cublas" or "BN,BK,warps"
 REPS = 20
 MARGIN = 0.9  # the GEMV replaces cuBLAS only when it takes at most 90% of cuBLAS's time
@@ -38,14 +41,14 @@ MARGIN = 0.9  # the GEMV replaces cuBLAS only when it takes at most 90% of cuBLA
 if triton is not None:
 
     @triton.jit
-    def _gemv_k(x_ptr, w_ptr, o_ptr, N, K, sw, BN: tl.constexpr, BK: tl.constexpr):
+    def _gemv_k(x_ptr, w_ptr, o_ptr, N, K, sw, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BN + tl.arange(0, BN)
         mr = rows < N
         cols = tl.arange(0, BK)
         acc = tl.zeros([BN, BK], dtype=tl.float32)
         wrow = w_ptr + rows.to(tl.int64)[:, None] * sw
-        for k0 in range(0, K, BK):
+        for k0 in tl.range(0, K, BK, num_stages=STAGES):  # STAGES > 1: the next tiles' loads in flight
             c = k0 + cols
             mc = c < K
             xv = tl.load(x_ptr + c, mask=mc, other=0.0).to(tl.float32)
@@ -54,13 +57,13 @@ if triton is not None:
         tl.store(o_ptr + rows, tl.sum(acc, axis=1).to(o_ptr.dtype.element_ty), mask=mr)
 
 
-def _triton(x: torch.Tensor, w: torch.Tensor, cfg: tuple[int, int, int]) -> torch.Tensor:
+def _triton(x: torch.Tensor, w: torch.Tensor, cfg: tuple[int, ...]) -> torch.Tensor:
     N, K = w.shape
-    bn, bk, warps = cfg
+    bn, bk, warps, *rest = cfg
     out = torch.empty((1, N), dtype=x.dtype, device=x.device)
     with on(out):
         _gemv_k[(triton.cdiv(N, bn),)](x, w, out, N, K, w.stride(0), BN=bn, BK=min(bk, max(16, triton.next_power_of_2(K))),
-                                      num_warps=warps)
+                                      STAGES=rest[0] if rest else 1, num_warps=warps)
     return out
 
 
@@ -134,5 +137,4 @@ def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         best = _choose(x, w, key)
     if best == "cublas":
         return F.linear(x, w)
-    bn, bk, warps = (int(v) for v in best.split(","))
-    return _triton(x, w, (bn, bk, warps))
+    return _triton(x, w, tuple(int(v) for v in best.split(",")))
