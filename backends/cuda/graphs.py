@@ -26,10 +26,9 @@ from typing import Any, Sequence
 
 import torch
 
-from backends.cuda import fastpath, fused
+from backends.cuda import fast_moe, fastpath, fused
 from backends.cuda.devices import torch_device, torch_dtype
 from backends.cuda.interp import ExecContext, ExecError, Replicas, _read
-from backends.cuda import fast_moe
 from backends.cuda.step_rewrites import (Deferred, MoeSum, Swiglu, Uncast, add_norms, cast_norms, conv_in_place,
                                          inplace_convs, inplace_states, moe_sum_adds, swiglu_gemvs, topk_gates,
                                          topk_with_gate)
