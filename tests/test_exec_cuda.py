@@ -386,12 +386,12 @@ def test_decode_step_rewrites_on_two_devices(split: str) -> None:
     s = Session(cfg, "random", devs, 128, kernels=CUDA_KERNELS, transform=transform)
     want = _decode_then_restart(s, [3, 4])
     step = DecodeStep(s, 64, capture=False)
-    assert step.add_norms and step.inplace
+    assert step.fusions.add_norms and step.inplace
     if split == "layer":  # whole MoE layers on each device: the MoE rewrites apply
         n_moe = len(s.executed["tg"].by_op(Op.MOE_SUM))
-        assert len(step.topk_weights) == len(step.swiglus) == n_moe
+        assert len(step.fusions.topk_weights) == len(step.fusions.swiglus) == n_moe
         # but the last layer on cpu:0 ends in a norm on cpu:1: its sum and add stay apart
-        assert len(step.moe_sums) == n_moe - 1
+        assert len(step.fusions.moe_sums) == n_moe - 1
     assert rel_err(_step_rows(step, (3, 4)), want) < 1e-5
 
 
@@ -404,7 +404,7 @@ def test_decode_step_bf16_fusions_equal_decode() -> None:
                 transform=FUSIONS)
     want = _decode_then_restart(s, [3, 4])
     step = DecodeStep(s, 64, capture=None)
-    assert step.cast_norms and step.add_norms
+    assert step.fusions.cast_norms and step.fusions.add_norms
     assert rel_err(_step_rows(step, (3, 4)), want) < 3e-2
 
 
@@ -418,9 +418,9 @@ def test_decode_step_moe_fusions_equal_decode(dtype: str, tol: float) -> None:
     want = _decode_then_restart(s, [3, 4])
     step = DecodeStep(s, 64, capture=None)
     n_moe = len(s.executed["tg"].by_op(Op.MOE_SUM))
-    assert n_moe and len(step.topk_weights) == len(step.swiglus) == len(step.moe_sums) == n_moe
+    assert n_moe and len(step.fusions.topk_weights) == len(step.fusions.swiglus) == len(step.fusions.moe_sums) == n_moe
     assert rel_err(_step_rows(step, (3, 4)), want) < tol
-    assert not step.ahead  # every value made ahead was taken by its node
+    assert not step.fusions.ahead  # every value made ahead was taken by its node
 
 
 def test_decode_step_updates_delta_net_state_in_place() -> None:
@@ -430,8 +430,8 @@ def test_decode_step_updates_delta_net_state_in_place() -> None:
     step = DecodeStep(s, 64, capture=False)
     n_dn = len(s.executed["tg"].by_op(Op.DELTA_NET))
     assert n_dn and len(step.inplace) == n_dn  # every delta-net layer's state qualifies
-    assert len(step.conv_inplace) == n_dn  # and every conv state shifts in place
-    assert len(step.add_norms) >= 2 * cfg.n_layer - 1  # residual add + the next norm: one launch
+    assert len(step.fusions.conv_inplace) == n_dn  # and every conv state shifts in place
+    assert len(step.fusions.add_norms) >= 2 * cfg.n_layer - 1  # residual add + the next norm: one launch
     step.step(3)
     assert len(step.updated) == n_dn  # and the token-serial kernel wrote each in place
     after = {k: s.state[k].clone() for k in step.updated}
@@ -440,7 +440,7 @@ def test_decode_step_updates_delta_net_state_in_place() -> None:
     s2.decode([3])  # the session's own step: state copied back from the packed result
     for k, v in after.items():
         assert rel_err(v, s2.state[k]) < 1e-6, k
-    convs = [str(g[c[0]].attr["state"]) for g in [s.executed["tg"]] for c in step.conv_inplace.values()]
+    convs = [str(g[c[0]].attr["state"]) for g in [s.executed["tg"]] for c in step.fusions.conv_inplace.values()]
     for k in convs:
         assert rel_err(s.state[k], s2.state[k]) < 1e-6, k
 

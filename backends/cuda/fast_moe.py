@@ -372,8 +372,9 @@ def topk_softmax(logits: torch.Tensor, k: int, shared: int = 0, gate: torch.Tens
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     with_gate = bool(shared) and gate is not None
+    weights = with_gate or not shared  # shared slots without their gate: moe_weights makes them
     ids = torch.empty((T, k + shared), dtype=torch.int32, device=logits.device)
-    wts = torch.empty((T, k + shared), dtype=torch.float32, device=logits.device) if with_gate or not shared else ids
+    wts = torch.empty((T, k + shared), dtype=torch.float32, device=logits.device) if weights else ids
     g = gate if with_gate else wts  # a placeholder pointer when there is no gate
     BE = max(16, triton.next_power_of_2(E))
 
@@ -384,7 +385,7 @@ def topk_softmax(logits: torch.Tensor, k: int, shared: int = 0, gate: torch.Tens
         return ids
 
     run(_topk_warps(logits, BE, k, shared, run))
-    return ids, (wts if with_gate or not shared else None)
+    return ids, (wts if weights else None)
 
 
 TOPK_WARPS: dict[tuple, int] = {}  # (T, E, k, m, dtype, device) -> warps, measured (a decode step's k

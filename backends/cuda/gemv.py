@@ -95,7 +95,6 @@ def _time(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
             end.record()
     marks[-1][1].synchronize()
     times = sorted(s.elapsed_time(e) for s, e in marks)
-    del flush
     return times[len(times) // 2]
 
 

@@ -26,12 +26,11 @@ from typing import Any, Sequence
 
 import torch
 
-from backends.cuda import fast_moe, fastpath, fused
-from backends.cuda.devices import torch_device, torch_dtype
+from backends.cuda import fastpath
+from backends.cuda.devices import torch_device
 from backends.cuda.interp import ExecContext, ExecError, Replicas, _read
-from backends.cuda.step_rewrites import (Deferred, MoeSum, Swiglu, Uncast, add_norms, cast_norms, conv_in_place,
-                                         inplace_convs, inplace_states, moe_sum_adds, swiglu_gemvs, topk_gates,
-                                         topk_with_gate)
+from backends.cuda.step_fusions import Fusions
+from backends.cuda.step_rewrites import inplace_states
 from graphir.graph import Node
 from graphir.ops import LEAVES, Op
 
@@ -83,33 +82,10 @@ class DecodeStep:
         self.updated: set[str] = set()  # state keys a kernel already wrote this step
         if self.inplace:
             self.kernels[Op.DELTA_NET] = self._delta_net
-        self.schedule = _schedule(g, self._is_position, s.devices[0])
-        self.add_norms = add_norms(g)  # residual add -> the rms_norm reading it, computed together
-        self.ahead: dict[str, Any] = {}  # node -> its value, made by an earlier node's kernel
-        if self.add_norms:
-            self.kernels[Op.ADD] = self._add
-            self.kernels[Op.RMS_NORM] = self._rms_norm
-        self.moe_sums = moe_sum_adds(g, self.add_norms)  # a moe_sum the add+norm after it computes
-        if self.moe_sums:
-            self.kernels[Op.MOE_SUM] = self._moe_sum
-        self.swiglus = swiglu_gemvs(g)  # a swiglu the expert GEMV after it applies as it loads
-        if self.swiglus:
-            self.kernels[Op.SWIGLU] = self._swiglu
-            self.kernels[Op.MOE_MATMUL] = self._moe_matmul
-        pairs = topk_gates(g)
-        self.schedule, gated = topk_with_gate(self.schedule, pairs)
-        self.topk_weights = {t: pairs[t][0] for t in gated}  # top-k node -> its moe_weights node
-        if self.topk_weights:  # the top-k kernel reads the shared gate and writes the weights too
-            self.kernels[Op.MOE_TOPK] = self._moe_topk
-            self.kernels[Op.MOE_WEIGHTS] = self._moe_weights
-        self.cast_norms = cast_norms(g)  # a cast only a gated norm reads: the norm rounds as it loads
-        if self.cast_norms:
-            self.kernels[Op.CAST] = self._cast
-            self.kernels[Op.RMS_NORM_GATED] = self._rms_norm_gated
-        self.conv_inplace = inplace_convs(g, s.state)
-        if self.conv_inplace:
-            self.schedule = conv_in_place(self.schedule, g, self.conv_inplace)
-            self.kernels[Op.SSM_CONV] = self._ssm_conv
+        # the fused kernels where step_rewrites' patterns hold, and the schedule they read
+        self.fusions = Fusions(g, _schedule(g, self._is_position, s.devices[0]), s.state, s.weights, s.kernels)
+        self.schedule = self.fusions.schedule
+        self.kernels.update(self.fusions.kernels())
         self.last_use = _last_use(self.schedule)
         self.logits: torch.Tensor | None = None
         self._buffers: dict[str, torch.Tensor] = {}
@@ -134,86 +110,6 @@ class DecodeStep:
         self.updated.add(key)
         return fastpath.delta_net(node, args, ctx, state_out=state)
 
-    def _add(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
-        norm = self.add_norms.get(node.name)
-        a, b = args
-        if isinstance(a, MoeSum):
-            a, b = b, a  # the sum's operand order does not change an f32 sum
-        if norm is not None and isinstance(b, MoeSum) and isinstance(a, torch.Tensor) and fused.usable(a) \
-                and a.dim() == 2 and b.y.dim() == 3 and a.shape == (b.y.shape[0], b.y.shape[2]) \
-                and a.dtype == b.y.dtype:
-            total, normed = fast_moe.moe_add_rms_norm(a, b.y, b.w, self.s.weights[norm.inputs[1]],
-                                                      float(norm.attr["eps"]), float(norm.attr.get("offset", 0.0)))
-            self.ahead[norm.name] = normed  # sum, add and norm in one launch; the norm node takes it
-            return total
-        a, b = (x.materialize() if isinstance(x, Deferred) else x for x in (a, b))
-        if norm is None or not fused.usable(a) or not isinstance(b, torch.Tensor) or a.shape != b.shape \
-                or a.dim() != 2 or a.dtype != b.dtype:
-            return self.s.kernels[Op.ADD](node, [a, b], ctx)
-        w = self.s.weights[norm.inputs[1]]
-        total, normed = fused.add_rms_norm(a, b, w, float(norm.attr["eps"]), float(norm.attr.get("offset", 0.0)))
-        self.ahead[norm.name] = normed  # one launch for both; the norm node takes it
-        return total
-
-    def _rms_norm(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
-        got = self.ahead.pop(node.name, None)
-        return got if got is not None else self.s.kernels[Op.RMS_NORM](node, args, ctx)
-
-    def _moe_sum(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
-        y, w = args
-        if node.name in self.moe_sums and isinstance(y, torch.Tensor) and fused.usable(y) and y.dim() == 3:
-            return MoeSum(y, w)  # computed by the add (and norm) that reads it
-        return self.s.kernels[Op.MOE_SUM](node, args, ctx)
-
-    def _swiglu(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
-        g, u = args
-        if node.name in self.swiglus and fused.usable(g) and g.dim() == 3 and g.shape == u.shape \
-                and g.dtype == u.dtype and g.shape[0] * g.shape[1] <= fast_moe.DECODE_SLOTS:
-            return Swiglu(g, u)  # applied by the expert GEMV as it loads
-        return self.s.kernels[Op.SWIGLU](node, args, ctx)
-
-    def _moe_matmul(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
-        x, w, ids = args
-        if isinstance(x, Swiglu):
-            if ids.numel() <= fast_moe.DECODE_SLOTS and ids.shape == x.g.shape[:2]:
-                return fast_moe.moe_gemv(x.g, w, ids, up=x.u)
-            x = x.materialize()
-        return self.s.kernels[Op.MOE_MATMUL](node, [x, w, ids], ctx)
-
-    def _moe_topk(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
-        if len(args) == 1:
-            return self.s.kernels[Op.MOE_TOPK](node, args, ctx)
-        logits, gate = args  # rewritten by topk_with_gate
-        k, m = int(node.attr["k"]), int(node.attr["shared"])
-        if not fast_moe.topk_ok(logits, k + m) or gate.shape != (logits.shape[0], 1):
-            return self.s.kernels[Op.MOE_TOPK](node.with_(inputs=node.inputs[:1]), [logits], ctx)
-        ids, wts = fast_moe.topk_softmax(logits, k, m, gate)
-        self.ahead[self.topk_weights[node.name]] = wts  # the moe_weights node takes them
-        return ids
-
-    def _moe_weights(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
-        got = self.ahead.pop(node.name, None)
-        return got if got is not None else self.s.kernels[Op.MOE_WEIGHTS](node, args, ctx)
-
-    def _cast(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
-        if node.name in self.cast_norms and isinstance(args[0], torch.Tensor) and fused.usable(args[0]):
-            return Uncast(args[0], torch_dtype(str(node.attr["dtype"])))  # no kernel: the norm casts
-        return self.s.kernels[Op.CAST](node, args, ctx)
-
-    def _rms_norm_gated(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
-        x, z, w = args
-        if isinstance(x, Uncast):
-            if x.value.dim() <= 3:
-                return fused.rms_norm_gated(x.value, z, w, float(node.attr["eps"]), dtype=x.dtype)
-            x = x.materialize()
-        return self.s.kernels[Op.RMS_NORM_GATED](node, [x, z, w], ctx)
-
-    def _ssm_conv(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
-        if len(node.inputs) == 2:
-            return self.s.kernels[Op.SSM_CONV](node, args, ctx)
-        state, x, w = args  # rewritten by _conv_in_place: the state is read and shifted in place
-        return fused.conv_step(state, x, w, node.attr.get("act") == "silu")
-
     def _output(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
         key = str(node.attr["key"])
         if key in self.updated:
@@ -229,8 +125,6 @@ class DecodeStep:
                    free: bool = True) -> None:
         for node in nodes:
             args = [_read(env[i], node) for i in node.inputs]
-            if node.op not in DEFERRED_READERS:  # a rewrite's reader is the only one; be safe anyway
-                args = [a.materialize() if isinstance(a, Deferred) else a for a in args]
             try:
                 out = self.kernels[node.op](node, args, self.ctx)
             except Exception as e:
@@ -386,9 +280,6 @@ class DecodeStep:
         self.steps += 1
         s.n_past = self.start + self.steps
 
-
-# the ops whose DecodeStep kernels take Deferred values (and materialize what they cannot use)
-DEFERRED_READERS = frozenset({Op.RMS_NORM_GATED, Op.MOE_MATMUL, Op.ADD})
 
 # Nodes per captured graph. Launching a graph costs host time that grows with its kernels
 # (~170 us for the ~400 of a Qwen3-Next decode step on an H200, measured), and the GPU starts

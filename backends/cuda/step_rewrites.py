@@ -15,9 +15,8 @@ pattern allows a cheaper launch sequence with the same values:
 - `moe_sum_adds`: a moe_sum read only by a residual add that add_norms pairs with a norm:
   sum, add and norm in one kernel.
 
-A rewrite that folds a node into its reader hands the reader a `Deferred` value (what to
-compute, not the result); a reader that cannot take it at run time (a shape, a device) asks
-for the plain value, which runs the node's own kernel then.
+This module finds the patterns (graph in, node names out) and rewrites the step's schedule
+where a kernel reads other inputs; step_fusions.py holds the kernels that apply them.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from typing import Any
 
 import torch
 
-from backends.cuda import fast_moe, fused
+from backends.cuda import fused
 from graphir.graph import Node
 from graphir.ops import Op
 
@@ -48,43 +47,6 @@ def inplace_states(g: Any) -> dict[str, str]:
                 and g[g.users[state_reads[0].name][0]].attr["key"] == key):
             out[n.name] = key
     return out
-
-
-class Deferred:
-    """A node's value left to its only reader, which computes it inside its own kernel."""
-
-    def materialize(self) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class Uncast(Deferred):
-    """A cast left to a gated norm that rounds as it loads."""
-
-    def __init__(self, value: torch.Tensor, dtype: torch.dtype) -> None:
-        self.value, self.dtype = value, dtype
-
-    def materialize(self) -> torch.Tensor:
-        return self.value.to(self.dtype)
-
-
-class Swiglu(Deferred):
-    """A swiglu left to the expert GEMV that reads it."""
-
-    def __init__(self, g: torch.Tensor, u: torch.Tensor) -> None:
-        self.g, self.u = g, u
-
-    def materialize(self) -> torch.Tensor:
-        return fused.swiglu(self.g, self.u)
-
-
-class MoeSum(Deferred):
-    """A weighted expert sum left to the residual add (and norm) that reads it."""
-
-    def __init__(self, y: torch.Tensor, w: torch.Tensor) -> None:
-        self.y, self.w = y, w
-
-    def materialize(self) -> torch.Tensor:
-        return fast_moe.moe_sum(self.y, self.w)
 
 
 def only_reader(g: Any, n: Node, op: Op, arg: int | None = None) -> Node | None:
@@ -154,11 +116,9 @@ def cast_norms(g: Any) -> set[str]:
     """Casts to a narrower float read only by an rms_norm_gated, as its x."""
     out: set[str] = set()
     for n in g.by_op(Op.CAST):
-        users = g.users.get(n.name, ())
-        src = g[n.inputs[0]]
-        if (len(users) == 1 and g[users[0]].op == Op.RMS_NORM_GATED and g[users[0]].inputs[0] == n.name
-                and n.inputs[0] not in g[users[0]].inputs[1:] and g[users[0]].device == n.device
-                and src.spec.dtype.name == "f32" and n.spec.dtype.name in ("bf16", "f16")):
+        norm = only_reader(g, n, Op.RMS_NORM_GATED, 0)
+        if (norm is not None and n.inputs[0] not in norm.inputs[1:] and g[n.inputs[0]].spec.dtype.name == "f32"
+                and n.spec.dtype.name in ("bf16", "f16")):
             out.add(n.name)
     return out
 
