@@ -3,8 +3,7 @@
 - qwen3next_graph_2x3090_layers.svg: the layer view of Qwen3-Next-80B (IQ4_XS) graph-split
   over two GPUs, all 48 layers (`graphir show`);
 - prediction_qwen3next_2x3090.png: the predicted sweep of both split modes on 2x RTX 3090,
-  with the measured tables as points when the shared data folder beside the repository has
-  them (`graphir predict --plot --measured`);
+  with the measured tables (backends/costmodel/data/measured) as points (`graphir predict --plot --measured`);
 - timeline_qwen3next_graph.png: the per-GPU Gantt chart of one predicted PP step and one TG
   step under graph split (`graphir timeline`).
 
@@ -30,7 +29,7 @@ from graphir.cli_show import gantt, show, timeline  # noqa: E402
 from graphir.sweep import read_table  # noqa: E402
 
 IMG = ROOT / "docs" / "img"
-MEASURED = ROOT.parent / "shared" / "data"  # the published tables, beside the repository
+MEASURED = ROOT / "backends" / "costmodel" / "data" / "measured"  # the published tables (calibration set)
 MODEL, QUANT, KV = "qwen3-next-80b-a3b", "IQ4_XS", "q8_0"
 LIMIT = 1 << 20  # commit-sized: every picture under 1 MB
 

@@ -12,7 +12,7 @@ from backends.costmodel.profiles import engine_yaml, load_engine
 from graphir.cli import main
 from graphir.sweep import read_table
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / "backends" / "costmodel" / "data" / "measured"
 SMALL = ["qwen3-0.6b", "--hw", "2x3090", "--ctx", "8192", "--ubatch", "2048", "--tg", "32"]
 
 

@@ -19,7 +19,7 @@ from graphir.sweep import (
     parse_table, read_table, to_json, to_jsonl, write_csv,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / "backends" / "costmodel" / "data" / "measured"
 STEM = "qwen3next_80b_iq4xs_q8kv_2x3090_"
 needs_data = pytest.mark.skipif(not (DATA / f"{STEM}layer.md").is_file(),
                                 reason="shared data directory absent")
