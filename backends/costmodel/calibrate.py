@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from backends.costmodel.price import Priced
-from backends.costmodel.profiles import FITTABLE, Engine, ProfileError, System
+from backends.costmodel.profiles import FITTABLE, RATIOS, Engine, ProfileError, System, _known_param
 from backends.costmodel.timeline import evaluate
 from graphir.progress import track
 from graphir.sweep import SweepTable, error_stats
@@ -27,12 +27,25 @@ ROBUST_SCALE = 0.03  # soft-L1 loss: errors beyond ~3% count linearly, so a warm
 
 
 @dataclass(frozen=True)
+class Ratio:
+    """A published speed ratio of another split mode over the case's own at one depth
+    (`graph is +77 % PP at 40k`): `other` holds the other mode's priced (pp, tg) graphs."""
+    n_kv: int
+    pp: float | None
+    tg: float | None
+
+
+@dataclass(frozen=True)
 class Case:
-    """One measured table and the priced graphs that should reproduce it."""
+    """One measured table, the rig it ran on and the priced graphs that should reproduce it."""
     label: str
     pp: Priced
     tg: Priced
     table: SweepTable
+    system: System | None = None  # None: the system fit() is given
+    engine: Engine | None = None  # the case's engine flags applied to the profile; None: as fitted
+    ratios: tuple[Ratio, ...] = ()
+    other: tuple[Priced, Priced] | None = None  # the mode the ratios compare with
 
 
 @dataclass(frozen=True)
@@ -53,34 +66,77 @@ class FitResult:
             for m in ("pp", "tg"):
                 s = st[m]
                 lines.append(f"{label} {m.upper()}: |err| median {s['median']:.1%}  p90 {s['p90']:.1%}  "
-                             f"max {s['max']:.1%}  bias {s['bias']:+.1%}  (n={s['count']})")
+                             f"max {s['max']:.1%}  bias {s['bias']:+.1%}  (n={s['count']:.0f})")
+            for k, v in st.items():
+                if k.startswith("ratio "):
+                    lines.append(f"{label} graph/layer {k.removeprefix('ratio ')}: predicted {v['predicted']:.2f}, "
+                                 f"published {v['published']:.2f} ({v['error']:+.1%})")
         return "\n".join(lines) + "\n"
 
 
-def predict_speeds(case: Case, sysm: System, eng: Engine) -> tuple[np.ndarray, np.ndarray]:
+def _case_engine(case: Case, eng: Engine) -> Engine:
+    """The profile being fitted, with the case's own flags (its `engine` differs only there)."""
+    if case.engine is None:
+        return eng
+    flags = {k: getattr(case.engine, k) for k in ("async_scheduler", "reduce_type", "nccl", "cuda_graphs",
+                                                   "flash_attn") if getattr(case.engine, k) != getattr(eng, k)}
+    return eng.model_copy(update=flags) if flags else eng
+
+
+def _speeds(pp: Priced, tg: Priced, sysm: System, eng: Engine, depth: np.ndarray, pp_tok: np.ndarray,
+            tg_tok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    t_pp = evaluate(pp, sysm, eng, depth, breakdown=False).total
+    t_tg = evaluate(tg, sysm, eng, depth + (tg_tok - 1) / 2, breakdown=False).total  # TG at rising depth
+    return pp_tok / t_pp, 1.0 / t_tg
+
+
+def predict_speeds(case: Case, sysm: System | None, eng: Engine) -> tuple[np.ndarray, np.ndarray]:
     """Predicted S_PP and S_TG at the measured rows of `case`."""
     rows = case.table.rows
     depth = np.array([r.n_kv for r in rows], dtype=float)
     pp_tok = np.array([r.pp for r in rows], dtype=float)
     tg_tok = np.array([r.tg for r in rows], dtype=float)
-    t_pp = evaluate(case.pp, sysm, eng, depth).total
-    t_tg = evaluate(case.tg, sysm, eng, depth + (tg_tok - 1) / 2).total  # TG tokens at rising depth
-    return pp_tok / t_pp, 1.0 / t_tg
+    return _speeds(case.pp, case.tg, case.system or sysm, _case_engine(case, eng), depth, pp_tok, tg_tok)  # type: ignore[arg-type]
 
 
-def _residuals(cases: Sequence[Case], sysm: System, eng: Engine) -> np.ndarray:
+def predict_ratios(case: Case, sysm: System | None, eng: Engine) -> list[tuple[str, float, float]]:
+    """(label, predicted, published) for each of the case's published ratios."""
+    if not case.ratios or case.other is None:
+        return []
+    ub, tg = float(case.table.rows[0].pp), float(case.table.rows[0].tg)
+    out = []
+    for r in case.ratios:
+        d, p, t = np.array([float(r.n_kv)]), np.array([ub]), np.array([tg])
+        s, e = case.system or sysm, _case_engine(case, eng)
+        own = _speeds(case.pp, case.tg, s, e, d, p, t)  # type: ignore[arg-type]
+        alt = _speeds(case.other[0], case.other[1], s, e, d, p, t)  # type: ignore[arg-type]
+        for i, (m, want) in enumerate((("pp", r.pp), ("tg", r.tg))):
+            if want is not None:
+                out.append((f"{m}@{r.n_kv}", float(alt[i][0] / own[i][0]), float(want)))
+    return out
+
+
+RATIO_WEIGHT = 3.0  # a published ratio is one number standing for a whole table's worth of rows
+
+
+def _residuals(cases: Sequence[Case], sysm: System | None, eng: Engine) -> np.ndarray:
     out = []
     for c in cases:
         s_pp, s_tg = predict_speeds(c, sysm, eng)
         m_pp = np.array([r.s_pp_tps for r in c.table.rows])
         m_tg = np.array([r.s_tg_tps for r in c.table.rows])
-        out += [np.log(s_pp / m_pp), np.log(s_tg / m_tg)]
+        # every table weighs alike whatever its row count: a 66-row sweep must not drown a 6-row one
+        w = 1.0 / np.sqrt(len(m_pp))
+        out += [w * np.log(s_pp / m_pp), w * np.log(s_tg / m_tg)]
+        rat = predict_ratios(c, sysm, eng)
+        if rat:
+            out.append(RATIO_WEIGHT * w * np.log(np.array([p / m for _, p, m in rat])))
     r = np.concatenate(out)
     z = (r / ROBUST_SCALE) ** 2  # soft-L1 as a residual transform: r' ** 2 = 2 d^2 (sqrt(1 + z) - 1)
     return np.sign(r) * ROBUST_SCALE * np.sqrt(2.0 * (np.sqrt(1.0 + z) - 1.0))
 
 
-def _stats(cases: Sequence[Case], sysm: System, eng: Engine) -> dict[str, dict[str, dict[str, float]]]:
+def _stats(cases: Sequence[Case], sysm: System | None, eng: Engine) -> dict[str, dict[str, dict[str, float]]]:
     out: dict[str, dict[str, dict[str, float]]] = {}
     for c in cases:
         s_pp, s_tg = predict_speeds(c, sysm, eng)
@@ -89,25 +145,28 @@ def _stats(cases: Sequence[Case], sysm: System, eng: Engine) -> dict[str, dict[s
             meas = np.array([r.speed(m) for r in c.table.rows])
             err = pred / meas - 1
             st[m] = error_stats(list(err)) | {"bias": float(np.median(err))}
+        for label, p, want in predict_ratios(c, sysm, eng):
+            st[f"ratio {label}"] = {"predicted": p, "published": want, "error": p / want - 1}
         out[c.label] = st
     return out
 
 
-def fit(cases: Sequence[Case], sysm: System, eng: Engine, params: Sequence[str] | None = None,
+def fit(cases: Sequence[Case], sysm: System | None, eng: Engine, params: Sequence[str] | None = None,
         max_iter: int = 40) -> FitResult:
-    """Fit `params` (default: the engine's `fit` list) of `eng` to the measured `cases`."""
+    """Fit `params` (default: the engine's `fit` list) of `eng` to the measured `cases` jointly
+    (each case on its own system, or on `sysm` when it names none)."""
     names = list(params if params is not None else eng.fit)
-    bad = [p for p in names if p not in FITTABLE]
+    bad = [p for p in names if not _known_param(p)]
     if bad or not names:
         raise ProfileError(f"cannot fit {', '.join(bad) or 'nothing'}; fittable: {', '.join(FITTABLE)}")
     if not cases:
         raise ProfileError("calibrate needs at least one measured table")
-    start = {p: float(getattr(eng, p)) for p in names}
+    start = {p: eng.param(p) for p in names}
     x0 = np.log([max(start[p], 1e-9) for p in names])
     lo = np.array([math.log(eng.bounds.get(p, (start[p] / 10, start[p] * 10))[0] or 1e-9) for p in names])
     hi = np.array([math.log(eng.bounds.get(p, (start[p] / 10, start[p] * 10))[1]) for p in names])
-    upper_one = {"mem_eff", "gemm_eff", "attn_pp_eff", "attn_tg_eff", "recurrent_eff", "comm_bw_eff"}
-    hi = np.array([min(h, 0.0) if p in upper_one else h for p, h in zip(names, hi)])
+    hi = np.array([min(h, 0.0) if p.rpartition(".")[2] in RATIOS or p.startswith("quant_") else h
+                   for p, h in zip(names, hi)])
     x0 = np.clip(x0, lo, hi)
     # the prior centre is the profile's stated physical expectation, so refitting a fitted
     # profile reproduces it instead of drifting towards its own last result
@@ -146,3 +205,17 @@ def fit(cases: Sequence[Case], sysm: System, eng: Engine, params: Sequence[str] 
     fitted = {p: float(f"{math.exp(v):.4g}") for p, v in zip(names, x)}  # 4 digits: what data supports
     out = eng.with_params(**fitted)
     return FitResult(out, start, fitted, cost, it, _stats(cases, sysm, out))
+
+
+def cross_validate(cases: Sequence[Case], sysm: System | None, eng: Engine, params: Sequence[str] | None = None,
+                   max_iter: int = 40) -> dict[str, dict[str, dict[str, float]]]:
+    """Leave-one-out: for each case, fit on all the others and predict it. Returns the held-out
+    error statistics per case (the accuracy to report: no table judges a fit it was part of)."""
+    if len(cases) < 2:
+        raise ProfileError("cross-validation needs at least two measured tables")
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for i, held in enumerate(track(cases, "leave one out")):
+        rest = [c for j, c in enumerate(cases) if j != i]
+        res = fit(rest, sysm, eng, params, max_iter)
+        out[held.label] = _stats([held], sysm, res.engine)[held.label]
+    return out

@@ -7,12 +7,17 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
 from graphir.errors import GraphirError
 from graphir.sweep import SweepTable, TableError, compare as compare_tables, parse_table, read_table
+
+
+if TYPE_CHECKING:
+    from backends.costmodel.calibrate import Case
+    from backends.costmodel.profiles import Engine, System
 
 
 class CostModelCliError(GraphirError):
@@ -101,17 +106,28 @@ def predict_cmd(
     measured: Optional[List[Path]] = typer.Option(None, "--measured", help="measured table to draw on the plot "
                                                   "(repeatable; split from its split column or file name)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="write here instead of stdout"),
+    engine_flags: Optional[str] = typer.Option(None, "--engine-flags", help="the engine's own flags that change "
+                                               "time, as you pass them to it: \"-sas -grt f16 -mqkv --no-nccl\""),
 ) -> None:
     """Predict the llama-sweep-bench table per split mode, with breakdowns and crossovers."""
     from backends.costmodel import report
+    from backends.costmodel.options import parse_flags
     from backends.costmodel.predict import Workload, predict
+
+    opts = parse_flags(engine_flags)
+    if opts.ubatch is not None:
+        ubatch = opts.ubatch
+    if opts.max_gpu is not None:
+        max_gpu = opts.max_gpu
+    if opts.kv_type_k is not None:
+        kv_type = opts.kv_type_k
 
     if fmt not in ("table", "csv", "json"):
         raise CostModelCliError(f"--format must be table, csv or json, got {fmt!r}")
     if recurrent not in ("single", "split"):
         raise CostModelCliError(f"--recurrent must be single or split, got {recurrent!r}")
     pred = predict(model, hw, engine, quant, kv_type, _splits(split), _ts(ts), max_gpu, recurrent,
-                   Workload(ubatch, tg, ctx), gpus)
+                   Workload(ubatch, tg, ctx), gpus, options=opts)
     text = {"table": report.format_table, "csv": report.format_csv, "json": report.format_json}[fmt](pred)
     for name, plan in pred.plans.items():  # why auto chose what it did (CSV: '#' comments)
         why = plan.explain()
@@ -129,9 +145,14 @@ def predict_cmd(
 
 
 def calibrate_cmd(
-    measured: list[Path] = typer.Argument(..., help="measured sweep tables (CSV, markdown, JSONL)"),
-    model: str = typer.Option(..., "--model", help="the model the tables measured; or one per table, "
-                              "comma separated, in the tables' order"),
+    measured: Optional[List[Path]] = typer.Argument(None, help="measured sweep tables (CSV, markdown, JSONL); "
+                                                    "none: the shipped calibration set (its manifest)"),
+    model: Optional[str] = typer.Option(None, "--model", help="the model the tables measured; or one per table, "
+                                        "comma separated, in the tables' order"),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="a calibration manifest (cases.yaml: "
+                                            "table, model, quant, kv_type, hw, split, options per case)"),
+    cv: bool = typer.Option(False, "--cv", help="leave-one-out: fit on all tables but one, predict that one, "
+                            "for each table; prints the held-out errors"),
     hw: str = typer.Option("2x3090", "--hw"),
     engine: str = typer.Option("ik_llama.cpp", "--engine", help="starting engine profile"),
     quant: Optional[str] = typer.Option(None, "--quant"),
@@ -143,15 +164,64 @@ def calibrate_cmd(
     fit_params: Optional[str] = typer.Option(None, "--fit", help="parameters to fit (default: the engine's list)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="fitted engine YAML"),
 ) -> None:
-    """Fit the engine's physical parameters to measured tables; print them and the residuals."""
-    from backends.costmodel.calibrate import Case, fit
+    """Fit the engine's physical parameters to measured tables jointly; print them and the
+    residuals (with --cv: the leave-one-out errors)."""
+    from backends.costmodel.calibrate import cross_validate, fit
+    from backends.costmodel.profiles import engine_yaml, load_engine, resolve_system
+
+    eng = load_engine(engine)
+    params = [p.strip() for p in fit_params.split(",")] if fit_params else None
+    if measured:
+        if manifest is not None:
+            raise CostModelCliError("give tables or --manifest, not both")
+        if not model:
+            raise CostModelCliError("--model is required with tables (or give none to use the calibration set)")
+        sysm = resolve_system(hw)
+        cases = _cli_cases(measured, model, sysm, eng, quant, kv_type, split, ts, max_gpu, recurrent)
+        prov: dict[str, object] = {"data": [p.name for p in measured], "model": model, "hw": sysm.name,
+                                   "quant": quant, "kv_type": kv_type}
+    else:
+        from backends.costmodel.dataset import build_cases, load_manifest
+
+        man, folder = load_manifest(manifest)
+        sysm = None
+        cases = build_cases(eng, manifest)
+        prov = {"data": [c.table for c in man.cases], "manifest": "shipped" if manifest is None else str(manifest)}
+    res = fit(cases, sysm, eng, params)
+    sys.stdout.write(res.report())
+    if cv:
+        held = cross_validate(cases, sysm, eng, params)
+        sys.stdout.write("\n" + format_cv(held))
+    if output is not None:
+        prov |= {"fitted": {k: round(v, 6) for k, v in res.fitted.items()},
+                 "residuals": {k: {m: {s: round(float(x), 5) for s, x in st.items()} for m, st in v.items()}
+                               for k, v in res.per_case.items()}}
+        _emit(engine_yaml(res.engine.model_copy(update={"calibration": prov})), output)
+
+
+def format_cv(held: dict[str, dict[str, dict[str, float]]]) -> str:
+    """The leave-one-out table: each table's errors when it was not part of the fit."""
+    lines = ["leave-one-out: each table predicted by a profile fitted on all the others",
+             f"{'table':<44} {'S_PP |err| med':>14} {'bias':>7} {'S_TG |err| med':>14} {'bias':>7}  ratios"]
+    for label, st in held.items():
+        rat = "  ".join(f"{k.removeprefix('ratio ')} {v['predicted']:.2f} vs {v['published']:.2f}"
+                        for k, v in st.items() if k.startswith("ratio "))
+        lines.append(f"{label:<44} {st['pp']['median']:>14.1%} {st['pp']['bias']:>+7.1%} "
+                     f"{st['tg']['median']:>14.1%} {st['tg']['bias']:>+7.1%}  {rat}")
+    worst = max(max(st["pp"]["median"], st["tg"]["median"]) for st in held.values())
+    lines.append(f"worst held-out median: {worst:.1%} over {len(held)} tables")
+    return "\n".join(lines) + "\n"
+
+
+def _cli_cases(measured: list[Path], model: str, sysm: "System", eng: "Engine", quant: str | None, kv_type: str,
+               split: str | None, ts: str | None, max_gpu: int | None, recurrent: str) -> list["Case"]:
+    """Cases from tables named on the command line, all on one rig (`--hw`)."""
+    from backends.costmodel.calibrate import Case
     from backends.costmodel.placement import PlaceOptions
     from backends.costmodel.predict import place_and_price, resolve_quant
-    from backends.costmodel.profiles import engine_yaml, load_engine, resolve_system
     from graphir.models.sources import load_source
     from graphir.progress import track
 
-    sysm, eng = resolve_system(hw), load_engine(engine)
     names = [m.strip() for m in model.split(",") if m.strip()]
     if len(names) not in (1, len(measured)):
         raise CostModelCliError(f"--model names {len(names)} models for {len(measured)} tables: give one, or one per table")
@@ -175,15 +245,7 @@ def calibrate_cmd(
             po = PlaceOptions(split_mode, sysm.devices, _ts(ts), max_gpu, rec)  # type: ignore[arg-type]
             pp, tg, _ = place_and_price(cfg, q, kv_type, po, ubs[0], eng.passes)
             cases.append(Case(f"{path.stem}:{mode}", pp, tg, t))
-    params = [p.strip() for p in fit_params.split(",")] if fit_params else None
-    res = fit(cases, sysm, eng, params)
-    sys.stdout.write(res.report())
-    if output is not None:
-        prov = {"data": [p.name for p in measured], "model": model, "hw": sysm.name, "quant": quant,
-                "kv_type": kv_type, "fitted": {k: round(v, 6) for k, v in res.fitted.items()},
-                "residuals": {k: {m: {s: round(float(x), 5) for s, x in st.items()} for m, st in v.items()}
-                              for k, v in res.per_case.items()}}
-        _emit(engine_yaml(res.engine.model_copy(update={"calibration": prov})), output)
+    return cases
 
 
 def compare_cmd(

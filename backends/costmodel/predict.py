@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from backends.costmodel.options import EngineOptions, apply
 from backends.costmodel.placement import PlaceOptions, engine_graph, place
 from backends.costmodel.price import Priced, price
 from backends.costmodel.profiles import Engine, System, load_engine, resolve_system
@@ -151,30 +152,36 @@ def resolve_quant(src: ModelSource, quant: str | None) -> str | QuantScheme:
 def predict(model: str, hw: str | System = "2x3090", engine: str | Engine = "ik_llama.cpp",
             quant: str | None = None, kv_type: str = "f16", splits: Sequence[str] = ("layer", "graph"),
             ts: tuple[float, ...] | None = None, max_gpu: int | None = None, recurrent: str = "single",
-            workload: Workload | None = None, n_devices: int | None = None) -> Prediction:
-    """Predict the sweep table of `model` on `hw` for each split mode."""
-    sysm = hw if isinstance(hw, System) else resolve_system(hw)
-    eng = engine if isinstance(engine, Engine) else load_engine(engine)
+            workload: Workload | None = None, n_devices: int | None = None,
+            options: EngineOptions | None = None) -> Prediction:
+    """Predict the sweep table of `model` on `hw` for each split mode (`options`: the engine's
+    own flags, backends.costmodel.options)."""
+    sysm0 = hw if isinstance(hw, System) else resolve_system(hw)
+    eng0 = engine if isinstance(engine, Engine) else load_engine(engine)
+    opts = options or EngineOptions()
     wl = workload or Workload()
     src = load_source(model)
     q = resolve_quant(src, quant)
-    devices = sysm.devices[: n_devices or sysm.count]
+    devices = sysm0.devices[: n_devices or sysm0.count]
     modes: dict[str, ModePrediction] = {}
     warnings: list[str] = []
     plans: dict[str, Any] = {}
+    setups = {split: apply(opts, eng0, sysm0, split) for split in splits}  # refuse bad flags before work
     for split in track(splits, "predict"):
+        eng, sysm, extra = setups[split]
         if split == "auto":
             modes[split], plans[split] = predict_auto(src.cfg, q, kv_type, devices, sysm, eng, wl, ts)
             warnings += [f"auto: {x}" for x in plans[split].notes]
             continue
         po = PlaceOptions(split, devices, ts, max_gpu, recurrent)  # type: ignore[arg-type]
-        pp, tg, g = place_and_price(src.cfg, q, kv_type, po, wl.ubatch, eng.passes)
+        pp, tg, g = place_and_price(src.cfg, q, kv_type, po, wl.ubatch, tuple(eng.passes) + extra)
         mem = memory_per_device(g, wl.ctx)
         for dev, gb in zip(g.device_list(), mem):
             if gb > sysm.gpu.mem_GB:
                 warnings.append(f"{split}: {dev} needs {gb:.1f} GB for weights and caches at "
                                 f"{wl.ctx} tokens; a {sysm.gpu.name} has {sysm.gpu.mem_GB:g} GB")
         modes[split] = predict_placed(pp, tg, sysm, eng, wl, split, mem)
+    eng, sysm, _ = apply(opts, eng0, sysm0, "layer")  # what the flags make of the rig, for headers
     return Prediction(src.cfg.name or model, sysm, eng, wl, modes, tuple(warnings), plans)
 
 

@@ -42,6 +42,7 @@ class Priced:
     tokens: int
     devices: tuple[str, ...]
     names: tuple[str, ...]  # compute nodes, ordered by segment
+    ops: tuple[str, ...]  # their ops (Op.value), for an engine's kernels-per-op table
     dev: np.ndarray
     kind: np.ndarray  # index into KINDS
     flops: np.ndarray  # [2, N]: constant, per KV token
@@ -163,7 +164,7 @@ def price(g: Graph, tokens: int | None = None) -> Priced:
 
     return Priced(
         phase=str(g.info.get("phase", "pp")), tokens=T, devices=devices,
-        names=tuple(r[0].name for r in R),
+        names=tuple(r[0].name for r in R), ops=tuple(r[0].op.value for r in R),
         dev=np.array([dix[r[0].device] for r in R], dtype=int),
         kind=np.array([KINDS.index(r[1].kind) for r in R], dtype=int),
         flops=lin("flops"), wbytes=col("wbytes"), kvbytes=lin("kvbytes"), actbytes=lin("actbytes"),

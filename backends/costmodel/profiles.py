@@ -43,6 +43,13 @@ class GPU(BaseModel):
     tdp_W: float = Field(gt=0)
     idle_W: float = Field(ge=0)
     default_link: str = "pcie4"
+    # GPU generation (ampere, ada, hopper, ...): an engine's kernels reach the same fractions of
+    # the datasheet peaks on every board of one generation, so efficiencies are kept per arch
+    arch: str = "ampere"
+    # sustained clock under tensor-core load over the clock the datasheet rates assume: a board
+    # held to its power limit runs below its rated boost (the 300 W RTX A6000), a GeForce card
+    # at its default power limit usually at or above it
+    clock_eff: float = Field(default=1.0, gt=0, le=1.5)
     measured: dict[str, float] = {}
 
     def rate(self, key: str) -> float:
@@ -53,7 +60,7 @@ class GPU(BaseModel):
                 raise ProfileError(f"GPU {self.name!r} has no rate {key!r} (has {', '.join(self.rates)})")
             k, g = _RATE_FALLBACK[k]
             f *= g
-        return self.rates[k] * f * 1e12
+        return self.rates[k] * f * self.clock_eff * 1e12
 
 
 class Link(BaseModel):
@@ -96,23 +103,39 @@ class System(BaseModel):
 class ARRule(BaseModel):
     """One all-reduce algorithm choice; the first rule whose conditions hold is used."""
     model_config = _Strict
-    algo: Literal["ring", "one_shot", "gather_bcast"]
+    algo: Literal["ring", "one_shot", "gather_bcast", "nccl"]
     max_gpus: int | None = None
     min_tokens: int | None = None
     max_tokens: int | None = None
     p2p: bool | None = None
+    nccl: bool | None = None  # the rule holds only with (True) or without (False) NCCL
 
-    def applies(self, gpus: int, tokens: int, p2p: bool) -> bool:
+    def applies(self, gpus: int, tokens: int, p2p: bool, nccl: bool = True) -> bool:
         return ((self.max_gpus is None or gpus <= self.max_gpus)
                 and (self.min_tokens is None or tokens >= self.min_tokens)
                 and (self.max_tokens is None or tokens <= self.max_tokens)
-                and (self.p2p is None or p2p == self.p2p))
+                and (self.p2p is None or p2p == self.p2p)
+                and (self.nccl is None or nccl == self.nccl))
 
 
-# Engine parameters calibrate may fit; all are positive scalars with physical units.
-FITTABLE = ("launch_us", "graph_launch_us", "host_us", "forward_us", "mem_eff", "gemm_eff", "gemm_m0",
-            "gemm_tile0", "attn_pp_eff", "attn_tg_eff", "attn_tg_h0", "recurrent_eff", "recurrent_h0", "comm_bw_eff",
-            "copy_us", "allreduce_us")
+# Engine parameters calibrate may fit; all are positive scalars with physical units. A fitted
+# name is a field (`mem_eff`), an entry of a per-type/per-op table (`quant_mem_eff.iq`,
+# `kernels.delta_net`), or a field for one GPU generation only (`hopper.gemm_eff`).
+FITTABLE = ("launch_us", "graph_launch_us", "host_us", "segment_us", "forward_us", "mem_eff", "gemm_eff", "gemm_m0",
+            "gemm_tile0", "gemm_k0", "attn_pp_eff", "attn_tg_eff", "attn_tg_h0", "recurrent_eff", "recurrent_h0",
+            "recurrent_step_us", "comm_bw_eff", "staged_bw_eff", "copy_us", "allreduce_us", "nccl_us", "nccl_bw_eff")
+TABLES = ("quant_mem_eff", "quant_gemm_eff", "kernels")  # per storage type or family / per op
+RATIOS = {"mem_eff", "gemm_eff", "attn_pp_eff", "attn_tg_eff", "recurrent_eff", "comm_bw_eff", "staged_bw_eff",
+          "nccl_bw_eff"}
+
+
+def _known_param(name: str, archs: tuple[str, ...] = ()) -> bool:
+    head, _, rest = name.partition(".")
+    if not rest:
+        return name in FITTABLE
+    if head in TABLES:
+        return bool(rest)
+    return head.isidentifier() and _known_param(rest) and "." not in rest
 
 
 class Engine(BaseModel):
@@ -141,7 +164,11 @@ class Engine(BaseModel):
     float_rates: dict[str, str] = {"f32": "fp32", "f16": "fp16_acc16", "bf16": "bf16"}
     gemm_eff: float = Field(gt=0, le=1)  # fraction of peak for large GEMMs
     gemm_m0: float = Field(gt=0)  # tokens per matmul at which GEMM efficiency halves
-    gemm_tile0: float = Field(gt=0)  # rows / inner size at which GEMM efficiency halves
+    gemm_tile0: float = Field(gt=0)  # rows (and inner size, without gemm_k0) at which GEMM efficiency halves
+    # inner size at which GEMM efficiency halves: a tile's fixed work (loading its activations,
+    # writing its output) is amortised over the blocks of the inner loop, so a short K (an
+    # expert's down projection split over GPUs: K = 256) runs at a fraction of the rate
+    gemm_k0: float | None = Field(default=None, gt=0)
     attn_pp_rate: str = "fp16_acc16"
     attn_pp_eff: float = Field(gt=0, le=1)
     attn_tg_rate: str = "fp32"
@@ -150,12 +177,35 @@ class Engine(BaseModel):
     recurrent_rate: str = "fp32"
     recurrent_eff: float = Field(gt=0, le=1)
     recurrent_h0: float = Field(default=0.0, ge=0)  # value heads per GPU at which the recurrent kernel halves
-    comm_bw_eff: float = Field(gt=0, le=1)  # fraction of the link's rate the engine's transfers reach
+    # a recurrent kernel walks the tokens of a u-batch in order: each step waits for the last
+    # (a dependent chain of small reductions), so T tokens take at least T steps of this latency
+    recurrent_step_us: float = Field(default=0.0, ge=0)
+    comm_bw_eff: float = Field(gt=0, le=1)  # fraction of a P2P link's rate the engine's transfers reach
+    # without P2P a transfer is staged through pinned host memory by the engine's own code
+    # (two copies and a host synchronisation per chunk): its own fraction of the bus rate
+    staged_bw_eff: float | None = Field(default=None, gt=0, le=1)
     copy_us: float = Field(ge=0)  # engine cost per cross-device copy (events, split boundary)
     staged_copy: Literal["serial", "pipelined"] = "pipelined"  # copies through host without P2P
     allreduce_us: float = Field(ge=0)  # engine cost per all-reduce (kernels, host sync)
+    nccl_us: float | None = Field(default=None, ge=0)  # per NCCL all-reduce call, instead of allreduce_us
+    nccl_bw_eff: float = Field(default=1.0, gt=0, le=1)  # NCCL's all-reduce rate over the engine's copy rate
     allreduce: tuple[ARRule, ...] = (ARRule(algo="ring"),)
     reduce_f16_min_tokens: int = 33  # partials travel as f16 from this many tokens, else f32
+    reduce_type: Literal["f16", "bf16", "f32", "q8_0"] = "f16"  # the type of those partials (-grt)
+    nccl: bool = True  # the engine was built with NCCL and uses it where its rules say
+    # host time per device segment (a split of the graph between synchronisation points) when
+    # one host thread schedules every GPU: the split's graph launch and its events. 0: none
+    segment_us: float = Field(default=0.0, ge=0)
+    async_scheduler: bool = False  # one host thread per GPU (-sas): segments issue in parallel
+    # flash attention (-fa); without it attention is a KQ mat-mul, a softmax and a KQV mat-mul
+    # with the f32 scores written and read back in between
+    flash_attn: bool = True
+    # kernels the engine launches for one IR node of an op (its fused or unfused pieces), where
+    # that differs from the op table's one; counted in the engine's graph builders
+    kernels: dict[str, float] = {}
+    # the same fields for one GPU generation (`hopper: {gemm_eff: 0.3}`): that generation's
+    # kernels reach other fractions of the peaks (another instruction set, other tile sizes)
+    arch: dict[str, dict[str, float]] = {}
     fit: tuple[str, ...] = ()  # parameters `graphir calibrate` fits by default
     bounds: dict[str, tuple[float, float]] = {}  # physically plausible range per fitted parameter
     priors: dict[str, float] = {}  # physically expected values a fit is pulled towards (weakly)
@@ -164,19 +214,56 @@ class Engine(BaseModel):
     @field_validator("fit")
     @classmethod
     def _known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        bad = [p for p in v if p not in FITTABLE]
+        bad = [p for p in v if not _known_param(p)]
         if bad:
-            raise ValueError(f"cannot fit {', '.join(bad)}; fittable: {', '.join(FITTABLE)}")
+            raise ValueError(f"cannot fit {', '.join(bad)}; fittable: {', '.join(FITTABLE)} "
+                             f"(or TABLE.key for {', '.join(TABLES)}, or ARCH.field)")
+        return v
+
+    @field_validator("arch")
+    @classmethod
+    def _arch_fields(cls, v: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        for a, fields in v.items():
+            bad = [f for f in fields if f not in FITTABLE]
+            if bad:
+                raise ValueError(f"{a}: not a per-generation field: {', '.join(bad)}")
         return v
 
     def ar_algo(self, gpus: int, tokens: int, p2p: bool) -> str:
         for r in self.allreduce:
-            if r.applies(gpus, tokens, p2p):
+            if r.applies(gpus, tokens, p2p, self.nccl):
                 return r.algo
         return "ring"
 
+    def for_gpu(self, gpu: GPU) -> "Engine":
+        """The engine as it runs on `gpu`: its generation's fields replace the defaults."""
+        over = self.arch.get(gpu.arch)
+        return self.model_copy(update=over) if over else self
+
+    def param(self, name: str) -> float:
+        """A fittable parameter's value (`gemm_eff`, `kernels.delta_net`, `hopper.gemm_eff`)."""
+        head, _, rest = name.partition(".")
+        if not rest:
+            v = getattr(self, name)
+            return float(v if v is not None else (self.comm_bw_eff if name == "staged_bw_eff" else
+                                                   self.allreduce_us if name == "nccl_us" else 0.0))
+        if head in TABLES:
+            table = getattr(self, head)
+            return float(table.get(rest, 1.0))
+        return float(self.arch.get(head, {}).get(rest, self.param(rest)))
+
     def with_params(self, **values: float) -> "Engine":
-        return self.model_copy(update=values)
+        plain = {k: v for k, v in values.items() if "." not in k}
+        out = self.model_copy(update=plain)
+        for k, v in values.items():
+            head, _, rest = k.partition(".")
+            if not rest:
+                continue
+            if head in TABLES:
+                out = out.model_copy(update={head: {**getattr(out, head), rest: v}})
+            else:
+                out = out.model_copy(update={"arch": {**out.arch, head: {**out.arch.get(head, {}), rest: v}}})
+        return out
 
 
 # ----------------------------------------------------------------------------- loading

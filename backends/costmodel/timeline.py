@@ -13,6 +13,7 @@ them at once. The breakdown follows the critical path (the participant that arri
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from graphir.dtypes import dtype
 
 TERMS = ("compute", "weights", "kv", "activations", "comm", "launch")
 _GEMM, _ATTN, _REC, _VEC = (KINDS.index(k) for k in ("gemm", "attn", "recurrent", "vector"))
+_REDUCE_BYTES = {"f16": 2.0, "bf16": 2.0, "f32": 4.0, "q8_0": 34 / 32}  # -grt: bytes per partial element
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,32 @@ class Timeline:
     work: dict[str, np.ndarray]  # whole-graph sums per depth: flops, weight/kv/act bytes, comm bytes
 
 
+@lru_cache(maxsize=None)
+def family(type_name: str) -> str:
+    """The kernel family of a storage type (graphir.dtypes): the decoder a kernel runs for it."""
+    dt = dtype(type_name)
+    fam = getattr(dt, "family", None)
+    if fam:
+        return str(fam)
+    n = dt.name
+    if not dt.is_quant:
+        return "float"
+    if n.endswith("_k") and n.startswith("q"):
+        return "k"
+    if n.startswith("iq") and ("_k" in n or n.endswith("_kl")):
+        return "trellis" if n.endswith("_kt") else "ik"
+    if n.startswith("iq") and n != "iq4_nl":
+        return "iq"
+    return "mx" if n.startswith("mxfp") else "legacy"
+
+
+def _by_type(table: dict[str, float], type_name: str) -> float:
+    """A per-type table entry: the type itself, else its family, else 1."""
+    if not type_name:
+        return 1.0
+    return table.get(type_name, table.get(family(type_name), 1.0))
+
+
 def _rate_eff(pr: Priced, sysm: System, eng: Engine) -> tuple[np.ndarray, np.ndarray]:
     """Peak FLOP/s and efficiency of every compute node."""
     gpu, N = sysm.gpu, len(pr.names)
@@ -53,13 +81,14 @@ def _rate_eff(pr: Priced, sysm: System, eng: Engine) -> tuple[np.ndarray, np.nda
         dt = dtype(pr.wdtype[i])
         key = eng.quant_rate if dt.is_quant else eng.float_rates.get(dt.name, "fp32")
         rate[i] = gpu.rate(key)
-        qeff[i] = eng.quant_gemm_eff.get(dt.name, 1.0)
+        qeff[i] = _by_type(eng.quant_gemm_eff, dt.name) if dt.is_quant else 1.0
     # GEMMs: tiles of tokens x rows, each looping over the inner size; a matmul with few tokens
     # (per expert), few rows or a short inner loop fills its tiles poorly. Mat-vecs (decode) are
     # streaming kernels: their compute side is the CUDA cores at half rate, never the limit.
     mm = (pr.kind == _GEMM) & (m > eng.mmv_max_tokens)
     mv = (pr.kind == _GEMM) & ~mm
-    shape_eff = (m / (m + eng.gemm_m0)) * (n / (n + eng.gemm_tile0)) * (k / (k + eng.gemm_tile0))
+    k0 = eng.gemm_k0 if eng.gemm_k0 is not None else eng.gemm_tile0
+    shape_eff = (m / (m + eng.gemm_m0)) * (n / (n + eng.gemm_tile0)) * (k / (k + k0))
     eff = np.where(mm, eng.gemm_eff * qeff * shape_eff, eff)
     rate = np.where(mv, gpu.rate("fp32"), rate)
     attn = pr.kind == _ATTN
@@ -78,8 +107,17 @@ def _rate_eff(pr: Priced, sysm: System, eng: Engine) -> tuple[np.ndarray, np.nda
 
 
 def _mem_eff(pr: Priced, eng: Engine) -> np.ndarray:
-    q = np.array([eng.quant_mem_eff.get(w, 1.0) if w else 1.0 for w in pr.wdtype])
-    return eng.mem_eff * q
+    if not eng.quant_mem_eff:
+        return np.full(len(pr.names), eng.mem_eff)
+    per_type = {w: _by_type(eng.quant_mem_eff, w) for w in dict.fromkeys(pr.wdtype)}
+    return eng.mem_eff * np.array([per_type[w] for w in pr.wdtype])
+
+
+def _launches(pr: Priced, eng: Engine) -> np.ndarray:
+    """Kernels per node as the engine runs it (its kernels-per-op table, else the op table's)."""
+    if not eng.kernels:
+        return pr.launches
+    return np.array([eng.kernels.get(op, l) for op, l in zip(pr.ops, pr.launches)], dtype=float)
 
 
 def _replays(pr: Priced, eng: Engine) -> bool:
@@ -87,8 +125,11 @@ def _replays(pr: Priced, eng: Engine) -> bool:
     return eng.cuda_graphs == "always" or (eng.cuda_graphs == "tg" and pr.phase == "tg")
 
 
-def node_costs(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per node seconds [N, D] and the same split into TERMS [N, 6, D]."""
+def node_costs(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray,
+               breakdown: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Per node seconds [N, D] and the same split into TERMS [N, 6, D] (zeros [N, 6, 1] without
+    `breakdown`: a fit needs the totals only)."""
+    eng = eng.for_gpu(sysm.gpu)
     rate, eff = _rate_eff(pr, sysm, eng)
     bw = sysm.gpu.mem_bw_GBps * 1e9 * _mem_eff(pr, eng)
     x = kv[None, :]
@@ -99,11 +140,19 @@ def node_costs(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray) -> tuple[n
         wb = wb + np.where(gemm_q, 4.0 * pr.mnk[1] * pr.mnk[2], 0.0)
     kvb = pr.kvbytes[0][:, None] + pr.kvbytes[1][:, None] * x
     act = pr.actbytes[0][:, None] + pr.actbytes[1][:, None] * x
+    attn = (pr.kind == _ATTN)[:, None]
+    if not eng.flash_attn:  # scores (flops / 4d of them) written f32 and read twice: 16 bytes each
+        act = act + np.where(attn, 4.0 * flops / np.maximum(pr.mnk[2], 1.0)[:, None], 0.0)
     byt = wb[:, None] + kvb + act
     t_c = flops / (rate * eff)[:, None]
+    if eng.recurrent_step_us:  # a recurrent kernel takes at least one dependent step per token
+        steps = np.where(pr.kind == _REC, pr.mnk[0] * eng.recurrent_step_us * 1e-6, 0.0)
+        t_c = np.maximum(t_c, steps[:, None])
     t_m = byt / bw[:, None]
-    launch = pr.launches * 1e-6 * (eng.graph_launch_us if _replays(pr, eng) else eng.launch_us)
+    launch = _launches(pr, eng) * np.where(pr.kind == _ATTN, 1.0 if eng.flash_attn else 4.0, 1.0) * 1e-6 * (eng.graph_launch_us if _replays(pr, eng) else eng.launch_us)
     body = np.maximum(t_c, t_m)
+    if not breakdown:
+        return body + launch[:, None], np.zeros((len(pr.names), len(TERMS), 1))
     terms = np.zeros((len(pr.names), len(TERMS), len(kv)))
     comp = t_c >= t_m
     share = np.where(byt > 0, t_m / np.where(byt > 0, byt, 1.0), 0.0)
@@ -117,9 +166,10 @@ def node_costs(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray) -> tuple[n
 
 def comm_costs(pr: Priced, sysm: System, eng: Engine) -> tuple[np.ndarray, np.ndarray]:
     """Seconds per comm node and its (transfer, engine overhead) parts, each [C]."""
+    eng = eng.for_gpu(sysm.gpu)
     link = sysm.link
     a = link.latency_us * 1e-6
-    beta = link.beta * eng.comm_bw_eff
+    beta = link.beta * (eng.comm_bw_eff if link.p2p or eng.staged_bw_eff is None else eng.staged_bw_eff)
     xfer, over = np.zeros(pr.n_comm), np.zeros(pr.n_comm)
     per_launch = eng.graph_launch_us if _replays(pr, eng) else eng.launch_us
     for c, kind in enumerate(pr.comm_kind):
@@ -131,17 +181,23 @@ def comm_costs(pr: Priced, sysm: System, eng: Engine) -> tuple[np.ndarray, np.nd
             over[c] = eng.copy_us * 1e-6
             continue
         p, tok = len(pr.comm_group[c]), int(pr.comm_tokens[c])
-        elem = pr.comm_elem[c] or (2.0 if tok >= eng.reduce_f16_min_tokens else 4.0)
+        elem = pr.comm_elem[c] or (_REDUCE_BYTES[eng.reduce_type] if tok >= eng.reduce_f16_min_tokens else 4.0)
         nb = pr.comm_numel[c] * elem
         algo = eng.ar_algo(p, tok, link.p2p)
-        if algo == "ring":
+        fixed = eng.allreduce_us
+        if algo == "nccl":
+            # NCCL's ring over its own transport (P2P, else host shared memory): its latency is
+            # the call's fixed cost, its rate a fraction of the link's copy rate
+            xfer[c] = 2 * (p - 1) / p * nb / (beta * eng.nccl_bw_eff)
+            fixed = eng.nccl_us if eng.nccl_us is not None else eng.allreduce_us
+        elif algo == "ring":
             xfer[c] = 2 * (p - 1) * a + 2 * (p - 1) / p * nb / beta
         elif algo == "one_shot":
             xfer[c] = a + (p - 1) * nb / beta
         else:
             xfer[c] = 2 * (a + (p - 1) * nb / beta)
         extra = max(0.0, float(pr.comm_launches[c]) - 1.0) * per_launch
-        over[c] = (eng.allreduce_us + extra) * 1e-6
+        over[c] = (fixed + extra) * 1e-6
     return xfer, over
 
 
@@ -152,7 +208,8 @@ def trace(pr: Priced, sysm: System, eng: Engine, kv: float) -> tuple[Span, ...]:
     return tuple(spans)
 
 
-def evaluate(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray, spans: list[Span] | None = None) -> Timeline:
+def evaluate(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray, spans: list[Span] | None = None,
+             breakdown: bool = True) -> Timeline:
     """The timeline of one forward pass at every depth in `kv` (tokens already cached); with
     `spans`, the walk also records each node's interval at the first depth (see `trace`)."""
     kv = np.asarray(kv, dtype=float)
@@ -161,7 +218,8 @@ def evaluate(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray, spans: list[
         from backends.costmodel.profiles import ProfileError
 
         raise ProfileError(f"graph is placed on {P} devices but {sysm.name} has {sysm.count}")
-    cost, terms = node_costs(pr, sysm, eng, kv)
+    eng = eng.for_gpu(sysm.gpu)
+    cost, terms = node_costs(pr, sysm, eng, kv, breakdown)
     if len(pr.seg_start):
         seg_t = np.add.reduceat(cost, pr.seg_start, axis=0)
         seg_terms = np.add.reduceat(terms, pr.seg_start, axis=0)
@@ -172,7 +230,11 @@ def evaluate(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray, spans: list[
     issue = 0.0 if _replays(pr, eng) else eng.host_us * 1e-6
     seg_host = (np.add.reduceat(pr.host_nodes * issue, pr.seg_start) if len(pr.seg_start) and issue
                 else np.zeros(len(pr.seg_start)))
-    host = np.zeros(D)
+    # each segment is also one launch of the engine's scheduler (a split's graph and its events)
+    seg_host = seg_host + eng.segment_us * 1e-6
+    issue = issue or eng.segment_us
+    # one host thread for every GPU, or one per GPU (-sas): then each device has its own clock
+    hosts = [np.zeros(D) for _ in range(P if eng.async_scheduler else 1)]
     t = [np.zeros(D) for _ in range(P)]
     bd = [np.zeros((len(TERMS), D)) for _ in range(P)]
     busy = np.zeros((P, D))
@@ -190,8 +252,9 @@ def evaluate(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray, spans: list[
             end = t[d] + seg_t[ev.index]
             bd[d] = bd[d] + seg_terms[ev.index]
             if issue:  # the device ends no earlier than the host has issued the segment's last kernel
-                host = host + seg_host[ev.index]
-                wait = np.maximum(host - end, 0.0)
+                h = d if eng.async_scheduler else 0
+                hosts[h] = hosts[h] + seg_host[ev.index]
+                wait = np.maximum(hosts[h] - end, 0.0)
                 bd[d][5] = bd[d][5] + wait
                 end = end + wait
             t[d] = end
