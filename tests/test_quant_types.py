@@ -358,3 +358,11 @@ def test_kv_type_on_the_cli(capsys):
     assert int(line.split()[-1].replace(",", "")) == 36 * 2 * 8 * 128 * 6.5 / 8
     code, out, err = _run(capsys, "stats", "qwen3-8b", "--kv-type", "q4_k")
     assert code == 2 and "unknown KV cache type 'q4_k'" in err and err.count("\n") == 1
+
+
+def test_run_refuses_an_ik_file_in_one_line(ik_file, capsys):
+    pytest.importorskip("torch")
+    path, _ = ik_file
+    code, out, err = _run(capsys, "run", str(path), "--devices", "cpu", "--ctx", "256", "--ubatch", "64", "--tg", "4")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and "internal error" not in err
+    assert "iq1_kt" in err and "cannot execute" in err
