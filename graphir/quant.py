@@ -131,15 +131,17 @@ def file_type(ftype: str) -> QuantScheme:
     return QuantScheme(key, rule)
 
 
-def per_tensor(types: Mapping[str, DType], fallback: QuantScheme, label: str = "gguf") -> QuantScheme:
-    """Types read from a GGUF tensor table; names it lacks fall back to `fallback`. A type whose
-    blocks do not divide the graph's row (a table from another model) falls back by row."""
+def per_tensor(types: Mapping[str, DType], fallback: QuantScheme, label: str = "gguf",
+               fit_rows: bool = False) -> QuantScheme:
+    """Types read from a GGUF tensor table; names it lacks fall back to `fallback`. With
+    `fit_rows`, a type whose blocks do not divide the graph's row (a table written for another
+    model) falls back by row as the quantiser would."""
     table = dict(types)
 
     def rule(tensor: str, shape: tuple[int, ...], n_layer: int) -> DType:
         if tensor not in table:
             return fallback(tensor, shape, n_layer)
-        return fit_to_row(table[tensor], shape[-1]) if shape else table[tensor]
+        return fit_to_row(table[tensor], shape[-1]) if fit_rows and shape else table[tensor]
 
     return QuantScheme(label, rule)
 
@@ -151,7 +153,7 @@ def gguf_types(types: Mapping[str, DType], label: str = "gguf") -> QuantScheme:
         if dt.name != "f32":  # f32 holds the vectors and routers, not the matrices
             counts[dt.name] = counts.get(dt.name, 0) + 1
     common = max(sorted(counts), key=counts.__getitem__) if counts else "f32"
-    return per_tensor(types, uniform(common), label)
+    return per_tensor(types, uniform(common), label, fit_rows=True)
 
 
 def from_gguf(path: str | Path) -> QuantScheme:

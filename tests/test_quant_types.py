@@ -366,3 +366,13 @@ def test_run_refuses_an_ik_file_in_one_line(ik_file, capsys):
     code, out, err = _run(capsys, "run", str(path), "--devices", "cpu", "--ctx", "256", "--ubatch", "64", "--tg", "4")
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and "internal error" not in err
     assert "iq1_kt" in err and "cannot execute" in err
+
+
+def test_gguf_types_fall_back_by_row_and_to_the_common_type():
+    from graphir.quant import gguf_types
+
+    q = gguf_types({"a.weight": dtype("iq4_ks"), "b.weight": dtype("iq4_ks"), "c.weight": dtype("q6_0"),
+                    "n.weight": dtype("f32")})
+    assert _t(q, "a.weight", (8, 96)) == "iq4_nl"  # a table written for another model: rows of 96
+    assert _t(q, "c.weight", (8, 96)) == "q6_0"
+    assert _t(q, "absent.weight", (8, 512)) == "iq4_ks" and _t(q, "absent.bias", (512,)) == "f32"
