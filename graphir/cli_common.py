@@ -10,7 +10,7 @@ from graphir.fileio import write_atomic
 from graphir.models import BuildOptions, build
 from graphir.models.sources import ModelSource, load_source
 from graphir.graph import Graph
-from graphir.quant import QuantScheme, per_tensor, scheme, uniform
+from graphir.quant import QuantScheme, gguf_types, scheme, uniform
 
 _TORCH_DTYPES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
 
@@ -24,7 +24,7 @@ def source_quant(src: ModelSource, quant: str | None) -> QuantScheme:
         except ValueError as e:
             raise GraphirError(str(e)) from None
     if src.kind == "gguf":
-        return per_tensor(dict(src.tensor_types), base, label="gguf")
+        return gguf_types(dict(src.tensor_types), label="gguf")
     return base
 
 

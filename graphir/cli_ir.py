@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
     def lower_cmd(model: str, phase: str = typer.Option("pp", help="pp (T tokens) or tg (T=1)"),
                   ubatch: Optional[int] = typer.Option(None, help="bind T for the summary's sizes"),
                   layers: Optional[str] = typer.Option(None, help="keep layers A:B"),
-                  quant: Optional[str] = typer.Option(None, help="IQ4_XS, Q4_K_M, q8_0, bf16, ..."),
+                  quant: Optional[str] = typer.Option(None, help="IQ4_XS, Q4_K_M, q8_0, ..., FILE.gguf"),
                   kv_type: str = typer.Option("f16", "--kv-type"),
                   format: str = typer.Option("text", "--format", help="text|json|dot|summary"),
                   out: Optional[str] = typer.Option(None, "-o", "--out")) -> None:
@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
         emit(body, out)
 
     @app.command("stats")
-    def stats_cmd(model: str, quant: Optional[str] = typer.Option(None, help="IQ4_XS, Q4_K_M, q8_0, bf16, ..."),
+    def stats_cmd(model: str, quant: Optional[str] = typer.Option(None, help="IQ4_XS, Q4_K_M, q8_0, ..., FILE.gguf"),
                   kv_type: str = typer.Option("f16", "--kv-type"),
                   depth: int = typer.Option(0, help="cache depth for flops_per_token"),
                   format: str = typer.Option("table", "--format", help="table|json")) -> None:

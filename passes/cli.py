@@ -138,7 +138,7 @@ def register(app: typer.Typer) -> None:
                   user_pass: Optional[List[str]] = typer.Option(None, "--pass", help="module:function (repeatable)"),
                   passes: Optional[str] = typer.Option(None, "--passes", help="merge_qkv,merge_up_gate,..."),
                   phase: str = typer.Option("pp", "--phase", help="pp | tg"),
-                  quant: Optional[str] = typer.Option(None, "--quant", help="IQ4_XS, Q4_K_M, q8_0, bf16, ..."),
+                  quant: Optional[str] = typer.Option(None, "--quant", help="IQ4_XS, Q4_K_M, q8_0, ..., FILE.gguf"),
                   kv_type: str = typer.Option("f16", "--kv-type"),
                   format: str = typer.Option("summary", "--format", help="text | json | summary"),
                   mem: Optional[str] = typer.Option(None, "--mem", help="24GiB,24GiB or a preset like 2x3090"),

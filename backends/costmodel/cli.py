@@ -90,9 +90,9 @@ def predict_cmd(
     model: str = typer.Argument(..., help="preset name, config.json, checkpoint dir or .gguf"),
     hw: str = typer.Option("2x3090", "--hw", help="system name (2x3090, 2xH200, 3xH100) or YAML file"),
     engine: str = typer.Option("ik_llama.cpp", "--engine", help="engine name or YAML file"),
-    quant: Optional[str] = typer.Option(None, "--quant", help="file type (IQ4_XS, Q4_K_M) or ggml type; "
-                                        "default: the GGUF's own types, else Q4_K_M"),
-    kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type (f16, q8_0, ...)"),
+    quant: Optional[str] = typer.Option(None, "--quant", help="file type (IQ4_XS, Q4_K_M, IQ4_KS), ggml type "
+                                        "or FILE.gguf (its tensor types); default: the GGUF's own types, else Q4_K_M"),
+    kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type (f16, q8_0, q6_0, ...)"),
     split: str = typer.Option("layer,graph", "--split", help="split modes to predict: layer, graph, auto"),
     ts: Optional[str] = typer.Option(None, "--ts", help="split ratios per GPU, e.g. 1,1"),
     max_gpu: Optional[int] = typer.Option(None, "--max-gpu", help="graph split: GPUs per layer"),

@@ -24,7 +24,7 @@ from graphir.models import BuildOptions, ModelConfig, build
 from graphir.models.sources import ModelSource, load_source
 from graphir.ops import Op
 from graphir.progress import track
-from graphir.quant import QuantScheme, per_tensor, scheme
+from graphir.quant import QuantScheme, gguf_types, scheme
 from graphir.sweep import SweepRow, SweepTable, crossover
 
 TERM_LABELS = {"compute": "compute", "weights": "weight bytes", "kv": "KV bytes",
@@ -143,10 +143,11 @@ def place_and_price(cfg: ModelConfig, quant: str | QuantScheme | None, kv_type: 
 
 
 def resolve_quant(src: ModelSource, quant: str | None) -> str | QuantScheme:
-    """`--quant` or, when absent, a GGUF file's own types, else the common Q4_K_M."""
+    """`--quant` (a file or ggml type, or a GGUF whose tensor table is read once here) or, when
+    absent, a GGUF model's own types, else the common Q4_K_M."""
     if quant is not None:
-        return quant
-    return per_tensor(dict(src.tensor_types), scheme("Q4_K_M")) if src.tensor_types else "Q4_K_M"
+        return scheme(quant)
+    return gguf_types(dict(src.tensor_types)) if src.tensor_types else "Q4_K_M"
 
 
 def predict(model: str, hw: str | System = "2x3090", engine: str | Engine = "ik_llama.cpp",

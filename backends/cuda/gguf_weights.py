@@ -36,6 +36,19 @@ def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
 _ROPED = ("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")
 
 
+def _check_readable(path: Path) -> None:
+    """GGUFReader raises on type ids the gguf package lacks (ik_llama.cpp's): say so in one line."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    from graphir.models.gguf_header import read_header
+
+    known = {int(t) for t in GGML_QUANT_SIZES}
+    foreign = sorted({t.dtype.name for t in read_header(path).tensors if t.dtype.ggml not in known})
+    if foreign:
+        raise WeightError(f"{path.name}: holds {', '.join(foreign)}, which the gguf package cannot dequantise; "
+                          "graphir prices such files but cannot execute them")
+
+
 class GGUFWeights:
     def __init__(self, path: Path, cfg: ModelConfig, name_map: Mapping[str, str] | None = None) -> None:
         from gguf import GGUFReader
@@ -43,6 +56,7 @@ class GGUFWeights:
         self.path, self.cfg = Path(path), cfg
         self.label = f"GGUF {self.path.name}"
         self.name_map = dict(name_map or {})
+        _check_readable(self.path)
         self.reader = GGUFReader(str(self.path), "r")
         self.tensors = {t.name: t for t in self.reader.tensors}
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from graphir.builder import Builder
-from graphir.dtypes import DType, F32, I32, dtype
+from graphir.dtypes import DType, F32, I32, dtype, kv_dtype
 from graphir.models.config import ModelConfig
 from graphir.ops import Op
 from graphir.quant import QuantScheme, uniform
@@ -27,6 +27,9 @@ class BuildOptions:
     quant: QuantScheme = field(default_factory=lambda: uniform("bf16"))
     kv_type: str = "f16"
     logits: Literal["all", "last"] = "all"  # llama.cpp's PP only needs the last row
+
+    def __post_init__(self) -> None:
+        kv_dtype(self.kv_type)  # a cache type ik_llama.cpp's -ctk would refuse is refused here, by name
 
 
 class Ctx:
