@@ -33,8 +33,7 @@ from graphir.models.config import ConfigError, ModelConfig
 GGUF_ARCH = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "qwen3_next": "qwen3next"}
 ALIGNMENT = 32
 SIGMA = 0.02  # standard deviation of the random matrices (and the target of the quant scales)
-_CHUNK = 1 << 24  # bytes of quant blocks generated at a time (x8): bounds the writer's memory
-_POOL = 1 << 22  # exact random floats per tensor; larger tensors repeat them at random offsets
+_POOL_BYTES = 1 << 21  # exact random rows per tensor; larger tensors repeat them at random row offsets
 
 
 @dataclass(frozen=True)
@@ -190,31 +189,33 @@ def _random_blocks(n_blocks: int, t: StorageType, rng: np.random.Generator) -> n
     return b
 
 
-def _random_chunks(spec: TensorSpec, t: StorageType, rng: np.random.Generator) -> Iterator[bytes]:
-    numel = int(np.prod(spec.shape))
+def _random_chunks(spec: TensorSpec, t: StorageType, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """The tensor's bytes: a pool of exact random rows (about _POOL_BYTES), then, for tensors
+    larger than the pool, the pool again rotated by a random number of rows per pass. Drawing
+    8 billion distinct values would take minutes of CPU; a timing run needs none of them."""
+    row = spec.shape[-1]
+    rows = int(np.prod(spec.shape)) // row
+    unit = t.row_bytes(row) if t.block > 1 else row * t.size
+    k = min(rows, max(1, _POOL_BYTES // unit))
     if t.block == 1:
-        # a pool of _POOL exact samples, then the pool rotated by a random offset per chunk:
-        # drawing 8 billion normals would take minutes; a timing run does not need them all distinct
-        pool = np.frombuffer(_encode_floats(_float_values(spec, min(numel, _POOL), rng), t), np.uint8)
-        if numel <= _POOL:
-            yield pool.tobytes()
-            return
-        for start in range(0, numel, _POOL):
-            o = int(rng.integers(_POOL)) * t.size
-            yield np.concatenate((pool[o:], pool[:o]))[:min(_POOL, numel - start) * t.size].tobytes()
-        return
-    rows, per_row = numel // spec.shape[-1], spec.shape[-1] // t.block
-    rows_at_once = max(1, _CHUNK // 8 // per_row)
-    for r0 in range(0, rows, rows_at_once):
-        nr = min(rows_at_once, rows - r0)
-        blocks = _random_blocks(nr * per_row, t, rng).reshape(nr, per_row * t.size)
+        pool = np.frombuffer(_encode_floats(_float_values(spec, k * row, rng), t), np.uint8)
+    else:
+        pool = _random_blocks(k * (row // t.block), t, rng).reshape(k, -1)
         if t.row_scale:
-            d = (t.row_scale * (0.75 + 0.5 * rng.random(nr))).astype("<f4").view(np.uint8).reshape(nr, 4)
-            blocks = np.concatenate([d, blocks], axis=1)
-        yield blocks.tobytes()
+            d = (t.row_scale * (0.75 + 0.5 * rng.random(k))).astype("<f4").view(np.uint8).reshape(k, 4)
+            pool = np.concatenate([d, pool], axis=1)
+        pool = pool.reshape(-1)
+    left = rows
+    while left:
+        o = int(rng.integers(k)) * unit if left < rows else 0
+        for piece in (pool[o:], pool[:o]):
+            piece = piece[:left * unit]
+            if piece.size:
+                yield piece
+                left -= piece.size // unit
 
 
-def _given_chunks(spec: TensorSpec, t: StorageType, a: np.ndarray) -> Iterator[bytes]:
+def _given_chunks(spec: TensorSpec, t: StorageType, a: np.ndarray) -> Iterator[bytes | np.ndarray]:
     """A caller's array: floats are converted to the storage type, uint8 arrays are its blocks."""
     if a.dtype == np.uint8:
         if t.block == 1 or a.size != _nbytes(spec.shape, t):
@@ -316,11 +317,11 @@ def write_specs(path: str | Path, cfg: ModelConfig, specs: list[TensorSpec], *, 
     return {s.name: chosen[s.name].name for s in specs}
 
 
-def _write_tensor(f: IO[bytes], spec: TensorSpec, t: StorageType, chunks: Iterator[bytes]) -> None:
+def _write_tensor(f: IO[bytes], spec: TensorSpec, t: StorageType, chunks: Iterator[bytes | np.ndarray]) -> None:
     need, n = _nbytes(spec.shape, t), 0
     for c in chunks:
-        f.write(c)
-        n += len(c)
+        f.write(c)  # numpy pieces are written from their buffers, without a copy
+        n += len(c) if isinstance(c, bytes) else c.nbytes
     if n != need:  # a bug in a generator, never the caller's data (checked before)
         raise AssertionError(f"{spec.name}: wrote {n} bytes, the table says {need}")
     f.write(b"\0" * _pad(n))
