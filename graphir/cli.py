@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "backends.cuda.cli",
     "backends.costmodel.cli",
     "graphir.cli_show",
+    "graphir.cli_gguf",
 )
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

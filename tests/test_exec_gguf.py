@@ -16,6 +16,7 @@ from backends.cuda.testing import hf_model, rel_err, save, torch_threads
 from backends.cuda.weights import reference_weights
 from graphir.cli import main
 from graphir.models import ModelConfig
+from graphir.models import gguf_writer
 from graphir.models.sources import load_source
 
 gguf = pytest.importorskip("gguf")
@@ -35,7 +36,6 @@ CASES = {
                        linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
                        layer_types=["linear_attention", "full_attention"]),
 }
-GGUF_ARCH = {"llama": "llama", "qwen3_moe": "qwen3moe", "qwen3_next": "qwen3next"}
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
 IGNORED = {"name", "max_position_embeddings", "torch_dtype"}  # what GGUF metadata does not carry
 
@@ -47,45 +47,19 @@ def _one_thread():
 
 
 def write_gguf(path: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], quant: bool) -> Path:
-    w = gguf.GGUFWriter(str(path), GGUF_ARCH[cfg.arch])
-    w.add_block_count(cfg.n_layer)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_head_count(cfg.n_head)
-    w.add_head_count_kv(cfg.n_kv_head)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_rope_dimension_count(cfg.n_rot)
-    if cfg.is_moe:
-        w.add_expert_count(cfg.n_expert)
-        w.add_expert_used_count(cfg.n_expert_used)
-        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
-        w.add_expert_weights_norm(cfg.norm_topk_prob)
-        if cfg.shared_expert_intermediate_size:
-            w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
-    if cfg.arch == "qwen3_next":
-        w.add_ssm_conv_kernel(cfg.linear_conv_kernel_dim)
-        w.add_ssm_state_size(cfg.linear_key_head_dim)
-        w.add_ssm_group_count(cfg.linear_num_key_heads)
-        w.add_ssm_time_step_rank(cfg.linear_num_value_heads)
-        w.add_ssm_inner_size(cfg.linear_value_head_dim * cfg.linear_num_value_heads)
-        w.add_full_attention_interval(2)
+    """The given weights through graphir's GGUF writer: f32, or (quant) f16 and Q8_0 blocks."""
+    arrays: dict[str, np.ndarray] = {}
+    types: dict[str, str] = {}
     for i, (name, t) in enumerate(tensors.items()):
         a = t.to(torch.float32).numpy()
         if a.ndim == 1 or not quant or "ffn_gate_inp" in name:  # llama.cpp keeps routers in f32
-            w.add_tensor(name, a)
+            arrays[name], types[name] = a, "f32"
         elif a.shape[-1] % 32 == 0 and i % 2:
-            w.add_tensor(name, gguf.quants.quantize(a, Q.Q8_0), raw_dtype=Q.Q8_0)  # byte rows
+            arrays[name], types[name] = gguf.quants.quantize(a, Q.Q8_0), "q8_0"  # byte rows
         else:
-            w.add_tensor(name, a.astype(np.float16))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+            arrays[name], types[name] = a, "f16"
+    specs = [s for s in gguf_writer.tensor_specs(cfg) if s.name in arrays]  # a subset: a file lacking a tensor
+    gguf_writer.write_specs(path, cfg, specs, types=types, arrays=arrays)
     return path
 
 

@@ -1,0 +1,333 @@
+"""Write a model config as a GGUF file in llama.cpp's converter layout, with random weights.
+
+The tensor table is the graph's weight leaves (the same names and shapes the GGUF reader
+checks against llama.cpp's table), stored in ggml's `ne` order. Metadata carries the keys
+llama.cpp / ik_llama.cpp read for the four architectures, and `tokenizer.ggml.model = none`
+with `{arch}.vocab_size`, so no vocabulary is needed: engines that only time (llama-sweep-bench
+draws random token ids) load the file as is.
+
+Weights are random and deterministic per (seed, tensor name), so a file of 8 layers holds the
+same first 8 layers as the full model's file. Block-quantised types are written as random
+blocks directly (random quant bytes, small finite scale fields at the type's real offsets):
+no quantiser runs, and writing streams tensor by tensor in bounded chunks, so a 16 GB file
+needs neither 16 GB of RAM nor minutes of CPU.
+
+The file format is written here with `struct` rather than `gguf.GGUFWriter` because the
+writer must also emit ik_llama.cpp's own types (IQ4_KS), which the gguf package does not
+know, and must stream tensor data of any size.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+from graphir.models.config import ConfigError, ModelConfig
+
+# config.json model_type -> GGUF general.architecture (the inverse of gguf_source.GGUF_ARCHES)
+GGUF_ARCH = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "qwen3_next": "qwen3next"}
+ALIGNMENT = 32
+SIGMA = 0.02  # standard deviation of the random matrices (and the target of the quant scales)
+_POOL_BYTES = 1 << 21  # exact random rows per tensor; larger tensors repeat them at random row offsets
+
+
+@dataclass(frozen=True)
+class StorageType:
+    """A ggml storage type as the writer lays it out (ggml-common.h)."""
+
+    name: str
+    ggml: int  # ggml_type id in the tensor table
+    block: int  # elements per block
+    size: int  # bytes per block
+    scales: tuple[tuple[int, float], ...] = ()  # (byte offset, value) of the block's f16 scale fields
+    row_scale: float = 0.0  # ik_llama.cpp row-wise types: an f32 scale in front of every row
+
+    def row_bytes(self, n: int) -> int:
+        return (4 if self.row_scale else 0) + n // self.block * self.size
+
+
+# Scales: SIGMA / rms(dequantised value at scale 1) for uniformly random quant bytes, so the
+# weights are about the size of N(0, 0.02) matrices (checked in tests with gguf.quants).
+TYPES: dict[str, StorageType] = {t.name: t for t in (
+    StorageType("f32", 0, 1, 4),
+    StorageType("f16", 1, 1, 2),
+    StorageType("bf16", 30, 1, 2),
+    StorageType("q4_0", 2, 32, 18, ((0, SIGMA / 4.6),)),  # d, 16 bytes of nibbles (q - 8)
+    StorageType("q5_0", 6, 32, 22, ((0, SIGMA / 9.2),)),  # d, qh[4], qs[16] (q - 16)
+    StorageType("q8_0", 8, 32, 34, ((0, SIGMA / 74.0),)),  # d, 32 int8
+    StorageType("q4_k", 12, 256, 144, ((0, SIGMA / 265.0), (2, 7.5 * SIGMA / 265.0))),  # d, dmin (mean 0), 12 bytes of 6-bit scales/mins, qs
+    StorageType("q6_k", 14, 256, 210, ((208, SIGMA / 1400.0),)),  # ql, qh, int8 scales[16], then d at the end
+    StorageType("iq4_nl", 20, 32, 18, ((0, SIGMA / 68.0),)),  # d, 16 bytes of indices into kvalues_iq4nl
+    StorageType("iq4_xs", 23, 256, 136, ((0, SIGMA / 1300.0),)),  # d, scales_h, scales_l[4], qs[128]
+    # ik_llama.cpp: an f32 row scale, then blocks of scales[8] ((s & 254) - 127) and qs[128]
+    StorageType("iq4_ks", 144, 256, 136, row_scale=SIGMA / 5000.0),
+)}
+_FLOAT32 = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "ssm_conv1d.weight")  # never quantised
+
+
+def storage_type(name: str) -> StorageType:
+    try:
+        return TYPES[name.strip().lower()]
+    except KeyError:
+        raise ConfigError(f"unknown weight type {name!r}; the writer knows {', '.join(TYPES)}") from None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]  # torch order ([out, in])
+    norm_offset: float | None  # rms-norm weights: 0 plain, 1 zero-centred (llama.cpp stores w + 1)
+
+
+def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
+    """Every weight of the config, in graph order: names, torch shapes and norm roles."""
+    from graphir.models import BuildOptions, build
+    from graphir.ops import Op
+
+    g = build(cfg, BuildOptions(phase="pp"))
+    offsets: dict[str, float] = {}
+    for n in g.nodes:
+        if n.op == Op.RMS_NORM:
+            offsets[n.inputs[-1]] = float(n.attr.get("offset", 0.0))
+        elif n.op == Op.RMS_NORM_GATED:
+            offsets[n.inputs[-1]] = 0.0
+    return [TensorSpec(n.name, tuple(int(d) for d in n.spec.shape), offsets.get(n.name))
+            for n in g.nodes if n.op == Op.WEIGHT]
+
+
+def type_for(spec: TensorSpec, wtype: StorageType) -> StorageType:
+    """llama.cpp's choice for one tensor when a file is of type `wtype`: vectors, routers and
+    the conv kernel stay f32; rows a block does not divide fall back to f16."""
+    if len(spec.shape) == 1 or spec.name.endswith(_FLOAT32):
+        return TYPES["f32"]
+    if spec.shape[-1] % wtype.block:
+        return TYPES["f16"]
+    return wtype
+
+
+def metadata(cfg: ModelConfig, *, file_type: str = "f16") -> list[tuple[str, Any]]:
+    """(key, value) pairs as llama.cpp's converter writes them; ints are u32, floats f32."""
+    arch = GGUF_ARCH[cfg.arch]
+    kv: list[tuple[str, Any]] = [("general.architecture", arch), ("general.name", cfg.name or arch),
+                                 ("general.alignment", ALIGNMENT), ("general.file_type_name", file_type)]
+    a = lambda key, v: kv.append((f"{arch}.{key}", v))  # noqa: E731
+    a("block_count", cfg.n_layer)
+    a("context_length", cfg.max_position_embeddings)
+    a("embedding_length", cfg.hidden_size)
+    a("feed_forward_length", cfg.intermediate_size)
+    a("attention.head_count", cfg.n_head)
+    a("attention.head_count_kv", cfg.n_kv_head)
+    a("attention.key_length", cfg.head_dim)
+    a("attention.value_length", cfg.head_dim)
+    a("attention.layer_norm_rms_epsilon", float(cfg.rms_norm_eps))
+    a("rope.freq_base", float(cfg.rope_theta))
+    a("rope.dimension_count", cfg.n_rot)
+    scaling = dict(cfg.rope_scaling)
+    if scaling.get("rope_type") in ("linear", "yarn"):
+        a("rope.scaling.type", scaling["rope_type"])
+        a("rope.scaling.factor", float(scaling.get("factor", 1.0)))
+        if scaling.get("original_max_position_embeddings"):
+            a("rope.scaling.original_context_length", int(scaling["original_max_position_embeddings"]))
+    a("vocab_size", cfg.vocab_size)
+    if cfg.is_moe:
+        a("expert_count", cfg.n_expert)
+        a("expert_used_count", cfg.n_expert_used)
+        a("expert_feed_forward_length", cfg.moe_intermediate_size)
+        a("expert_weights_norm", bool(cfg.norm_topk_prob))
+        if cfg.shared_expert_intermediate_size:
+            a("expert_shared_feed_forward_length", cfg.shared_expert_intermediate_size)
+    if cfg.arch == "qwen3_next":
+        full = cfg.attention_layers
+        a("full_attention_interval", (full[0] + 1) if full else cfg.n_layer + 1)
+        a("ssm.conv_kernel", cfg.linear_conv_kernel_dim)
+        a("ssm.state_size", cfg.linear_key_head_dim)
+        a("ssm.group_count", cfg.linear_num_key_heads)
+        a("ssm.time_step_rank", cfg.linear_num_value_heads)
+        a("ssm.inner_size", cfg.linear_num_value_heads * cfg.linear_value_head_dim)
+    kv.append(("tokenizer.ggml.model", "none"))  # no vocabulary: {arch}.vocab_size gives the size
+    return kv
+
+
+# ---- random tensor data -------------------------------------------------------------------
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    return np.random.default_rng([int(seed), zlib.crc32(name.encode())])
+
+
+def _float_values(spec: TensorSpec, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n float32 values as llama.cpp stores this tensor (norms near 1, ssm_a negative)."""
+    if spec.name.endswith("ssm_a"):
+        return -(0.5 + 1.5 * rng.random(n, dtype=np.float32))  # -exp(A_log): decays in (-2, -0.5)
+    x = rng.standard_normal(n, dtype=np.float32)
+    if spec.norm_offset is not None:
+        return 1.0 + 0.1 * x  # stored norm weights are ~1 (zero-centred ones hold w + 1)
+    if spec.name.endswith("ssm_dt.bias"):
+        return 0.1 * x
+    return SIGMA * x
+
+
+def _encode_floats(x: np.ndarray, t: StorageType) -> bytes:
+    if t.name == "f32":
+        return x.astype("<f4").tobytes()
+    if t.name == "f16":
+        return x.astype("<f2").tobytes()
+    u = x.astype("<f4").view("<u4")  # bf16: round to nearest even on the upper 16 bits
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2").tobytes()
+
+
+def _random_blocks(n_blocks: int, t: StorageType, rng: np.random.Generator) -> np.ndarray:
+    """[n_blocks, size] random bytes with the f16 scale fields set to small finite values."""
+    b = rng.integers(0, 256, size=(n_blocks, t.size), dtype=np.uint8)
+    for off, scale in t.scales:
+        d = (scale * (0.75 + 0.5 * rng.random(n_blocks))).astype("<f2")
+        b[:, off:off + 2] = d.view(np.uint8).reshape(n_blocks, 2)
+    return b
+
+
+def _random_chunks(spec: TensorSpec, t: StorageType, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """The tensor's bytes: a pool of exact random rows (about _POOL_BYTES), then, for tensors
+    larger than the pool, the pool again rotated by a random number of rows per pass. Drawing
+    8 billion distinct values would take minutes of CPU; a timing run needs none of them."""
+    row = spec.shape[-1]
+    rows = int(np.prod(spec.shape)) // row
+    unit = t.row_bytes(row) if t.block > 1 else row * t.size
+    k = min(rows, max(1, _POOL_BYTES // unit))
+    if t.block == 1:
+        pool = np.frombuffer(_encode_floats(_float_values(spec, k * row, rng), t), np.uint8)
+    else:
+        pool = _random_blocks(k * (row // t.block), t, rng).reshape(k, -1)
+        if t.row_scale:
+            d = (t.row_scale * (0.75 + 0.5 * rng.random(k))).astype("<f4").view(np.uint8).reshape(k, 4)
+            pool = np.concatenate([d, pool], axis=1)
+        pool = pool.reshape(-1)
+    left = rows
+    while left:
+        o = int(rng.integers(k)) * unit if left < rows else 0
+        for piece in (pool[o:], pool[:o]):
+            piece = piece[:left * unit]
+            if piece.size:
+                yield piece
+                left -= piece.size // unit
+
+
+def _given_chunks(spec: TensorSpec, t: StorageType, a: np.ndarray) -> Iterator[bytes | np.ndarray]:
+    """A caller's array: floats are converted to the storage type, uint8 arrays are its blocks."""
+    if a.dtype == np.uint8:
+        if t.block == 1 or a.size != _nbytes(spec.shape, t):
+            raise ConfigError(f"{spec.name}: {a.size} bytes of blocks do not make a {t.name} {list(spec.shape)}")
+        yield np.ascontiguousarray(a).tobytes()
+        return
+    if tuple(a.shape) != spec.shape:
+        raise ConfigError(f"{spec.name}: array of shape {list(a.shape)}, the config needs {list(spec.shape)}")
+    if t.block != 1:
+        raise ConfigError(f"{spec.name}: a float array cannot be stored as {t.name} (pass its blocks as uint8)")
+    yield _encode_floats(np.asarray(a, dtype=np.float32).reshape(-1), t)
+
+
+def _nbytes(shape: tuple[int, ...], t: StorageType) -> int:
+    numel = int(np.prod(shape))
+    return numel // shape[-1] * t.row_bytes(shape[-1]) if t.block > 1 else numel * t.size
+
+
+# ---- the file -----------------------------------------------------------------------------
+
+def _s(x: str) -> bytes:
+    b = x.encode()
+    return struct.pack("<Q", len(b)) + b
+
+
+def _kv(key: str, v: Any) -> bytes:
+    if isinstance(v, bool):
+        return _s(key) + struct.pack("<I?", 7, v)
+    if isinstance(v, int):
+        return _s(key) + struct.pack("<II", 4, v)
+    if isinstance(v, float):
+        return _s(key) + struct.pack("<If", 6, v)
+    return _s(key) + struct.pack("<I", 8) + _s(str(v))
+
+
+def _pad(n: int) -> int:
+    return -n % ALIGNMENT
+
+
+def write_gguf(path: str | Path, cfg: ModelConfig, *, wtype: str = "f16", seed: int = 0,
+               types: Mapping[str, str] | None = None, arrays: Mapping[str, np.ndarray] | None = None,
+               progress: Callable[[str, int], None] | None = None) -> dict[str, str]:
+    """Write `cfg` as a GGUF file; returns the storage type of every tensor by name.
+
+    wtype: the matrices' type (vectors, routers and conv kernels stay f32); `types` overrides it
+    per tensor. arrays: tensor data in llama.cpp's layout by name (float arrays, or uint8 blocks
+    of the tensor's type); tensors not given are random for `seed`. The file appears only when
+    complete (written to a temporary name, then renamed).
+    """
+    return write_specs(path, cfg, tensor_specs(cfg), wtype=wtype, seed=seed, types=types, arrays=arrays,
+                       progress=progress)
+
+
+def write_specs(path: str | Path, cfg: ModelConfig, specs: list[TensorSpec], *, wtype: str = "f16", seed: int = 0,
+                types: Mapping[str, str] | None = None, arrays: Mapping[str, np.ndarray] | None = None,
+                progress: Callable[[str, int], None] | None = None) -> dict[str, str]:
+    """`write_gguf` with a tensor table of the caller's choosing (a subset, for files that must
+    lack a tensor)."""
+    if cfg.arch not in GGUF_ARCH:
+        raise ConfigError(f"no GGUF layout for architecture {cfg.arch!r}; supported: {', '.join(GGUF_ARCH)}")
+    base = storage_type(wtype)
+    given = dict(arrays or {})
+    unknown = sorted(set(given) - {s.name for s in specs})
+    if unknown:
+        raise ConfigError(f"arrays for tensors the config does not have: {', '.join(unknown)}")
+    chosen = {s.name: storage_type(types[s.name]) if types and s.name in types else type_for(s, base) for s in specs}
+    for s in specs:
+        if s.shape[-1] % chosen[s.name].block:
+            raise ConfigError(f"{s.name}: rows of {s.shape[-1]} are not whole {chosen[s.name].name} blocks")
+
+    kvs = metadata(cfg, file_type=base.name)
+    head = bytearray(b"GGUF" + struct.pack("<IQQ", 3, len(specs), len(kvs)))
+    for k, v in kvs:
+        head += _kv(k, v)
+    offset = 0
+    for s in specs:
+        t = chosen[s.name]
+        ne = tuple(reversed(s.shape))  # ggml order: fastest dimension first
+        head += _s(s.name) + struct.pack(f"<I{len(ne)}QIQ", len(ne), *ne, t.ggml, offset)
+        offset += _nbytes(s.shape, t) + _pad(_nbytes(s.shape, t))
+    head += b"\0" * _pad(len(head))
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    try:
+        with tmp.open("wb") as f:
+            f.write(head)
+            for s in specs:
+                t = chosen[s.name]
+                chunks = _given_chunks(s, t, given[s.name]) if s.name in given else \
+                    _random_chunks(s, t, _rng(seed, s.name))
+                _write_tensor(f, s, t, chunks)
+                if progress is not None:
+                    progress(s.name, _nbytes(s.shape, t))
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {s.name: chosen[s.name].name for s in specs}
+
+
+def _write_tensor(f: IO[bytes], spec: TensorSpec, t: StorageType, chunks: Iterator[bytes | np.ndarray]) -> None:
+    need, n = _nbytes(spec.shape, t), 0
+    for c in chunks:
+        f.write(c)  # numpy pieces are written from their buffers, without a copy
+        n += len(c) if isinstance(c, bytes) else c.nbytes
+    if n != need:  # a bug in a generator, never the caller's data (checked before)
+        raise AssertionError(f"{spec.name}: wrote {n} bytes, the table says {need}")
+    f.write(b"\0" * _pad(n))
+
+
+def file_size(cfg: ModelConfig, wtype: str = "f16") -> int:
+    """Bytes `write_gguf` will write for the tensor data (the header adds a few kB)."""
+    base = storage_type(wtype)
+    return sum(_nbytes(s.shape, type_for(s, base)) for s in tensor_specs(cfg))
