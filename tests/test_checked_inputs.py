@@ -270,11 +270,11 @@ def test_llama_hidden_must_be_a_multiple_of_heads(tmp_path: Path, capsys: pytest
     d = save(hf_model("llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2), tmp_path / "llama")
     cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 6, "num_key_value_heads": 3,
-                                               "head_dim": 6}))
+    del cfg["head_dim"]  # derived from hidden / heads, which must then be whole
+    (d / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 3, "num_key_value_heads": 1}))
     capsys.readouterr()
-    assert main(["stats", str(d)]) == 2
-    assert "hidden_size=32 is not a multiple of num_attention_heads=6" in _err(capsys)
+    assert main(["stats", str(d)]) == 2  # was: head_dim 32 // 3 = 10, silently
+    assert "hidden_size=32 is not a multiple of num_attention_heads=3" in _err(capsys)
 
 
 def test_moe_sparse_step_zero_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

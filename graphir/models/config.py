@@ -288,8 +288,9 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
                 linear_conv_kernel_dim=_int(d, "linear_conv_kernel_dim", 4),
             )
         cfg = ModelConfig(**fields)
-        # transformers derives head_dim = hidden / heads, and LlamaConfig requires it whole
-        if ("head_dim" not in d or mt == "llama") and hidden % n_head:
+        # without head_dim, transformers derives it as hidden / heads: a remainder is a typo,
+        # not something to truncate (LlamaConfig refuses it; an explicit head_dim defines the model)
+        if "head_dim" not in d and hidden % n_head:
             raise ConfigError(f"hidden_size={hidden} is not a multiple of num_attention_heads={n_head}")
         return cfg
     except ConfigError:
