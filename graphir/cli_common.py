@@ -8,24 +8,14 @@ from pathlib import Path
 from graphir.errors import GraphirError
 from graphir.fileio import write_atomic
 from graphir.models import BuildOptions, build
-from graphir.models.sources import ModelSource, load_source
+from graphir.models.sources import ModelSource, load_source, weight_scheme
 from graphir.graph import Graph
-from graphir.quant import QuantScheme, gguf_types, scheme, uniform
-
-_TORCH_DTYPES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
+from graphir.quant import QuantScheme
 
 
 def source_quant(src: ModelSource, quant: str | None) -> QuantScheme:
     """--quant wins; else a GGUF's own tensor table; else the checkpoint's torch dtype."""
-    base = uniform(_TORCH_DTYPES.get(src.cfg.torch_dtype, "bf16"))
-    if quant:
-        try:
-            return scheme(quant)
-        except ValueError as e:
-            raise GraphirError(str(e)) from None
-    if src.kind == "gguf":
-        return gguf_types(dict(src.tensor_types), label="gguf")
-    return base
+    return weight_scheme(src, quant)
 
 
 def parse_layers(spec: str | None, n_layer: int) -> range | None:

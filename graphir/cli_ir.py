@@ -11,7 +11,7 @@ import typer
 from graphir.cli_common import emit, load_graph
 from graphir.errors import GraphirError
 from graphir.graph import Graph
-from graphir.models.sources import load_preset, preset_names
+from graphir.models.sources import load_preset, preset_names, weights_label
 from graphir.ops import DEFS, Op
 from graphir.serialize import to_dot, to_json
 from graphir.stats import graph_stats
@@ -68,12 +68,13 @@ def register(app: typer.Typer) -> None:
             raise GraphirError(f"--format must be table or json, got {format!r}")
         src, g = load_graph(model, "tg", quant, kv_type)
         s = graph_stats(g, depth)
-        d = {"model": src.cfg.name or str(model), "arch": src.cfg.arch, **s.as_dict()}
+        d = {"model": src.cfg.name or str(model), "arch": src.cfg.arch, **s.as_dict(),
+             "weights": weights_label(src, quant)}
         if format == "json":
             typer.echo(json.dumps(d, indent=1))
             return
         gib = 1024 ** 3
-        typer.echo(f"{d['model']} ({d['arch']}), weights {s.quant}, KV cache {s.kv_type}")
+        typer.echo(f"{d['model']} ({d['arch']}), {d['weights']}, KV cache {s.kv_type}")
         typer.echo(f"  parameters         {s.params_total:>18,}")
         typer.echo(f"  active per token   {s.params_active:>18,}")
         typer.echo(f"  weight bytes       {s.weight_bytes:>18,}  ({s.weight_bytes / gib:.2f} GiB, "

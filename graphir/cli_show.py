@@ -146,19 +146,21 @@ def gantt(panels: Sequence[Panel], devices: Sequence[str], ops: dict[str, Op], t
 
 def timeline(model: str, *, hw: str = "2x3090", engine: str = "ik_llama.cpp", quant: str | None = None,
              kv_type: str = "f16", split: str = "graph", ts: str | None = None, max_gpu: int | None = None,
-             recurrent: str = "single", gpus: int | None = None, depth: int = 0, ubatch: int = 2048
-             ) -> tuple[list[Panel], tuple[str, ...], dict[str, Op], str]:
+             recurrent: str = "single", gpus: int | None = None, depth: int = 0, ubatch: int = 2048,
+             allow_overflow: bool = False) -> tuple[list[Panel], tuple[str, ...], dict[str, Op], str]:
     """Trace one PP step (a u-batch) and one TG step (a token) at depth N_KV = `depth`; panels:
-    PP, PP zoomed on the first layers (long models), TG."""
+    PP, PP zoomed on the first layers (long models), TG. The title's second line states the
+    weight and KV types and the memory per GPU; a placement that does not fit the GPUs (cache
+    at depth + u-batch) is an error unless `allow_overflow`."""
     from backends.costmodel.placement import PlaceOptions, place
-    from backends.costmodel.predict import resolve_quant
+    from backends.costmodel.predict import fit_check, memory_per_device, resolve_quant, select_gpus
     from backends.costmodel.price import price
     from backends.costmodel.profiles import load_engine, resolve_system
     from backends.costmodel.timeline import trace
     from passes.devices import parse_ts
 
     from graphir.models import BuildOptions
-    from graphir.models.sources import load_source
+    from graphir.models.sources import load_source, weights_label
     from graphir.quant import scheme
 
     if split not in ("layer", "graph") or recurrent not in ("single", "split"):
@@ -169,15 +171,24 @@ def timeline(model: str, *, hw: str = "2x3090", engine: str = "ik_llama.cpp", qu
     sysm, eng = resolve_system(hw), load_engine(engine)
     src = load_source(model)
     q = resolve_quant(src, quant)
-    devices = sysm.devices[: gpus or sysm.count]
+    devices = select_gpus(sysm, gpus)
     ratios = parse_ts(ts, len(devices)) if ts else None
     po = PlaceOptions(split, devices, ratios, max_gpu, recurrent)  # type: ignore[arg-type]
     panels, ops = [], {}
+    facts = ""
     for phase in ("pp", "tg"):
         # sweep-bench asks for the last row's logits only, as `predict` prices it
         opts = BuildOptions(phase=phase, quant=scheme(q, default="bf16"), kv_type=kv_type,  # type: ignore[arg-type]
                             logits="last")
         g = place(src.cfg, opts, po)
+        if phase == "pp":  # before any tracing: the cache holds depth + this u-batch
+            mem = memory_per_device(g, depth + ubatch)
+            warning = fit_check(split, g.device_list(), mem, sysm, depth + ubatch, allow_overflow)
+            if warning:
+                typer.echo(f"warning: {warning}", err=True)
+            facts = (f"{weights_label(src, quant)}, KV {kv_type}; memory per GPU at N_KV {depth} + {ubatch}: "
+                     + ", ".join(f"{d} {gb * 1e9 / 2**30:.2f}" for d, gb in zip(g.device_list(), mem))
+                     + f" GiB of {sysm.gpu.mem_GB * 1e9 / 2**30:.2f}")
         ops.update({n.name: n.op for n in g.nodes})
         spans = trace(price(g, ubatch), sysm, eng, float(depth))
         total = max(s.end for s in spans)
@@ -195,18 +206,19 @@ def timeline(model: str, *, hw: str = "2x3090", engine: str = "ik_llama.cpp", qu
             panels.append((f"PP zoomed on layers 0-{ZOOM_LAYERS - 1}: {end * 1e3:.1f} ms",
                            [sp for sp in spans if sp.start < end], end,
                            [(t, f"blk.{i}") for i, t in sorted(starts.items())]))
-    title = (f"{src.cfg.name or model} on {sysm.name}, {eng.name}, split {split}, "
-             f"{quant or 'default quant'}, KV {kv_type} (predicted)")
+    title = f"{src.cfg.name or model} on {sysm.name}, {eng.name}, split {split} (predicted)\n{facts}"
     return panels, devices, ops, title
 
 
-def _spans_text(panels: Sequence[Panel], ops: dict[str, Op], fmt: str) -> str:
+def _spans_text(panels: Sequence[Panel], ops: dict[str, Op], fmt: str, title: str = "") -> str:
+    """The trace as JSON (`title`, `spans`) or CSV (the title as '#' comment lines)."""
     rows = [{"phase": ph, "device": s.device, "start_s": round(s.start, 9), "end_s": round(s.end, 9),
              "node": s.node, "op": ops[s.node].value, "kind": op_kind(ops[s.node])}
             for ph, (_, spans, _, _) in zip(("pp", "tg"), panels[:1] + panels[-1:]) for s in spans]
     if fmt == "json":
-        return json.dumps({"spans": rows}, indent=1) + "\n"
+        return json.dumps({"title": title, "spans": rows}, indent=1) + "\n"
     buf = io.StringIO()
+    buf.write("".join(f"# {line}\n" for line in title.splitlines()))
     w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["phase"], lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
@@ -264,6 +276,8 @@ def register(app: typer.Typer) -> None:
                      gpus: Optional[int] = typer.Option(None, "--gpus", help="use only the first N GPUs"),
                      depth: int = typer.Option(0, "--depth", help="N_KV: tokens already in the cache"),
                      ubatch: int = typer.Option(2048, "--ubatch", help="tokens of the PP step"),
+                     allow_overflow: bool = typer.Option(False, "--allow-overflow", help="draw placements that "
+                                                         "do not fit the GPUs' memory (a warning, not an error)"),
                      out: str = typer.Option(..., "-o", "--out", help="timeline.png | .svg (chart), "
                                              ".csv | .json (the trace)")) -> None:
         """Gantt chart per GPU of one predicted PP step and one TG step: where each GPU works and idles."""
@@ -272,8 +286,8 @@ def register(app: typer.Typer) -> None:
             raise GraphirError(f"-o must end in .png, .svg, .pdf, .csv or .json, got {out!r}")
         panels, devs, ops, title = timeline(model, hw=hw, engine=engine, quant=quant, kv_type=kv_type, split=split,
                                             ts=ts, max_gpu=max_gpu, recurrent=recurrent, gpus=gpus, depth=depth,
-                                            ubatch=ubatch)
+                                            ubatch=ubatch, allow_overflow=allow_overflow)
         if suffix in ("csv", "json"):
-            write_atomic(out, _spans_text(panels, ops, suffix))
+            write_atomic(out, _spans_text(panels, ops, suffix, title))
         else:
             gantt(panels, devs, ops, title, out)

@@ -37,8 +37,34 @@ _FIELDS = ("pp", "tg", "n_kv", "t_pp_s", "s_pp_tps", "t_tg_s", "s_tg_tps")
 _DIGITS = {"t_pp_s": 6, "s_pp_tps": 3, "t_tg_s": 6, "s_tg_tps": 3}
 
 
+# The most rows a sweep may have: 4096 rows cover a 1M-token context at u-batch 256. More is
+# a typo (--ctx 1000000000) that would otherwise run for minutes and exhaust memory.
+MAX_ROWS = 4096
+
+
 class TableError(GraphirError):
     """Malformed or unusable sweep table; the message is one line naming the source."""
+
+
+class SweepError(GraphirError):
+    """A sweep that cannot be run or predicted as asked (sizes, row count)."""
+
+
+def sweep_shape(ubatch: int, tg: int, ctx: int) -> tuple[int, tuple[str, ...]]:
+    """(u-batch, notes) of a sweep with rows at N_KV = 0, ub, 2 ub, ... < ctx, checked before
+    any work. A u-batch above ctx is clamped to ctx, as llama.cpp keeps n_ubatch <= n_ctx, and
+    a note says so (the header prints it); more than MAX_ROWS rows is an error."""
+    if ubatch < 1 or tg < 1 or ctx < 1:
+        raise SweepError(f"--ubatch, --tg and --ctx must be positive, got {ubatch}, {tg}, {ctx}")
+    notes: list[str] = []
+    if ubatch > ctx:
+        notes.append(f"u-batch {ubatch} clamped to the context {ctx} (llama.cpp keeps n_ubatch <= n_ctx)")
+        ubatch = ctx
+    rows = -(-ctx // ubatch)
+    if rows > MAX_ROWS:
+        raise SweepError(f"--ctx {ctx} at --ubatch {ubatch} gives {rows:,} rows, more than the {MAX_ROWS} a "
+                         f"sweep may have; raise --ubatch or lower --ctx")
+    return ubatch, tuple(notes)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from graphir.cli_common import emit, source_quant
 from graphir.errors import GraphirError
 from graphir.graph import Graph
 from graphir.models import BuildOptions, ModelConfig, build
-from graphir.models.sources import load_source
+from graphir.models.sources import load_source, weights_label
 from graphir.ops import Op
 from graphir.serialize import to_json
 from graphir.text import to_text
@@ -26,7 +26,7 @@ from passes.auto import AutoPlan, AutoWorkload, place_auto
 from passes.count import count_nodes, estimate_nodes
 from passes.devices import parse_devices, parse_ts
 from passes.manager import PassContext, PipelineResult, registered, run_pipeline
-from passes.memory import describe, parse_mem, plan_memory
+from passes.memory import GIB, describe, fit_problem, parse_mem, plan_memory
 
 SPLITS = ("layer", "graph", "auto")
 
@@ -63,9 +63,11 @@ def place(model: str, *, split: str | None = "graph", devices: str = "2", ts: st
           passes: str | None = None, user_passes: Sequence[str] | None = None, phase: str = "pp",
           quant: str | None = None, kv_type: str = "f16", mem: str | None = None, ctx_len: int = 4096,
           ubatch: int = 512, dump_dir: str | None = None, require_placed: bool = True,
-          auto: AutoOptions | None = None) -> tuple[PassContext, BuildOptions, PipelineResult]:
-    """The `place` verb as a function: build MODEL, run the pipeline, check memory. Under
-    `--split auto` the search runs first; its plan is in the context's options (`auto_plan`)."""
+          auto: AutoOptions | None = None, allow_overflow: bool = False
+          ) -> tuple[PassContext, BuildOptions, PipelineResult]:
+    """The `place` verb as a function: build MODEL, run the pipeline, check memory (`--mem`:
+    an error unless `allow_overflow`, then a warning on stderr). Under `--split auto` the
+    search runs first; its plan is in the context's options (`auto_plan`)."""
     cfg, opts, g = load(model, phase, quant, kv_type)
     pctx = make_context(cfg, devices, ts, max_gpu, recurrent, reduce_dtype, mem, ctx_len, ubatch)
     pipeline: tuple = build_pipeline(split, passes, user_passes)
@@ -73,9 +75,15 @@ def place(model: str, *, split: str | None = "graph", devices: str = "2", ts: st
         plan = auto_plan(g, pctx, auto or AutoOptions())
         pctx = replace(pctx, options=pctx.options + (("auto_plan", plan),))
         pipeline = (plan.placer((auto or AutoOptions()).at_depth),) + pipeline[1:]
-    if pctx.mem is not None:
+    if pctx.mem is not None and not allow_overflow:
         pipeline += ("check_memory",)
     res = run_pipeline(g, pipeline, pctx, dump_dir=dump_dir)
+    if pctx.mem is not None and allow_overflow:
+        plan = plan_memory(res.graph, pctx.ctx_len, pctx.ubatch)
+        problem = fit_problem({d.device: d.total for d in plan.devices}, dict(zip(pctx.devices, pctx.mem)),
+                              f"ctx {pctx.ctx_len}")
+        if problem:
+            typer.echo(f"warning: {problem}", err=True)
     if require_placed and not res.graph.placed:
         left = sum(1 for n in res.graph.nodes if not n.device)
         raise GraphirError(f"the pipeline left {left} node(s) without a device: give --split layer|graph "
@@ -107,14 +115,17 @@ def auto_plan(g: Graph, pctx: PassContext, ao: AutoOptions) -> AutoPlan:
     return place_auto(g, pctx.require_cfg("place_auto"), pctx.devices, wl, ao.hw, ao.engine, ts=pctx.ts).plan
 
 
-def summary(g: Graph, res: PipelineResult, pctx: PassContext) -> str:
+def summary(g: Graph, res: PipelineResult, pctx: PassContext, weights: str = "") -> str:
     counts = count_nodes(g)
     mem = plan_memory(g, pctx.ctx_len, pctx.ubatch)
+    caps = dict(zip(pctx.devices, pctx.mem or ()))
     lines = [f"placed {g.info.get('model', '')} phase={g.info.get('phase')} split={g.info.get('split', '-')} "
              f"devices={g.info.get('devices', '-')}",
+             f"  {weights or 'weights ' + str(g.info.get('quant', '?'))}, KV {g.info.get('kv_type', '?')}",
              f"  nodes {counts.total}  copies {len(g.by_op(Op.COPY))}  all_reduces {len(g.by_op(Op.ALL_REDUCE))}"]
     lines += [f"  {d:<8} nodes {k:>6}" for d, k in counts.per_device]
-    lines += [f"  memory at ctx {pctx.ctx_len}: {describe(m)}" for m in mem.devices]
+    lines += [f"  memory at ctx {pctx.ctx_len}: {describe(m)}"
+              + (f" of {caps[m.device] / GIB:.2f} GiB" if m.device in caps else "") for m in mem.devices]
     lines += [f"  pass {r.name:<16} {1e3 * r.seconds:8.1f} ms  verify {1e3 * r.verify_seconds:6.1f} ms  "
               f"nodes {r.nodes_before} -> {r.nodes_after}" for r in res.reports]
     plan = pctx.option("auto_plan")
@@ -152,6 +163,8 @@ def register(app: typer.Typer) -> None:
                                                        help="auto: N_KV list (default 0, ub, .. < ctx)"),
                   weights: str = typer.Option("1,1", "--weights", help="auto: weight of PP and of TG time, e.g. 1,3"),
                   at_depth: int = typer.Option(0, "--at-depth", help="auto: write the plan's placement at this N_KV"),
+                  allow_overflow: bool = typer.Option(False, "--allow-overflow", help="--mem: a placement that "
+                                                      "does not fit is a warning, not an error"),
                   out: Optional[str] = typer.Option(None, "-o", "--out")) -> None:
         """Place MODEL on devices (layer, graph or auto split, or user passes) and print or write it."""
         if format not in ("text", "json", "summary"):
@@ -160,10 +173,11 @@ def register(app: typer.Typer) -> None:
         pctx, _, res = place(model, split=split, devices=devices, ts=ts, max_gpu=max_gpu, recurrent=recurrent,
                              reduce_dtype=reduce_dtype, passes=passes, user_passes=user_pass, phase=phase,
                              quant=quant, kv_type=kv_type, mem=mem, ctx_len=ctx, ubatch=ubatch, dump_dir=dump,
-                             auto=auto)
+                             auto=auto, allow_overflow=allow_overflow)
         g = res.graph
+        label = weights_label(load_source(model), quant)
         body = {"text": to_text, "json": lambda x: to_json(x, indent=1),
-                "summary": lambda x: summary(x, res, pctx)}[format](g)
+                "summary": lambda x: summary(x, res, pctx, label)}[format](g)
         emit(body, out)
 
     @app.command("nodes")

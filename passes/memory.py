@@ -154,4 +154,22 @@ def check_fit(plan: MemoryPlan, capacity: Mapping[str, int] | Sequence[int]) -> 
     over = [d for d in plan.devices if d.total > caps.get(d.device, 0)]
     if over:
         parts = [f"{describe(d)} of {_gib(caps.get(d.device, 0))} GiB" for d in plan.devices]
-        raise MemoryPlanError(f"does not fit at ctx {plan.ctx}: " + "; ".join(parts))
+        raise MemoryPlanError(f"does not fit at ctx {plan.ctx}: " + "; ".join(parts)
+                              + " (pass --allow-overflow to place it anyway)")
+
+
+def fit_problem(need: Mapping[str, float], have: Mapping[str, float], what: str = "") -> str | None:
+    """One line with each device's need against its capacity (bytes in, GiB out) when any
+    device overflows, else None. `what` names the placement (`split layer at ctx 4096`)."""
+    if all(need[d] <= have.get(d, 0) for d in need):
+        return None
+    parts = ", ".join(f"{d} needs {need[d] / GIB:.2f} GiB of {have.get(d, 0) / GIB:.2f} GiB" for d in need)
+    return f"does not fit{' (' + what + ')' if what else ''}: {parts}"
+
+
+def enforce_fit(problem: str | None, allow_overflow: bool, hint: str = "") -> str | None:
+    """Raise MemoryPlanError for `problem` unless `allow_overflow`; else hand it back for the
+    caller to print as a warning (None when it fits)."""
+    if problem and not allow_overflow:
+        raise MemoryPlanError(f"{problem}; {hint + ', or ' if hint else ''}pass --allow-overflow to go on anyway")
+    return problem

@@ -54,7 +54,8 @@ def test_run_csv_columns_and_rows(tiny: Path, tmp_path: Path) -> None:
 def test_run_table_json_and_layers(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", str(tiny), "--devices", "cpu", "--ubatch", "8", "--tg", "2", "--ctx", "16",
                  "--layers", "1:3"]) == 0
-    text = capsys.readouterr().out
+    head, _, text = capsys.readouterr().out.partition("\n\n")  # '# model: weights, KV, memory', the table
+    assert head.startswith("# tiny0: random weights (seed 0), KV bf16; memory per device (GiB): host ")
     assert text.startswith("|    PP |     TG |   N_KV |") and text.count("\n") == 4
     assert main(["run", str(tiny), "--devices", "cpu,cpu", "--split", "graph", "--recurrent", "split",
                  "--ubatch", "8", "--tg", "2", "--ctx", "8", "--format", "json"]) == 0

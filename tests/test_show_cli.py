@@ -60,7 +60,7 @@ def test_show_and_timeline_user_errors_exit_2(args: list[str], capsys: pytest.Ca
 def trace_rows(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
     out = tmp_path_factory.mktemp("tl") / "trace.csv"
     assert main(["timeline", *QN, "--hw", "2x3090", "--kv-type", "q8_0", "--split", "graph", "-o", str(out)]) == 0
-    return list(csv.DictReader(out.open()))
+    return list(csv.DictReader(line for line in out.open() if not line.startswith("#")))
 
 
 def test_timeline_trace_shows_the_second_gpu_idle_during_a_delta_net_layer(trace_rows: list[dict[str, str]]) -> None:

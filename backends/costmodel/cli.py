@@ -91,7 +91,7 @@ def predict_cmd(
     hw: str = typer.Option("2x3090", "--hw", help="system name (2x3090, 2xH200, 3xH100) or YAML file"),
     engine: str = typer.Option("ik_llama.cpp", "--engine", help="engine name or YAML file"),
     quant: Optional[str] = typer.Option(None, "--quant", help="file type (IQ4_XS, Q4_K_M, IQ4_KS), ggml type "
-                                        "or FILE.gguf (its tensor types); default: the GGUF's own types, else Q4_K_M"),
+                                        "or FILE.gguf (its tensor types); default: the GGUF's own types, else the source's own (a preset: bf16)"),
     kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type (f16, q8_0, q6_0, ...)"),
     split: str = typer.Option("layer,graph", "--split", help="split modes to predict: layer, graph, auto"),
     ts: Optional[str] = typer.Option(None, "--ts", help="split ratios per GPU, e.g. 1,1"),
@@ -108,6 +108,8 @@ def predict_cmd(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="write here instead of stdout"),
     engine_flags: Optional[str] = typer.Option(None, "--engine-flags", help="the engine's own flags that change "
                                                "time, as you pass them to it: \"-sas -grt f16 -mqkv --no-nccl\""),
+    allow_overflow: bool = typer.Option(False, "--allow-overflow", help="predict placements that do not "
+                                        "fit the GPUs' memory (a warning instead of an error)"),
 ) -> None:
     """Predict the llama-sweep-bench table per split mode, with breakdowns and crossovers."""
     from backends.costmodel import report
@@ -127,7 +129,9 @@ def predict_cmd(
     if recurrent not in ("single", "split"):
         raise CostModelCliError(f"--recurrent must be single or split, got {recurrent!r}")
     pred = predict(model, hw, engine, quant, kv_type, _splits(split), _ts(ts), max_gpu, recurrent,
-                   Workload(ubatch, tg, ctx), gpus, options=opts)
+                   Workload(ubatch, tg, ctx), gpus, allow_overflow, options=opts)
+    for w in pred.warnings:
+        typer.echo(f"warning: {w}", err=True)
     text = {"table": report.format_table, "csv": report.format_csv, "json": report.format_json}[fmt](pred)
     for name, plan in pred.plans.items():  # why auto chose what it did (CSV: '#' comments)
         why = plan.explain()

@@ -8,7 +8,7 @@ breakdown, per-device utilisation and energy per token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -21,11 +21,12 @@ from backends.costmodel.timeline import TERMS, Timeline, evaluate
 from graphir.errors import GraphirError
 from graphir.graph import Graph
 from graphir.models import BuildOptions, ModelConfig, build
-from graphir.models.sources import ModelSource, load_source
+from graphir.models.sources import ModelSource, load_source, weight_scheme, weights_label
 from graphir.ops import Op
 from graphir.progress import track
-from graphir.quant import QuantScheme, gguf_types, scheme
-from graphir.sweep import SweepRow, SweepTable, crossover
+from graphir.quant import QuantScheme, scheme
+from graphir.sweep import SweepRow, SweepTable, crossover, sweep_shape
+from passes.memory import enforce_fit, fit_problem
 
 TERM_LABELS = {"compute": "compute", "weights": "weight bytes", "kv": "KV bytes",
                "activations": "activation/state bytes", "comm": "communication", "launch": "launch/sync"}
@@ -94,6 +95,9 @@ class Prediction:
     modes: dict[str, ModePrediction] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     plans: dict[str, Any] = field(default_factory=dict)  # split -> passes.AutoPlan (auto only)
+    weights: str = ""  # the weight types priced, as the header says them (sources.weights_label)
+    kv_type: str = ""
+    notes: tuple[str, ...] = ()  # what the workload was adjusted to (a clamped u-batch)
 
     def table(self) -> SweepTable:
         return SweepTable(tuple(r for m in self.modes.values() for r in m.rows), self.model)
@@ -143,27 +147,45 @@ def place_and_price(cfg: ModelConfig, quant: str | QuantScheme | None, kv_type: 
 
 
 def resolve_quant(src: ModelSource, quant: str | None) -> str | QuantScheme:
-    """`--quant` (a file or ggml type, or a GGUF whose tensor table is read once here) or, when
-    absent, a GGUF model's own types, else the common Q4_K_M."""
-    if quant is not None:
-        return scheme(quant)
-    return gguf_types(dict(src.tensor_types)) if src.tensor_types else "Q4_K_M"
+    """`--quant`, else the source's own types: every verb's one default (sources.weight_scheme)."""
+    return weight_scheme(src, quant)
+
+
+def select_gpus(sysm: System, n: int | None) -> tuple[str, ...]:
+    """The first `n` GPUs of the system (all when None); n outside 1..count is an error."""
+    if n is None:
+        return sysm.devices
+    if not 1 <= n <= sysm.count:
+        raise WorkloadError(f"--gpus {n}: {sysm.name} has {sysm.count} GPU(s); use 1..{sysm.count}")
+    return sysm.devices[:n]
+
+
+def fit_check(split: str, devices: Sequence[str], memory_GB: Sequence[float], sysm: System, ctx: int,
+              allow_overflow: bool) -> str | None:
+    """Raise (passes.memory.MemoryPlanError) when a device's weights and caches exceed its GPU,
+    unless `allow_overflow`; then return the one-line problem for a warning."""
+    need = {d: gb * 1e9 for d, gb in zip(devices, memory_GB)}
+    problem = fit_problem(need, {d: sysm.gpu.mem_GB * 1e9 for d in need}, f"split {split} on {sysm.name} at ctx {ctx}")
+    return enforce_fit(problem, allow_overflow, "use a smaller --quant or --ctx, more --gpus")
 
 
 def predict(model: str, hw: str | System = "2x3090", engine: str | Engine = "ik_llama.cpp",
             quant: str | None = None, kv_type: str = "f16", splits: Sequence[str] = ("layer", "graph"),
             ts: tuple[float, ...] | None = None, max_gpu: int | None = None, recurrent: str = "single",
             workload: Workload | None = None, n_devices: int | None = None,
-            options: EngineOptions | None = None) -> Prediction:
+            allow_overflow: bool = False, options: EngineOptions | None = None) -> Prediction:
     """Predict the sweep table of `model` on `hw` for each split mode (`options`: the engine's
-    own flags, backends.costmodel.options)."""
+    own flags, backends.costmodel.options). A placement that does not fit the GPUs is an error
+    unless `allow_overflow` (then a warning)."""
     sysm0 = hw if isinstance(hw, System) else resolve_system(hw)
     eng0 = engine if isinstance(engine, Engine) else load_engine(engine)
     opts = options or EngineOptions()
     wl = workload or Workload()
+    ubatch, notes = sweep_shape(wl.ubatch, wl.tg, wl.ctx)
+    wl = replace(wl, ubatch=ubatch)
     src = load_source(model)
     q = resolve_quant(src, quant)
-    devices = sysm0.devices[: n_devices or sysm0.count]
+    devices = select_gpus(sysm0, n_devices)
     modes: dict[str, ModePrediction] = {}
     warnings: list[str] = []
     plans: dict[str, Any] = {}
@@ -173,17 +195,18 @@ def predict(model: str, hw: str | System = "2x3090", engine: str | Engine = "ik_
         if split == "auto":
             modes[split], plans[split] = predict_auto(src.cfg, q, kv_type, devices, sysm, eng, wl, ts)
             warnings += [f"auto: {x}" for x in plans[split].notes]
+            warnings += [w for w in [fit_check(split, devices, modes[split].memory_GB, sysm, wl.ctx,
+                                               allow_overflow)] if w]
             continue
         po = PlaceOptions(split, devices, ts, max_gpu, recurrent)  # type: ignore[arg-type]
         pp, tg, g = place_and_price(src.cfg, q, kv_type, po, wl.ubatch, tuple(eng.passes) + extra)
         mem = memory_per_device(g, wl.ctx)
-        for dev, gb in zip(g.device_list(), mem):
-            if gb > sysm.gpu.mem_GB:
-                warnings.append(f"{split}: {dev} needs {gb:.1f} GB for weights and caches at "
-                                f"{wl.ctx} tokens; a {sysm.gpu.name} has {sysm.gpu.mem_GB:g} GB")
+        # before the sweep is evaluated: a context the caches cannot hold stops here
+        warnings += [w for w in [fit_check(split, g.device_list(), mem, sysm, wl.ctx, allow_overflow)] if w]
         modes[split] = predict_placed(pp, tg, sysm, eng, wl, split, mem)
     eng, sysm, _ = apply(opts, eng0, sysm0, "layer")  # what the flags make of the rig, for headers
-    return Prediction(src.cfg.name or model, sysm, eng, wl, modes, tuple(warnings), plans)
+    return Prediction(src.cfg.name or model, sysm, eng, wl, modes, tuple(warnings), plans,
+                      weights_label(src, quant), kv_type, notes)
 
 
 def predict_auto(cfg: ModelConfig, quant: str | QuantScheme, kv_type: str, devices: Sequence[str], sysm: System,

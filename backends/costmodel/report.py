@@ -13,6 +13,22 @@ from backends.costmodel.predict import TERM_LABELS, ModePrediction, Prediction
 from backends.costmodel.timeline import TERMS
 from graphir.fileio import write_atomic as atomic_write
 from graphir.sweep import Comparison, SweepTable, crossover, format_markdown, write_csv
+from passes.memory import GIB
+
+
+def _gib(gb: float) -> float:
+    """The cost model's profiles count decimal GB; every output says GiB."""
+    return round(gb * 1e9 / GIB, 2)
+
+
+def header_lines(pred: Prediction) -> list[str]:
+    """What every format states before its rows: the weight and KV types priced, the memory per
+    GPU (GiB) of each split against the GPU's, and any adjustment of the workload."""
+    mem = "; ".join(f"{split} " + ", ".join(f"{_gib(gb):.2f}" for gb in m.memory_GB)
+                    for split, m in pred.modes.items() if m.memory_GB)
+    out = [f"{pred.weights or 'weights ?'}, KV {pred.kv_type or '?'}; memory per GPU (GiB, of "
+           f"{_gib(pred.system.gpu.mem_GB):.2f} each): {mem or '-'}"]
+    return out + [f"note: {n}" for n in pred.notes]
 
 
 def _share(m: ModePrediction, phase: str) -> tuple[list[str], np.ndarray]:
@@ -36,7 +52,7 @@ def format_table(pred: Prediction) -> str:
     wl = pred.workload
     out = [f"# {pred.model} on {pred.system.name} ({pred.system.count}x {pred.system.gpu.name}, "
            f"link {pred.system.link.name}), engine {pred.engine.name}; u-batch {wl.ubatch}, "
-           f"TG {wl.tg}, ctx {wl.ctx}\n"]
+           f"TG {wl.tg}, ctx {wl.ctx}\n"] + [f"# {line}\n" for line in header_lines(pred)]
     for split, m in pred.modes.items():
         out.append(f"\n## split mode {split}\n\n")
         out.append(format_markdown(m.rows))
@@ -58,7 +74,7 @@ def format_table(pred: Prediction) -> str:
             out.append(f"{split} {ph.upper()}: dominant term {TERM_LABELS[t]} ({s:.0%} of the sweep's time)\n")
         if m.memory_GB:
             out.append(f"{split}: memory per device (weights + caches at ctx) "
-                       + ", ".join(f"{g:.1f} GB" for g in m.memory_GB) + "\n")
+                       + ", ".join(f"{_gib(g):.2f} GiB" for g in m.memory_GB) + "\n")
     names = list(pred.modes)
     if "layer" in pred.modes and "graph" in pred.modes:
         out.append("\n## graph vs layer\n\n")
@@ -75,8 +91,10 @@ def format_table(pred: Prediction) -> str:
 
 def format_csv(pred: Prediction) -> str:
     buf = io.StringIO()
-    write_csv(pred.table().rows, buf, comment=f"predicted: {pred.model} on {pred.system.name}, "
-                                              f"engine {pred.engine.name}")
+    wl = pred.workload
+    write_csv(pred.table().rows, buf, comment="\n".join(
+        [f"predicted: {pred.model} on {pred.system.name}, engine {pred.engine.name}; u-batch {wl.ubatch}, "
+         f"TG {wl.tg}, ctx {wl.ctx}"] + header_lines(pred)))
     return buf.getvalue()
 
 
@@ -91,7 +109,7 @@ def _mode_json(m: ModePrediction) -> dict[str, Any]:
         "dominant": {"pp": m.dominant("pp"), "tg": m.dominant("tg")},
         "utilisation": {ph: m.utilisation(ph).T.round(4).tolist() for ph in ("pp", "tg")},
         "energy_j_per_token": {ph: [float(x) for x in m.energy_per_token(ph)] for ph in ("pp", "tg")},
-        "memory_GB": list(m.memory_GB),
+        "memory_GiB": [_gib(g) for g in m.memory_GB],
     }
 
 
@@ -100,8 +118,10 @@ def format_json(pred: Prediction) -> str:
         "model": pred.model, "hw": pred.system.name, "gpu": pred.system.gpu.name, "gpus": pred.system.count,
         "link": pred.system.link.name, "engine": pred.engine.name,
         "workload": {"ubatch": pred.workload.ubatch, "tg": pred.workload.tg, "ctx": pred.workload.ctx},
+        "weights": pred.weights, "kv_type": pred.kv_type, "gpu_memory_GiB": _gib(pred.system.gpu.mem_GB),
+        "memory_GiB_per_gpu": {k: [_gib(g) for g in m.memory_GB] for k, m in pred.modes.items()},
         "terms": list(TERMS), "modes": {k: _mode_json(m) for k, m in pred.modes.items()},
-        "warnings": list(pred.warnings),
+        "warnings": list(pred.warnings), "notes": list(pred.notes),
     }
     if "layer" in pred.modes and "graph" in pred.modes:
         doc["crossover"] = {m: pred.crossover(m) for m in ("pp", "tg")}

@@ -15,6 +15,9 @@ import typer
 from graphir.errors import GraphirError
 
 SPLITS = ("layer", "graph", "auto")
+RANDOM_HELP = ("run on seeded random weights (a checkpoint directory without readable weights is "
+               "an error otherwise; a preset or config.json has none and always runs random)")
+OVERFLOW_HELP = "go on when the estimate says the host's or GPUs' memory is too small (a warning)"
 DEFAULT_PASSES = "fold_shared_expert,merge_siblings,merge_qkv,merge_up_gate,contiguous_heads,fuse_delta_net_gates"
 
 
@@ -77,36 +80,107 @@ def _auto_placer(cfg: Any, devices: tuple[str, ...], ratios: Any, ubatch: int, t
     return place_auto_plan
 
 
+def header(source: Any, random_weights: bool, seed: int, dtype: str, plan: Any, devices: tuple[str, ...],
+           notes: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What an execution states before its results: the weights (random or the source's own
+    types, computed in `dtype`), the KV type and the memory per device (GiB, as estimated;
+    CPU devices share the host's memory: one figure)."""
+    from backends.cuda.memcheck import gib_per_device
+    from graphir.models.sources import uses_random_weights, weights_label
+
+    what = (f"random weights (seed {seed})" if uses_random_weights(source, random_weights)
+            else f"{weights_label(source)}, computed in {dtype}")
+    cpu = all(d.startswith("cpu") for d in devices)
+    return {"weights": what, "kv_type": dtype, "memory_GiB": dict(gib_per_device(plan, "host" if cpu else devices[0])),
+            "notes": list(notes)}
+
+
+HEADER_KEYS = ("weights", "kv_type", "memory_GiB", "notes")
+
+
+def header_line(h: dict[str, Any]) -> str:
+    mem = ", ".join(f"{d} {g:.3g}" for d, g in h["memory_GiB"].items())
+    return "; ".join([f"{h['weights']}, KV {h['kv_type']}", f"memory per device (GiB): {mem}"]
+                     + [f"note: {n}" for n in h["notes"]])
+
+
+def _prepare(model: str, devices: str, dtype: str, ctx: int, tokens: int, random_weights: bool,
+             allow_overflow: bool, layers: str | None = None, pp_logits: str = "all") -> tuple[Any, Any, Any, Any]:
+    """Before torch loads: the source, its weights (never silently random) and, on CPU devices,
+    host memory for the session (the unplaced graph: placement moves bytes between logical
+    CPU devices, never out of the host). Returns (source, device names, layer range, plan or
+    None for GPUs)."""
+    from backends.cuda.memcheck import check_host, session_plan
+    from graphir.cli_common import parse_layers
+    from graphir.models.sources import load_source, require_weights
+    from passes.devices import parse_devices as placement_devices
+
+    names = placement_devices(devices)
+    source = load_source(model)
+    require_weights(source, random_weights)
+    rng = parse_layers(layers, source.cfg.n_layer)
+    plan = None
+    if all(d.startswith("cpu") for d in names):
+        plan = session_plan(source.cfg, dtype, ctx, tokens, rng, pp_logits=pp_logits)
+        _warn(check_host(plan, dtype, allow_overflow))
+    return source, names, rng, plan
+
+
+def _warn(problem: str | None) -> None:
+    if problem:
+        typer.echo(f"warning: {problem}", err=True)
+
+
+def _session_plan(source: Any, devs: tuple[str, ...], dtype: str, ctx: int, tokens: int, rng: Any,
+                  transform: list[Callable[..., Any]], allow_overflow: bool, pp_logits: str = "all") -> Any:
+    """The placed session's memory per device; GPUs checked against their free memory."""
+    from backends.cuda.memcheck import check_gpus, session_plan
+
+    plan = session_plan(source.cfg, dtype, ctx, tokens, rng, transform, pp_logits)
+    _warn(check_gpus(plan, devs, dtype, allow_overflow))
+    return plan
+
+
 def evaluate(model: str, tokens: list[int], decode: int = 0, dtype: str = "f32", devices: str = "cpu",
              seed: int = 0, ctx: int | None = None, out: str | None = None, split: str | None = None,
              ts: str | None = None, max_gpu: int | None = None, recurrent: str = "single",
-             passes: str | None = None) -> list[int]:
+             passes: str | None = None, *, random_weights: bool = False, allow_overflow: bool = False,
+             say: Callable[[str], None] | None = None) -> list[int]:
     """The `eval` verb as a function: returns the generated ids; writes logits [P+N, vocab]
-    float32 to `out` (.npy, atomically) when given."""
-    import numpy as np
-
-    from backends.cuda.devices import parse_devices
-    from backends.cuda.session import Session, greedy
-    from graphir.cli_common import write_atomic
-    from graphir.models.sources import load_source
-    from passes.devices import parse_devices as placement_devices
-
+    float32 to `out` (.npy, atomically) when given; `say` gets the header line. A checkpoint
+    directory without readable weights is an error unless `random_weights`; a session that
+    does not fit the host's or GPUs' memory is one unless `allow_overflow`."""
     if decode < 0:
         raise GraphirError(f"--decode must be >= 0, got {decode}")
     if dtype not in ("f32", "bf16", "f16"):
         raise GraphirError(f"--dtype must be f32, bf16 or f16, got {dtype!r}")
-    devs = parse_devices(placement_devices(devices))
     need = len(tokens) + decode
     if ctx is not None and ctx < need:
         raise GraphirError(f"--ctx {ctx} is shorter than the {len(tokens)} prompt + {decode} decoded tokens")
-    source = load_source(model)
+    source, names, _, plan = _prepare(model, devices, dtype, ctx or need, len(tokens), random_weights,
+                                      allow_overflow)
+
+    import numpy as np
+
+    from backends.cuda.devices import parse_devices
+    from backends.cuda.session import Session, greedy
+    from backends.cuda.weights import random_source
+    from graphir.cli_common import write_atomic
+    from graphir.models.sources import uses_random_weights
+
+    devs = parse_devices(names)
     transform = make_transform(source.cfg, devs, split, ts, max_gpu, recurrent, passes, ctx or need)
-    session = Session(source, None, devs, ctx or need, dtype=dtype, seed=seed, transform=transform)
+    plan = plan or _session_plan(source, devs, dtype, ctx or need, len(tokens), None, transform, allow_overflow)
+    head = header_line(header(source, random_weights, seed, dtype, plan, devs))
+    on_gpu = any(d.startswith("cuda") for d in devs)
+    weights = random_source(seed, on_gpu) if uses_random_weights(source, random_weights) else None
+    session = Session(source, weights, devs, ctx or need, dtype=dtype, seed=seed, transform=transform)
     logits, generated = greedy(session, tokens, decode)
     if out:
         buf = io.BytesIO()
         np.save(buf, logits.numpy().astype(np.float32))
         write_atomic(out, buf.getvalue())
+    (say or (lambda msg: None))(head)  # after success: an error stays the only line on stderr
     return generated
 
 
@@ -121,28 +195,37 @@ def run_sweep(model: str, *, devices: str = "cuda:0", split: str | None = None, 
               recurrent: str = "single", max_gpu: int | None = None, dtype: str = "bf16", ubatch: int = 2048,
               tg: int = 128, ctx: int = 8192, layers: str | None = None, passes: str | None = DEFAULT_PASSES,
               seed: int = 0, graphs: bool = True, say: Callable[[str], None] | None = None,
-              hw: str = "2xH200", engine: str = "graphir-cuda") -> dict[str, Any]:
-    """The `run` verb as a function: {"rows": [SweepRow], "meta": {...}}."""
-    from backends.cuda.devices import parse_devices
-    from backends.cuda.session import Session
-    from backends.cuda.sweeprun import calibrate, sweep
-    from graphir.cli_common import parse_layers
-    from graphir.models.sources import load_source
-    from passes.devices import parse_devices as placement_devices
+              hw: str = "2xH200", engine: str = "graphir-cuda", random_weights: bool = False,
+              allow_overflow: bool = False) -> dict[str, Any]:
+    """The `run` verb as a function: {"rows": [SweepRow], "meta": {...}}; meta carries the
+    header (weights, KV type, memory per device). Weights and memory are checked as `evaluate`
+    checks them; a u-batch above --ctx is clamped to it (graphir.sweep.sweep_shape)."""
+    from graphir.sweep import sweep_shape
 
     say = say or (lambda msg: None)
     if dtype not in ("f32", "bf16", "f16"):
         raise GraphirError(f"--dtype must be f32, bf16 or f16, got {dtype!r}")
-    if ubatch < 1 or tg < 1 or ctx < 1:
-        raise GraphirError(f"--ubatch, --tg and --ctx must be positive, got {ubatch}, {tg}, {ctx}")
-    devs = parse_devices(placement_devices(devices))
-    source = load_source(model)
-    rng = parse_layers(layers, source.cfg.n_layer)
+    ubatch, notes = sweep_shape(ubatch, tg, ctx)
+    n_ctx = ctx + max(ubatch, tg)
+    source, names, rng, plan = _prepare(model, devices, dtype, n_ctx, ubatch, random_weights, allow_overflow,
+                                        layers, "last")
+
+    from backends.cuda.devices import parse_devices
+    from backends.cuda.session import Session
+    from backends.cuda.sweeprun import calibrate, sweep
+    from backends.cuda.weights import random_source
+    from graphir.models.sources import uses_random_weights
+
+    devs = parse_devices(names)
     transform = make_transform(source.cfg, devs, split, ts, max_gpu, recurrent, passes, ctx, ubatch=ubatch, tg=tg,
                                hw=hw, engine=engine)
+    plan = plan or _session_plan(source, devs, dtype, n_ctx, ubatch, rng, transform, allow_overflow, "last")
+    head = header(source, random_weights, seed, dtype, plan, devs, notes)
     say(f"building {source.cfg.name or model} on {','.join(devs)} ({split or 'one device'})")
     t0 = time.perf_counter()
-    session = Session(source, None, devs, ctx + max(ubatch, tg), dtype=dtype, seed=seed, transform=transform,
+    weights = random_source(seed, any(d.startswith("cuda") for d in devs)) \
+        if uses_random_weights(source, random_weights) else None
+    session = Session(source, weights, devs, n_ctx, dtype=dtype, seed=seed, transform=transform,
                       layers=rng, pp_logits="last")
     load_s = time.perf_counter() - t0
     cal = calibrate(session, ubatch)
@@ -153,7 +236,7 @@ def run_sweep(model: str, *, devices: str = "cuda:0", split: str | None = None, 
                  progress=lambda r: say(f"N_KV {r.n_kv:>6}: S_PP {r.s_pp_tps:10.2f} t/s  S_TG {r.s_tg_tps:8.2f} t/s"))
     from backends.cuda.fastpath import diagnostics
 
-    meta = {"model": source.cfg.name or model, "devices": list(devs), "split": label, "dtype": dtype,
+    meta = {"model": source.cfg.name or model, **head, "devices": list(devs), "split": label, "dtype": dtype,
             "ubatch": ubatch, "tg": tg, "ctx": ctx, "layers": layers or "all", "passes": passes or "none",
             "cuda_graphs": graphs, "load_s": round(load_s, 3), "delta_net_prefill_ms": cal,
             "nodes": {k: len(g.nodes) for k, g in session.executed.items()}, "fast_paths": diagnostics()}
@@ -180,10 +263,14 @@ def register(app: typer.Typer) -> None:
                  passes: Optional[str] = typer.Option(None, "--passes", help="merge_qkv,merge_up_gate,..."),
                  seed: int = typer.Option(0, "--seed", help="seed of random weights (when MODEL has none)"),
                  ctx: Optional[int] = typer.Option(None, "--ctx", help="context to preallocate (default: just enough)"),
-                 out: Optional[str] = typer.Option(None, "--out", help="write logits [P+N, vocab] float32 .npy")) -> None:
-        """Run MODEL on a prompt, then greedy decode steps; print the generated ids."""
+                 out: Optional[str] = typer.Option(None, "--out", help="write logits [P+N, vocab] float32 .npy"),
+                 random_weights: bool = typer.Option(False, "--random-weights", help=RANDOM_HELP),
+                 allow_overflow: bool = typer.Option(False, "--allow-overflow", help=OVERFLOW_HELP)) -> None:
+        """Run MODEL on a prompt, then greedy decode steps; print the generated ids (the header,
+        with weights, KV type and memory, goes to stderr)."""
         generated = evaluate(model, parse_tokens(tokens), decode, dtype, devices, seed, ctx, out, split, ts,
-                             max_gpu, recurrent, passes)
+                             max_gpu, recurrent, passes, random_weights=random_weights,
+                             allow_overflow=allow_overflow, say=lambda msg: typer.echo(f"# {msg}", err=True))
         typer.echo(",".join(str(t) for t in generated))
 
     @app.command("run")
@@ -204,7 +291,9 @@ def register(app: typer.Typer) -> None:
                 seed: int = typer.Option(0, "--seed", help="seed of random weights (when MODEL has none)"),
                 no_graphs: bool = typer.Option(False, "--no-cuda-graphs", help="decode eagerly, no CUDA graphs"),
                 format: str = typer.Option("table", "--format", help="table | csv | json"),
-                out: Optional[str] = typer.Option(None, "-o", "--out", help="write the table here")) -> None:
+                out: Optional[str] = typer.Option(None, "-o", "--out", help="write the table here"),
+                random_weights: bool = typer.Option(False, "--random-weights", help=RANDOM_HELP),
+                allow_overflow: bool = typer.Option(False, "--allow-overflow", help=OVERFLOW_HELP)) -> None:
         """Measure MODEL like llama-sweep-bench: S_PP and S_TG at each cache depth."""
         from graphir.cli_common import emit
         from graphir.sweep import format_markdown, to_json, write_csv
@@ -214,15 +303,17 @@ def register(app: typer.Typer) -> None:
         show = _progress()
         res = run_sweep(model, devices=devices, split=split, ts=ts, recurrent=recurrent, max_gpu=max_gpu,
                         dtype=dtype, ubatch=ubatch, tg=tg, ctx=ctx, layers=layers, passes=passes, seed=seed,
-                        graphs=not no_graphs, say=show, hw=hw, engine=engine)
+                        graphs=not no_graphs, say=show, hw=hw, engine=engine, random_weights=random_weights,
+                        allow_overflow=allow_overflow)
         show("")
         rows, meta = res["rows"], res["meta"]
         if format == "csv":
             buf = io.StringIO()
-            write_csv(rows, buf, comment=" ".join(f"{k}={v}" for k, v in meta.items() if k != "nodes"))
+            rest = " ".join(f"{k}={v}" for k, v in meta.items() if k not in ("nodes", *HEADER_KEYS))
+            write_csv(rows, buf, comment=f"{meta['model']}: {header_line(meta)}\n{rest}")
             text = buf.getvalue()
         elif format == "json":
             text = to_json(rows, **{"meta": meta})
         else:
-            text = format_markdown(rows)
+            text = f"# {meta['model']}: {header_line(meta)}\n\n" + format_markdown(rows)
         emit(text, out)

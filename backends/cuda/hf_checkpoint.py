@@ -7,7 +7,8 @@ file has: per-expert `experts.{j}.gate_proj.weight`, which `save_pretrained` of 
 5.x writes, fused `experts.gate_up_proj` [E,2N,H] with `experts.down_proj` [E,H,N] as the
 modules hold them, or fused `experts.gate_proj` / `experts.up_proj`; a fused tensor stored
 transposed is recognised by its shape). Single files, several files, and sharded checkpoints
-with `model.safetensors.index.json` all work.
+with `model.safetensors.index.json` all work; a directory without them (pickles, a config.json
+alone, a missing shard) is refused with what it holds (`graphir.models.sources.weights_problem`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from safetensors import safe_open
 
 from backends.cuda.weights import WeightError, WeightInfo
 from graphir.models import ModelConfig
+from graphir.models.sources import INDEX, ModelSource, weights_problem
 
 Entry = tuple[str, str, str]  # (HF name pattern, graph name pattern, transform)
 
@@ -89,7 +91,12 @@ class HFCheckpoint:
         self.path, self.cfg = Path(path), cfg
         self.label = f"checkpoint {self.path.name}"
         self._handles: dict[Path, object] = {}
-        index = self.path / "model.safetensors.index.json"
+        # what the directory holds, in one line, before any file is opened: pickles, no
+        # weights, missing shards or a damaged header are errors, never random weights
+        why = weights_problem(ModelSource(cfg, "checkpoint", self.path))
+        if why:
+            raise WeightError(why)
+        index = self.path / INDEX
         if index.is_file():
             wmap = json.loads(index.read_text()).get("weight_map", {})
             files = {k: self.path / v for k, v in wmap.items()}

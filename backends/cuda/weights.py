@@ -109,6 +109,12 @@ class DeviceRandomWeights(RandomWeights):
         return n.mul_(1.0 / math.sqrt(shape[-1]) if len(shape) >= 2 else 0.1)
 
 
+def random_source(seed: int = 0, on_device: bool = False) -> RandomWeights:
+    """Seeded random weights (`--random-weights`, or a preset / config.json that has none):
+    drawn on the GPU that holds them when `on_device`, else on the CPU."""
+    return DeviceRandomWeights(seed) if on_device else RandomWeights(seed)
+
+
 def _full(source: WeightSource, reference: Mapping[str, WeightInfo], name: str, node: Node) -> torch.Tensor:
     info = reference.get(name)
     if info is None:

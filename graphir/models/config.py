@@ -7,6 +7,7 @@ GGUF metadata (graphir.models.gguf_source). Validation says in one line what is 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from graphir.errors import GraphirError
@@ -30,6 +31,11 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3_next": {"head_dim": 256, "num_key_value_heads": 2, "num_experts": 512, "num_experts_per_tok": 10,
                    "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512},
 }
+
+
+# The deepest model graphir builds: published models have < 200 layers; a config asking for
+# more is a typo (or an attack on the machine), refused before any list of layers is made.
+MAX_LAYERS = 4096
 
 
 class ConfigError(GraphirError):
@@ -80,6 +86,17 @@ class ModelConfig(BaseModel):
         bad = [f"{k}={v}" for k, v in pos.items() if v <= 0]
         if bad:
             raise ValueError(f"must be positive: {', '.join(bad)}")
+        if self.n_layer > MAX_LAYERS:
+            raise ValueError(f"num_hidden_layers={self.n_layer} exceeds the maximum of {MAX_LAYERS} layers")
+        reals = {"rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
+                 "partial_rotary_factor": self.partial_rotary_factor}
+        bad = [f"{k}={v}" for k, v in reals.items() if not (math.isfinite(v) and v > 0)]
+        if bad:  # eps <= 0 divides by zero in rms_norm: NaN logits, not an error, downstream
+            raise ValueError(f"must be finite and positive: {', '.join(bad)}")
+        if self.partial_rotary_factor > 1:
+            raise ValueError(f"partial_rotary_factor={self.partial_rotary_factor} must be at most 1")
+        if self.max_position_embeddings <= 0:
+            raise ValueError(f"max_position_embeddings={self.max_position_embeddings} must be positive")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"num_attention_heads={self.n_head} is not a multiple of "
                              f"num_key_value_heads={self.n_kv_head}")
@@ -93,6 +110,11 @@ class ModelConfig(BaseModel):
                                  f"{self.n_expert}")
             if self.moe_intermediate_size <= 0:
                 raise ValueError("moe_intermediate_size must be positive for a mixture of experts")
+            if self.decoder_sparse_step < 1:
+                raise ValueError(f"decoder_sparse_step={self.decoder_sparse_step} must be at least 1")
+            outside = [i for i in self.mlp_only_layers if not 0 <= i < self.n_layer]
+            if outside:
+                raise ValueError(f"mlp_only_layers {outside} are outside 0..{self.n_layer - 1}")
         if self.arch == "qwen3_next":
             if len(self.layer_types) != self.n_layer:
                 raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.n_layer} layers")
@@ -157,6 +179,42 @@ def _get(d: dict[str, Any], *keys: str, default: Any = None) -> Any:
     return default
 
 
+_MISSING = object()
+
+
+def _value(d: dict[str, Any], keys: str | tuple[str, ...], default: Any) -> tuple[str, Any]:
+    names = (keys,) if isinstance(keys, str) else keys
+    v = _get(d, *names, default=_MISSING)
+    if v is _MISSING:
+        if default is _MISSING:
+            raise KeyError(names[0])
+        return names[0], default
+    return next(k for k in names if k in d and d[k] is not None), v
+
+
+def _int(d: dict[str, Any], keys: str | tuple[str, ...], default: Any = _MISSING) -> int:
+    """A count: a JSON integer. 2.5 (or 2.0, or "2") is refused, as transformers' strict
+    config classes refuse it, rather than truncated to 2."""
+    key, v = _value(d, keys, default)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(f"{key}: must be an integer, got {v!r}")
+    return v
+
+
+def _real(d: dict[str, Any], keys: str | tuple[str, ...], default: Any = _MISSING) -> float:
+    key, v = _value(d, keys, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"{key}: must be a number, got {v!r}")
+    return float(v)
+
+
+def _bool(d: dict[str, Any], keys: str | tuple[str, ...], default: Any = _MISSING) -> bool:
+    key, v = _value(d, keys, default)
+    if not isinstance(v, bool):  # bool("false") is True: never coerce
+        raise ConfigError(f"{key}: must be true or false, got {v!r}")
+    return v
+
+
 def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     """ModelConfig from the contents of a transformers config.json."""
     if not isinstance(d, dict):
@@ -181,48 +239,62 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     if scaling.get("rope_type", scaling.get("type", "default")) == "default":
         scaling = {}
     try:
-        n_layer = int(d["num_hidden_layers"])
-        n_head = int(d["num_attention_heads"])
-        hidden = int(d["hidden_size"])
+        n_layer = _int(d, "num_hidden_layers")
+        if n_layer > MAX_LAYERS:  # before layer_types below makes a list this long
+            raise ConfigError(f"num_hidden_layers={n_layer} exceeds the maximum of {MAX_LAYERS} layers")
+        n_head = _int(d, "num_attention_heads")
+        hidden = _int(d, "hidden_size")
         fields: dict[str, Any] = dict(
-            arch=arch, name=name, vocab_size=int(d["vocab_size"]), hidden_size=hidden, n_layer=n_layer,
-            n_head=n_head, n_kv_head=int(_get(d, "num_key_value_heads", default=n_head)),
-            head_dim=int(_get(d, "head_dim", default=hidden // n_head if n_head else 0)),
-            intermediate_size=int(d["intermediate_size"]),
-            rms_norm_eps=float(_get(d, "rms_norm_eps", default=1e-6)), rope_theta=float(rope_theta),
+            arch=arch, name=name, vocab_size=_int(d, "vocab_size"), hidden_size=hidden, n_layer=n_layer,
+            n_head=n_head, n_kv_head=_int(d, "num_key_value_heads", n_head),
+            head_dim=_int(d, "head_dim", hidden // n_head if n_head > 0 else 0),
+            intermediate_size=_int(d, "intermediate_size"),
+            rms_norm_eps=_real(d, "rms_norm_eps", 1e-6), rope_theta=_real({"rope_theta": rope_theta}, "rope_theta"),
             rope_scaling=tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in scaling.items())),
-            partial_rotary_factor=float(partial),
-            tie_word_embeddings=bool(_get(d, "tie_word_embeddings", default=False)),
-            attention_bias=bool(_get(d, "attention_bias", default=False)),
-            max_position_embeddings=int(_get(d, "max_position_embeddings", default=4096)),
+            partial_rotary_factor=_real({"partial_rotary_factor": partial}, "partial_rotary_factor"),
+            tie_word_embeddings=_bool(d, "tie_word_embeddings", False),
+            attention_bias=_bool(d, "attention_bias", False),
+            max_position_embeddings=_int(d, "max_position_embeddings", 4096),
             torch_dtype=str(_get(d, "torch_dtype", "dtype", default="bfloat16")),
         )
         if arch in ("qwen3_moe", "qwen3_next"):
             fields.update(
-                n_expert=int(_get(d, "num_experts", "num_local_experts", default=0)),
-                n_expert_used=int(_get(d, "num_experts_per_tok", default=0)),
-                moe_intermediate_size=int(_get(d, "moe_intermediate_size", default=0)),
+                n_expert=_int(d, ("num_experts", "num_local_experts"), 0),
+                n_expert_used=_int(d, "num_experts_per_tok", 0),
+                moe_intermediate_size=_int(d, "moe_intermediate_size", 0),
                 # Qwen3-MoE has no shared expert: transformers ignores the key there
-                shared_expert_intermediate_size=int(_get(d, "shared_expert_intermediate_size", default=0))
+                shared_expert_intermediate_size=_int(d, "shared_expert_intermediate_size", 0)
                 if arch == "qwen3_next" else 0,
-                norm_topk_prob=bool(_get(d, "norm_topk_prob", default=arch == "qwen3_next")),
-                decoder_sparse_step=int(_get(d, "decoder_sparse_step", default=1)),
-                mlp_only_layers=tuple(int(i) for i in _get(d, "mlp_only_layers", default=[])),
+                norm_topk_prob=_bool(d, "norm_topk_prob", arch == "qwen3_next"),
+                decoder_sparse_step=_int(d, "decoder_sparse_step", 1),
+                mlp_only_layers=tuple(_int({"mlp_only_layers": i}, "mlp_only_layers")
+                                      for i in _get(d, "mlp_only_layers", default=[])),
             )
         if arch == "qwen3_next":
             types = d.get("layer_types")
             if types is None:
-                interval = int(_get(d, "full_attention_interval", default=4))
+                interval = _int(d, "full_attention_interval", 4)
+                if interval < 1:
+                    raise ConfigError(f"full_attention_interval={interval} must be at least 1")
                 types = ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(n_layer)]
+            elif not isinstance(types, list):
+                raise ConfigError(f"layer_types must be a list, got {type(types).__name__}")
             fields.update(
                 layer_types=tuple(types),
-                linear_num_key_heads=int(d.get("linear_num_key_heads", 16)),
-                linear_num_value_heads=int(d.get("linear_num_value_heads", 32)),
-                linear_key_head_dim=int(d.get("linear_key_head_dim", 128)),
-                linear_value_head_dim=int(d.get("linear_value_head_dim", 128)),
-                linear_conv_kernel_dim=int(d.get("linear_conv_kernel_dim", 4)),
+                linear_num_key_heads=_int(d, "linear_num_key_heads", 16),
+                linear_num_value_heads=_int(d, "linear_num_value_heads", 32),
+                linear_key_head_dim=_int(d, "linear_key_head_dim", 128),
+                linear_value_head_dim=_int(d, "linear_value_head_dim", 128),
+                linear_conv_kernel_dim=_int(d, "linear_conv_kernel_dim", 4),
             )
-        return ModelConfig(**fields)
+        cfg = ModelConfig(**fields)
+        # without head_dim, transformers derives it as hidden / heads: a remainder is a typo,
+        # not something to truncate (LlamaConfig refuses it; an explicit head_dim defines the model)
+        if "head_dim" not in d and hidden % n_head:
+            raise ConfigError(f"hidden_size={hidden} is not a multiple of num_attention_heads={n_head}")
+        return cfg
+    except ConfigError:
+        raise
     except KeyError as e:
         raise ConfigError(f"config.json lacks {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
