@@ -157,8 +157,11 @@ def calibrate_cmd(
                                             "table, model, quant, kv_type, hw, split, options per case)"),
     cv: bool = typer.Option(False, "--cv", help="leave-one-out: fit on all tables but one, predict that one, "
                             "for each table; prints the held-out errors"),
+    no_fit: bool = typer.Option(False, "--no-fit", help="fit nothing: the profile as it is against every table "
+                                "(a check on runs the profile was not fitted to)"),
     hw: str = typer.Option("2x3090", "--hw"),
-    engine: str = typer.Option("ik_llama.cpp", "--engine", help="starting engine profile"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="starting engine profile (default: the "
+                                         "manifest's, else ik_llama.cpp)"),
     quant: Optional[str] = typer.Option(None, "--quant"),
     kv_type: str = typer.Option("f16", "--kv-type"),
     split: Optional[str] = typer.Option(None, "--split", help="split mode of each file without a split column, in order"),
@@ -173,9 +176,9 @@ def calibrate_cmd(
     from backends.costmodel.calibrate import cross_validate, fit
     from backends.costmodel.profiles import engine_yaml, load_engine, resolve_system
 
-    eng = load_engine(engine)
     params = [p.strip() for p in fit_params.split(",")] if fit_params else None
     if measured:
+        eng = load_engine(engine or "ik_llama.cpp")
         if manifest is not None:
             raise CostModelCliError("give tables or --manifest, not both")
         if not model:
@@ -188,9 +191,17 @@ def calibrate_cmd(
         from backends.costmodel.dataset import build_cases, load_manifest
 
         man, folder = load_manifest(manifest)
+        eng = load_engine(engine or man.engine)
         sysm = None
         cases = build_cases(eng, manifest)
         prov = {"data": [c.table for c in man.cases], "manifest": "shipped" if manifest is None else str(manifest)}
+    if no_fit:
+        if cv or output is not None:
+            raise CostModelCliError("--no-fit checks the profile as it is: it takes neither --cv nor -o")
+        from backends.costmodel.calibrate import FitResult, _stats
+
+        sys.stdout.write(FitResult(eng, {}, {}, 0.0, 0, _stats(cases, sysm, eng)).report())
+        return
     res = fit(cases, sysm, eng, params)
     sys.stdout.write(res.report())
     if cv:

@@ -34,6 +34,7 @@ class CaseSpec(BaseModel):
     split: str
     recurrent: str = "single"
     ts: tuple[float, ...] | None = None
+    layers: int | None = None  # the run held only the model's first N layers (a truncated file)
     options: EngineOptions = EngineOptions()
     ratios: tuple[dict[str, float], ...] = ()  # {n_kv, pp, tg}: other mode (graph) over this one
     why: str = ""  # where the facts the table's first line does not state come from
@@ -78,6 +79,7 @@ def build_case(spec: CaseSpec, folder: Path, eng: Engine) -> Case:
     sysm = resolve_system(spec.hw)
     ceng, sysm, extra = apply(spec.options, eng, sysm, spec.split)
     src = load_source(spec.model)
+    cfg = src.cfg.with_layers(spec.layers) if spec.layers else src.cfg
     table = read_table(folder / spec.table)
     ubs = sorted({r.pp for r in table.rows})
     if len(ubs) != 1:
@@ -86,7 +88,7 @@ def build_case(spec: CaseSpec, folder: Path, eng: Engine) -> Case:
 
     def priced(split: str) -> tuple[Any, Any]:
         po = PlaceOptions(split, sysm.devices, spec.ts, spec.options.max_gpu, spec.recurrent)  # type: ignore[arg-type]
-        pp, tg, _ = place_and_price(src.cfg, spec.quant, kv, po, ubs[0], tuple(eng.passes) + extra)
+        pp, tg, _ = place_and_price(cfg, spec.quant, kv, po, ubs[0], tuple(eng.passes) + extra)
         return pp, tg
 
     pp, tg = priced(spec.split)

@@ -46,10 +46,11 @@ class GPU(BaseModel):
     # GPU generation (ampere, ada, hopper, ...): an engine's kernels reach the same fractions of
     # the datasheet peaks on every board of one generation, so efficiencies are kept per arch
     arch: str = "ampere"
-    # sustained clock under tensor-core load over the clock the datasheet rates assume: a board
-    # held to its power limit runs below its rated boost (the 300 W RTX A6000), a GeForce card
-    # at its default power limit usually at or above it
-    clock_eff: float = Field(default=1.0, gt=0, le=1.5)
+    # sustained SM clock under tensor-core load over the clock the datasheet rates (and short
+    # kernel benchmarks) run at: a board held to its power or current limit clocks down when its
+    # tensor cores stay busy for a whole prefill (measured: bench/bench_clocks.py). CUDA-core
+    # work (decode) is not that dense and keeps the boost clock, so fp32 rates are not scaled
+    tensor_clock_eff: float = Field(default=1.0, gt=0, le=1.5)
     measured: dict[str, float] = {}
 
     def rate(self, key: str) -> float:
@@ -60,7 +61,8 @@ class GPU(BaseModel):
                 raise ProfileError(f"GPU {self.name!r} has no rate {key!r} (has {', '.join(self.rates)})")
             k, g = _RATE_FALLBACK[k]
             f *= g
-        return self.rates[k] * f * self.clock_eff * 1e12
+        clock = 1.0 if k == "fp32" else self.tensor_clock_eff
+        return self.rates[k] * f * clock * 1e12
 
 
 class Link(BaseModel):
@@ -121,11 +123,12 @@ class ARRule(BaseModel):
 # Engine parameters calibrate may fit; all are positive scalars with physical units. A fitted
 # name is a field (`mem_eff`), an entry of a per-type/per-op table (`quant_mem_eff.iq`,
 # `kernels.delta_net`), or a field for one GPU generation only (`hopper.gemm_eff`).
-FITTABLE = ("launch_us", "graph_launch_us", "host_us", "segment_us", "forward_us", "mem_eff", "gemm_eff", "gemm_m0",
+FITTABLE = ("launch_us", "graph_launch_us", "stream_us", "host_us", "segment_us", "forward_us", "mem_eff", "gemm_eff",
+            "float_gemm_eff", "gemm_m0",
             "gemm_tile0", "gemm_k0", "attn_pp_eff", "attn_tg_eff", "attn_tg_h0", "recurrent_eff", "recurrent_h0",
-            "recurrent_step_us", "comm_bw_eff", "staged_bw_eff", "copy_us", "allreduce_us", "nccl_us", "nccl_bw_eff")
-TABLES = ("quant_mem_eff", "quant_gemm_eff", "kernels")  # per storage type or family / per op
-RATIOS = {"mem_eff", "gemm_eff", "attn_pp_eff", "attn_tg_eff", "recurrent_eff", "comm_bw_eff", "staged_bw_eff",
+            "recurrent_step_us", "comm_bw_eff", "staged_bw_eff", "copy_bw_eff", "copy_us", "allreduce_us", "nccl_us", "nccl_bw_eff")
+TABLES = ("quant_mem_eff", "quant_gemm_eff", "kernels", "decode_kernels", "gemv_ops", "gemv_us", "attn_tg_kv_eff")  # per storage type or family / per op
+RATIOS = {"mem_eff", "gemm_eff", "float_gemm_eff", "copy_bw_eff", "attn_pp_eff", "attn_tg_eff", "recurrent_eff", "comm_bw_eff", "staged_bw_eff",
           "nccl_bw_eff"}
 
 
@@ -145,6 +148,12 @@ class Engine(BaseModel):
     cuda_graphs: Literal["never", "tg", "always"] = "tg"  # when kernels replay from a CUDA graph
     launch_us: float = Field(gt=0)  # per kernel, launched one by one
     graph_launch_us: float = Field(gt=0)  # per kernel, replayed from a CUDA graph
+    # a mat-vec streaming weights reaches full bandwidth only after the memory pipeline fills and
+    # ends with a partial wave: a fixed latency per weight-reading kernel on top of its bytes
+    stream_us: float = Field(default=0.0, ge=0)
+    # the same by weight type or family where it differs (a float mat-vec that first converts
+    # its activations and calls a library kernel pays two launches): replaces stream_us
+    gemv_us: dict[str, float] = {}
     # host time per graph node executed eagerly, from ONE host thread for every device (a
     # Python executor's interpreter + its torch calls and launches; views and leaves count
     # too); a device cannot run a kernel before it is issued, so a phase of many short
@@ -159,10 +168,16 @@ class Engine(BaseModel):
     quant_mem_eff: dict[str, float] = {}  # per storage type multiplier on mem_eff (dequant cost)
     quant_gemm_eff: dict[str, float] = {}  # per storage type multiplier on gemm_eff (unpacking cost)
     mmv_max_tokens: int = 8  # up to this many tokens a matmul is a streaming mat-vec
+    # a mat-vec's decoding work per weight (unpacking, scaling, the dot product) in units of one
+    # fp32 operation, by storage type or family: on a GPU with much bandwidth per FLOP (a
+    # Hopper part) a 4-bit mat-vec is bound by this, not by the bytes. Measured from the
+    # engine's own kernels (docs/cost_model.md); types absent: 4 (never the limit)
+    gemv_ops: dict[str, float] = {}
     quant_rate: str = "int8"  # unit running GEMMs on quantised weights
     quant_dequant: bool = False  # GEMMs first expand quantised weights to f16 (extra bytes)
     float_rates: dict[str, str] = {"f32": "fp32", "f16": "fp16_acc16", "bf16": "bf16"}
-    gemm_eff: float = Field(gt=0, le=1)  # fraction of peak for large GEMMs
+    gemm_eff: float = Field(gt=0, le=1)  # fraction of peak for large GEMMs (quantised weights)
+    float_gemm_eff: float | None = Field(default=None, gt=0, le=1)  # the same for f16/bf16/f32 weights
     gemm_m0: float = Field(gt=0)  # tokens per matmul at which GEMM efficiency halves
     gemm_tile0: float = Field(gt=0)  # rows (and inner size, without gemm_k0) at which GEMM efficiency halves
     # inner size at which GEMM efficiency halves: a tile's fixed work (loading its activations,
@@ -174,6 +189,7 @@ class Engine(BaseModel):
     attn_tg_rate: str = "fp32"
     attn_tg_eff: float = Field(gt=0, le=1)
     attn_tg_h0: float = Field(default=1.0, gt=0)  # q heads per GPU at which decode attention halves
+    attn_tg_kv_eff: dict[str, float] = {}  # decode attention's rate by KV cache type, relative to f16
     recurrent_rate: str = "fp32"
     recurrent_eff: float = Field(gt=0, le=1)
     recurrent_h0: float = Field(default=0.0, ge=0)  # value heads per GPU at which the recurrent kernel halves
@@ -185,6 +201,11 @@ class Engine(BaseModel):
     # (two copies and a host synchronisation per chunk): its own fraction of the bus rate
     staged_bw_eff: float | None = Field(default=None, gt=0, le=1)
     copy_us: float = Field(ge=0)  # engine cost per cross-device copy (events, split boundary)
+    # the rate of those copies over the bus rate: an engine whose scheduler copies a tensor
+    # between devices through host memory with a host-synchronous copy (ggml's backend
+    # scheduler) reaches the same fraction of the bus with or without P2P, and less than its
+    # reduce kernels do. None: the link's rate x comm_bw_eff
+    copy_bw_eff: float | None = Field(default=None, gt=0, le=1)
     staged_copy: Literal["serial", "pipelined"] = "pipelined"  # copies through host without P2P
     allreduce_us: float = Field(ge=0)  # engine cost per all-reduce (kernels, host sync)
     nccl_us: float | None = Field(default=None, ge=0)  # per NCCL all-reduce call, instead of allreduce_us
@@ -203,6 +224,9 @@ class Engine(BaseModel):
     # kernels the engine launches for one IR node of an op (its fused or unfused pieces), where
     # that differs from the op table's one; counted in the engine's graph builders
     kernels: dict[str, float] = {}
+    # the same for a decode step only, where the engine's decode step fuses more than its
+    # prefill (graphir-cuda: a residual add inside the next norm, routing weights inside top-k)
+    decode_kernels: dict[str, float] = {}
     # the same fields for one GPU generation (`hopper: {gemm_eff: 0.3}`): that generation's
     # kernels reach other fractions of the peaks (another instruction set, other tile sizes)
     arch: dict[str, dict[str, float]] = {}

@@ -25,7 +25,7 @@ class Work(NamedTuple):
     m: float = 0.0  # gemm: tokens per matmul instance (per expert for MoE)
     n: float = 0.0  # gemm: output rows
     k: float = 0.0  # gemm: inner size
-    wdtype: str = ""  # gemm: storage type of the weight
+    wdtype: str = ""  # gemm: storage type of the weight; attention: the KV cache type
     comm_numel: float = 0.0  # transfers: elements moved
     comm_elem: float = 0.0  # bytes per element; 0 = the engine picks (all-reduce partial type)
     tokens: int = 0  # transfers: tokens in the batch (decides reduce algorithm and type)
@@ -118,7 +118,7 @@ def _attention(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
     flops = 4.0 * hq * d * T * (keys - (T - 1) / 2.0)
     kv = _nb(k, env) + _nb(v, env)
     return Work("attn", flops=flops, kvbytes=kv, actbytes=_nb(q, env) + _nb(n, env), launches=1,
-                m=float(T), n=float(hq), k=float(d))
+                m=float(T), n=float(hq), k=float(d), wdtype=k.spec.dtype.name)
 
 
 def _delta_net(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:

@@ -47,20 +47,7 @@ class Timeline:
 @lru_cache(maxsize=None)
 def family(type_name: str) -> str:
     """The kernel family of a storage type (graphir.dtypes): the decoder a kernel runs for it."""
-    dt = dtype(type_name)
-    fam = getattr(dt, "family", None)
-    if fam:
-        return str(fam)
-    n = dt.name
-    if not dt.is_quant:
-        return "float"
-    if n.endswith("_k") and n.startswith("q"):
-        return "k"
-    if n.startswith("iq") and ("_k" in n or n.endswith("_kl")):
-        return "trellis" if n.endswith("_kt") else "ik"
-    if n.startswith("iq") and n != "iq4_nl":
-        return "iq"
-    return "mx" if n.startswith("mxfp") else "legacy"
+    return dtype(type_name).family
 
 
 def _by_type(table: dict[str, float], type_name: str) -> float:
@@ -77,25 +64,29 @@ def _rate_eff(pr: Priced, sysm: System, eng: Engine) -> tuple[np.ndarray, np.nda
     m, n, k = pr.mnk
     small = pr.phase == "tg" or pr.tokens <= eng.mmv_max_tokens
     qeff = np.ones(N)
+    float_eff = (eng.float_gemm_eff or eng.gemm_eff) / eng.gemm_eff
     for i in np.flatnonzero(pr.kind == _GEMM):
         dt = dtype(pr.wdtype[i])
         key = eng.quant_rate if dt.is_quant else eng.float_rates.get(dt.name, "fp32")
         rate[i] = gpu.rate(key)
-        qeff[i] = _by_type(eng.quant_gemm_eff, dt.name) if dt.is_quant else 1.0
+        qeff[i] = _by_type(eng.quant_gemm_eff, dt.name) if dt.is_quant else float_eff
     # GEMMs: tiles of tokens x rows, each looping over the inner size; a matmul with few tokens
     # (per expert), few rows or a short inner loop fills its tiles poorly. Mat-vecs (decode) are
-    # streaming kernels: their compute side is the CUDA cores at half rate, never the limit.
+    # streaming kernels on the CUDA cores: their compute side is the decoding work per weight
+    # (node_costs, gemv_ops), set here to the plain fp32 rate.
     mm = (pr.kind == _GEMM) & (m > eng.mmv_max_tokens)
     mv = (pr.kind == _GEMM) & ~mm
     k0 = eng.gemm_k0 if eng.gemm_k0 is not None else eng.gemm_tile0
     shape_eff = (m / (m + eng.gemm_m0)) * (n / (n + eng.gemm_tile0)) * (k / (k + k0))
     eff = np.where(mm, eng.gemm_eff * qeff * shape_eff, eff)
     rate = np.where(mv, gpu.rate("fp32"), rate)
+    eff = np.where(mv, 1.0, eff)
     attn = pr.kind == _ATTN
     rate = np.where(attn, gpu.rate(eng.attn_tg_rate if small else eng.attn_pp_rate), rate)
     # a decode attention kernel has one query per head: its parallelism is heads x KV chunks,
     # so with few heads on a GPU (a head split) fewer blocks share the work per wave
-    tg_eff = eng.attn_tg_eff * n / (n + eng.attn_tg_h0)
+    kv_eff = np.array([_kv_eff(eng, w) for w in pr.wdtype]) if eng.attn_tg_kv_eff else 1.0
+    tg_eff = eng.attn_tg_eff * kv_eff * n / (n + eng.attn_tg_h0)
     eff = np.where(attn, tg_eff if small else eng.attn_pp_eff, eff)
     rec = pr.kind == _REC
     rate = np.where(rec, gpu.rate(eng.recurrent_rate), rate)
@@ -104,6 +95,24 @@ def _rate_eff(pr: Priced, sysm: System, eng: Engine) -> tuple[np.ndarray, np.nda
     rec_eff = eng.recurrent_eff * n / np.maximum(n + eng.recurrent_h0, 1e-9)
     eff = np.where(rec, rec_eff, eff)
     return rate, eff
+
+
+def _kv_eff(eng: Engine, kv_type: str) -> float:
+    return eng.attn_tg_kv_eff.get(kv_type, 1.0) if kv_type else 1.0
+
+
+def _gemv_flops(pr: Priced, eng: Engine) -> np.ndarray:
+    """Mat-vec nodes: tokens x weights x the type's decoding work (gemv_ops); 0 elsewhere."""
+    out = np.zeros(len(pr.names))
+    mv = np.flatnonzero((pr.kind == _GEMM) & (pr.mnk[0] <= eng.mmv_max_tokens))
+    for i in mv:
+        w = pr.wdtype[i]
+        if not w or pr.wbytes[i] <= 0:
+            continue
+        ops = _by_type(eng.gemv_ops, w) if (w in eng.gemv_ops or family(w) in eng.gemv_ops) else 4.0
+        weights = pr.wbytes[i] * 8.0 / dtype(w).bits_per_weight
+        out[i] = pr.mnk[0][i] * weights * ops
+    return out
 
 
 def _mem_eff(pr: Priced, eng: Engine) -> np.ndarray:
@@ -115,9 +124,10 @@ def _mem_eff(pr: Priced, eng: Engine) -> np.ndarray:
 
 def _launches(pr: Priced, eng: Engine) -> np.ndarray:
     """Kernels per node as the engine runs it (its kernels-per-op table, else the op table's)."""
-    if not eng.kernels:
+    table = {**eng.kernels, **(eng.decode_kernels if pr.phase == "tg" else {})}
+    if not table:
         return pr.launches
-    return np.array([eng.kernels.get(op, l) for op, l in zip(pr.ops, pr.launches)], dtype=float)
+    return np.array([table.get(op, l) for op, l in zip(pr.ops, pr.launches)], dtype=float)
 
 
 def _replays(pr: Priced, eng: Engine) -> bool:
@@ -134,6 +144,8 @@ def node_costs(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray,
     bw = sysm.gpu.mem_bw_GBps * 1e9 * _mem_eff(pr, eng)
     x = kv[None, :]
     flops = pr.flops[0][:, None] + pr.flops[1][:, None] * x
+    mv = (pr.kind == _GEMM) & (pr.mnk[0] <= eng.mmv_max_tokens) & (pr.wbytes > 0)
+    flops = np.where(mv[:, None], _gemv_flops(pr, eng)[:, None], flops)
     wb = pr.wbytes.copy()
     if eng.quant_dequant:  # expanding quantised weights to f16 writes and re-reads 2 bytes each
         gemm_q = np.array([bool(w) and dtype(w).is_quant for w in pr.wdtype]) & (pr.mnk[0] > eng.mmv_max_tokens)
@@ -149,7 +161,11 @@ def node_costs(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray,
         steps = np.where(pr.kind == _REC, pr.mnk[0] * eng.recurrent_step_us * 1e-6, 0.0)
         t_c = np.maximum(t_c, steps[:, None])
     t_m = byt / bw[:, None]
-    launch = _launches(pr, eng) * np.where(pr.kind == _ATTN, 1.0 if eng.flash_attn else 4.0, 1.0) * 1e-6 * (eng.graph_launch_us if _replays(pr, eng) else eng.launch_us)
+    launch = _launches(pr, eng) * np.where(pr.kind == _ATTN, 1.0 if eng.flash_attn else 4.0, 1.0) * 1e-6
+    if eng.stream_us or eng.gemv_us:
+        fixed = {w: eng.gemv_us.get(w, eng.gemv_us.get(family(w), eng.stream_us)) if w else 0.0
+                 for w in dict.fromkeys(pr.wdtype)}
+        launch = launch + np.where(mv, np.array([fixed[w] for w in pr.wdtype]) * 1e-6, 0.0) * (eng.graph_launch_us if _replays(pr, eng) else eng.launch_us)
     body = np.maximum(t_c, t_m)
     if not breakdown:
         return body + launch[:, None], np.zeros((len(pr.names), len(TERMS), 1))
@@ -177,7 +193,10 @@ def comm_costs(pr: Priced, sysm: System, eng: Engine) -> tuple[np.ndarray, np.nd
             # without P2P a copy goes device -> host -> device; an engine that does not pipeline
             # the two DMA hops pays both in series
             hops = 2 if (not link.p2p and eng.staged_copy == "serial") else 1
-            xfer[c] = hops * (a + pr.comm_numel[c] * pr.comm_elem[c] / beta)
+            # an engine whose scheduler copies through host memory whatever the link (copy_bw_eff
+            # set) reaches a fraction of the bus rate, with or without P2P
+            cbeta = beta if eng.copy_bw_eff is None else link.bw_GBps * 1e9 * eng.copy_bw_eff
+            xfer[c] = hops * (a + pr.comm_numel[c] * pr.comm_elem[c] / cbeta)
             over[c] = eng.copy_us * 1e-6
             continue
         p, tok = len(pr.comm_group[c]), int(pr.comm_tokens[c])
