@@ -151,8 +151,10 @@ def resolve_quant(src: ModelSource, quant: str | None) -> str | QuantScheme:
 def predict(model: str, hw: str | System = "2x3090", engine: str | Engine = "ik_llama.cpp",
             quant: str | None = None, kv_type: str = "f16", splits: Sequence[str] = ("layer", "graph"),
             ts: tuple[float, ...] | None = None, max_gpu: int | None = None, recurrent: str = "single",
-            workload: Workload | None = None, n_devices: int | None = None) -> Prediction:
-    """Predict the sweep table of `model` on `hw` for each split mode."""
+            workload: Workload | None = None, n_devices: int | None = None,
+            passes: Sequence[str] = ()) -> Prediction:
+    """Predict the sweep table of `model` on `hw` for each split mode; `passes` run after each
+    mode's placement, and split mode "" is the placement of `passes` alone (named after them)."""
     sysm = hw if isinstance(hw, System) else resolve_system(hw)
     eng = engine if isinstance(engine, Engine) else load_engine(engine)
     wl = workload or Workload()
@@ -167,8 +169,9 @@ def predict(model: str, hw: str | System = "2x3090", engine: str | Engine = "ik_
             modes[split], plans[split] = predict_auto(src.cfg, q, kv_type, devices, sysm, eng, wl, ts)
             warnings += [f"auto: {x}" for x in plans[split].notes]
             continue
-        po = PlaceOptions(split, devices, ts, max_gpu, recurrent)  # type: ignore[arg-type]
+        po = PlaceOptions(split or None, devices, ts, max_gpu, recurrent, passes=tuple(passes))  # type: ignore[arg-type]
         pp, tg, g = place_and_price(src.cfg, q, kv_type, po, wl.ubatch, eng.passes)
+        split = split or "+".join(passes)
         mem = memory_per_device(g, wl.ctx)
         for dev, gb in zip(g.device_list(), mem):
             if gb > sysm.gpu.mem_GB:
