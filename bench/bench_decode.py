@@ -123,8 +123,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    if not torch.cuda.is_available() or fused.triton is None:
-        print("bench_decode.py: skipped: needs a CUDA GPU (and Triton)")
+    if not torch.cuda.is_available():
+        print("bench_decode.py: skipped: needs a CUDA GPU")
+        return
+    if fused.triton is None:
+        print("bench_decode: needs Triton; nothing measured")
         return
     res = {"gpu": torch.cuda.get_device_name(DEV)}
     for name, fn in (("attention", attention_rows), ("layer end", layer_end_rows), ("gemv", gemv_rows),

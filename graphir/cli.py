@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import sys
 
 import typer
@@ -77,7 +78,11 @@ def _out_of_memory(e: BaseException) -> str | None:
     if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
         return f"out of memory: {text}" if text else "out of memory"
     if isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower()):
-        return f"out of memory: {text.split('] ')[-1]}"  # drop torch's '[enforce fail at file.cpp:N]'
+        asked = re.search(r"tried to allocate (\d+) bytes", text)  # torch's CPU allocator
+        if asked:
+            n = int(asked.group(1))
+            return f"out of memory: an allocation of {n:,} bytes ({n / 2**30:,.1f} GiB) failed"
+        return f"out of memory: {text}"
     return None
 
 
