@@ -96,8 +96,8 @@ def _message(e: BaseException) -> tuple[str, int]:
         return first, 2
     if type(e).__name__ == "ValidationError" and type(e).__module__.startswith("pydantic"):
         return _validation_message(e), 2  # type: ignore[arg-type]
-    if isinstance(e, _click_errors("ClickException")):
-        return e.format_message(), 2  # type: ignore[attr-defined]
+    if isinstance(e, _click_errors("ClickException")):  # usage errors; no arguments: help, then this
+        return e.format_message() or "no command given (graphir --help lists the verbs)", 2  # type: ignore[attr-defined]
     oom = _out_of_memory(e)
     if oom:
         return oom, 2

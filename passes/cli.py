@@ -205,6 +205,8 @@ def register(app: typer.Typer) -> None:
     @app.command("passes")
     def passes_cmd(format: str = typer.Option("table", "--format", help="table | json")) -> None:
         """List the registered passes."""
+        if format not in ("table", "json"):
+            raise GraphirError(f"--format must be table or json, got {format!r}")
         rows = registered()
         if format == "json":
             typer.echo(json.dumps([{"name": p.name, "doc": p.doc} for p in rows], indent=1))

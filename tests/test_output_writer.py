@@ -162,9 +162,9 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Pat
 
 @pytest.mark.parametrize("verb", [
     ["lower", "qwen3-0.6b", "--format", "summary", "-o"],
-    ["place", "qwen3-0.6b", "-o"],
+    ["place", "qwen3-0.6b", "--split", "layer", "-o"],
     ["nodes", "qwen3-0.6b", "-o"],
-    ["show", "qwen3-0.6b", "--format", "dot", "-o"],
+    ["show", "qwen3-0.6b", "--split", "layer", "--format", "dot", "-o"],
     ["timeline", "qwen3-0.6b", "-o"],
     ["predict", "qwen3-0.6b", "--ctx", "4096", "--plot"],
 ])
