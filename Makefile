@@ -32,17 +32,26 @@ test: setup
 run: setup
 	.venv/bin/graphir predict qwen3-next-80b-a3b --hw 2x3090 --quant IQ4_XS --kv-type q8_0 --split layer,graph
 
-# Run every benchmark script in bench/ (figures.py has its own target).
+# Run every benchmark script in bench/ with its default arguments. Scripts marked
+# `# bench: needs a CUDA GPU` are skipped (and listed) on a machine without one; figures.py
+# has its own target and bench_gpu_report.py turns bench_gpu.py's results into docs.
 bench: setup
-	@for f in bench/*.py; do \
-		[ -e "$$f" ] || continue; \
-		[ "$$f" = bench/figures.py ] && continue; \
+	@if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" >/dev/null 2>&1; \
+	then cuda=1; else cuda=0; fi; \
+	skipped=""; \
+	for f in bench/*.py; do \
+		case "$$f" in bench/figures.py|bench/bench_gpu_report.py) continue;; esac; \
+		if [ "$$cuda" = 0 ] && grep -q '^# bench: needs a CUDA GPU' "$$f"; then \
+			skipped="$$skipped $$f"; continue; \
+		fi; \
 		echo "== $$f"; \
 		$(PY) "$$f" || exit $$?; \
-	done
+	done; \
+	if [ -n "$$skipped" ]; then echo "skipped (they need a CUDA GPU):$$skipped"; fi
 
 # The pictures docs/ and the README show (docs/img/): the placed Qwen3-Next graph, the predicted
 # sweep with the measured points, the per-GPU timeline. Byte-identical from run to run.
+# Fails (one line) when the measured tables it draws are missing.
 figures: setup
 	$(PY) bench/figures.py
 

@@ -17,6 +17,8 @@ step each weight and cache row is read once per token, from HBM. Shapes are Qwen
 
 from __future__ import annotations
 
+# bench: needs a CUDA GPU  (`make bench` skips this script on a machine without one)
+
 import argparse
 import json
 import sys
@@ -121,8 +123,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    if not torch.cuda.is_available() or fused.triton is None:
-        print("bench_decode: needs a CUDA GPU and Triton; nothing measured")
+    if not torch.cuda.is_available():
+        print("bench_decode.py: skipped: needs a CUDA GPU")
+        return
+    if fused.triton is None:
+        print("bench_decode: needs Triton; nothing measured")
         return
     res = {"gpu": torch.cuda.get_device_name(DEV)}
     for name, fn in (("attention", attention_rows), ("layer end", layer_end_rows), ("gemv", gemv_rows),

@@ -10,6 +10,8 @@ state-kernel tile of CONFIGS, and the two intra-chunk forms alone.
 
 from __future__ import annotations
 
+# bench: needs a CUDA GPU  (`make bench` skips this script on a machine without one)
+
 import argparse
 import sys
 from pathlib import Path
@@ -50,8 +52,8 @@ def main() -> int:
     ap.add_argument("--dtype", choices=("bf16", "f32"), default="bf16", help="q, k, v as the model hands them over")
     a = ap.parse_args()
     if not torch.cuda.is_available():
-        print("bench_deltanet: no CUDA device here; run it on a GPU machine", file=sys.stderr)
-        return 2
+        print("bench_deltanet.py: skipped: needs a CUDA GPU")
+        return 0
     if tdn.triton is None:
         print("bench_deltanet: Triton is not installed", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """GPU measurements behind docs/results: ceilings, correctness checks on the GPUs, sweep tables.
 
-    python3 bench/bench_gpu.py OUTDIR [--stages ceil,equal,dist,a,hf,b,c,tests] [--budget 540]
+    python3 bench/bench_gpu.py [OUTDIR] [--stages ceil,equal,dist,a,hf,b,c,tests] [--budget 540]
 
 Runs on a machine with one or two GPUs and writes OUTDIR/results.json, rewritten after every
 stage (so a run cut short keeps what it finished). Stages:
@@ -21,6 +21,8 @@ bench/bench_gpu_report.py turns results.json into the markdown and CSV files.
 """
 
 from __future__ import annotations
+
+# bench: needs a CUDA GPU  (`make bench` skips this script on a machine without one)
 
 import argparse
 import gc
@@ -453,7 +455,7 @@ COST = {"ceil": 5, "tests": 40, "equal": 40, "dist": 40, "a": 30, "hf": 30, "hf2
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("out")
+    ap.add_argument("out", nargs="?", default=None, help="results folder (default: a new temporary folder)")
     ap.add_argument("--stages", default="ceil,equal,a,hf,b,c,dist,tests")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds; stages that would not fit are skipped")
     ap.add_argument("--tg-b", type=int, default=128)
@@ -464,7 +466,11 @@ def main() -> None:
     ap.add_argument("--ctx-d", type=int, default=16384)
     ap.add_argument("--only", default="", help="stages b, c, d: only these sweep keys (comma separated)")
     args = ap.parse_args()
-    out = Path(args.out)
+    if not torch.cuda.is_available():
+        print("bench_gpu.py: skipped: needs a CUDA GPU")
+        return
+    out = Path(args.out or tempfile.mkdtemp(prefix="graphir_bench_gpu."))
+    log(f"results in {out}")
     global DEADLINE
     DEADLINE = T0 + args.budget
     ONLY.update(k for k in args.only.split(",") if k)

@@ -3,7 +3,7 @@
     python bench/bench_lower.py [MODEL] [--runs 10] [--quant IQ4_XS] [--kv-type q8_0]
 
 Prints the median (and min / max) over `runs` timed runs after one warm-up run. The target
-is < 100 ms per lowering of qwen3-next-80b-a3b (the exit code is 1 when the median of
+is < 100 ms per lowering of qwen3-next-80b-a3b (the exit code is 1 when the median CPU time of
 build + verify misses it, so the script can gate a CI job).
 """
 
@@ -23,14 +23,16 @@ from graphir.models.sources import load_source
 TARGET_MS = 100.0
 
 
-def _times(fn: Callable[[], object], runs: int) -> list[float]:
+def _times(fn: Callable[[], object], runs: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU milliseconds of each run."""
     fn()  # warm-up: imports, caches
-    out = []
+    wall, cpu = [], []
     for _ in range(runs):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
+        wall.append((time.perf_counter() - t0) * 1e3)
+        cpu.append((time.process_time() - c0) * 1e3)
+    return wall, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,13 +59,13 @@ def main(argv: list[str] | None = None) -> int:
             ("build+verify", lambda: verify(build(src.cfg, opts))),
         ]
         for what, fn in cases:
-            ts = _times(fn, a.runs)
+            ts, cpu = _times(fn, a.runs)
             med = statistics.median(ts)
-            if what == "build+verify":
-                worst = max(worst, med)
+            if what == "build+verify":  # judged on CPU time: on a busy machine wall time measures the neighbours
+                worst = max(worst, statistics.median(cpu))
             print(f"{phase:<6} {what:<15} {n_nodes:>6} {med:>10.1f} {min(ts):>8.1f} {max(ts):>8.1f}")
     ok = worst < TARGET_MS
-    print(f"target < {TARGET_MS:.0f} ms per lowering: {'met' if ok else 'MISSED'} (worst median {worst:.1f} ms)")
+    print(f"target < {TARGET_MS:.0f} ms per lowering: {'met' if ok else 'MISSED'} (worst median {worst:.1f} ms CPU)")
     return 0 if ok else 1
 
 

@@ -15,6 +15,8 @@ experts so that the 10 experts' weights are not served from L2.
 
 from __future__ import annotations
 
+# bench: needs a CUDA GPU  (`make bench` skips this script on a machine without one)
+
 import argparse
 import sys
 from pathlib import Path
@@ -264,7 +266,8 @@ def main() -> None:
     ap.add_argument("--no-sweep", action="store_true", help="skip the GEMV (BN, BK, warps) sweep")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench_moe.py: no CUDA device here; run it on a GPU machine")
+        print("bench_moe.py: skipped: needs a CUDA GPU")
+        return
     if triton is None:
         sys.exit("bench_moe.py: Triton is not installed; the fast paths need it")
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, E={E} k={K_TOP} H={H} I={I}")

@@ -3,7 +3,7 @@
     python bench/bench_place.py [MODEL] [--devices 2] [--repeat 7] [--limit-ms 200]
 
 Prints the first (cold: memo tables empty) and the median of the repeats, with a per-pass
-breakdown (pass time and verification time). Exit code 1 if the median exceeds --limit-ms.
+breakdown (pass time and verification time). Exit code 1 if the median CPU time exceeds --limit-ms.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  lowering {lower * 1e3:.1f} ms")
     for name, t, v in passes:
         print(f"  {name:<16} {t * 1e3:6.1f} ms   verify {v * 1e3:6.1f} ms")
-    return 0 if med <= a.limit_ms else 1
+    return 0 if cpu <= a.limit_ms else 1  # CPU time: on a busy machine wall time measures the neighbours
 
 
 if __name__ == "__main__":

@@ -24,19 +24,20 @@ sys.path.insert(0, str(ROOT))  # runnable as a plain script from anywhere
 from backends.costmodel import report  # noqa: E402
 from backends.costmodel.predict import Workload, predict  # noqa: E402
 from backends.costmodel.cli import split_tables  # noqa: E402
-from graphir.cli_common import write_atomic  # noqa: E402
+from graphir.fileio import write_output  # noqa: E402
 from graphir.cli_show import gantt, show, timeline  # noqa: E402
 from graphir.sweep import read_table  # noqa: E402
 
 IMG = ROOT / "docs" / "img"
 MEASURED = ROOT / "backends" / "costmodel" / "data" / "measured"  # the published tables (calibration set)
 MODEL, QUANT, KV = "qwen3-next-80b-a3b", "IQ4_XS", "q8_0"
+MEASURED_TABLES = tuple(MEASURED / f"qwen3next_80b_iq4xs_q8kv_2x3090_{split}.md" for split in ("layer", "graph"))
 LIMIT = 1 << 20  # commit-sized: every picture under 1 MB
 
 
 def placed_graph() -> Path:
     out = IMG / "qwen3next_graph_2x3090_layers.svg"
-    write_atomic(out, show(MODEL, split="graph", devices="cuda:0,cuda:1", quant=QUANT, kv_type=KV, fmt="svg"))
+    write_output(out, show(MODEL, split="graph", devices="cuda:0,cuda:1", quant=QUANT, kv_type=KV, fmt="svg"))
     return out
 
 
@@ -44,10 +45,8 @@ def prediction() -> Path:
     out = IMG / "prediction_qwen3next_2x3090.png"
     pred = predict(MODEL, "2x3090", "ik_llama.cpp", QUANT, KV, ("layer", "graph"), workload=Workload(2048, 128, 98304))
     measured = {}
-    for split in ("layer", "graph"):
-        path = MEASURED / f"qwen3next_80b_iq4xs_q8kv_2x3090_{split}.md"
-        if path.is_file():
-            measured.update(dict(split_tables(path, read_table(path), None)))
+    for path in MEASURED_TABLES:
+        measured.update(dict(split_tables(path, read_table(path), None)))
     report.plot(pred, out, measured)
     return out
 
@@ -60,6 +59,9 @@ def gantt_chart() -> Path:
 
 
 def main() -> None:
+    missing = [p for p in MEASURED_TABLES if not p.is_file()]
+    if missing:  # a plot without its measured points must not replace the committed one
+        sys.exit(f"figures.py: {missing[0]} is missing: the prediction plot draws the measured tables")
     IMG.mkdir(parents=True, exist_ok=True)
     for make in (placed_graph, prediction, gantt_chart):
         t0 = time.perf_counter()

@@ -1,12 +1,13 @@
-"""Pieces every CLI verb shares: resolving MODEL with its quant scheme, --layers, atomic writes."""
+"""Pieces every CLI verb shares: resolving MODEL with its quant scheme, --layers, outputs."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+from typing import Any
 
 from graphir.errors import GraphirError
-from graphir.fileio import write_atomic
+from graphir.fileio import check_output, write_output
+from graphir.fileio import write_atomic  # noqa: F401  (re-exported: the old name of write_output)
 from graphir.models import BuildOptions, build
 from graphir.models.sources import ModelSource, load_source, weight_scheme
 from graphir.graph import Graph
@@ -44,8 +45,35 @@ def load_graph(model: str, phase: str = "pp", quant: str | None = None, kv_type:
 
 
 def emit(text: str, out: str | None) -> None:
-    """Print to stdout, or write atomically to `out`."""
-    if out:
-        write_atomic(out, text)
-    else:
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    """Print to stdout (no `out`, or `-`), or write to `out` with the one output writer."""
+    if not out or str(out) == "-":
+        text = text if text.endswith("\n") else text + "\n"
+    write_output(out or "-", text)
+
+
+PLOT_SUFFIXES = ("png", "svg", "pdf")
+
+
+def output_path(value: Any) -> Any:
+    """typer callback of an output option: refuse, before any work, a path no file can be
+    written at (a folder, a missing folder)."""
+    if value is not None:
+        check_output(value)
+    return value
+
+
+def plot_path(value: Any) -> Any:
+    """typer callback of a picture option: an extension matplotlib writes, and a writable path."""
+    if value is not None and str(value) != "-":
+        suffix = Path(value).suffix.lstrip(".").lower()
+        if suffix not in PLOT_SUFFIXES:
+            raise GraphirError(f"{value}: a plot is written as .png, .svg or .pdf, not {suffix or 'no extension'!r}")
+    return output_path(value)
+
+
+def default_split(split: str | None, user_passes: Any, default: str | None) -> str | None:
+    """--split left out: the verb's default (layer, as llama.cpp's -sm), or none when a --pass is
+    given: the user's passes place the graph (docs/writing_a_pass.md)."""
+    if split is not None:
+        return split
+    return None if user_passes else default

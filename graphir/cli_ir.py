@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from graphir.cli_common import emit, load_graph
+from graphir.cli_common import emit, load_graph, output_path
 from graphir.errors import GraphirError
 from graphir.graph import Graph
 from graphir.models.sources import load_preset, preset_names, weights_label
@@ -42,12 +42,12 @@ def register(app: typer.Typer) -> None:
 
     @app.command("lower")
     def lower_cmd(model: str, phase: str = typer.Option("pp", help="pp (T tokens) or tg (T=1)"),
-                  ubatch: Optional[int] = typer.Option(None, help="bind T for the summary's sizes"),
+                  ubatch: Optional[int] = typer.Option(None, "--ubatch", "-ub", help="bind T for the summary's sizes"),
                   layers: Optional[str] = typer.Option(None, help="keep layers A:B"),
                   quant: Optional[str] = typer.Option(None, help="IQ4_XS, Q4_K_M, q8_0, ..., FILE.gguf"),
                   kv_type: str = typer.Option("f16", "--kv-type"),
                   format: str = typer.Option("text", "--format", help="text|json|dot|summary"),
-                  out: Optional[str] = typer.Option(None, "-o", "--out")) -> None:
+                  out: Optional[str] = typer.Option(None, "-o", "--out", callback=output_path)) -> None:
         """Lower MODEL to the IR for one phase."""
         if format not in ("text", "json", "dot", "summary"):
             raise GraphirError(f"--format must be text, json, dot or summary, got {format!r}")

@@ -18,7 +18,8 @@ from typing import Any, List, Optional, Sequence
 
 import typer
 
-from graphir.cli_common import emit, parse_layers, write_atomic
+from graphir.cli_common import default_split, emit, output_path, parse_layers
+from graphir.fileio import write_output
 from graphir.errors import GraphirError
 from graphir.graph import Graph
 from graphir.ops import Op
@@ -145,13 +146,15 @@ def gantt(panels: Sequence[Panel], devices: Sequence[str], ops: dict[str, Op], t
 
 
 def timeline(model: str, *, hw: str = "2x3090", engine: str = "ik_llama.cpp", quant: str | None = None,
-             kv_type: str = "f16", split: str = "graph", ts: str | None = None, max_gpu: int | None = None,
+             kv_type: str = "f16", split: str | None = "graph", ts: str | None = None, max_gpu: int | None = None,
              recurrent: str = "single", gpus: int | None = None, depth: int = 0, ubatch: int = 2048,
-             allow_overflow: bool = False) -> tuple[list[Panel], tuple[str, ...], dict[str, Op], str]:
+             allow_overflow: bool = False, passes: Sequence[str] | None = None
+             ) -> tuple[list[Panel], tuple[str, ...], dict[str, Op], str]:
     """Trace one PP step (a u-batch) and one TG step (a token) at depth N_KV = `depth`; panels:
-    PP, PP zoomed on the first layers (long models), TG. The title's second line states the
-    weight and KV types and the memory per GPU; a placement that does not fit the GPUs (cache
-    at depth + u-batch) is an error unless `allow_overflow`."""
+    PP, PP zoomed on the first layers (long models), TG. `passes` run after the split's placement
+    (split None: they are the placement). The title's second line states the weight and KV types
+    and the memory per GPU; a placement that does not fit the GPUs (cache at depth + u-batch) is
+    an error unless `allow_overflow`."""
     from backends.costmodel.placement import PlaceOptions, place
     from backends.costmodel.predict import fit_check, memory_per_device, resolve_quant, select_gpus
     from backends.costmodel.price import price
@@ -163,7 +166,7 @@ def timeline(model: str, *, hw: str = "2x3090", engine: str = "ik_llama.cpp", qu
     from graphir.models.sources import load_source, weights_label
     from graphir.quant import scheme
 
-    if split not in ("layer", "graph") or recurrent not in ("single", "split"):
+    if not (split in ("layer", "graph") or (split is None and passes)) or recurrent not in ("single", "split"):
         raise GraphirError(f"--split must be layer or graph and --recurrent single or split, got {split!r} "
                            f"and {recurrent!r}")
     if depth < 0 or ubatch < 1:
@@ -173,7 +176,7 @@ def timeline(model: str, *, hw: str = "2x3090", engine: str = "ik_llama.cpp", qu
     q = resolve_quant(src, quant)
     devices = select_gpus(sysm, gpus)
     ratios = parse_ts(ts, len(devices)) if ts else None
-    po = PlaceOptions(split, devices, ratios, max_gpu, recurrent)  # type: ignore[arg-type]
+    po = PlaceOptions(split, devices, ratios, max_gpu, recurrent, passes=tuple(passes or ()))  # type: ignore[arg-type]
     panels, ops = [], {}
     facts = ""
     for phase in ("pp", "tg"):
@@ -206,7 +209,9 @@ def timeline(model: str, *, hw: str = "2x3090", engine: str = "ik_llama.cpp", qu
             panels.append((f"PP zoomed on layers 0-{ZOOM_LAYERS - 1}: {end * 1e3:.1f} ms",
                            [sp for sp in spans if sp.start < end], end,
                            [(t, f"blk.{i}") for i, t in sorted(starts.items())]))
-    title = f"{src.cfg.name or model} on {sysm.name}, {eng.name}, split {split} (predicted)\n{facts}"
+    how = f"split {split}" if split else ""
+    how += (", " if how else "") + (f"pass {'+'.join(passes)}" if passes else "")
+    title = f"{src.cfg.name or model} on {sysm.name}, {eng.name}, {how} (predicted)\n{facts}"
     return panels, devices, ops, title
 
 
@@ -231,9 +236,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("show")
     def show_cmd(model: str = typer.Argument(..., help="preset, config.json, checkpoint dir or .gguf"),
-                 split: Optional[str] = typer.Option(None, "--split", help="layer | graph"),
+                 split: Optional[str] = typer.Option(None, "--split", "-sm", help="layer | graph (default layer; "
+                                                     "with --pass: the passes place)"),
                  devices: str = typer.Option("2", "--devices", help="N | cpu,cpu | cuda:0,cuda:1"),
-                 ts: Optional[str] = typer.Option(None, "--ts", help="split ratios, e.g. 3,1"),
+                 ts: Optional[str] = typer.Option(None, "--ts", "-ts", help="split ratios, e.g. 3,1"),
                  max_gpu: Optional[int] = typer.Option(None, "--max-gpu", help="graph split: devices per layer"),
                  recurrent: str = typer.Option("single", "--recurrent", help="delta-net layers: single | split"),
                  user_pass: Optional[List[str]] = typer.Option(None, "--pass", help="module:function (repeatable)"),
@@ -248,18 +254,16 @@ def register(app: typer.Typer) -> None:
                                                      "split, devices, phase, quant)"),
                  format: Optional[str] = typer.Option(None, "--format", help="svg | png | dot | text "
                                                       "(default: from -o, else dot)"),
-                 out: Optional[str] = typer.Option(None, "-o", "--out", help="placed.svg | .png | .dot | .txt"),
+                 out: Optional[str] = typer.Option(None, "-o", "--out", help="placed.svg | .png | .dot | .txt",
+                                                   callback=output_path),
                  ) -> None:
         """Draw MODEL placed on devices: a layer view of the whole model or an op view of a few layers."""
         fmt = _format(format, out)
-        body = show(model, split=split, devices=devices, ts=ts, max_gpu=max_gpu, recurrent=recurrent,
+        body = show(model, split=default_split(split, user_pass, "layer"), devices=devices, ts=ts, max_gpu=max_gpu, recurrent=recurrent,
                     passes=passes, user_passes=user_pass, layers=layers, view=view, phase=phase, quant=quant,
                     kv_type=kv_type, fmt=fmt, title=title)
         if isinstance(body, bytes):
-            if out:
-                write_atomic(out, body)
-            else:
-                typer.echo(body.decode(), nl=False)
+            write_output(out or "-", body)
         else:
             emit(body, out)
 
@@ -269,25 +273,29 @@ def register(app: typer.Typer) -> None:
                      engine: str = typer.Option("ik_llama.cpp", "--engine", help="engine name or YAML file"),
                      quant: Optional[str] = typer.Option(None, "--quant", help="IQ4_XS, Q4_K_M, ..., FILE.gguf"),
                      kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type (f16, q8_0, q6_0, ...)"),
-                     split: str = typer.Option("graph", "--split", help="layer | graph"),
-                     ts: Optional[str] = typer.Option(None, "--ts", help="split ratios per GPU, e.g. 1,1"),
+                     split: Optional[str] = typer.Option(None, "--split", "-sm", help="layer | graph (default "
+                                                         "graph; with --pass: the passes place)"),
+                     user_pass: Optional[List[str]] = typer.Option(None, "--pass", help="module:function "
+                                                                   "(repeatable), as `graphir place` runs it"),
+                     ts: Optional[str] = typer.Option(None, "--ts", "-ts", help="split ratios per GPU, e.g. 1,1"),
                      max_gpu: Optional[int] = typer.Option(None, "--max-gpu", help="graph split: GPUs per layer"),
                      recurrent: str = typer.Option("single", "--recurrent", help="delta-net layers: single | split"),
                      gpus: Optional[int] = typer.Option(None, "--gpus", help="use only the first N GPUs"),
                      depth: int = typer.Option(0, "--depth", help="N_KV: tokens already in the cache"),
-                     ubatch: int = typer.Option(2048, "--ubatch", help="tokens of the PP step"),
+                     ubatch: int = typer.Option(2048, "--ubatch", "-ub", help="tokens of the PP step"),
                      allow_overflow: bool = typer.Option(False, "--allow-overflow", help="draw placements that "
                                                          "do not fit the GPUs' memory (a warning, not an error)"),
                      out: str = typer.Option(..., "-o", "--out", help="timeline.png | .svg (chart), "
-                                             ".csv | .json (the trace)")) -> None:
+                                             ".csv | .json (the trace)", callback=output_path)) -> None:
         """Gantt chart per GPU of one predicted PP step and one TG step: where each GPU works and idles."""
         suffix = Path(out).suffix.lstrip(".").lower()
         if suffix not in ("png", "svg", "pdf", "csv", "json"):
             raise GraphirError(f"-o must end in .png, .svg, .pdf, .csv or .json, got {out!r}")
-        panels, devs, ops, title = timeline(model, hw=hw, engine=engine, quant=quant, kv_type=kv_type, split=split,
-                                            ts=ts, max_gpu=max_gpu, recurrent=recurrent, gpus=gpus, depth=depth,
-                                            ubatch=ubatch, allow_overflow=allow_overflow)
+        panels, devs, ops, title = timeline(model, hw=hw, engine=engine, quant=quant, kv_type=kv_type,
+                                            split=default_split(split, user_pass, "graph"), ts=ts, max_gpu=max_gpu,
+                                            recurrent=recurrent, gpus=gpus, depth=depth, ubatch=ubatch,
+                                            allow_overflow=allow_overflow, passes=user_pass)
         if suffix in ("csv", "json"):
-            write_atomic(out, _spans_text(panels, ops, suffix, title))
+            write_output(out, _spans_text(panels, ops, suffix, title))
         else:
             gantt(panels, devs, ops, title, out)

@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence
 
 import typer
 
-from graphir.cli_common import emit, source_quant
+from graphir.cli_common import default_split, emit, output_path, source_quant
 from graphir.errors import GraphirError
 from graphir.graph import Graph
 from graphir.models import BuildOptions, ModelConfig, build
@@ -140,9 +140,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("place")
     def place_cmd(model: str = typer.Argument(..., help="preset, config.json, checkpoint dir or .gguf"),
-                  split: Optional[str] = typer.Option(None, "--split", help="layer | graph | auto"),
+                  split: Optional[str] = typer.Option(None, "--split", "-sm", help="layer | graph | auto "
+                                                      "(default layer; with --pass: the passes place)"),
                   devices: str = typer.Option("2", "--devices", help="N | cpu,cpu | cuda:0,cuda:1"),
-                  ts: Optional[str] = typer.Option(None, "--ts", help="split ratios, e.g. 3,1"),
+                  ts: Optional[str] = typer.Option(None, "--ts", "-ts", help="split ratios, e.g. 3,1"),
                   max_gpu: Optional[int] = typer.Option(None, "--max-gpu", help="graph split: devices per layer"),
                   recurrent: str = typer.Option("single", "--recurrent", help="delta-net layers: single | split"),
                   reduce_dtype: Optional[str] = typer.Option(None, "--reduce-dtype", help="f16 | bf16 | f32"),
@@ -153,8 +154,8 @@ def register(app: typer.Typer) -> None:
                   kv_type: str = typer.Option("f16", "--kv-type"),
                   format: str = typer.Option("summary", "--format", help="text | json | summary"),
                   mem: Optional[str] = typer.Option(None, "--mem", help="24GiB,24GiB or a preset like 2x3090"),
-                  ctx: int = typer.Option(4096, "--ctx", help="context length for the KV cache"),
-                  ubatch: int = typer.Option(512, "--ubatch", help="tokens per batch for the compute buffer"),
+                  ctx: int = typer.Option(4096, "--ctx", "-c", help="context length for the KV cache"),
+                  ubatch: int = typer.Option(512, "--ubatch", "-ub", help="tokens per batch for the compute buffer"),
                   dump: Optional[str] = typer.Option(None, "--dump", help="folder for a text dump after each pass"),
                   hw: str = typer.Option("2x3090", "--hw", help="auto: system to predict on (2x3090, 2xH200, ...)"),
                   engine: str = typer.Option("ik_llama.cpp", "--engine", help="auto: engine profile"),
@@ -165,12 +166,12 @@ def register(app: typer.Typer) -> None:
                   at_depth: int = typer.Option(0, "--at-depth", help="auto: write the plan's placement at this N_KV"),
                   allow_overflow: bool = typer.Option(False, "--allow-overflow", help="--mem: a placement that "
                                                       "does not fit is a warning, not an error"),
-                  out: Optional[str] = typer.Option(None, "-o", "--out")) -> None:
+                  out: Optional[str] = typer.Option(None, "-o", "--out", callback=output_path)) -> None:
         """Place MODEL on devices (layer, graph or auto split, or user passes) and print or write it."""
         if format not in ("text", "json", "summary"):
             raise GraphirError(f"--format must be text, json or summary, got {format!r}")
         auto = AutoOptions(hw, engine, tg, depths, weights, at_depth)
-        pctx, _, res = place(model, split=split, devices=devices, ts=ts, max_gpu=max_gpu, recurrent=recurrent,
+        pctx, _, res = place(model, split=default_split(split, user_pass, "layer"), devices=devices, ts=ts, max_gpu=max_gpu, recurrent=recurrent,
                              reduce_dtype=reduce_dtype, passes=passes, user_passes=user_pass, phase=phase,
                              quant=quant, kv_type=kv_type, mem=mem, ctx_len=ctx, ubatch=ubatch, dump_dir=dump,
                              auto=auto, allow_overflow=allow_overflow)
@@ -183,16 +184,16 @@ def register(app: typer.Typer) -> None:
     @app.command("nodes")
     def nodes_cmd(model: str = typer.Argument(..., help="preset, config.json, checkpoint dir or .gguf"),
                   phase: str = typer.Option("pp", "--phase", help="pp | tg"),
-                  ubatch: int = typer.Option(512, "--ubatch", help="tokens per batch (for the heuristic)"),
-                  split: Optional[str] = typer.Option(None, "--split", help="layer | graph"),
+                  ubatch: int = typer.Option(512, "--ubatch", "-ub", help="tokens per batch (for the heuristic)"),
+                  split: Optional[str] = typer.Option(None, "--split", "-sm", help="layer | graph"),
                   devices: str = typer.Option("1", "--devices", help="N | cpu,cpu | cuda:0,cuda:1"),
-                  ts: Optional[str] = typer.Option(None, "--ts"),
+                  ts: Optional[str] = typer.Option(None, "--ts", "-ts"),
                   max_gpu: Optional[int] = typer.Option(None, "--max-gpu"),
                   recurrent: str = typer.Option("single", "--recurrent"),
                   passes: Optional[str] = typer.Option(None, "--passes", help="merge_qkv,merge_up_gate"),
                   quant: Optional[str] = typer.Option(None, "--quant"),
                   format: str = typer.Option("json", "--format", help="json | table"),
-                  out: Optional[str] = typer.Option(None, "-o", "--out")) -> None:
+                  out: Optional[str] = typer.Option(None, "-o", "--out", callback=output_path)) -> None:
         """Node count: the closed-form estimate, the built graph's count, llama.cpp's budget."""
         if format not in ("json", "table"):
             raise GraphirError(f"--format must be json or table, got {format!r}")
@@ -218,6 +219,8 @@ def register(app: typer.Typer) -> None:
     @app.command("passes")
     def passes_cmd(format: str = typer.Option("table", "--format", help="table | json")) -> None:
         """List the registered passes."""
+        if format not in ("table", "json"):
+            raise GraphirError(f"--format must be table or json, got {format!r}")
         rows = registered()
         if format == "json":
             typer.echo(json.dumps([{"name": p.name, "doc": p.doc} for p in rows], indent=1))

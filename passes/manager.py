@@ -111,6 +111,9 @@ def resolve(spec: PassSpec) -> tuple[str, PassFn]:
             obj: Any = importlib.import_module(mod)
         except ImportError as e:
             raise PassError(f"--pass {spec}: cannot import module {mod!r} ({e})") from None
+        except Exception as e:  # the user's module fails as it loads (SyntaxError, NameError, ...)
+            raise PassError(f"--pass {spec}: module {mod!r} fails to load: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
         for part in attr.split("."):
             obj = getattr(obj, part, None)
             if obj is None:

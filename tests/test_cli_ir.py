@@ -100,6 +100,7 @@ def test_stats_table_with_quant(capsys):
 
 def test_output_file_is_written_atomically(capsys, tmp_path):
     target = tmp_path / "sub" / "g.json"
+    target.parent.mkdir()  # -o never creates folders: a mistyped one is an error
     code, out, err = run(capsys, "lower", QN, "--phase", "tg", "--format", "json", "-o", str(target))
     assert code == 0 and out == "" and err == ""
     assert from_json(target.read_text()) == build(load_preset(QN), BuildOptions(phase="tg"))

@@ -36,7 +36,7 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
     (["place", "qwen3-next-80b-a3b", "--split", "layer", "--devices", "2", "--mem", "24GiB,24GiB"],
      "does not fit at ctx 4096: cuda:0 74."),
     (["place", "qwen3-8b", "--split", "rows"], "--split must be layer or graph"),
-    (["place", "qwen3-8b"], "without a device"),
+    (["place", "qwen3-8b", "--pass", "merge_qkv"], "without a device"),  # a --pass that places nothing
 ])
 def test_errors_are_one_line_with_exit_code_2(argv: list[str], needle: str,
                                               capsys: pytest.CaptureFixture[str]) -> None:
@@ -68,6 +68,7 @@ def test_passes_lists_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_place_writes_text_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     txt, js = tmp_path / "out" / "p.txt", tmp_path / "p.json"
+    txt.parent.mkdir()  # -o never creates folders: a mistyped one is an error
     rc, _, err = run(["place", "qwen3-8b", "--split", "graph", "--devices", "cpu,cpu", "--ts", "3,1",
                       "--passes", "merge_qkv", "--phase", "tg", "--format", "text", "-o", str(txt)], capsys)
     assert rc == 0, err

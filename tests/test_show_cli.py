@@ -47,7 +47,7 @@ def test_show_text_prints_the_placed_ir(capsys: pytest.CaptureFixture[str]) -> N
     ["show", "qwen3-0.6b", "--split", "graph", "--format", "jpeg"],
     ["show", "qwen3-0.6b", "--split", "graph", "--view", "boxes"],
     ["show", "qwen3-0.6b", "--split", "graph", "--layers", "0:99"],
-    ["show", "qwen3-0.6b", "--format", "dot"],  # the layer view needs a placement
+    ["show", "qwen3-0.6b", "--pass", "merge_qkv", "--format", "dot"],  # the layer view needs a placement
     ["timeline", "qwen3-0.6b", "-o", "t.gif"],
     ["timeline", "qwen3-0.6b", "--split", "row", "-o", "t.png"],
 ])

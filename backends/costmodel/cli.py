@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
+from graphir.cli_common import default_split, output_path, plot_path
 from graphir.errors import GraphirError
+from graphir.fileio import write_output
 from graphir.sweep import SweepTable, TableError, compare as compare_tables, parse_table, read_table
 
 
@@ -78,12 +80,7 @@ def _base(label: str) -> str:
 
 
 def _emit(text: str, output: Path | None) -> None:
-    from backends.costmodel.report import atomic_write
-
-    if output is None:
-        sys.stdout.write(text)
-    else:
-        atomic_write(output, text)
+    write_output(output if output is not None else "-", text)
 
 
 def predict_cmd(
@@ -91,21 +88,26 @@ def predict_cmd(
     hw: str = typer.Option("2x3090", "--hw", help="system name (2x3090, 2xH200, 3xH100) or YAML file"),
     engine: str = typer.Option("ik_llama.cpp", "--engine", help="engine name or YAML file"),
     quant: Optional[str] = typer.Option(None, "--quant", help="file type (IQ4_XS, Q4_K_M, IQ4_KS), ggml type "
-                                        "or FILE.gguf (its tensor types); default: the GGUF's own types, else the source's own (a preset: bf16)"),
+                                        "or FILE.gguf (its tensor types); default: the source's own (a GGUF's "
+                                        "types; a preset: bf16)"),
     kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type (f16, q8_0, q6_0, ...)"),
-    split: str = typer.Option("layer,graph", "--split", help="split modes to predict: layer, graph, auto"),
-    ts: Optional[str] = typer.Option(None, "--ts", help="split ratios per GPU, e.g. 1,1"),
+    split: Optional[str] = typer.Option(None, "--split", "-sm", help="split modes to predict: layer, graph, auto "
+                                        "(default layer,graph; with --pass: the passes place)"),
+    user_pass: Optional[List[str]] = typer.Option(None, "--pass", help="module:function (repeatable): after "
+                                                  "--split's placement, or the placement itself"),
+    ts: Optional[str] = typer.Option(None, "--ts", "-ts", help="split ratios per GPU, e.g. 1,1"),
     max_gpu: Optional[int] = typer.Option(None, "--max-gpu", help="graph split: GPUs per layer"),
     recurrent: str = typer.Option("single", "--recurrent", help="graph split of delta-net layers: single|split"),
     gpus: Optional[int] = typer.Option(None, "--gpus", help="use only the first N GPUs of the system"),
-    ubatch: int = typer.Option(2048, "--ubatch", help="u-batch = PP tokens per row"),
+    ubatch: int = typer.Option(2048, "--ubatch", "-ub", help="u-batch = PP tokens per row"),
     tg: int = typer.Option(128, "--tg", help="tokens generated per row"),
-    ctx: int = typer.Option(98304, "--ctx", help="context size; rows at N_KV = 0, ub, 2ub, ... < ctx"),
+    ctx: int = typer.Option(98304, "--ctx", "-c", help="context size; rows at N_KV = 0, ub, 2ub, ... < ctx"),
     fmt: str = typer.Option("table", "--format", help="table | csv | json"),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG/SVG plot here"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG/SVG/PDF plot here", callback=plot_path),
     measured: Optional[List[Path]] = typer.Option(None, "--measured", help="measured table to draw on the plot "
                                                   "(repeatable; split from its split column or file name)"),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="write here instead of stdout"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="write here instead of stdout",
+                                          callback=output_path),
     engine_flags: Optional[str] = typer.Option(None, "--engine-flags", help="the engine's own flags that change "
                                                "time, as you pass them to it: \"-sas -grt f16 -mqkv --no-nccl\""),
     allow_overflow: bool = typer.Option(False, "--allow-overflow", help="predict placements that do not "
@@ -128,8 +130,15 @@ def predict_cmd(
         raise CostModelCliError(f"--format must be table, csv or json, got {fmt!r}")
     if recurrent not in ("single", "split"):
         raise CostModelCliError(f"--recurrent must be single or split, got {recurrent!r}")
-    pred = predict(model, hw, engine, quant, kv_type, _splits(split), _ts(ts), max_gpu, recurrent,
-                   Workload(ubatch, tg, ctx), gpus, allow_overflow, options=opts)
+    modes = default_split(split, user_pass, "layer,graph")
+    names = _splits(modes) if modes else ("+".join(user_pass or ()),)
+    # the measured tables are read before any work: a bad one fails first
+    points = {s: t for p in measured or [] for s, t in split_tables(p, _read(p), None) if s in names}
+    if measured and not points:
+        raise CostModelCliError(f"--measured: no table names a predicted split ({', '.join(names)}); "
+                                f"add a split column or put layer/graph in the file name")
+    pred = predict(model, hw, engine, quant, kv_type, names if modes else ("",), _ts(ts), max_gpu, recurrent,
+                   Workload(ubatch, tg, ctx), gpus, allow_overflow, options=opts, passes=tuple(user_pass or ()))
     for w in pred.warnings:
         typer.echo(f"warning: {w}", err=True)
     text = {"table": report.format_table, "csv": report.format_csv, "json": report.format_json}[fmt](pred)
@@ -140,10 +149,6 @@ def predict_cmd(
         elif fmt == "csv":
             text += "".join(f"# {line}\n" if line else "#\n" for line in why.splitlines())
     _emit(text, output)
-    points = {s: t for p in measured or [] for s, t in split_tables(p, _read(p), None) if s in pred.modes}
-    if measured and not points:
-        raise CostModelCliError(f"--measured: no table names a predicted split ({', '.join(pred.modes)}); "
-                                f"add a split column or put layer/graph in the file name")
     if plot is not None:
         report.plot(pred, plot, points)
 
@@ -164,12 +169,13 @@ def calibrate_cmd(
                                          "manifest's, else ik_llama.cpp)"),
     quant: Optional[str] = typer.Option(None, "--quant"),
     kv_type: str = typer.Option("f16", "--kv-type"),
-    split: Optional[str] = typer.Option(None, "--split", help="split mode of each file without a split column, in order"),
-    ts: Optional[str] = typer.Option(None, "--ts"),
+    split: Optional[str] = typer.Option(None, "--split", "-sm",
+                                        help="split mode of each file without a split column, in order"),
+    ts: Optional[str] = typer.Option(None, "--ts", "-ts"),
     max_gpu: Optional[int] = typer.Option(None, "--max-gpu"),
     recurrent: str = typer.Option("single", "--recurrent"),
     fit_params: Optional[str] = typer.Option(None, "--fit", help="parameters to fit (default: the engine's list)"),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="fitted engine YAML"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="fitted engine YAML", callback=output_path),
 ) -> None:
     """Fit the engine's physical parameters to measured tables jointly; print them and the
     residuals (with --cv: the leave-one-out errors)."""
@@ -266,9 +272,10 @@ def _cli_cases(measured: list[Path], model: str, sysm: "System", eng: "Engine", 
 def compare_cmd(
     tables: List[Path] = typer.Argument(..., help="reference table (measured) first, then tables to compare with it: "
                                         "sweep-bench markdown or JSONL, graphir CSV or JSON"),
-    split: Optional[str] = typer.Option(None, "--split", help="compare only this split mode (also names the "
+    split: Optional[str] = typer.Option(None, "--split", "-sm", help="compare only this split mode (also names the "
                                         "split of files that carry none)"),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG/SVG plot of speeds and errors here"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG/SVG/PDF plot of speeds and errors here",
+                                        callback=plot_path),
 ) -> None:
     """Per-depth S_PP and S_TG of each table against the first, aligned on N_KV: ratio and error."""
     if len(tables) < 2:

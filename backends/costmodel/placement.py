@@ -25,7 +25,7 @@ SPLITS: tuple[str, ...] = ("layer", "graph", "auto")
 
 @dataclass(frozen=True)
 class PlaceOptions:
-    split: Split
+    split: Split | None
     devices: tuple[str, ...]
     ts: tuple[float, ...] | None = None  # split ratios per device (default equal)
     max_gpu: int | None = None  # graph split: at most this many devices per layer
@@ -34,6 +34,9 @@ class PlaceOptions:
     hw: "str | System" = "2x3090"
     engine: "str | Engine" = "ik_llama.cpp"
     workload: "AutoWorkload | None" = None
+    # passes (registered names or module:function) run after the split's placement; with split
+    # None they are the placement (`--pass` of predict and timeline, as `graphir place` runs it)
+    passes: tuple[str, ...] = ()
 
 
 def place(cfg: ModelConfig, opts: BuildOptions, po: PlaceOptions) -> Graph:
@@ -43,14 +46,27 @@ def place(cfg: ModelConfig, opts: BuildOptions, po: PlaceOptions) -> Graph:
         raise PlacementError("no devices to place on")
     g = build(cfg, opts)
     if po.split == "layer":
-        return place_layer(g, cfg, po.devices, ts=po.ts)
-    if po.split == "graph":
-        return place_graph(g, cfg, po.devices, ts=po.ts, max_gpu=po.max_gpu, recurrent=po.recurrent)
-    if po.split == "auto":
+        g = place_layer(g, cfg, po.devices, ts=po.ts)
+    elif po.split == "graph":
+        g = place_graph(g, cfg, po.devices, ts=po.ts, max_gpu=po.max_gpu, recurrent=po.recurrent)
+    elif po.split == "auto":
         from passes.auto import place_auto  # the search imports the cost model
 
-        return place_auto(g, cfg, po.devices, po.workload, po.hw, po.engine, ts=po.ts).graph
-    raise PlacementError(f"unknown split mode {po.split!r} ({', '.join(SPLITS)})")
+        g = place_auto(g, cfg, po.devices, po.workload, po.hw, po.engine, ts=po.ts).graph
+    elif po.split is not None or not po.passes:
+        raise PlacementError(f"unknown split mode {po.split!r} ({', '.join(SPLITS)})")
+    return _user_passes(g, cfg, po) if po.passes else g
+
+
+def _user_passes(g: Graph, cfg: ModelConfig, po: PlaceOptions) -> Graph:
+    from passes.manager import PassContext, run_pipeline
+
+    ctx = PassContext(cfg=cfg, devices=po.devices, ts=po.ts, max_gpu=po.max_gpu, recurrent=po.recurrent)
+    g = run_pipeline(g, list(po.passes), ctx).graph
+    if not g.placed:
+        raise PlacementError(f"--pass {', '.join(po.passes)} left nodes without a device: give --split "
+                             f"layer|graph too, or a pass that places the graph")
+    return g
 
 
 def engine_graph(g: Graph, cfg: ModelConfig, passes: Sequence[str]) -> Graph:

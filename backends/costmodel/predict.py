@@ -173,10 +173,12 @@ def predict(model: str, hw: str | System = "2x3090", engine: str | Engine = "ik_
             quant: str | None = None, kv_type: str = "f16", splits: Sequence[str] = ("layer", "graph"),
             ts: tuple[float, ...] | None = None, max_gpu: int | None = None, recurrent: str = "single",
             workload: Workload | None = None, n_devices: int | None = None,
-            allow_overflow: bool = False, options: EngineOptions | None = None) -> Prediction:
+            allow_overflow: bool = False, options: EngineOptions | None = None,
+            passes: Sequence[str] = ()) -> Prediction:
     """Predict the sweep table of `model` on `hw` for each split mode (`options`: the engine's
-    own flags, backends.costmodel.options). A placement that does not fit the GPUs is an error
-    unless `allow_overflow` (then a warning)."""
+    own flags, backends.costmodel.options); `passes` run after each mode's placement, and split
+    mode "" is the placement of `passes` alone (named after them). A placement that does not
+    fit the GPUs is an error unless `allow_overflow` (then a warning)."""
     sysm0 = hw if isinstance(hw, System) else resolve_system(hw)
     eng0 = engine if isinstance(engine, Engine) else load_engine(engine)
     opts = options or EngineOptions()
@@ -198,8 +200,9 @@ def predict(model: str, hw: str | System = "2x3090", engine: str | Engine = "ik_
             warnings += [w for w in [fit_check(split, devices, modes[split].memory_GB, sysm, wl.ctx,
                                                allow_overflow)] if w]
             continue
-        po = PlaceOptions(split, devices, ts, max_gpu, recurrent)  # type: ignore[arg-type]
+        po = PlaceOptions(split or None, devices, ts, max_gpu, recurrent, passes=tuple(passes))  # type: ignore[arg-type]
         pp, tg, g = place_and_price(src.cfg, q, kv_type, po, wl.ubatch, tuple(eng.passes) + extra)
+        split = split or "+".join(passes)
         mem = memory_per_device(g, wl.ctx)
         # before the sweep is evaluated: a context the caches cannot hold stops here
         warnings += [w for w in [fit_check(split, g.device_list(), mem, sysm, wl.ctx, allow_overflow)] if w]

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
+from graphir.cli_common import output_path
 from graphir.errors import GraphirError
 
 SPLITS = ("layer", "graph", "auto")
@@ -256,14 +257,15 @@ def register(app: typer.Typer) -> None:
                  decode: int = typer.Option(0, "--decode", help="greedy decode steps after the prompt"),
                  dtype: str = typer.Option("f32", "--dtype", help="f32, bf16 or f16"),
                  devices: str = typer.Option("cpu", "--devices", help="cpu, cpu,cpu (logical), cuda:0,cuda:1"),
-                 split: Optional[str] = typer.Option(None, "--split", help="layer | graph (several devices)"),
-                 ts: Optional[str] = typer.Option(None, "--ts", help="split ratios, e.g. 3,1"),
+                 split: Optional[str] = typer.Option(None, "--split", "-sm", help="layer | graph (several devices)"),
+                 ts: Optional[str] = typer.Option(None, "--ts", "-ts", help="split ratios, e.g. 3,1"),
                  max_gpu: Optional[int] = typer.Option(None, "--max-gpu", help="graph split: devices per layer"),
                  recurrent: str = typer.Option("single", "--recurrent", help="delta-net layers: single | split"),
                  passes: Optional[str] = typer.Option(None, "--passes", help="merge_qkv,merge_up_gate,..."),
                  seed: int = typer.Option(0, "--seed", help="seed of random weights (when MODEL has none)"),
-                 ctx: Optional[int] = typer.Option(None, "--ctx", help="context to preallocate (default: just enough)"),
-                 out: Optional[str] = typer.Option(None, "--out", help="write logits [P+N, vocab] float32 .npy"),
+                 ctx: Optional[int] = typer.Option(None, "--ctx", "-c", help="context to preallocate (default: just enough)"),
+                 out: Optional[str] = typer.Option(None, "--out", help="write logits [P+N, vocab] float32 .npy",
+                                                   callback=output_path),
                  random_weights: bool = typer.Option(False, "--random-weights", help=RANDOM_HELP),
                  allow_overflow: bool = typer.Option(False, "--allow-overflow", help=OVERFLOW_HELP)) -> None:
         """Run MODEL on a prompt, then greedy decode steps; print the generated ids (the header,
@@ -276,22 +278,23 @@ def register(app: typer.Typer) -> None:
     @app.command("run")
     def run_cmd(model: str = typer.Argument(..., help="preset, config.json, checkpoint dir or .gguf"),
                 devices: str = typer.Option("cuda:0", "--devices", help="cuda:0,cuda:1 | cpu | cpu,cpu"),
-                split: Optional[str] = typer.Option(None, "--split", help="layer | graph | auto"),
-                ts: Optional[str] = typer.Option(None, "--ts", help="split ratios, e.g. 3,1"),
+                split: Optional[str] = typer.Option(None, "--split", "-sm", help="layer | graph | auto"),
+                ts: Optional[str] = typer.Option(None, "--ts", "-ts", help="split ratios, e.g. 3,1"),
                 recurrent: str = typer.Option("single", "--recurrent", help="delta-net layers: single | split"),
                 max_gpu: Optional[int] = typer.Option(None, "--max-gpu", help="graph split: devices per layer"),
                 hw: str = typer.Option("2xH200", "--hw", help="--split auto: the system the search prices"),
                 engine: str = typer.Option("graphir-cuda", "--engine", help="--split auto: the engine profile"),
                 dtype: str = typer.Option("bf16", "--dtype", help="bf16, f16 or f32"),
-                ubatch: int = typer.Option(2048, "--ubatch", help="PP tokens per row (the u-batch)"),
+                ubatch: int = typer.Option(2048, "--ubatch", "-ub", help="PP tokens per row (the u-batch)"),
                 tg: int = typer.Option(128, "--tg", help="decoded tokens per row"),
-                ctx: int = typer.Option(8192, "--ctx", help="rows for N_KV = 0, ub, ... below this"),
+                ctx: int = typer.Option(8192, "--ctx", "-c", help="rows for N_KV = 0, ub, ... below this"),
                 layers: Optional[str] = typer.Option(None, "--layers", help="keep layers A:B (plus embedding, head)"),
                 passes: str = typer.Option(DEFAULT_PASSES, "--passes", help="after placement; 'none' for none"),
                 seed: int = typer.Option(0, "--seed", help="seed of random weights (when MODEL has none)"),
                 no_graphs: bool = typer.Option(False, "--no-cuda-graphs", help="decode eagerly, no CUDA graphs"),
                 format: str = typer.Option("table", "--format", help="table | csv | json"),
-                out: Optional[str] = typer.Option(None, "-o", "--out", help="write the table here"),
+                out: Optional[str] = typer.Option(None, "-o", "--out", help="write the table here",
+                                                  callback=output_path),
                 random_weights: bool = typer.Option(False, "--random-weights", help=RANDOM_HELP),
                 allow_overflow: bool = typer.Option(False, "--allow-overflow", help=OVERFLOW_HELP)) -> None:
         """Measure MODEL like llama-sweep-bench: S_PP and S_TG at each cache depth."""
