@@ -9,6 +9,8 @@ backends/costmodel/data/gpus.yaml. Prints one line per second and the ratio; nee
 
 from __future__ import annotations
 
+# bench: needs a CUDA GPU  (`make bench` skips this script on a machine without one)
+
 import subprocess
 import sys
 import time

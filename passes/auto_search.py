@@ -231,11 +231,10 @@ class Search:
         hops x (latency + bytes / rate) + the engine's per-copy cost), one copy per piece."""
         if a == b:
             return 0.0
-        link, eng = self.sysm.link, self.eng
-        hops = 2 if (not link.p2p and eng.staged_copy == "serial") else 1
-        beta = link.beta * eng.comm_bw_eff
+        from backends.costmodel.timeline import copy_seconds
+
         nbytes = migration_bytes(self.layout_pieces[a], self.layout_pieces[b], rows)
-        return float(sum(hops * (link.latency_us * 1e-6 + x / beta) + eng.copy_us * 1e-6 for x in nbytes))
+        return float(sum(copy_seconds(x, self.sysm, self.eng) + self.eng.copy_us * 1e-6 for x in nbytes))
 
     def dual_seconds(self, a: int, b: int) -> float:
         """Per row, PP layout a and TG layout b kept both current: the PP's u-batch rows and the

@@ -1,8 +1,9 @@
 """The shipped ik_llama.cpp profile against the measured Qwen3-Next tables (2x RTX 3090).
 
-One engine profile for both split modes; the tables are the ones it was calibrated on, the
-acceptance bounds are the issue's: median |error| <= 5%, p90 <= 10% per mode and metric, the
-PP crossover depth within 10% of the measured one, TG graph slower below 94k.
+One engine profile for every table of the calibration set (fitted jointly); these two are among
+them, so this is in-sample accuracy: median |error| <= 3%, p90 <= 10% per mode and metric, the
+PP crossover depth within 10% of the measured one, TG graph slower below 94k. The held-out
+accuracy is `graphir calibrate --cv` (docs/cost_model.md).
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ import pytest
 from backends.costmodel.predict import Workload, predict
 from graphir.sweep import compare, crossover, read_table
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / "backends" / "costmodel" / "data" / "measured"
 FILES = {s: DATA / f"qwen3next_80b_iq4xs_q8kv_2x3090_{s}.csv" for s in ("layer", "graph")}
-pytestmark = pytest.mark.skipif(not all(f.is_file() for f in FILES.values()), reason="measured tables absent")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_error_per_mode(pred, split: str) -> None:
     c = compare(read_table(FILES[split]), pred.modes[split].table())
     assert c.summary["unmatched_measured"] == 0
     for m in ("pp", "tg"):
-        assert c.summary[m]["median"] <= 0.05, (split, m, c.summary[m])
+        assert c.summary[m]["median"] <= 0.03, (split, m, c.summary[m])
         assert c.summary[m]["p90"] <= 0.10, (split, m, c.summary[m])
 
 

@@ -69,7 +69,6 @@ def test_calibrate_recovers_a_parameter(tmp_path: Path, capsys: pytest.CaptureFi
     assert doc["calibration"]["data"] == ["meas.csv"]
 
 
-@pytest.mark.skipif(not (DATA / "qwen3next_80b_iq4xs_q8kv_2x3090_layer.csv").is_file(), reason="measured tables absent")
 def test_compare_measured_with_predicted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pred = tmp_path / "pred.csv"
     assert main(["predict", "qwen3-next-80b-a3b", "--hw", "2x3090", "--quant", "IQ4_XS", "--kv-type", "q8_0",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from backends.costmodel.price import price
-from backends.costmodel.profiles import load_engine, resolve_system
+from backends.costmodel.profiles import ARRule, load_engine, resolve_system
 from backends.costmodel.timeline import TERMS, comm_costs, evaluate, node_costs
 from graphir.builder import Builder
 from graphir.graph import Graph, verify
@@ -70,19 +70,34 @@ def test_copy_waits_for_its_value_and_costs_alpha_beta() -> None:
     link = sysm.link
     nbytes = H * 4  # one token, f32
     hops = 1 if link.p2p or eng.staged_copy == "pipelined" else 2
-    assert xfer[0] == pytest.approx(hops * (link.latency_us * 1e-6 + nbytes / (link.beta * eng.comm_bw_eff)))
+    # ik's scheduler copies through host memory: a fraction of the bus rate, P2P or not
+    beta = link.bw_GBps * 1e9 * eng.copy_bw_eff if eng.copy_bw_eff is not None else link.beta * eng.comm_bw_eff
+    assert xfer[0] == pytest.approx(hops * (link.latency_us * 1e-6 + nbytes / beta))
     assert over[0] == pytest.approx(eng.copy_us * 1e-6)
     tl = evaluate(pr, sysm, eng, np.array([0.0]))
     assert tl.terms[TERMS.index("comm"), 0] == pytest.approx(xfer[0])
 
 
-def test_ring_all_reduce_cost() -> None:
+def test_all_reduce_cost_per_algorithm() -> None:
     sysm, eng = _setup()
     pr = price(_two_branches(True), None)
-    xfer, _ = comm_costs(pr, sysm, eng)
     a, beta = sysm.link.latency_us * 1e-6, sysm.link.beta * eng.comm_bw_eff
     # TG: 1 token, partials travel as f32 below reduce_f16_min_tokens
+    ring = eng.model_copy(update={"allreduce": (ARRule(algo="ring"),)})
+    xfer, over = comm_costs(pr, sysm, ring)
     assert xfer[0] == pytest.approx(2 * a + 2 * 1 / 2 * H * 4 / beta)
+    assert over[0] == pytest.approx(eng.allreduce_us * 1e-6)
+    # ik with NCCL on two GPUs: NCCL's ring, its latency in the call's fixed cost
+    assert eng.ar_algo(2, 1, sysm.link.p2p) == "nccl"
+    xfer, over = comm_costs(pr, sysm, eng)
+    assert xfer[0] == pytest.approx(H * 4 / (beta * eng.nccl_bw_eff))
+    assert over[0] == pytest.approx((eng.nccl_us if eng.nccl_us is not None else eng.allreduce_us) * 1e-6)
+    # built without NCCL, a decode reduce over P2P is one kernel reading the peers
+    p2p = resolve_system("2x3090-pcie4-p2p")
+    no_nccl = eng.model_copy(update={"nccl": False})
+    assert no_nccl.ar_algo(2, 1, True) == "one_shot" and no_nccl.ar_algo(2, 2048, True) == "ring"
+    xfer, _ = comm_costs(pr, p2p, no_nccl)
+    assert xfer[0] == pytest.approx(p2p.link.latency_us * 1e-6 + H * 4 / (p2p.link.beta * eng.comm_bw_eff))
 
 
 def test_unplaced_graph_is_refused() -> None:

@@ -16,7 +16,8 @@ from gguf.quants import dequantize
 
 from graphir.cli import main
 from graphir.models import from_hf_dict
-from graphir.models.gguf_source import _read_header, tensor_shapes
+from graphir.models.gguf_header import read_header
+from graphir.models.gguf_source import tensor_shapes
 from graphir.models.gguf_writer import TYPES, file_size, tensor_specs, write_gguf
 from graphir.models.sources import load_source, load_preset
 
@@ -84,10 +85,10 @@ def test_iq4_ks_rows(tmp_path: Path) -> None:
     # ik_llama.cpp's dequantize_row_iq4_ks, transcribed: f32 row scale, blocks of 8 scales + 128 qs
     p = tmp_path / "ks.gguf"
     types = write_gguf(p, _cfg("qwen3"), wtype="iq4_ks", seed=0)
-    _, table, start, _ = _read_header(p)  # the gguf package does not know ik_llama.cpp's type ids
-    name, ne, type_id, offset = next(x for x in table if x[0] == "blk.0.ffn_up.weight")
-    n, rows = ne
-    assert type_id == 144 and types[name] == "iq4_ks" and (n, rows) == (256, 512)
+    head = read_header(p)  # the gguf package does not know ik_llama.cpp's type ids
+    t = next(x for x in head.tensors if x.name == "blk.0.ffn_up.weight")
+    name, (n, rows), offset, start = t.name, t.ne, t.offset, head.data_start
+    assert t.dtype.ggml == 144 and t.dtype.name == "iq4_ks" and types[name] == "iq4_ks" and (n, rows) == (256, 512)
     row = 4 + n // 256 * 136
     raw = np.frombuffer(p.read_bytes(), np.uint8, rows * row, start + offset).reshape(rows, row)
     d = raw[:, :4].copy().view("<f4")[:, 0]

@@ -297,13 +297,13 @@ def test_quant_file_in_stats_and_predict(ik_file, config_json, capsys):
     code, out, err = _run(capsys, "predict", str(config_json), "--quant", str(path), "--kv-type", "q6_0",
                           "--ctx", str(ctx), "--ubatch", "512", "--split", "layer", "--format", "json")
     assert code == 0, err
-    mem = sum(json.loads(out)["modes"]["layer"]["memory_GB"]) * 1e9
+    mem = sum(json.loads(out)["modes"]["layer"]["memory_GiB"]) * 2**30
     kv = 2 * L * ctx * HKV * HD * 6.5 / 8  # K and V caches in q6_0
     assert mem - kv == pytest.approx(total, rel=0.01)
     code, out, err = _run(capsys, "predict", str(path), "--ctx", str(ctx), "--ubatch", "512", "--split", "layer",
                           "--kv-type", "q6_0", "--format", "json")  # the model is the GGUF: its own types
     assert code == 0, err
-    assert sum(json.loads(out)["modes"]["layer"]["memory_GB"]) * 1e9 - kv == pytest.approx(total, rel=0.01)
+    assert sum(json.loads(out)["modes"]["layer"]["memory_GiB"]) * 2**30 - kv == pytest.approx(total, rel=0.01)
 
 
 def test_quant_file_in_lower_shows_the_types(ik_file, config_json, capsys):

@@ -18,7 +18,7 @@ from passes.memory import GIB
 
 def _gib(gb: float) -> float:
     """The cost model's profiles count decimal GB; every output says GiB."""
-    return round(gb * 1e9 / GIB, 2)
+    return round(gb * 1e9 / GIB, 6)  # text rounds to 0.01; JSON keeps what small models need
 
 
 def header_lines(pred: Prediction) -> list[str]:

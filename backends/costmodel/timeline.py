@@ -180,6 +180,18 @@ def node_costs(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray,
     return body + launch[:, None], terms
 
 
+def copy_seconds(nbytes: float, sysm: System, eng: Engine) -> float:
+    """The transfer part of one engine copy of `nbytes` to another device (without the engine's
+    per-copy cost `copy_us`): without P2P an engine that does not pipeline the two staged hops
+    pays both in series; an engine whose scheduler copies through host memory whatever the
+    link (`copy_bw_eff` set) reaches a fraction of the bus rate, with or without P2P."""
+    eng = eng.for_gpu(sysm.gpu)
+    link = sysm.link
+    hops = 2 if (not link.p2p and eng.staged_copy == "serial") else 1
+    beta = link.beta * eng.comm_bw_eff if eng.copy_bw_eff is None else link.bw_GBps * 1e9 * eng.copy_bw_eff
+    return hops * (link.latency_us * 1e-6 + nbytes / beta)
+
+
 def comm_costs(pr: Priced, sysm: System, eng: Engine) -> tuple[np.ndarray, np.ndarray]:
     """Seconds per comm node and its (transfer, engine overhead) parts, each [C]."""
     eng = eng.for_gpu(sysm.gpu)
@@ -190,13 +202,7 @@ def comm_costs(pr: Priced, sysm: System, eng: Engine) -> tuple[np.ndarray, np.nd
     per_launch = eng.graph_launch_us if _replays(pr, eng) else eng.launch_us
     for c, kind in enumerate(pr.comm_kind):
         if kind == "copy":
-            # without P2P a copy goes device -> host -> device; an engine that does not pipeline
-            # the two DMA hops pays both in series
-            hops = 2 if (not link.p2p and eng.staged_copy == "serial") else 1
-            # an engine whose scheduler copies through host memory whatever the link (copy_bw_eff
-            # set) reaches a fraction of the bus rate, with or without P2P
-            cbeta = beta if eng.copy_bw_eff is None else link.bw_GBps * 1e9 * eng.copy_bw_eff
-            xfer[c] = hops * (a + pr.comm_numel[c] * pr.comm_elem[c] / cbeta)
+            xfer[c] = copy_seconds(pr.comm_numel[c] * pr.comm_elem[c], sysm, eng)
             over[c] = eng.copy_us * 1e-6
             continue
         p, tok = len(pr.comm_group[c]), int(pr.comm_tokens[c])
