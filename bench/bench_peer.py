@@ -20,6 +20,8 @@ no vocabulary (tokenizer model `none`), so ik's single-token warm-up (BOS, which
 vocabulary) is replaced by its batch warm-up: `--no-warmup -wb`.
 """
 
+# bench: needs a CUDA GPU  (`make bench` skips this script on a machine without one)
+
 from __future__ import annotations
 
 import argparse
@@ -399,7 +401,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="")
     for p in sub.choices.values():
         p.add_argument("--dir", required=True, help="work directory on this machine (sources, build, files)")
-    a = ap.parse_args(argv)
+    args = sys.argv[1:] if argv is None else argv
+    if not args:  # `make bench`: the steps need ik's source and a GPU machine; say so and pass
+        try:
+            import torch
+
+            gpu = torch.cuda.is_available()
+        except ImportError:
+            gpu = False
+        print("skipped: needs a CUDA GPU and ik_llama.cpp's source" if not gpu else ap.format_usage().strip())
+        return 0
+    a = ap.parse_args(args)
     return {"build": cmd_build, "wait": cmd_wait, "write": cmd_write, "ik": cmd_ik, "ops": cmd_ops,
             "graphir": cmd_graphir, "report": cmd_report}[a.cmd](a)
 

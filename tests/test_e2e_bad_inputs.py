@@ -55,7 +55,15 @@ FIXTURES: dict[str, str | None] = {  # name -> text (None: a folder)
     "bad_table.md": "| this | is |\n|---|---|\n| not | a sweep |\n",
     "bad_table.csv": "pp,tg\nx,y\n",
     "folder": None,
+    "ckpt_bin": None,  # a checkpoint folder with a pickle and no safetensors (filled below)
+    "ckpt_cfg": None,  # a checkpoint folder with its config only
 }
+_TINY = ('{"model_type": "qwen3", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, '
+         '"num_hidden_layers": LAYERS, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, '
+         '"rms_norm_eps": EPS, "rope_theta": 10000.0, "max_position_embeddings": 512}')
+FIXTURES |= {"negeps.json": _TINY.replace("LAYERS", "2").replace("EPS", "-1"),
+             "halflayers.json": _TINY.replace("LAYERS", "2.5").replace("EPS", "1e-6"),
+             "hugelayers.json": _TINY.replace("LAYERS", "1000000000").replace("EPS", "1e-6")}
 
 
 def fixture_folder(where: Path) -> None:
@@ -65,6 +73,9 @@ def fixture_folder(where: Path) -> None:
         else:
             (where / name).write_text(text)
     shutil.copy(MEASURED / TABLE, where / "table.md")
+    for folder in ("ckpt_bin", "ckpt_cfg"):
+        (where / folder / "config.json").write_text(FIXTURES["negeps.json"].replace('"rms_norm_eps": -1', '"rms_norm_eps": 1e-6'))
+    (where / "ckpt_bin" / "pytorch_model.bin").write_bytes(b"PK\x03\x04 a pickle is never read")
     if not ROOT_USER:
         (where / "unreadable.json").write_text("{}")
         (where / "unreadable.json").chmod(0)
@@ -157,6 +168,18 @@ CASES: list[list[str]] = [
     ["eval", Q8, "--tokens", "1", "--out", "nodir/x.npy"], ["eval", "qwen3-0.6b", "--tokens", "1,2,3", "--ctx", "1"],
     ["run", Q8, "--dtype", "f8"], ["run", Q8, "-ub", "0"], ["run", Q8, "--format", "xml"],
     ["run", Q8, "-o", "nodir/x.md"], ["run", "nosuchmodel", "--devices", "cpu"], ["run", Q8, "--split", "rows", "--devices", "cpu"],
+]
+CASES += [  # checked inputs: weights, limits, fit, config values (issue 15 items 2, 5, 6, 9)
+    ["eval", "ckpt_bin", "--tokens", "1"], ["eval", "ckpt_cfg", "--tokens", "1"], ["run", "ckpt_bin", "--devices", "cpu"],
+    [P, Q8, "--gpus", "0"], [P, Q8, "--gpus", "4"], [P, Q8, "--gpus", "-1"], [P, Q8, "--ctx", "1000000000"],
+    [P, Q8, "--ctx", "99999999999999999999999"], [P, "qwen3-235b-a22b", "--hw", "2x3090", "--quant", "bf16"],
+    ["stats", "hugelayers.json"], ["stats", "halflayers.json"], ["eval", "negeps.json", "--tokens", "1"],
+    [P, "negeps.json"], ["eval", "qwen3-235b-a22b", "--tokens", "1", "--random-weights"],
+    [P, Q8, "--engine-flags", "-sas --turbo"], [P, Q8, "--engine-flags", "-grt f8"], [P, Q8, "--engine-flags", "-ub 0"],
+    [P, Q8, "--engine-flags", "-ub 2048 -b 512"], [P, Q8, "--split", "graph", "--engine-flags", "-fa off"],
+    [P, Q8, "--engine-flags", "'unclosed"], [P, Q8, "--hw", "2xH200", "--engine-flags", "--no-p2p"],
+    ["calibrate", "--manifest", "missing.yaml"], ["calibrate", "--manifest", "bad.yaml"],
+    ["calibrate", "--manifest", "list.yaml"], ["calibrate", "--no-fit", "--cv"],
 ]
 if not ROOT_USER:
     CASES += [[P, "unreadable.json"], [P, Q8, "-o", "readonly/x.csv"], ["timeline", Q8, "-o", "readonly/t.png"]]

@@ -127,6 +127,8 @@ def weight_scheme(src: ModelSource, quant: str | None = None) -> QuantScheme:
     """The weight types of every verb: `--quant` wins; else a GGUF's own tensor table; else the
     config's torch dtype (a checkpoint's own; assumed for a preset or bare config.json)."""
     base = uniform(_TORCH_DTYPES.get(src.cfg.torch_dtype, "bf16"))
+    if quant is not None and not quant.strip():
+        raise GraphirError("--quant is empty: give a file type (Q4_K_M), a ggml type (q8_0) or a GGUF file")
     if quant:
         try:
             return scheme(quant)
