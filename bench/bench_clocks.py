@@ -29,10 +29,10 @@ def main(seconds: float = 30.0) -> int:
     try:
         import torch
     except ImportError:
-        print("skipped: needs torch with a CUDA GPU")
+        print("bench_clocks.py: skipped: needs a CUDA GPU")
         return 0
     if not torch.cuda.is_available():
-        print("skipped: needs a CUDA GPU")
+        print("bench_clocks.py: skipped: needs a CUDA GPU")
         return 0
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)

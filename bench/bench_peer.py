@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             gpu = torch.cuda.is_available()
         except ImportError:
             gpu = False
-        print("skipped: needs a CUDA GPU and ik_llama.cpp's source" if not gpu else ap.format_usage().strip())
+        print("bench_peer.py: skipped: needs a CUDA GPU" if not gpu else ap.format_usage().strip())
         return 0
     a = ap.parse_args(args)
     return {"build": cmd_build, "wait": cmd_wait, "write": cmd_write, "ik": cmd_ik, "ops": cmd_ops,
