@@ -152,7 +152,8 @@ def cmd_build(a: argparse.Namespace) -> int:
            "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_IQK_FA_ALL_QUANTS=OFF", "-DGGML_NATIVE=ON"]
     rc, _ = w.run("build_configure", cfg, timeout=600)
     if rc == 0:
-        rc, _ = w.run("build_ninja", ["ninja", "-C", str(w.build), "-j", str(a.jobs), *TARGETS], timeout=3000)
+        targets = [t for t in (a.targets.split(",") if a.targets else TARGETS) if t]
+        rc, _ = w.run("build_ninja", ["ninja", "-C", str(w.build), "-j", str(a.jobs), *targets], timeout=3000)
     done.write_text(f"{rc}\n")
     w.say(f"build finished: exit {rc} after {time.time() - t0:.0f} s")
     return 0 if rc == 0 else 1
@@ -258,13 +259,14 @@ def cmd_ops(a: argparse.Namespace) -> int:
     exe = _bin(w, "graphir-peer-ops")
     header, lines, bad = None, [], 0
     jobs = [("ops_fa", [str(exe), "", a.fa_types])] + [(f"ops_{t}", [str(exe), t, ""]) for t in (a.types or OPS_TYPES)]
+    jobs.append(("ops_delta", [str(exe), "", "", "delta"]))  # the fused gated delta rule (Qwen3-Next)
     for name, cmd in jobs:
         rc, out = w.run(name, cmd, timeout=a.timeout)
         bad += rc != 0
         for s in out.splitlines():
             if s.startswith("op,"):
                 header = s
-            elif s.count(",") == 9 and s.split(",")[0] in ("MUL_MAT", "MUL_MAT_ID", "FLASH_ATTN_EXT"):
+            elif s.count(",") == 9 and s.split(",")[0] in ("MUL_MAT", "MUL_MAT_ID", "FLASH_ATTN_EXT", "DELTA_NET"):
                 lines.append(s)
     if header:
         note = f"# ik_llama.cpp {_ik_commit(w)} ggml kernels (bench/peer_ops.cpp) on {_gpu_name()}\n"
@@ -379,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", default="90")
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 4) - 2))
     p.add_argument("--detach", action="store_true", help="build in the background and return")
+    p.add_argument("--targets", default="", help="comma-separated build targets (default: all this script runs)")
     p = sub.add_parser("wait")
     p.add_argument("--timeout", type=float, default=540)
     for name in ("write", "ik"):

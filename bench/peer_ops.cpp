@@ -9,6 +9,8 @@
 //   op,type,m,n,k,extra,runs,us,tflops,gbps      (gbps counts the weight bytes each op reads)
 // MUL_MAT: weight [m, k] times n columns; MUL_MAT_ID: each expert [m, k], n tokens, extra = experts/used;
 // FLASH_ATTN_EXT: m = query heads, n = query rows, k = KV rows, extra = heads/kv heads and head size.
+// DELTA_NET (third argument "delta"): the fused gated delta rule of one layer, m = value heads,
+// n = tokens, k = head size, extra = key heads/value heads (Qwen3-Next: 16/32, 128).
 #include "ggml.h"
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
@@ -110,9 +112,10 @@ static ggml_type type_by_name(const std::string & s) {
 }
 
 int main(int argc, char ** argv) {
-    // usage: peer_ops TYPES(comma) [FA_KV_TYPES(comma)]
+    // usage: peer_ops TYPES(comma) [FA_KV_TYPES(comma)] [delta]
     std::string types = argc > 1 ? argv[1] : "f16,q8_0,q4_0,iq4_xs,q4_K,q6_K,iq4_ks";
     std::string fa_types = argc > 2 ? argv[2] : "f16,q8_0";
+    const bool delta = argc > 3 && std::string(argv[3]) == "delta";
     g_backend = ggml_backend_cuda_init(0, nullptr, nullptr);
     if (!g_backend) { fprintf(stderr, "no CUDA0\n"); return 1; }
     printf("op,type,m,n,k,extra,runs,us,tflops,gbps\n");
@@ -196,6 +199,26 @@ int main(int argc, char ** argv) {
                     });
                 }
             }
+        }
+    }
+    // gated delta rule (ggml_delta_net): q, k [S, T, Hk]; v [S, T, Hv]; g [T, 1, Hv]; beta [1, T, Hv];
+    // state [S, S*Hv]. The tokens of a u-batch are a dependent chain: time per token is the step.
+    if (delta) {
+        const int64_t S = 128, Hk = 16, Hv = 32;
+        for (int64_t T : {1, 64, 512, 2048}) {
+            double state_bytes = 4.0 * S * S * Hv, io = 4.0 * T * S * (2 * Hk + 2 * Hv);
+            Case c{"DELTA_NET", "f32", std::to_string(Hk) + "/" + std::to_string(Hv), Hv, T, S,
+                   6.0 * T * Hv * S * S, 2 * state_bytes + io};
+            int C = 1, R = T >= 512 ? 8 : 64;
+            run_case(c, C, R, [&](ggml_context * ctx, ggml_cgraph * gf, std::vector<ggml_tensor *> & in) {
+                ggml_tensor * q = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, S, T, Hk, 1); in.push_back(q);
+                ggml_tensor * k = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, S, T, Hk, 1); in.push_back(k);
+                ggml_tensor * v = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, S, T, Hv, 1); in.push_back(v);
+                ggml_tensor * g = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, T, 1, Hv, 1); in.push_back(g);
+                ggml_tensor * b = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, 1, T, Hv, 1); in.push_back(b);
+                ggml_tensor * st = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, S, S * Hv, 1, 1); in.push_back(st);
+                for (int r = 0; r < R; r++) ggml_build_forward_expand(gf, ggml_delta_net(ctx, q, k, v, g, b, st, nullptr));
+            });
         }
     }
     ggml_backend_free(g_backend);
