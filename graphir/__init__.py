@@ -1,1 +1,1 @@
-"""Placeholder package marker (to be replaced)."""
+"""graphir: the IR (dtypes, ops, nodes, graphs, text form) and the model front ends; no torch."""

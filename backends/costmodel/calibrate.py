@@ -16,8 +16,9 @@ from typing import Sequence
 
 import numpy as np
 
+from backends.costmodel.options import EngineOptions, apply
 from backends.costmodel.price import Priced
-from backends.costmodel.profiles import FITTABLE, RATIOS, Engine, ProfileError, System, _known_param
+from backends.costmodel.profiles import FITTABLE, RATIOS, Engine, ProfileError, System, known_param
 from backends.costmodel.timeline import evaluate
 from graphir.progress import track
 from graphir.sweep import SweepTable, error_stats
@@ -43,7 +44,8 @@ class Case:
     tg: Priced
     table: SweepTable
     system: System | None = None  # None: the system fit() is given
-    engine: Engine | None = None  # the case's engine flags applied to the profile; None: as fitted
+    options: EngineOptions | None = None  # the engine flags the table ran with (None: the profile's own)
+    split: str = ""  # the split mode they apply to (ik turns some off under graph split)
     ratios: tuple[Ratio, ...] = ()
     other: tuple[Priced, Priced] | None = None  # the mode the ratios compare with
 
@@ -75,12 +77,10 @@ class FitResult:
 
 
 def _case_engine(case: Case, eng: Engine) -> Engine:
-    """The profile being fitted, with the case's own flags (its `engine` differs only there)."""
-    if case.engine is None:
+    """The profile being fitted, with the case's own flags applied (options.apply)."""
+    if case.options is None or case.system is None:
         return eng
-    flags = {k: getattr(case.engine, k) for k in ("async_scheduler", "reduce_type", "nccl", "cuda_graphs",
-                                                   "flash_attn") if getattr(case.engine, k) != getattr(eng, k)}
-    return eng.model_copy(update=flags) if flags else eng
+    return apply(case.options, eng, case.system, case.split)[0]
 
 
 def _speeds(pp: Priced, tg: Priced, sysm: System, eng: Engine, depth: np.ndarray, pp_tok: np.ndarray,
@@ -156,7 +156,7 @@ def fit(cases: Sequence[Case], sysm: System | None, eng: Engine, params: Sequenc
     """Fit `params` (default: the engine's `fit` list) of `eng` to the measured `cases` jointly
     (each case on its own system, or on `sysm` when it names none)."""
     names = list(params if params is not None else eng.fit)
-    bad = [p for p in names if not _known_param(p)]
+    bad = [p for p in names if not known_param(p)]
     if bad or not names:
         raise ProfileError(f"cannot fit {', '.join(bad) or 'nothing'}; fittable: {', '.join(FITTABLE)}")
     if not cases:

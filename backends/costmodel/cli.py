@@ -199,7 +199,7 @@ def calibrate_cmd(
         man, folder = load_manifest(manifest)
         eng = load_engine(engine or man.engine)
         sysm = None
-        cases = build_cases(eng, manifest)
+        cases = build_cases(eng, loaded=(man, folder))
         prov = {"data": [c.table for c in man.cases], "manifest": "shipped" if manifest is None else str(manifest)}
     if no_fit:
         if cv or output is not None:

@@ -7,7 +7,6 @@ each table out in turn (`graphir calibrate --cv`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
@@ -68,16 +67,10 @@ def load_manifest(path: str | Path | None = None) -> tuple[Manifest, Path]:
     return man, p.parent
 
 
-@dataclass(frozen=True)
-class Built:
-    spec: CaseSpec
-    case: Case
-
-
 def build_case(spec: CaseSpec, folder: Path, eng: Engine) -> Case:
     """Price the case's model as its table ran (its rig, split, flags)."""
     sysm = resolve_system(spec.hw)
-    ceng, sysm, extra = apply(spec.options, eng, sysm, spec.split)
+    _, sysm, extra = apply(spec.options, eng, sysm, spec.split)
     src = load_source(spec.model)
     cfg = src.cfg.with_layers(spec.layers) if spec.layers else src.cfg
     table = read_table(folder / spec.table)
@@ -96,14 +89,15 @@ def build_case(spec: CaseSpec, folder: Path, eng: Engine) -> Case:
     other = None
     if ratios:
         other = priced("graph" if spec.split == "layer" else "layer")
-    return Case(Path(spec.table).stem, pp, tg, table, sysm, ceng, ratios, other)
+    return Case(Path(spec.table).stem, pp, tg, table, sysm, spec.options, spec.split, ratios, other)
 
 
-def build_cases(eng: Engine, manifest: str | Path | None = None,
-                only: Sequence[str] = ()) -> list[Case]:
-    """Every case of the manifest (or those whose table stem is in `only`), priced."""
+def build_cases(eng: Engine, manifest: str | Path | None = None, only: Sequence[str] = (),
+                loaded: tuple[Manifest, Path] | None = None) -> list[Case]:
+    """Every case of the manifest (or those whose table stem is in `only`), priced; `loaded`:
+    the manifest as `load_manifest` already read it."""
     from graphir.progress import track
 
-    man, folder = load_manifest(manifest)
+    man, folder = loaded or load_manifest(manifest)
     specs = [c for c in man.cases if not only or Path(c.table).stem in only]
     return [build_case(s, folder, eng) for s in track(specs, "place and price")]

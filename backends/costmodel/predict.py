@@ -207,7 +207,7 @@ def predict(model: str, hw: str | System = "2x3090", engine: str | Engine = "ik_
         # before the sweep is evaluated: a context the caches cannot hold stops here
         warnings += [w for w in [fit_check(split, g.device_list(), mem, sysm, wl.ctx, allow_overflow)] if w]
         modes[split] = predict_placed(pp, tg, sysm, eng, wl, split, mem)
-    eng, sysm, _ = apply(opts, eng0, sysm0, "layer")  # what the flags make of the rig, for headers
+    eng, sysm, _ = setups[splits[0]] if splits else (eng0, sysm0, ())  # what the flags make of the rig, for headers
     return Prediction(src.cfg.name or model, sysm, eng, wl, modes, tuple(warnings), plans,
                       weights_label(src, quant), kv_type, notes)
 

@@ -126,19 +126,19 @@ class ARRule(BaseModel):
 FITTABLE = ("launch_us", "graph_launch_us", "stream_us", "host_us", "segment_us", "forward_us", "mem_eff", "gemm_eff",
             "float_gemm_eff", "gemm_m0",
             "gemm_tile0", "gemm_k0", "attn_pp_eff", "attn_tg_eff", "attn_tg_h0", "recurrent_eff", "recurrent_h0",
-            "recurrent_step_us", "comm_bw_eff", "staged_bw_eff", "copy_bw_eff", "copy_us", "allreduce_us", "nccl_us", "nccl_bw_eff")
+            "recurrent_step_us", "comm_bw_eff", "copy_bw_eff", "copy_us", "allreduce_us")
 TABLES = ("quant_mem_eff", "quant_gemm_eff", "kernels", "decode_kernels", "gemv_ops", "gemv_us", "attn_tg_kv_eff")  # per storage type or family / per op
-RATIOS = {"mem_eff", "gemm_eff", "float_gemm_eff", "copy_bw_eff", "attn_pp_eff", "attn_tg_eff", "recurrent_eff", "comm_bw_eff", "staged_bw_eff",
-          "nccl_bw_eff"}
+RATIOS = {"mem_eff", "gemm_eff", "float_gemm_eff", "copy_bw_eff", "attn_pp_eff", "attn_tg_eff", "recurrent_eff",
+          "comm_bw_eff"}
 
 
-def _known_param(name: str, archs: tuple[str, ...] = ()) -> bool:
+def known_param(name: str) -> bool:
     head, _, rest = name.partition(".")
     if not rest:
         return name in FITTABLE
     if head in TABLES:
         return bool(rest)
-    return head.isidentifier() and _known_param(rest) and "." not in rest
+    return head.isidentifier() and known_param(rest) and "." not in rest
 
 
 class Engine(BaseModel):
@@ -197,9 +197,6 @@ class Engine(BaseModel):
     # (a dependent chain of small reductions), so T tokens take at least T steps of this latency
     recurrent_step_us: float = Field(default=0.0, ge=0)
     comm_bw_eff: float = Field(gt=0, le=1)  # fraction of a P2P link's rate the engine's transfers reach
-    # without P2P a transfer is staged through pinned host memory by the engine's own code
-    # (two copies and a host synchronisation per chunk): its own fraction of the bus rate
-    staged_bw_eff: float | None = Field(default=None, gt=0, le=1)
     copy_us: float = Field(ge=0)  # engine cost per cross-device copy (events, split boundary)
     # the rate of those copies over the bus rate: an engine whose scheduler copies a tensor
     # between devices through host memory with a host-synchronous copy (ggml's backend
@@ -208,8 +205,6 @@ class Engine(BaseModel):
     copy_bw_eff: float | None = Field(default=None, gt=0, le=1)
     staged_copy: Literal["serial", "pipelined"] = "pipelined"  # copies through host without P2P
     allreduce_us: float = Field(ge=0)  # engine cost per all-reduce (kernels, host sync)
-    nccl_us: float | None = Field(default=None, ge=0)  # per NCCL all-reduce call, instead of allreduce_us
-    nccl_bw_eff: float = Field(default=1.0, gt=0, le=1)  # NCCL's all-reduce rate over the engine's copy rate
     allreduce: tuple[ARRule, ...] = (ARRule(algo="ring"),)
     reduce_f16_min_tokens: int = 33  # partials travel as f16 from this many tokens, else f32
     reduce_type: Literal["f16", "bf16", "f32", "q8_0"] = "f16"  # the type of those partials (-grt)
@@ -238,7 +233,7 @@ class Engine(BaseModel):
     @field_validator("fit")
     @classmethod
     def _known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        bad = [p for p in v if not _known_param(p)]
+        bad = [p for p in v if not known_param(p)]
         if bad:
             raise ValueError(f"cannot fit {', '.join(bad)}; fittable: {', '.join(FITTABLE)} "
                              f"(or TABLE.key for {', '.join(TABLES)}, or ARCH.field)")
@@ -269,8 +264,7 @@ class Engine(BaseModel):
         head, _, rest = name.partition(".")
         if not rest:
             v = getattr(self, name)
-            return float(v if v is not None else (self.comm_bw_eff if name == "staged_bw_eff" else
-                                                   self.allreduce_us if name == "nccl_us" else 0.0))
+            return float(v if v is not None else 0.0)
         if head in TABLES:
             table = getattr(self, head)
             return float(table.get(rest, 1.0))

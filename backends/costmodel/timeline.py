@@ -50,11 +50,17 @@ def family(type_name: str) -> str:
     return dtype(type_name).family
 
 
-def _by_type(table: dict[str, float], type_name: str) -> float:
-    """A per-type table entry: the type itself, else its family, else 1."""
+def _by_type(table: dict[str, float], type_name: str, default: float = 1.0) -> float:
+    """A per-type table entry: the type itself, else its family, else `default`."""
     if not type_name:
-        return 1.0
-    return table.get(type_name, table.get(family(type_name), 1.0))
+        return default
+    return table.get(type_name, table.get(family(type_name), default))
+
+
+def _per_node(table: dict[str, float], pr: Priced, default: float = 1.0) -> np.ndarray:
+    """`_by_type` for every node's type (weight type of a matmul, KV type of an attention)."""
+    per_type = {w: _by_type(table, w, default) for w in dict.fromkeys(pr.wdtype)}
+    return np.array([per_type[w] for w in pr.wdtype])
 
 
 def _rate_eff(pr: Priced, sysm: System, eng: Engine) -> tuple[np.ndarray, np.ndarray]:
@@ -63,13 +69,13 @@ def _rate_eff(pr: Priced, sysm: System, eng: Engine) -> tuple[np.ndarray, np.nda
     rate, eff = np.full(N, gpu.rate("fp32")), np.full(N, 0.5)
     m, n, k = pr.mnk
     small = pr.phase == "tg" or pr.tokens <= eng.mmv_max_tokens
-    qeff = np.ones(N)
-    float_eff = (eng.float_gemm_eff or eng.gemm_eff) / eng.gemm_eff
+    base = np.full(N, eng.gemm_eff)  # large-GEMM efficiency by weight type: MMQ or the float path
     for i in np.flatnonzero(pr.kind == _GEMM):
         dt = dtype(pr.wdtype[i])
         key = eng.quant_rate if dt.is_quant else eng.float_rates.get(dt.name, "fp32")
         rate[i] = gpu.rate(key)
-        qeff[i] = _by_type(eng.quant_gemm_eff, dt.name) if dt.is_quant else float_eff
+        base[i] = (eng.gemm_eff * _by_type(eng.quant_gemm_eff, dt.name) if dt.is_quant
+                   else eng.float_gemm_eff or eng.gemm_eff)
     # GEMMs: tiles of tokens x rows, each looping over the inner size; a matmul with few tokens
     # (per expert), few rows or a short inner loop fills its tiles poorly. Mat-vecs (decode) are
     # streaming kernels on the CUDA cores: their compute side is the decoding work per weight
@@ -78,14 +84,14 @@ def _rate_eff(pr: Priced, sysm: System, eng: Engine) -> tuple[np.ndarray, np.nda
     mv = (pr.kind == _GEMM) & ~mm
     k0 = eng.gemm_k0 if eng.gemm_k0 is not None else eng.gemm_tile0
     shape_eff = (m / (m + eng.gemm_m0)) * (n / (n + eng.gemm_tile0)) * (k / (k + k0))
-    eff = np.where(mm, eng.gemm_eff * qeff * shape_eff, eff)
+    eff = np.where(mm, base * shape_eff, eff)
     rate = np.where(mv, gpu.rate("fp32"), rate)
     eff = np.where(mv, 1.0, eff)
     attn = pr.kind == _ATTN
     rate = np.where(attn, gpu.rate(eng.attn_tg_rate if small else eng.attn_pp_rate), rate)
     # a decode attention kernel has one query per head: its parallelism is heads x KV chunks,
     # so with few heads on a GPU (a head split) fewer blocks share the work per wave
-    kv_eff = np.array([_kv_eff(eng, w) for w in pr.wdtype]) if eng.attn_tg_kv_eff else 1.0
+    kv_eff = _per_node(eng.attn_tg_kv_eff, pr)
     tg_eff = eng.attn_tg_eff * kv_eff * n / (n + eng.attn_tg_h0)
     eff = np.where(attn, tg_eff if small else eng.attn_pp_eff, eff)
     rec = pr.kind == _REC
@@ -97,29 +103,20 @@ def _rate_eff(pr: Priced, sysm: System, eng: Engine) -> tuple[np.ndarray, np.nda
     return rate, eff
 
 
-def _kv_eff(eng: Engine, kv_type: str) -> float:
-    return eng.attn_tg_kv_eff.get(kv_type, 1.0) if kv_type else 1.0
+def _mat_vecs(pr: Priced, eng: Engine) -> np.ndarray:
+    """Which nodes are mat-vecs streaming a weight (decode, or a few tokens)."""
+    return (pr.kind == _GEMM) & (pr.mnk[0] <= eng.mmv_max_tokens) & (pr.wbytes > 0)
 
 
-def _gemv_flops(pr: Priced, eng: Engine) -> np.ndarray:
-    """Mat-vec nodes: tokens x weights x the type's decoding work (gemv_ops); 0 elsewhere."""
-    out = np.zeros(len(pr.names))
-    mv = np.flatnonzero((pr.kind == _GEMM) & (pr.mnk[0] <= eng.mmv_max_tokens))
-    for i in mv:
-        w = pr.wdtype[i]
-        if not w or pr.wbytes[i] <= 0:
-            continue
-        ops = _by_type(eng.gemv_ops, w) if (w in eng.gemv_ops or family(w) in eng.gemv_ops) else 4.0
-        weights = pr.wbytes[i] * 8.0 / dtype(w).bits_per_weight
-        out[i] = pr.mnk[0][i] * weights * ops
-    return out
+def _gemv_flops(pr: Priced, eng: Engine, mv: np.ndarray) -> np.ndarray:
+    """Mat-vec nodes: tokens x weights x the type's decoding work (gemv_ops, else 4); 0 elsewhere."""
+    bits = {w: dtype(w).bits_per_weight for w in dict.fromkeys(pr.wdtype) if w}
+    weights = np.array([pr.wbytes[i] * 8.0 / bits[w] if w else 0.0 for i, w in enumerate(pr.wdtype)])
+    return np.where(mv, pr.mnk[0] * weights * _per_node(eng.gemv_ops, pr, 4.0), 0.0)
 
 
 def _mem_eff(pr: Priced, eng: Engine) -> np.ndarray:
-    if not eng.quant_mem_eff:
-        return np.full(len(pr.names), eng.mem_eff)
-    per_type = {w: _by_type(eng.quant_mem_eff, w) for w in dict.fromkeys(pr.wdtype)}
-    return eng.mem_eff * np.array([per_type[w] for w in pr.wdtype])
+    return eng.mem_eff * _per_node(eng.quant_mem_eff, pr)
 
 
 def _launches(pr: Priced, eng: Engine) -> np.ndarray:
@@ -144,8 +141,8 @@ def node_costs(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray,
     bw = sysm.gpu.mem_bw_GBps * 1e9 * _mem_eff(pr, eng)
     x = kv[None, :]
     flops = pr.flops[0][:, None] + pr.flops[1][:, None] * x
-    mv = (pr.kind == _GEMM) & (pr.mnk[0] <= eng.mmv_max_tokens) & (pr.wbytes > 0)
-    flops = np.where(mv[:, None], _gemv_flops(pr, eng)[:, None], flops)
+    mv = _mat_vecs(pr, eng)
+    flops = np.where(mv[:, None], _gemv_flops(pr, eng, mv)[:, None], flops)
     wb = pr.wbytes.copy()
     if eng.quant_dequant:  # expanding quantised weights to f16 writes and re-reads 2 bytes each
         gemm_q = np.array([bool(w) and dtype(w).is_quant for w in pr.wdtype]) & (pr.mnk[0] > eng.mmv_max_tokens)
@@ -163,9 +160,7 @@ def node_costs(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray,
     t_m = byt / bw[:, None]
     launch = _launches(pr, eng) * np.where(pr.kind == _ATTN, 1.0 if eng.flash_attn else 4.0, 1.0) * 1e-6
     if eng.stream_us or eng.gemv_us:
-        fixed = {w: eng.gemv_us.get(w, eng.gemv_us.get(family(w), eng.stream_us)) if w else 0.0
-                 for w in dict.fromkeys(pr.wdtype)}
-        launch = launch + np.where(mv, np.array([fixed[w] for w in pr.wdtype]) * 1e-6, 0.0) * (eng.graph_launch_us if _replays(pr, eng) else eng.launch_us)
+        launch = launch + np.where(mv, _per_node(eng.gemv_us, pr, eng.stream_us) * 1e-6, 0.0) * (eng.graph_launch_us if _replays(pr, eng) else eng.launch_us)
     body = np.maximum(t_c, t_m)
     if not breakdown:
         return body + launch[:, None], np.zeros((len(pr.names), len(TERMS), 1))
@@ -197,7 +192,7 @@ def comm_costs(pr: Priced, sysm: System, eng: Engine) -> tuple[np.ndarray, np.nd
     eng = eng.for_gpu(sysm.gpu)
     link = sysm.link
     a = link.latency_us * 1e-6
-    beta = link.beta * (eng.comm_bw_eff if link.p2p or eng.staged_bw_eff is None else eng.staged_bw_eff)
+    beta = link.beta * eng.comm_bw_eff
     xfer, over = np.zeros(pr.n_comm), np.zeros(pr.n_comm)
     per_launch = eng.graph_launch_us if _replays(pr, eng) else eng.launch_us
     for c, kind in enumerate(pr.comm_kind):
@@ -209,12 +204,10 @@ def comm_costs(pr: Priced, sysm: System, eng: Engine) -> tuple[np.ndarray, np.nd
         elem = pr.comm_elem[c] or (_REDUCE_BYTES[eng.reduce_type] if tok >= eng.reduce_f16_min_tokens else 4.0)
         nb = pr.comm_numel[c] * elem
         algo = eng.ar_algo(p, tok, link.p2p)
-        fixed = eng.allreduce_us
         if algo == "nccl":
             # NCCL's ring over its own transport (P2P, else host shared memory): its latency is
-            # the call's fixed cost, its rate a fraction of the link's copy rate
-            xfer[c] = 2 * (p - 1) / p * nb / (beta * eng.nccl_bw_eff)
-            fixed = eng.nccl_us if eng.nccl_us is not None else eng.allreduce_us
+            # part of the call's fixed cost (allreduce_us), its rate the link's
+            xfer[c] = 2 * (p - 1) / p * nb / beta
         elif algo == "ring":
             xfer[c] = 2 * (p - 1) * a + 2 * (p - 1) / p * nb / beta
         elif algo == "one_shot":
@@ -222,7 +215,7 @@ def comm_costs(pr: Priced, sysm: System, eng: Engine) -> tuple[np.ndarray, np.nd
         else:
             xfer[c] = 2 * (a + (p - 1) * nb / beta)
         extra = max(0.0, float(pr.comm_launches[c]) - 1.0) * per_launch
-        over[c] = (fixed + extra) * 1e-6
+        over[c] = (eng.allreduce_us + extra) * 1e-6
     return xfer, over
 
 

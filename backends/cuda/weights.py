@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
 from typing import Iterable, Mapping, Protocol
 
 import torch
@@ -21,19 +20,13 @@ import torch
 from backends.cuda.devices import torch_device
 from graphir.errors import GraphirError
 from graphir.graph import Graph, Node
-from graphir.models import BuildOptions, ModelConfig, build
+from graphir.models import ModelConfig
+from graphir.models.weights import WeightInfo, reference_weights  # noqa: F401 (re-exported)
 from graphir.ops import Op
 
 
 class WeightError(GraphirError):
     """A weight that is missing, has the wrong shape, or does not fit the config."""
-
-
-@dataclass(frozen=True)
-class WeightInfo:
-    name: str  # graph name of the full tensor: blk.3.attn_q.weight
-    shape: tuple[int, ...]  # its shape under the config, torch order ([out, in])
-    norm_offset: float | None = None  # set for rms-norm weights: 0 plain, 1 zero-centred (w + 1)
 
 
 class WeightSource(Protocol):
@@ -46,19 +39,6 @@ class WeightSource(Protocol):
     def get(self, info: WeightInfo) -> torch.Tensor:
         """The full tensor on the CPU in any float type, shaped `info.shape` (the loader checks)."""
         ...
-
-
-def reference_weights(cfg: ModelConfig) -> dict[str, WeightInfo]:
-    """Every weight the config implies, with its shape and norm role (from the unplaced graph)."""
-    g = build(cfg, BuildOptions(phase="pp"))
-    offsets: dict[str, float] = {}
-    for n in g.nodes:
-        if n.op == Op.RMS_NORM:
-            offsets[n.inputs[-1]] = float(n.attr.get("offset", 0.0))
-        elif n.op == Op.RMS_NORM_GATED:
-            offsets[n.inputs[-1]] = 0.0
-    return {n.name: WeightInfo(n.name, tuple(int(d) for d in n.spec.shape), offsets.get(n.name))
-            for n in g.nodes if n.op == Op.WEIGHT}
 
 
 class RandomWeights:

@@ -27,7 +27,9 @@ from typing import IO, Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from graphir.dtypes import DType, dtype
 from graphir.models.config import ConfigError, ModelConfig
+from graphir.models.weights import WeightInfo, reference_weights
 
 # config.json model_type -> GGUF general.architecture (the inverse of gguf_source.GGUF_ARCHES)
 GGUF_ARCH = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "qwen3_next": "qwen3next"}
@@ -38,34 +40,48 @@ _POOL_BYTES = 1 << 21  # exact random rows per tensor; larger tensors repeat the
 
 @dataclass(frozen=True)
 class StorageType:
-    """A ggml storage type as the writer lays it out (ggml-common.h)."""
+    """A ggml storage type as the writer fills it with random blocks: where its scale fields sit
+    (ggml-common.h); ids and sizes are graphir.dtypes'."""
 
     name: str
-    ggml: int  # ggml_type id in the tensor table
-    block: int  # elements per block
-    size: int  # bytes per block
     scales: tuple[tuple[int, float], ...] = ()  # (byte offset, value) of the block's f16 scale fields
-    row_scale: float = 0.0  # ik_llama.cpp row-wise types: an f32 scale in front of every row
+    row_scale: float = 0.0  # ik_llama.cpp row-wise types: the value of the f32 scale in front of every row
+
+    @property
+    def dtype(self) -> DType:
+        return dtype(self.name)
+
+    @property
+    def ggml(self) -> int:  # ggml_type id in the tensor table
+        return int(self.dtype.ggml)  # type: ignore[arg-type]
+
+    @property
+    def block(self) -> int:  # elements per block
+        return self.dtype.block_size
+
+    @property
+    def size(self) -> int:  # bytes per block
+        return self.dtype.type_size
 
     def row_bytes(self, n: int) -> int:
-        return (4 if self.row_scale else 0) + n // self.block * self.size
+        return self.dtype.row_bytes(n)
 
 
 # Scales: SIGMA / rms(dequantised value at scale 1) for uniformly random quant bytes, so the
 # weights are about the size of N(0, 0.02) matrices (checked in tests with gguf.quants).
 TYPES: dict[str, StorageType] = {t.name: t for t in (
-    StorageType("f32", 0, 1, 4),
-    StorageType("f16", 1, 1, 2),
-    StorageType("bf16", 30, 1, 2),
-    StorageType("q4_0", 2, 32, 18, ((0, SIGMA / 4.6),)),  # d, 16 bytes of nibbles (q - 8)
-    StorageType("q5_0", 6, 32, 22, ((0, SIGMA / 9.2),)),  # d, qh[4], qs[16] (q - 16)
-    StorageType("q8_0", 8, 32, 34, ((0, SIGMA / 74.0),)),  # d, 32 int8
-    StorageType("q4_k", 12, 256, 144, ((0, SIGMA / 265.0), (2, 7.5 * SIGMA / 265.0))),  # d, dmin (mean 0), 12 bytes of 6-bit scales/mins, qs
-    StorageType("q6_k", 14, 256, 210, ((208, SIGMA / 1400.0),)),  # ql, qh, int8 scales[16], then d at the end
-    StorageType("iq4_nl", 20, 32, 18, ((0, SIGMA / 68.0),)),  # d, 16 bytes of indices into kvalues_iq4nl
-    StorageType("iq4_xs", 23, 256, 136, ((0, SIGMA / 1300.0),)),  # d, scales_h, scales_l[4], qs[128]
+    StorageType("f32"),
+    StorageType("f16"),
+    StorageType("bf16"),
+    StorageType("q4_0", ((0, SIGMA / 4.6),)),  # d, 16 bytes of nibbles (q - 8)
+    StorageType("q5_0", ((0, SIGMA / 9.2),)),  # d, qh[4], qs[16] (q - 16)
+    StorageType("q8_0", ((0, SIGMA / 74.0),)),  # d, 32 int8
+    StorageType("q4_k", ((0, SIGMA / 265.0), (2, 7.5 * SIGMA / 265.0))),  # d, dmin (mean 0), 12 bytes of 6-bit scales/mins, qs
+    StorageType("q6_k", ((208, SIGMA / 1400.0),)),  # ql, qh, int8 scales[16], then d at the end
+    StorageType("iq4_nl", ((0, SIGMA / 68.0),)),  # d, 16 bytes of indices into kvalues_iq4nl
+    StorageType("iq4_xs", ((0, SIGMA / 1300.0),)),  # d, scales_h, scales_l[4], qs[128]
     # ik_llama.cpp: an f32 row scale, then blocks of scales[8] ((s & 254) - 127) and qs[128]
-    StorageType("iq4_ks", 144, 256, 136, row_scale=SIGMA / 5000.0),
+    StorageType("iq4_ks", row_scale=SIGMA / 5000.0),
 )}
 _FLOAT32 = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "ssm_conv1d.weight")  # never quantised
 
@@ -77,27 +93,14 @@ def storage_type(name: str) -> StorageType:
         raise ConfigError(f"unknown weight type {name!r}; the writer knows {', '.join(TYPES)}") from None
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple[int, ...]  # torch order ([out, in])
-    norm_offset: float | None  # rms-norm weights: 0 plain, 1 zero-centred (llama.cpp stores w + 1)
+# one weight of the file: name, torch shape ([out, in]), rms-norm role (llama.cpp stores w + 1
+# for zero-centred norms)
+TensorSpec = WeightInfo
 
 
 def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
-    """Every weight of the config, in graph order: names, torch shapes and norm roles."""
-    from graphir.models import BuildOptions, build
-    from graphir.ops import Op
-
-    g = build(cfg, BuildOptions(phase="pp"))
-    offsets: dict[str, float] = {}
-    for n in g.nodes:
-        if n.op == Op.RMS_NORM:
-            offsets[n.inputs[-1]] = float(n.attr.get("offset", 0.0))
-        elif n.op == Op.RMS_NORM_GATED:
-            offsets[n.inputs[-1]] = 0.0
-    return [TensorSpec(n.name, tuple(int(d) for d in n.spec.shape), offsets.get(n.name))
-            for n in g.nodes if n.op == Op.WEIGHT]
+    """Every weight of the config, in graph order (graphir.models.weights)."""
+    return list(reference_weights(cfg).values())
 
 
 def type_for(spec: TensorSpec, wtype: StorageType) -> StorageType:
@@ -195,7 +198,7 @@ def _random_chunks(spec: TensorSpec, t: StorageType, rng: np.random.Generator) -
     8 billion distinct values would take minutes of CPU; a timing run needs none of them."""
     row = spec.shape[-1]
     rows = int(np.prod(spec.shape)) // row
-    unit = t.row_bytes(row) if t.block > 1 else row * t.size
+    unit = t.row_bytes(row)
     k = min(rows, max(1, _POOL_BYTES // unit))
     if t.block == 1:
         pool = np.frombuffer(_encode_floats(_float_values(spec, k * row, rng), t), np.uint8)
@@ -231,7 +234,7 @@ def _given_chunks(spec: TensorSpec, t: StorageType, a: np.ndarray) -> Iterator[b
 
 def _nbytes(shape: tuple[int, ...], t: StorageType) -> int:
     numel = int(np.prod(shape))
-    return numel // shape[-1] * t.row_bytes(shape[-1]) if t.block > 1 else numel * t.size
+    return numel // shape[-1] * t.row_bytes(shape[-1])
 
 
 # ---- the file -----------------------------------------------------------------------------
