@@ -16,7 +16,7 @@ import time
 from graphir.models import BuildOptions, build
 from graphir.models.sources import load_source
 from graphir.quant import scheme
-from passes import AutoWorkload, place_auto
+from planner import AutoWorkload, place_auto
 
 CASES = (  # model, quant, KV type, system, engine
     ("qwen3-next-80b-a3b", "IQ4_XS", "q8_0", "2x3090", "ik_llama.cpp"),

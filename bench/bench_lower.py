@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Callable
 
-from graphir.cli_common import source_quant
+from cli.common import source_quant
 from graphir.graph import verify
 from graphir.models import BuildOptions, build
 from graphir.models.sources import load_source

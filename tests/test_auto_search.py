@@ -8,12 +8,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends.costmodel.predict import Workload, predict
+from planner.predict import Workload, predict
 from graphir.models import BuildOptions, build
 from graphir.models.sources import load_preset
 from graphir.quant import scheme
-from passes import AutoWorkload, place_auto, verify_placed
-from passes.auto import AutoError
+from passes import verify_placed
+from planner import AutoWorkload, place_auto
+from planner.auto import AutoError
 from test_passes_common import configs
 
 TWO = ("cuda:0", "cuda:1")

@@ -17,8 +17,8 @@ from gguf import GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from gguf.quants import quantize
 
-from graphir.cli import main
-from graphir.cli_common import source_quant
+from cli.main import main
+from cli.common import source_quant
 from graphir.dtypes import from_ggml
 from graphir.graph import verify
 from graphir.models import BuildOptions, ConfigError, build, from_hf_dict

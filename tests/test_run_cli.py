@@ -13,11 +13,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends.cuda.cli import evaluate, run_sweep
+from cli.run import evaluate, run_sweep
 from backends.cuda.session import Session
 from backends.cuda.sweeprun import sweep
 from backends.cuda.testing import hf_logits, hf_model, rel_err, save, torch_threads
-from graphir.cli import main
+from cli.main import main
 
 TINY = {"model_type": "qwen3_next", "vocab_size": 50, "hidden_size": 32, "intermediate_size": 36,
         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "num_experts": 4,

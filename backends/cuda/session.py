@@ -21,7 +21,7 @@ from backends.cuda.loader import load_folded
 from backends.cuda.streams import DeviceStreams
 from backends.cuda.weights import DeviceRandomWeights, RandomWeights, WeightSource, reference_weights
 from graphir import dims as D
-from graphir.cli_common import source_quant
+from cli.common import source_quant
 from graphir.errors import GraphirError
 from graphir.graph import Graph, Node, verify
 from graphir.models import BuildOptions, ModelConfig, build

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from graphir.cli_common import output_path
+from cli.common import output_path
 from graphir.errors import GraphirError
 
 SPLITS = ("layer", "graph", "auto")
@@ -67,7 +67,7 @@ def _auto_placer(cfg: Any, devices: tuple[str, ...], ratios: Any, ubatch: int, t
     """The auto plan's placement of each phase, searched once (on the first graph placed) for a
     sweep of this shape on `hw` with `engine`. A plan with depth ranges runs its first range's
     placements: switching layouts mid-sweep is not executed (the cost model prices it)."""
-    from passes.auto import AutoWorkload, place_auto
+    from planner.auto import AutoWorkload, place_auto
 
     plan: list[Any] = []
 
@@ -112,7 +112,7 @@ def _prepare(model: str, devices: str, dtype: str, ctx: int, tokens: int, random
     CPU devices, never out of the host). Returns (source, device names, layer range, plan or
     None for GPUs)."""
     from backends.cuda.memcheck import check_host, session_plan
-    from graphir.cli_common import parse_layers
+    from cli.common import parse_layers
     from graphir.models.sources import load_source, require_weights
     from passes.devices import parse_devices as placement_devices
 
@@ -166,7 +166,7 @@ def evaluate(model: str, tokens: list[int], decode: int = 0, dtype: str = "f32",
     from backends.cuda.devices import parse_devices
     from backends.cuda.session import Session, greedy
     from backends.cuda.weights import random_source
-    from graphir.cli_common import write_atomic
+    from cli.common import write_atomic
     from graphir.models.sources import uses_random_weights
 
     devs = parse_devices(names)
@@ -200,8 +200,8 @@ def run_sweep(model: str, *, devices: str = "cuda:0", split: str | None = None, 
               allow_overflow: bool = False) -> dict[str, Any]:
     """The `run` verb as a function: {"rows": [SweepRow], "meta": {...}}; meta carries the
     header (weights, KV type, memory per device). Weights and memory are checked as `evaluate`
-    checks them; a u-batch above --ctx is clamped to it (graphir.sweep.sweep_shape)."""
-    from graphir.sweep import sweep_shape
+    checks them; a u-batch above --ctx is clamped to it (reports.sweep.sweep_shape)."""
+    from reports.sweep import sweep_shape
 
     say = say or (lambda msg: None)
     if dtype not in ("f32", "bf16", "f16"):
@@ -298,8 +298,8 @@ def register(app: typer.Typer) -> None:
                 random_weights: bool = typer.Option(False, "--random-weights", help=RANDOM_HELP),
                 allow_overflow: bool = typer.Option(False, "--allow-overflow", help=OVERFLOW_HELP)) -> None:
         """Measure MODEL like llama-sweep-bench: S_PP and S_TG at each cache depth."""
-        from graphir.cli_common import emit
-        from graphir.sweep import format_markdown, to_json, write_csv
+        from cli.common import emit
+        from reports.sweep import format_markdown, to_json, write_csv
 
         if format not in ("table", "csv", "json"):
             raise GraphirError(f"--format must be table, csv or json, got {format!r}")

@@ -5,7 +5,7 @@ placements of both phases with the cost model (each candidate once; all depths a
 keeps memory a hard limit, and returns a placed graph with its `AutoPlan` — which placement
 runs PP and which TG at each depth, and the predicted time of every alternative considered.
 
-Search (passes/auto_search.py): every subset of layer kinds split tensor-parallel (kinds
+Search (planner/auto_search.py): every subset of layer kinds split tensor-parallel (kinds
 interact — a split delta-net only pays when the MoE around it is split too, so they are not
 chosen one by one unless a model has all four kinds), then split groups (3+ devices), split
 ratios, home layers (memory), a split output head and the reduce type of TG partials on the
@@ -25,7 +25,7 @@ from graphir.errors import GraphirError
 from graphir.graph import Graph
 from graphir.models.config import ModelConfig
 
-from passes.auto_space import Choice, place_choice
+from planner.auto_space import Choice, place_choice
 from passes.manager import PassContext, register_pass
 
 if TYPE_CHECKING:  # the cost model is imported when a search runs (it imports passes itself)
@@ -166,7 +166,7 @@ class AutoPlan:
         return {"pp": np.minimum(lp, gp) / self.chosen_pp, "tg": np.minimum(lt, gt) / self.chosen_tg}
 
     def explain(self) -> str:
-        from passes.auto_report import explain
+        from planner.auto_report import explain
 
         return explain(self)
 
@@ -190,7 +190,7 @@ def place_auto(g: Graph, cfg: ModelConfig, devices: Sequence[str] | str | int,
     plans no slower than this fraction of the better of layer and graph split at any row;
     `tolerance`: take a simpler plan (one placement, shared weights) within this cost
     fraction of the best; `max_segments`: depth ranges with their own placements (1: none)."""
-    from passes.auto_search import search
+    from planner.auto_search import search
 
     plan = search(g, cfg, devices, workload or AutoWorkload(), hw, engine, graphs=graphs, ts=ts, guard=guard,
                   max_segments=max_segments, tolerance=tolerance, reduce_dtypes=tuple(reduce_dtypes))

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
-from graphir.cli_common import default_split, output_path, plot_path
+from cli.common import default_split, output_path, plot_path
 from graphir.errors import GraphirError
 from graphir.fileio import write_output
-from graphir.sweep import SweepTable, TableError, compare as compare_tables, parse_table, read_table
+from reports.sweep import SweepTable, TableError, compare as compare_tables, parse_table, read_table
 
 
 if TYPE_CHECKING:
@@ -114,9 +114,9 @@ def predict_cmd(
                                         "fit the GPUs' memory (a warning instead of an error)"),
 ) -> None:
     """Predict the llama-sweep-bench table per split mode, with breakdowns and crossovers."""
-    from backends.costmodel import report
+    from planner import report
     from backends.costmodel.options import parse_flags
-    from backends.costmodel.predict import Workload, predict
+    from planner.predict import Workload, predict
 
     opts = parse_flags(engine_flags)
     if opts.ubatch is not None:
@@ -194,7 +194,7 @@ def calibrate_cmd(
         prov: dict[str, object] = {"data": [p.name for p in measured], "model": model, "hw": sysm.name,
                                    "quant": quant, "kv_type": kv_type}
     else:
-        from backends.costmodel.dataset import build_cases, load_manifest
+        from planner.dataset import build_cases, load_manifest
 
         man, folder = load_manifest(manifest)
         eng = load_engine(engine or man.engine)
@@ -238,10 +238,10 @@ def _cli_cases(measured: list[Path], model: str, sysm: "System", eng: "Engine", 
                split: str | None, ts: str | None, max_gpu: int | None, recurrent: str) -> list["Case"]:
     """Cases from tables named on the command line, all on one rig (`--hw`)."""
     from backends.costmodel.calibrate import Case
-    from backends.costmodel.placement import PlaceOptions
-    from backends.costmodel.predict import place_and_price, resolve_quant
+    from planner.placement import PlaceOptions
+    from planner.predict import place_and_price, resolve_quant
     from graphir.models.sources import load_source
-    from graphir.progress import track
+    from reports.progress import track
 
     names = [m.strip() for m in model.split(",") if m.strip()]
     if len(names) not in (1, len(measured)):
@@ -308,7 +308,7 @@ def compare_cmd(
         out.append((f"== {title}\n" if len(pairs) > 1 else "") + c.format())
     sys.stdout.write("\n".join(out))
     if plot is not None:
-        from backends.costmodel.report import plot_compare
+        from planner.report import plot_compare
 
         plot_compare(results, ref_path.stem, plot)
 

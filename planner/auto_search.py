@@ -19,14 +19,14 @@ from graphir.graph import Graph
 from graphir.models import BuildOptions, build
 from graphir.models.config import ModelConfig
 from graphir.ops import Op
-from graphir.progress import bar
+from reports.progress import bar
 from graphir.quant import per_tensor, scheme
 
-from passes.auto import AutoError, AutoPlan, AutoWorkload, Candidate, Segment
-from passes.auto_memory import ResidentMemory
-from passes.auto_plan import Problem, StatePiece, choose, migration_bytes
-from passes.auto_regions import RegionCache, head_splittable, region_plan
-from passes.auto_space import (Choice, graph_choice, home_counts, layer_choice, model_kinds, place_choice,
+from planner.auto import AutoError, AutoPlan, AutoWorkload, Candidate, Segment
+from planner.auto_memory import ResidentMemory
+from planner.auto_plan import Problem, StatePiece, choose, migration_bytes
+from passes.regions import RegionCache, head_splittable, region_plan
+from planner.auto_space import (Choice, graph_choice, home_counts, layer_choice, model_kinds, place_choice,
                                state_layout, state_piece)
 from passes.devices import parse_devices
 from passes.place import _sections
@@ -81,7 +81,7 @@ class Search:
         if key in self.by_plan:
             self.by_choice[ch] = self.by_plan[key]
             return self.by_plan[key]
-        from backends.costmodel.placement import engine_graph
+        from planner.placement import engine_graph
         from backends.costmodel.price import price
         from backends.costmodel.timeline import evaluate
 

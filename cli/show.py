@@ -2,7 +2,7 @@
 chart of one predicted prompt-processing step and one decode step).
 
 `show` places the whole model with the same pipeline as `graphir place` and then draws it: the
-layer view (`graphir.draw.layer_view`) or the op view of a few layers, as SVG, PNG or Graphviz
+layer view (`reports.draw.layer_view`) or the op view of a few layers, as SVG, PNG or Graphviz
 source, or prints the canonical IR with devices (`--format text`). `timeline` prices the
 placed graphs with the cost model and draws the trace of `backends.costmodel.timeline.trace`;
 `-o x.csv` / `x.json` writes the trace itself. Backends are imported inside the verbs only.
@@ -18,7 +18,7 @@ from typing import Any, List, Optional, Sequence
 
 import typer
 
-from graphir.cli_common import default_split, emit, output_path, parse_layers
+from cli.common import default_split, emit, output_path, parse_layers
 from graphir.fileio import write_output
 from graphir.errors import GraphirError
 from graphir.graph import Graph
@@ -67,9 +67,9 @@ def show(model: str, *, split: str | None = None, devices: str = "2", ts: str | 
          title: str | None = None) -> str | bytes:
     """The `show` verb as a function: place MODEL (`split` and/or `user_passes`, as `graphir
     place`), then draw it: Graphviz source or IR text as str, SVG/PNG as bytes."""
-    from passes.cli import place
+    from cli.place import place
 
-    from graphir import draw
+    from reports import draw
 
     if view not in ("layers", "ops"):
         raise GraphirError(f"--view must be layers or ops, got {view!r}")
@@ -115,7 +115,7 @@ def gantt(panels: Sequence[Panel], devices: Sequence[str], ops: dict[str, Op], t
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    from backends.costmodel.report import save_figure
+    from planner.report import save_figure
 
     fig, axes = plt.subplots(len(panels), 1, figsize=(12, 1.2 + 1.05 * len(devices) * len(panels)))
     for ax, (name, spans, total, marks) in zip([axes] if len(panels) == 1 else axes, panels):
@@ -155,8 +155,8 @@ def timeline(model: str, *, hw: str = "2x3090", engine: str = "ik_llama.cpp", qu
     (split None: they are the placement). The title's second line states the weight and KV types
     and the memory per GPU; a placement that does not fit the GPUs (cache at depth + u-batch) is
     an error unless `allow_overflow`."""
-    from backends.costmodel.placement import PlaceOptions, place
-    from backends.costmodel.predict import fit_check, memory_per_device, resolve_quant, select_gpus
+    from planner.placement import PlaceOptions, place
+    from planner.predict import fit_check, memory_per_device, resolve_quant, select_gpus
     from backends.costmodel.price import price
     from backends.costmodel.profiles import load_engine, resolve_system
     from backends.costmodel.timeline import trace

@@ -17,7 +17,7 @@ from graphir.graph import Graph, Node
 from graphir.models.config import ModelConfig
 from graphir.ops import Op
 
-from passes.auto_regions import RegionAssignment, RegionCache, Ratios, one_hot, place_regions
+from passes.regions import RegionAssignment, RegionCache, Ratios, one_hot, place_regions
 from passes.devices import PlacementError
 from passes.place import _sections, layer_devices
 

@@ -1,7 +1,7 @@
 """Placement for the cost model: a thin adapter over the project's placement passes.
 
 `place()` builds one phase of a model and places it with `passes.place_layer`,
-`passes.place_graph` or `passes.place_auto`; the cost model itself only needs the
+`passes.place_graph` or `planner.place_auto`; the cost model itself only needs the
 placed-graph contract (passes/README.md), so any other placement prices the same way.
 """
 
@@ -17,7 +17,7 @@ from passes.place import place_graph, place_layer
 
 if TYPE_CHECKING:
     from backends.costmodel.profiles import Engine, System
-    from passes.auto import AutoWorkload
+    from planner.auto import AutoWorkload
 
 Split = Literal["layer", "graph", "auto"]
 SPLITS: tuple[str, ...] = ("layer", "graph", "auto")
@@ -50,7 +50,7 @@ def place(cfg: ModelConfig, opts: BuildOptions, po: PlaceOptions) -> Graph:
     elif po.split == "graph":
         g = place_graph(g, cfg, po.devices, ts=po.ts, max_gpu=po.max_gpu, recurrent=po.recurrent)
     elif po.split == "auto":
-        from passes.auto import place_auto  # the search imports the cost model
+        from planner.auto import place_auto  # the search imports the cost model
 
         g = place_auto(g, cfg, po.devices, po.workload, po.hw, po.engine, ts=po.ts).graph
     elif po.split is not None or not po.passes:

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from backends.costmodel.options import EngineOptions, apply
-from backends.costmodel.placement import PlaceOptions, engine_graph, place
+from planner.placement import PlaceOptions, engine_graph, place
 from backends.costmodel.price import Priced, price
 from backends.costmodel.profiles import Engine, System, load_engine, resolve_system
 from backends.costmodel.timeline import TERMS, Timeline, evaluate
@@ -23,9 +23,9 @@ from graphir.graph import Graph
 from graphir.models import BuildOptions, ModelConfig, build
 from graphir.models.sources import ModelSource, load_source, weight_scheme, weights_label
 from graphir.ops import Op
-from graphir.progress import track
+from reports.progress import track
 from graphir.quant import QuantScheme, scheme
-from graphir.sweep import SweepRow, SweepTable, crossover, sweep_shape
+from reports.sweep import SweepRow, SweepTable, crossover, sweep_shape
 from passes.memory import enforce_fit, fit_problem
 
 TERM_LABELS = {"compute": "compute", "weights": "weight bytes", "kv": "KV bytes",
@@ -94,7 +94,7 @@ class Prediction:
     workload: Workload
     modes: dict[str, ModePrediction] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
-    plans: dict[str, Any] = field(default_factory=dict)  # split -> passes.AutoPlan (auto only)
+    plans: dict[str, Any] = field(default_factory=dict)  # split -> planner.AutoPlan (auto only)
     weights: str = ""  # the weight types priced, as the header says them (sources.weights_label)
     kv_type: str = ""
     notes: tuple[str, ...] = ()  # what the workload was adjusted to (a clamped u-batch)
@@ -103,7 +103,7 @@ class Prediction:
         return SweepTable(tuple(r for m in self.modes.values() for r in m.rows), self.model)
 
     def crossover(self, metric: str, a: str = "layer", b: str = "graph") -> float | None:
-        """First depth where mode b's speed reaches mode a's (graphir.sweep.crossover)."""
+        """First depth where mode b's speed reaches mode a's (reports.sweep.crossover)."""
         return crossover(self.modes[a].table(), self.modes[b].table(), metric)  # type: ignore[arg-type]
 
     def speedup(self, metric: str, a: str = "layer", b: str = "graph") -> np.ndarray:
@@ -214,10 +214,10 @@ def predict(model: str, hw: str | System = "2x3090", engine: str | Engine = "ik_
 
 def predict_auto(cfg: ModelConfig, quant: str | QuantScheme, kv_type: str, devices: Sequence[str], sysm: System,
                  eng: Engine, wl: Workload, ts: tuple[float, ...] | None = None) -> tuple[ModePrediction, Any]:
-    """Split mode `auto`: `passes.place_auto` searched for this sweep (every row alike, PP and
+    """Split mode `auto`: `planner.place_auto` searched for this sweep (every row alike, PP and
     TG weighted 1:1); the rows are its plan's, switch costs included."""
-    from passes.auto import AutoWorkload, place_auto
-    from passes.auto_report import stitched
+    from planner.auto import AutoWorkload, place_auto
+    from planner.auto_report import stitched
 
     graphs = {ph: build(cfg, BuildOptions(phase=ph, quant=scheme(quant, default="bf16"), kv_type=kv_type,
                                           logits="last")) for ph in ("pp", "tg")}

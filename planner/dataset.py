@@ -15,11 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backends.costmodel.calibrate import Case, Ratio
 from backends.costmodel.options import EngineOptions, apply
-from backends.costmodel.placement import PlaceOptions
-from backends.costmodel.predict import place_and_price
+from planner.placement import PlaceOptions
+from planner.predict import place_and_price
 from backends.costmodel.profiles import Engine, ProfileError, _read_yaml, resolve_system
 from graphir.models.sources import load_source
-from graphir.sweep import read_table
+from reports.sweep import read_table
 
 
 class CaseSpec(BaseModel):
@@ -96,7 +96,7 @@ def build_cases(eng: Engine, manifest: str | Path | None = None, only: Sequence[
                 loaded: tuple[Manifest, Path] | None = None) -> list[Case]:
     """Every case of the manifest (or those whose table stem is in `only`), priced; `loaded`:
     the manifest as `load_manifest` already read it."""
-    from graphir.progress import track
+    from reports.progress import track
 
     man, folder = loaded or load_manifest(manifest)
     specs = [c for c in man.cases if not only or Path(c.table).stem in only]

@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence
 
 import typer
 
-from graphir.cli_common import default_split, emit, output_path, source_quant
+from cli.common import default_split, emit, output_path, source_quant
 from graphir.errors import GraphirError
 from graphir.graph import Graph
 from graphir.models import BuildOptions, ModelConfig, build
@@ -22,7 +22,7 @@ from graphir.ops import Op
 from graphir.serialize import to_json
 from graphir.text import to_text
 
-from passes.auto import AutoPlan, AutoWorkload, place_auto
+from planner.auto import AutoPlan, AutoWorkload, place_auto
 from passes.count import count_nodes, estimate_nodes
 from passes.devices import parse_devices, parse_ts
 from passes.manager import PassContext, PipelineResult, registered, run_pipeline
