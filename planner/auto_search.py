@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -22,13 +22,15 @@ from graphir.ops import Op
 from reports.progress import bar
 from graphir.quant import per_tensor, scheme
 
-from planner.auto import AutoError, AutoPlan, AutoWorkload, Candidate, Segment
+from planner.auto import AutoError, AutoPlan, AutoResult, Candidate, Segment
+from planner.workload import DEFAULT_ENGINE, DEFAULT_HW, Workload
 from planner.auto_memory import ResidentMemory
 from planner.auto_plan import Problem, StatePiece, choose, migration_bytes
 from passes.regions import RegionCache, head_splittable, region_plan
 from planner.auto_space import (Choice, graph_choice, home_counts, layer_choice, model_kinds, place_choice,
                                state_layout, state_piece)
 from passes.devices import parse_devices
+from passes.manager import engine_graph
 from passes.place import _sections
 
 if TYPE_CHECKING:
@@ -54,7 +56,7 @@ def other_phase(g: Graph, cfg: ModelConfig) -> Graph:
 class Search:
     """The priced candidates of one search and the stages that add them."""
 
-    def __init__(self, graphs: dict[str, Graph], cfg: ModelConfig, devices: tuple[str, ...], wl: AutoWorkload,
+    def __init__(self, graphs: dict[str, Graph], cfg: ModelConfig, devices: tuple[str, ...], wl: Workload,
                  sysm: "System", eng: "Engine") -> None:
         self.graphs, self.cfg, self.devices, self.wl, self.sysm, self.eng = graphs, cfg, devices, wl, sysm, eng
         self.rows = wl.rows()
@@ -81,7 +83,6 @@ class Search:
         if key in self.by_plan:
             self.by_choice[ch] = self.by_plan[key]
             return self.by_plan[key]
-        from planner.placement import engine_graph
         from backends.costmodel.price import price
         from backends.costmodel.timeline import evaluate
 
@@ -255,7 +256,7 @@ def _state_pieces(g: Graph) -> list[StatePiece]:
     return sorted(out, key=lambda p: p.piece)
 
 
-def search(g: Graph, cfg: ModelConfig, devices: Sequence[str] | str | int, wl: AutoWorkload,
+def search(g: Graph, cfg: ModelConfig, devices: Sequence[str] | str | int, wl: Workload,
            hw: "str | System", engine: "str | Engine", *, graphs: dict[str, Graph] | None, ts: Sequence[float] | None,
            guard: float, max_segments: int, tolerance: float, reduce_dtypes: tuple[str | None, ...]) -> AutoPlan:
     from backends.costmodel.profiles import Engine, System, load_engine, resolve_system
@@ -339,3 +340,21 @@ def _plan(S: Search, li: int, gi: int, guard: float, max_segments: int, toleranc
                     best.t_pp, best.t_tg, {"layer": (t_pp[li], t_tg[li]), "graph": (t_pp[gi], t_tg[gi])},
                     tuple(d.total / 1e9 for d in mem.devices), best.cost, best.worst, t_search, len(cands),
                     tuple(notes), S.cfg, best.segments, switch, extra)
+
+
+def place_auto(g: Graph, cfg: ModelConfig, devices: Sequence[str] | str | int,
+               workload: Workload | None = None, hw: "str | System" = DEFAULT_HW,
+               engine: "str | Engine" = DEFAULT_ENGINE, *, graphs: Mapping[str, Graph] | None = None,
+               ts: Sequence[float] | None = None, depth: float = 0, guard: float = 0.99,
+               max_segments: int = 3, tolerance: float = 0.005,
+               reduce_dtypes: Sequence[str | None] = (None, "f16")) -> AutoResult:
+    """Search placements of `g` (unplaced, either phase) for `workload` on `hw` with `engine`.
+
+    `graphs` may hold the other phase's unplaced graph (else it is rebuilt from `g`'s own
+    weight types). `ts` seeds the home layers per device (default equal). `guard`: prefer
+    plans no slower than this fraction of the better of layer and graph split at any row;
+    `tolerance`: take a simpler plan (one placement, shared weights) within this cost
+    fraction of the best; `max_segments`: depth ranges with their own placements (1: none)."""
+    plan = search(g, cfg, devices, workload or Workload(), hw, engine, graphs=graphs, ts=ts, guard=guard,
+                  max_segments=max_segments, tolerance=tolerance, reduce_dtypes=tuple(reduce_dtypes))
+    return AutoResult(plan.place(g, depth), plan)

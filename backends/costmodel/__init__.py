@@ -1,6 +1,6 @@
 """Cost model: predict llama-sweep-bench tables of placed graphs from hardware and engine profiles.
 
-    from planner import predict   # the sweep over placed graphs lives in the planner
+    from planner.predict import predict   # the sweep over placed graphs lives in the planner
     p = predict("qwen3-next-80b-a3b", "2x3090", "ik_llama.cpp", "IQ4_XS", "q8_0")
     p.table(); p.crossover("pp"); p.modes["graph"].dominant("tg")
 
