@@ -14,11 +14,11 @@ from typing import Optional, Sequence
 import typer
 
 from cli import options as O
-from cli.common import default_split, emit, output_path, source_quant
+from cli.common import default_split, emit, output_path
 from graphir.errors import GraphirError
 from graphir.graph import Graph
 from graphir.models import BuildOptions, ModelConfig, build
-from graphir.models.sources import load_source, weights_label
+from graphir.models.sources import load_source, weight_scheme, weights_label
 from graphir.ops import Op
 from graphir.serialize import to_json
 from graphir.text import to_text
@@ -39,7 +39,7 @@ def load(model: str, phase: str = "pp", quant: str | None = None, kv_type: str =
     if phase not in ("pp", "tg"):
         raise GraphirError(f"--phase must be pp or tg, got {phase!r}")
     src = load_source(model)
-    opts = BuildOptions(phase=phase, quant=source_quant(src, quant), kv_type=kv_type)  # type: ignore[arg-type]
+    opts = BuildOptions(phase=phase, quant=weight_scheme(src, quant), kv_type=kv_type)  # type: ignore[arg-type]
     return src.cfg, opts, build(src.cfg, opts)
 
 

@@ -20,7 +20,8 @@ from reports.sweep import SweepTable, TableError, compare as compare_tables, par
 
 if TYPE_CHECKING:
     from backends.costmodel.calibrate import Case
-    from backends.costmodel.profiles import Engine, System
+    from backends.costmodel.profiles import Engine
+    from hardware.profiles import System
 
 
 class CostModelCliError(GraphirError):
@@ -158,7 +159,8 @@ def calibrate_cmd(
     """Fit the engine's physical parameters to measured tables jointly; print them and the
     residuals (with --cv: the leave-one-out errors)."""
     from backends.costmodel.calibrate import cross_validate, fit
-    from backends.costmodel.profiles import engine_yaml, load_engine, resolve_system
+    from backends.costmodel.profiles import engine_yaml, load_engine
+    from hardware.profiles import resolve_system
 
     params = [p.strip() for p in fit_params.split(",")] if fit_params else None
     if measured:

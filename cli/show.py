@@ -159,7 +159,8 @@ def timeline(model: str, *, hw: str = O.HW_DEFAULT, engine: str = O.ENGINE_DEFAU
     from planner.placement import parse_placement, place
     from planner.predict import fit_check, memory_per_device, resolve_quant, select_gpus
     from backends.costmodel.price import price
-    from backends.costmodel.profiles import load_engine, resolve_system
+    from backends.costmodel.profiles import load_engine
+    from hardware.profiles import resolve_system
     from backends.costmodel.timeline import trace
 
     from graphir.models import BuildOptions

@@ -34,7 +34,8 @@ from passes.manager import engine_graph
 from passes.place import _sections
 
 if TYPE_CHECKING:
-    from backends.costmodel.profiles import Engine, System
+    from backends.costmodel.profiles import Engine
+    from hardware.profiles import System
 
 
 def other_phase(g: Graph, cfg: ModelConfig) -> Graph:
@@ -259,7 +260,8 @@ def _state_pieces(g: Graph) -> list[StatePiece]:
 def search(g: Graph, cfg: ModelConfig, devices: Sequence[str] | str | int, wl: Workload,
            hw: "str | System", engine: "str | Engine", *, graphs: dict[str, Graph] | None, ts: Sequence[float] | None,
            guard: float, max_segments: int, tolerance: float, reduce_dtypes: tuple[str | None, ...]) -> AutoPlan:
-    from backends.costmodel.profiles import Engine, System, load_engine, resolve_system
+    from backends.costmodel.profiles import Engine, load_engine
+    from hardware.profiles import System, resolve_system
 
     t0 = time.perf_counter()
     sysm = hw if isinstance(hw, System) else resolve_system(hw)

@@ -17,7 +17,8 @@ from backends.costmodel.calibrate import Case, Ratio
 from backends.costmodel.options import EngineOptions, apply
 from planner.placement import PlaceOptions
 from planner.predict import place_and_price
-from backends.costmodel.profiles import Engine, ProfileError, _read_yaml, resolve_system
+from backends.costmodel.profiles import Engine
+from hardware.profiles import ProfileError, read_yaml, resolve_system
 from graphir.models.sources import load_source
 from reports.sweep import read_table
 
@@ -54,7 +55,7 @@ def load_manifest(path: str | Path | None = None) -> tuple[Manifest, Path]:
     p = Path(path) if path is not None else shipped_dir() / "cases.yaml"
     if not p.is_file():
         raise ProfileError(f"{p}: no such calibration manifest")
-    doc = _read_yaml(p.read_text(encoding="utf-8"), str(p))
+    doc = read_yaml(p.read_text(encoding="utf-8"), str(p))
     try:
         man = Manifest.model_validate(doc)
     except ValidationError as e:

@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Sequence
 
-from backends.costmodel.profiles import Engine, System
+from backends.costmodel.profiles import Engine
+from hardware.profiles import System
 from graphir.graph import Graph
 from graphir.models import BuildOptions, ModelConfig, build
 from passes.devices import PlacementError, parse_ts

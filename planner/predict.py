@@ -20,7 +20,8 @@ from planner.placement import PlaceOptions, auto_placer, parse_placement, place
 from planner.workload import DEFAULT_ENGINE, DEFAULT_HW, Workload, WorkloadError
 from backends.costmodel.price import Priced, price
 from passes.manager import engine_graph
-from backends.costmodel.profiles import Engine, System, load_engine, resolve_system
+from backends.costmodel.profiles import Engine, load_engine
+from hardware.profiles import System, resolve_system
 from backends.costmodel.timeline import TERMS, Timeline, evaluate
 from graphir.graph import Graph
 from graphir.models import BuildOptions, ModelConfig, build

@@ -14,7 +14,8 @@ import yaml
 from backends.costmodel.calibrate import cross_validate, fit, predict_ratios, predict_speeds
 from planner.dataset import build_cases, load_manifest
 from backends.costmodel.options import OptionError, apply, parse_flags
-from backends.costmodel.profiles import ProfileError, engine_names, load_engine, resolve_system
+from backends.costmodel.profiles import engine_names, load_engine
+from hardware.profiles import ProfileError, resolve_system
 from cli.main import main
 from graphir.models.sources import load_preset
 

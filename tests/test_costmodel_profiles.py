@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from backends.costmodel.profiles import (Engine, ProfileError, engine_names, engine_yaml, gpus, links,
-                                         load_engine, resolve_system, system_specs)
+from backends.costmodel.profiles import Engine, engine_names, engine_yaml, load_engine
+from hardware.profiles import ProfileError, gpus, links, resolve_system, system_specs
 from graphir.errors import GraphirError
 
 
@@ -98,7 +98,8 @@ def test_graphir_cuda_profile_prices_the_graph_graphir_run_executes() -> None:
 
 
 def test_engine_passes_cut_the_priced_launches() -> None:
-    from planner.placement import PlaceOptions, engine_graph, place
+    from passes.manager import engine_graph
+    from planner.placement import PlaceOptions, place
     from backends.costmodel.price import price
     from graphir.models import BuildOptions
     from graphir.models.sources import load_preset

@@ -267,9 +267,9 @@ def test_model_gguf_weights_in_its_own_types(ik_file):
 
 
 def _own(src):
-    from cli.common import source_quant
+    from graphir.models.sources import weight_scheme
 
-    return source_quant(src, None)
+    return weight_scheme(src, None)
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:

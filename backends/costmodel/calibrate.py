@@ -18,7 +18,8 @@ import numpy as np
 
 from backends.costmodel.options import EngineOptions, apply
 from backends.costmodel.price import Priced
-from backends.costmodel.profiles import FITTABLE, RATIOS, Engine, ProfileError, System, known_param
+from backends.costmodel.profiles import FITTABLE, RATIOS, Engine, known_param
+from hardware.profiles import ProfileError, System
 from backends.costmodel.timeline import evaluate
 from reports.progress import track
 from reports.sweep import SweepTable, error_stats
