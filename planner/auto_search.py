@@ -31,7 +31,7 @@ from planner.auto_space import (Choice, graph_choice, home_counts, layer_choice,
                                state_layout, state_piece)
 from passes.devices import parse_devices
 from passes.manager import engine_graph
-from passes.place import _sections
+from passes.regions import sections
 
 if TYPE_CHECKING:
     from backends.costmodel.profiles import Engine
@@ -50,7 +50,7 @@ def other_phase(g: Graph, cfg: ModelConfig) -> Graph:
     opts = BuildOptions(phase=phase, act_dtype=str(info.get("act", "f32")), quant=quant,  # type: ignore[arg-type]
                         kv_type=str(info.get("kv_type", "f16")), logits=logits)
     # the same layer range as `g` (a `--layers A:B` graph keeps its layers' original indices)
-    layers = [i for i, _ in _sections(g)[1]]
+    layers = [i for i, _ in sections(g)[1]]
     return build(cfg, opts, range(layers[0], layers[-1] + 1) if layers else None)
 
 
@@ -62,7 +62,7 @@ class Search:
         self.graphs, self.cfg, self.devices, self.wl, self.sysm, self.eng = graphs, cfg, devices, wl, sysm, eng
         self.rows = wl.rows()
         self.w_pp, self.w_tg = wl.weights()
-        self.layers = [i for i, _ in _sections(graphs["pp"])[1]]
+        self.layers = [i for i, _ in sections(graphs["pp"])[1]]
         self.kinds = model_kinds(cfg, self.layers)
         cap = int(sysm.gpu.mem_GB * 1e9)
         self.mem = ResidentMemory(devices, tuple(cap for _ in devices), wl.ctx, wl.ubatch)
