@@ -2,9 +2,9 @@
 
 Both are points of the one placer over regions (passes/regions.py): layer split keeps every
 region whole on its layer's device, graph split takes each region's plan from `plan_graph`.
-Both end with `insert_transfers`, so their result verifies as a placed graph. Non-layer nodes before the first layer (inputs, token
-embedding) go to the embedding device, those after the last layer (output norm and head)
-to the head device.
+Both end with `insert_transfers`, so their result verifies as a placed graph. Non-layer
+nodes before the first layer (inputs, token embedding) go to the embedding device, those
+after the last layer (output norm and head) to the head device.
 """
 
 from __future__ import annotations
