@@ -1,4 +1,4 @@
-"""CLI verbs of the passes package: `place`, `nodes`, `passes`.
+"""The placement verbs: `place`, `nodes`, `passes`.
 
 Pipeline of `place` / `nodes`: the `--split` placement first (if any), then `--passes` and
 `--pass` entries in the order given (merges commute with placement, and running them after it
@@ -26,8 +26,9 @@ from graphir.text import to_text
 from passes.count import count_nodes, estimate_nodes
 from passes.devices import parse_devices
 from passes.manager import PassContext, PipelineResult, registered, run_pipeline
-from planner.workload import DEFAULT_ENGINE, DEFAULT_HW, Workload
 from passes.memory import GIB, describe, fit_problem, parse_mem, plan_memory
+from planner.workload import DEFAULT_ENGINE, DEFAULT_HW, Workload
+
 
 def pass_names(passes: str | None, user: Sequence[str] | None = None) -> tuple[str, ...]:
     """`--passes a,b` then `--pass m:f ...`, in the order given."""
