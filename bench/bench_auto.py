@@ -16,7 +16,7 @@ import time
 from graphir.models import BuildOptions, build
 from graphir.models.sources import load_source
 from graphir.quant import scheme
-from passes import AutoWorkload, place_auto
+from planner import Workload, place_auto
 
 CASES = (  # model, quant, KV type, system, engine
     ("qwen3-next-80b-a3b", "IQ4_XS", "q8_0", "2x3090", "ik_llama.cpp"),
@@ -31,7 +31,7 @@ def once(model: str, quant: str, kv: str, hw: str, engine: str) -> tuple[float, 
     cfg = load_source(model).cfg
     gs = {ph: build(cfg, BuildOptions(phase=ph, quant=scheme(quant), kv_type=kv, logits="last"))  # type: ignore[arg-type]
           for ph in ("pp", "tg")}
-    plan = place_auto(gs["pp"], cfg, ("cuda:0", "cuda:1"), AutoWorkload(), hw, engine, graphs=gs).plan
+    plan = place_auto(gs["pp"], cfg, ("cuda:0", "cuda:1"), Workload(), hw, engine, graphs=gs).plan
     return time.perf_counter() - t0, time.process_time() - c0, plan
 
 

@@ -3,7 +3,7 @@
 Why: kernel benchmarks (bench/peer_ops.cpp, one kernel a few hundred times) run at the boost
 clock; a sweep keeps the tensor cores busy for minutes, and a GPU held to its power limit
 clocks down. The ratio of the sustained to the burst rate is the GPU's `clock_eff` in
-backends/costmodel/data/gpus.yaml. Prints one line per second and the ratio; needs CUDA
+hardware/data/gpus.yaml. Prints one line per second and the ratio; needs CUDA
 (prints a skip line without it). `python bench/bench_clocks.py [seconds]`
 """
 

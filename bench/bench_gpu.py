@@ -102,7 +102,7 @@ def ceilings(res: dict[str, Any], out: Path) -> None:
 # ---- correctness on the GPUs --------------------------------------------------------------------
 
 def _transform(cfg: Any, split: str | None, recurrent: str = "single") -> list[Callable[..., Any]]:
-    from backends.cuda.cli import DEFAULT_PASSES, make_transform
+    from cli.run import DEFAULT_PASSES, make_transform
 
     devs = DEVS if split else DEVS[:1]
     return make_transform(cfg, devs, split, None, None, recurrent, DEFAULT_PASSES)
@@ -201,7 +201,7 @@ def dist_worker(out: Path) -> None:
 # ---- sweeps ---------------------------------------------------------------------------------------
 
 def _sweep(res: dict[str, Any], key: str, model: str, **kw: Any) -> None:
-    from backends.cuda.cli import run_sweep
+    from cli.run import run_sweep
 
     if DEADLINE and DEADLINE - time.perf_counter() < 40:
         log(f"skip {key}: out of time")

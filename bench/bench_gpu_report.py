@@ -26,14 +26,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from graphir.cli_common import parse_layers  # noqa: E402
+from cli.common import parse_layers  # noqa: E402
 from graphir.dtypes import dtype  # noqa: E402
 from graphir.graph import Graph  # noqa: E402
 from graphir.models import BuildOptions, build  # noqa: E402
 from graphir.models.sources import load_source  # noqa: E402
 from graphir.ops import Op  # noqa: E402
 from graphir.stats import node_flops  # noqa: E402
-from graphir.sweep import SweepRow, format_markdown, write_csv  # noqa: E402
+from reports.sweep import SweepRow, format_markdown, write_csv  # noqa: E402
 
 
 def graphs(model: str, layers: str | None) -> tuple[Any, Graph, Graph]:

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Callable
 
-from graphir.cli_common import source_quant
+from graphir.models.sources import weight_scheme
 from graphir.graph import verify
 from graphir.models import BuildOptions, build
 from graphir.models.sources import load_source
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     src = load_source(a.model)
     load_ms = (time.perf_counter() - t0) * 1e3
-    quant = source_quant(src, a.quant)
+    quant = weight_scheme(src, a.quant)
     print(f"{a.model}: {src.cfg.n_layer} layers, quant {quant.label}, kv {a.kv_type}; "
           f"source resolved in {load_ms:.1f} ms; median of {a.runs} runs after a warm-up")
     print(f"{'phase':<6} {'what':<15} {'nodes':>6} {'median ms':>10} {'min ms':>8} {'max ms':>8}")

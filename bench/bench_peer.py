@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from graphir.sweep import SweepTable, TableError, parse_table, read_table, write_csv  # noqa: E402
+from reports.sweep import SweepTable, TableError, parse_table, read_table, write_csv  # noqa: E402
 
 DENSE = "qwen3-8b"
 NEXT = "qwen3-next-80b-a3b"
@@ -299,7 +299,7 @@ def cmd_graphir(a: argparse.Namespace) -> int:
             w.say(f"{name}: {args[0]} missing, not run")
             continue
         csv_path = w.results / f"{name}{a.suffix}.csv"
-        cmd = [sys.executable, "-m", "graphir.cli", "run", *args, "--format", "csv", "-o", str(csv_path)]
+        cmd = [sys.executable, "-m", "cli.main", "run", *args, "--format", "csv", "-o", str(csv_path)]
         rc, _ = w.run(name + a.suffix, cmd, timeout=a.timeout, env=env, cwd=ROOT)
         bad += rc != 0
     return 1 if bad else 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from backends.costmodel.predict import Workload, predict
+from planner.predict import Workload, predict
 
 
 def main() -> None:

@@ -21,12 +21,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runnable as a plain script from anywhere
 
-from backends.costmodel import report  # noqa: E402
-from backends.costmodel.predict import Workload, predict  # noqa: E402
-from backends.costmodel.cli import split_tables  # noqa: E402
+from planner import report  # noqa: E402
+from planner.predict import Workload, predict  # noqa: E402
+from cli.predict import split_tables  # noqa: E402
 from graphir.fileio import write_output  # noqa: E402
-from graphir.cli_show import gantt, show, timeline  # noqa: E402
-from graphir.sweep import read_table  # noqa: E402
+from cli.show import gantt, show, timeline  # noqa: E402
+from reports.sweep import read_table  # noqa: E402
 
 IMG = ROOT / "docs" / "img"
 MEASURED = ROOT / "backends" / "costmodel" / "data" / "measured"  # the published tables (calibration set)

@@ -1,11 +1,10 @@
-"""Graph passes: merges, placement (layer, graph, auto, custom), transfers, node counts, memory.
+"""Graph passes: merges, placement (layer, graph, per-region, custom), transfers, node counts, memory.
 
 Passes are pure functions `Graph -> Graph`; analyses (node counts, memory plans) return frozen
 results. `run_pipeline` runs a pipeline given as data and verifies after each pass; see
 passes/README.md for the conventions (piece names, split state, merged weights).
 """
 
-from passes.auto import AutoPlan, AutoResult, AutoWorkload, place_auto
 from passes.count import NodeCount, NodeEstimate, count_nodes, estimate_nodes, heuristic_budget
 from passes.devices import PlacementError, parse_devices, parse_ts
 from passes.manager import (PassContext, PassError, PipelineResult, PassReport, register_pass, registered,
@@ -21,11 +20,11 @@ from passes.transfers import eliminate_dead, insert_transfers, verify_placed
 DEFAULT_PASSES: tuple[str, ...] = ("merge_qkv", "merge_up_gate")
 
 __all__ = [
-    "AutoPlan", "AutoResult", "AutoWorkload", "DEFAULT_PASSES", "MemoryPlan", "MemoryPlanError", "NodeCount",
+    "DEFAULT_PASSES", "MemoryPlan", "MemoryPlanError", "NodeCount",
     "NodeEstimate", "PassContext", "PassError",
     "PassReport", "PipelineResult", "PlacementError", "check_fit", "contiguous_heads", "count_nodes", "eliminate_dead", "fuse_delta_net_gates",
     "estimate_nodes", "fold_shared_expert", "heuristic_budget", "insert_transfers", "merge_qkv", "merge_siblings", "merge_up_gate",
     "parse_devices",
-    "parse_mem", "parse_ts", "place_auto", "place_graph", "place_layer", "plan_memory", "register_pass",
+    "parse_mem", "parse_ts", "place_graph", "place_layer", "plan_memory", "register_pass",
     "registered", "resolve", "run_pipeline", "verify_placed",
 ]

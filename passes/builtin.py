@@ -6,7 +6,7 @@ from typing import Literal, cast
 
 from graphir.graph import Graph
 
-from passes.manager import PassContext, register_pass
+from passes.registry import PassContext, register_pass
 from passes.memory import check_fit, plan_memory
 from passes.gates import fuse_delta_net_gates as _fuse_delta_net_gates
 from passes.heads import contiguous_heads as _contiguous_heads

@@ -1,4 +1,4 @@
-"""The pass manager: pipelines as data, a registry, verify after each pass, timings, dumps.
+"""The pass manager: pipelines as data, name resolution, verify after each pass, timings, dumps.
 
 A pass is `fn(g: Graph, ctx: PassContext) -> Graph` (a one-argument `fn(g)` works too). A
 pipeline is a tuple of registered names, `module:function` strings or callables:
@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Sequence
 
 from graphir.errors import GraphirError
 from graphir.fileio import write_atomic
@@ -27,76 +27,22 @@ from graphir.graph import Graph, verify
 from graphir.models.config import ModelConfig
 from graphir.text import to_text
 
+from passes import builtin as _builtins  # noqa: F401  (registers the built-in passes on import)
+from passes.count import count_nodes
+from passes.registry import (_REGISTRY, PassContext, PassError, PassFn, PassSpec, RegisteredPass, context_from,
+                             options, register_pass)
 from passes.transfers import verify_placed
 
-
-@dataclass(frozen=True)
-class PassContext:
-    """What placement and user passes may read besides the graph."""
-
-    cfg: ModelConfig | None = None
-    devices: tuple[str, ...] = ("cuda:0",)
-    ts: tuple[float, ...] | None = None
-    max_gpu: int | None = None
-    recurrent: str = "single"  # delta-net layers under graph split: single | split
-    reduce_dtype: str | None = None  # type partials travel in (all_reduce dtype attr)
-    mem: tuple[int, ...] | None = None  # bytes per device, for placement by memory and fit checks
-    ctx_len: int = 4096
-    ubatch: int = 512
-    options: tuple[tuple[str, Any], ...] = ()  # free-form options for user passes
-
-    def option(self, key: str, default: Any = None) -> Any:
-        return dict(self.options).get(key, default)
-
-    def require_cfg(self, who: str) -> ModelConfig:
-        if self.cfg is None:
-            raise PassError(f"pass {who!r} needs the model config (PassContext.cfg)")
-        return self.cfg
-
-
-PassFn = Callable[..., Graph]
-PassSpec = str | Callable[..., Graph]
-
-
-class PassError(GraphirError):
-    """A pass that failed or broke the graph; names the pass and the pipeline before it."""
-
-
-@dataclass(frozen=True)
-class RegisteredPass:
-    name: str
-    fn: PassFn
-    doc: str
-
-
-_REGISTRY: dict[str, RegisteredPass] = {}
-
-
-def register_pass(name: str) -> Callable[[PassFn], PassFn]:
-    """Decorator: make `fn(g, ctx) -> Graph` available by name in pipelines and the CLI."""
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.\-]*", name):
-        raise PassError(f"bad pass name {name!r}")
-
-    def deco(fn: PassFn) -> PassFn:
-        doc = (inspect.getdoc(fn) or "").splitlines()[0] if inspect.getdoc(fn) else ""
-        _REGISTRY[name] = RegisteredPass(name, fn, doc)
-        return fn
-
-    return deco
+__all__ = ["PassContext", "PassError", "PassReport", "PipelineResult", "RegisteredPass", "call_pass", "check",
+           "context_from", "engine_graph", "options", "register_pass", "registered", "resolve", "run_pipeline"]
 
 
 def registered() -> tuple[RegisteredPass, ...]:
-    _load_builtins()
     return tuple(_REGISTRY[k] for k in sorted(_REGISTRY))
-
-
-def _load_builtins() -> None:
-    import passes.builtin  # noqa: F401  (registers the built-in passes on import)
 
 
 def resolve(spec: PassSpec) -> tuple[str, PassFn]:
     """(display name, function) for a registered name, `module:function` or a callable."""
-    _load_builtins()
     if callable(spec):
         for p in _REGISTRY.values():
             if p.fn is spec:
@@ -172,8 +118,6 @@ def check(g: Graph) -> None:
 def run_pipeline(g: Graph, pipeline: Sequence[PassSpec], ctx: PassContext | None = None, *,
                  verify_each: bool = True, dump_dir: str | Path | None = None) -> PipelineResult:
     """Run the passes in order; verify after each; optional text dumps `NN-name.txt`."""
-    from passes.count import count_nodes  # count imports place, which is light; keep the cycle lazy
-
     ctx = ctx or PassContext()
     # `module:function` entries first: importing them may register names other entries use
     first = {k: resolve(p) for k, p in enumerate(pipeline) if isinstance(p, str) and ":" in p}
@@ -223,14 +167,10 @@ def _dump(folder: str | Path, k: int, name: str, g: Graph) -> None:
     write_atomic(dest, to_text(g))
 
 
-def options(**kw: Any) -> tuple[tuple[str, Any], ...]:
-    """Free-form options for PassContext.options, in a stable order."""
-    return tuple(sorted(kw.items()))
-
-
-def context_from(mapping: Mapping[str, Any]) -> PassContext:
-    """A PassContext from keyword values (unknown keys go to `options`)."""
-    known = {f for f in PassContext.__dataclass_fields__}
-    base = {k: v for k, v in mapping.items() if k in known}
-    extra = {k: v for k, v in mapping.items() if k not in known}
-    return PassContext(**base, options=options(**extra))
+def engine_graph(g: Graph, cfg: ModelConfig, passes: Sequence[str]) -> Graph:
+    """The graph an engine executes: placed graph `g` after the engine's own passes (registered
+    names or module:function, each `g -> g` or `(g, ctx) -> g`)."""
+    if not passes:
+        return g
+    # no verify after each pass: the graph is priced on every candidate of auto's search
+    return run_pipeline(g, list(passes), PassContext(cfg=cfg, devices=g.device_list()), verify_each=False).graph

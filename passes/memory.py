@@ -17,14 +17,13 @@ from graphir import dims as D
 from graphir.graph import Graph
 from graphir.ops import LEAVES, VIEWS, Op
 
+from hardware.profiles import gpu_memory
 from passes.devices import PlacementError
 from passes.transfers import devices_of
 
 GIB = 1 << 30
 _UNITS = {"": GIB, "b": 1, "k": 10**3, "kb": 10**3, "kib": 1 << 10, "m": 10**6, "mb": 10**6, "mib": 1 << 20,
           "g": 10**9, "gb": 10**9, "gib": GIB, "t": 10**12, "tb": 10**12, "tib": 1 << 40}
-# memory of GPUs in hardware presets (REFERENCE §7); `2x3090` means two of them
-GPU_MEMORY_GB = {"3090": 24, "4090": 24, "a6000": 48, "a100": 80, "h100": 80, "h200": 141}
 
 
 class MemoryPlanError(PlacementError):
@@ -80,21 +79,11 @@ def parse_mem(spec: str | Sequence[int | str], n_devices: int | None = None) -> 
 
 
 def _hardware(spec: str) -> tuple[int, ...] | None:
-    """Memory per GPU of a hardware preset: the cost model's systems when present (`2x3090`,
-    `2xA6000-nvlink`, `3xH200`), else the small table above."""
+    """Memory per GPU of a hardware preset (`2x3090`, `2xA6000-nvlink`, `3xH200`: the systems
+    and GPUs of hardware/profiles.py); None for a list of sizes."""
     if "," in spec or re.fullmatch(r"\s*[0-9.]+\s*[A-Za-z]*\s*", spec):
         return None
-    try:
-        from backends.costmodel.profiles import resolve_system
-
-        sysm = resolve_system(spec)
-        return tuple(int(sysm.gpu.mem_GB * 10**9) for _ in range(sysm.count))
-    except Exception:  # no cost model here, or not one of its names: try the built-in table
-        pass
-    m = re.fullmatch(r"\s*(\d+)\s*x\s*([A-Za-z0-9]+)\s*", spec)
-    if m and m.group(2).lower() in GPU_MEMORY_GB:
-        return tuple(GPU_MEMORY_GB[m.group(2).lower()] * 10**9 for _ in range(int(m.group(1))))
-    return None
+    return gpu_memory(spec)
 
 
 def plan_memory(g: Graph, ctx: int = 4096, ubatch: int = 512) -> MemoryPlan:

@@ -1,59 +1,24 @@
 """The two split modes of REFERENCE §1–2 as passes: `place_layer` and `place_graph`.
 
-Both take the unplaced graph and the ModelConfig and end with `insert_transfers`, so their
-result verifies as a placed graph. Non-layer nodes before the first layer (inputs, token
-embedding) go to the embedding device, those after the last layer (output norm and head)
-to the head device.
+Both are points of the one placer over regions (passes/regions.py): layer split keeps every
+region whole on its layer's device, graph split takes each region's plan from `plan_graph`.
+Both end with `insert_transfers`, so their result verifies as a placed graph. Non-layer
+nodes before the first layer (inputs, token embedding) go to the embedding device, those
+after the last layer (output norm and head) to the head device.
 """
 
 from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from graphir.graph import Graph, Node
+from graphir.graph import Graph
 from graphir.models.config import ModelConfig
 from graphir.ops import Op
 
 from passes.devices import PlacementError, parse_devices, parse_ts
-from passes.emit import Emitter
-from passes.plan import GraphPlan, Recurrent, plan_graph
-from passes.tp import RegionSplit
-from passes.transfers import eliminate_dead, insert_transfers
-
-
-def layer_of(name: str) -> int | None:
-    """`blk.12.attn_q#1` -> 12 (Node.layer, without a regex: placement asks for every node)."""
-    if not name.startswith("blk."):
-        return None
-    k = name.find(".", 4)
-    return int(name[4:k]) if k > 4 and name[4:k].isdigit() else None
-
-
-def _sections(g: Graph) -> tuple[list[Node], list[tuple[int, list[Node]]], list[Node]]:
-    """(nodes before the layers, [(layer, its nodes)], nodes after); layers must be contiguous."""
-    pre: list[Node] = []
-    layers: list[tuple[int, list[Node]]] = []
-    post: list[Node] = []
-    for n in g.nodes:
-        i = layer_of(n.name)
-        if i is None:
-            (pre if not layers else post).append(n)
-            continue
-        if post:
-            # a non-layer node between layers (rare: user graphs) stays with the embedding
-            pre.extend(post)
-            post = []
-        if not layers or layers[-1][0] != i:
-            if any(k == i for k, _ in layers):
-                raise PlacementError(f"layer {i}'s nodes are not contiguous (see %{n.name})")
-            layers.append((i, []))
-        layers[-1][1].append(n)
-    return pre, layers, post
-
-
-def _require_unplaced(g: Graph, who: str) -> None:
-    if any(n.device for n in g.nodes):
-        raise PlacementError(f"{who} needs an unplaced graph; this one is already placed")
+from passes.plan import Recurrent
+from passes.regions import (RegionAssignment, check_reduce_dtype, emit_regions, graph_plan_for, one_hot,
+                            place_regions, require_unplaced, sections)
 
 
 def _devices(devices: Sequence[str] | str | int) -> tuple[str, ...]:
@@ -86,42 +51,23 @@ def place_layer(g: Graph, cfg: ModelConfig, devices: Sequence[str] | str | int, 
                 head_device: str | None = None) -> Graph:
     """Contiguous layers per device by `ts` ratios (by memory when `by_memory`: ratios then
     weigh each layer's weight, KV-cache (at `ctx` tokens) and state bytes); the output head on
-    the last layer's device; the residual stream copied at each device boundary."""
-    _require_unplaced(g, "place_layer")
+    the last layer's device; the residual stream copied at each device boundary. Every region
+    of a layer is whole on the layer's device: a point of `place_regions`' space."""
+    require_unplaced(g, "place_layer")
     devs = _devices(devices)
     ratios = parse_ts(ts, len(devs))
-    pre, layers, post = _sections(g)
+    _, layers, _ = sections(g)
     idx = [i for i, _ in layers]
     sizes = None
     if by_memory:
         sizes = {i: sum(n.spec.nbytes_at({"KV": ctx, "T": 1}) for n in ns if n.op in (Op.WEIGHT, Op.STATE_IN))
                  for i, ns in layers}
     where = layer_devices(cfg, len(devs), idx, ratios, sizes)
-    first = devs[where[idx[0]]] if idx else devs[0]
-    head = head_device or (devs[where[idx[-1]]] if idx else devs[-1])
-    assign: dict[str, str] = {n.name: first for n in pre}
-    for i, ns in layers:
-        for n in ns:
-            assign[n.name] = devs[where[i]]
-    assign.update({n.name: head for n in post})
-    out = insert_transfers(g, assign, devices=devs)
-    return out.replace_nodes(out.nodes, split="layer", ts=",".join(f"{r:g}" for r in ratios))
-
-
-def graph_plan_for(g: Graph, cfg: ModelConfig, devices: Sequence[str], ts: Sequence[float], *,
-                   max_gpu: int | None, recurrent: Recurrent,
-                   pinned: Mapping[int, Sequence[float]] | None = None) -> GraphPlan:
-    """The split plan for this graph, with granules from the weights' own storage types."""
-    index = g.index
-
-    def wtype(name: str, shape: tuple[int, ...]):  # type: ignore[no-untyped-def]
-        if name not in index:
-            raise PlacementError(f"place_graph: the graph has no weight %{name}")
-        return index[name].spec.dtype
-
-    layers = sorted({i for i in (layer_of(n.name) for n in g.nodes) if i is not None})
-    return plan_graph(cfg, devices, wtype, ts=ts, max_gpu=max_gpu, recurrent=recurrent, layers=layers,
-                      pinned=pinned)
+    home = tuple((i, one_hot(len(devs), where[i])) for i in idx)
+    first = where[idx[0]] if idx else 0
+    last = devs.index(head_device) if head_device in devs else (where[idx[-1]] if idx else len(devs) - 1)
+    out = place_regions(g, cfg, devs, RegionAssignment(home, home, first, last), split_name="layer")
+    return out.replace_nodes(out.nodes, ts=",".join(f"{r:g}" for r in ratios))
 
 
 def place_graph(g: Graph, cfg: ModelConfig, devices: Sequence[str] | str | int, *,
@@ -129,32 +75,18 @@ def place_graph(g: Graph, cfg: ModelConfig, devices: Sequence[str] | str | int, 
                 recurrent: Recurrent = "single", reduce_dtype: str | None = None,
                 layer_groups: Mapping[int, Sequence[str]] | None = None, head_device: str | None = None) -> Graph:
     """Tensor-parallel split (REFERENCE §1). `layer_groups` pins chosen layers to a subset of
-    the devices (e.g. delta-net layers on one device); the rest follow `ts` / `max_gpu`."""
-    _require_unplaced(g, "place_graph")
+    the devices (e.g. delta-net layers on one device); the rest follow `ts` / `max_gpu`. The
+    plan of every region comes from `plan_graph`; the regions are emitted by `emit_regions`,
+    the placer `place_regions` runs."""
+    require_unplaced(g, "place_graph")
     devs = _devices(devices)
     ratios = parse_ts(ts, len(devs))
-    if reduce_dtype not in (None, "f16", "bf16", "f32"):
-        raise PlacementError(f"reduce dtype {reduce_dtype!r}: use f16, bf16 or f32")
     pinned = pinned_ratios(devs, ratios, layer_groups) if layer_groups else None
+    check_reduce_dtype(reduce_dtype)
     plan = graph_plan_for(g, cfg, devs, ratios, max_gpu=max_gpu, recurrent=recurrent, pinned=pinned)
-    pre, layers, post = _sections(g)
-    em = Emitter()
-    emb, head = devs[plan.embed], head_device or devs[plan.head]
-    for n in pre:
-        em.add(n.with_(device=emb))
-    regions = {i: (m, f) for i, m, f in plan.layers}
-    for i, ns in layers:
-        k = next((pos for pos, n in enumerate(ns) if n.name == f"blk.{i}.attn_residual"), None)
-        if k is None:
-            raise PlacementError(f"place_graph: layer {i} has no blk.{i}.attn_residual to end its mixer")
-        mixer, ffn = regions[i]
-        RegionSplit(em, mixer, i, devs, cfg, reduce_dtype).run(ns[:k + 1])
-        RegionSplit(em, ffn, i, devs, cfg, reduce_dtype).run(ns[k + 1:])
-    for n in post:
-        em.add(n.with_(device=head))
-    placed = eliminate_dead(em.graph(g.meta))
-    out = insert_transfers(placed, devices=devs)
-    return out.replace_nodes(out.nodes, split="graph", ts=",".join(f"{r:g}" for r in ratios))
+    out = emit_regions(g, cfg, devs, plan, reduce_dtype=reduce_dtype, split_name="graph", who="place_graph",
+                       head_device=head_device)
+    return out.replace_nodes(out.nodes, ts=",".join(f"{r:g}" for r in ratios))
 
 
 def pinned_ratios(devs: Sequence[str], ratios: Sequence[float],

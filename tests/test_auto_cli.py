@@ -1,4 +1,4 @@
-"""`--split auto` through graphir.cli.main: `graphir place` and `graphir predict`."""
+"""`--split auto` through cli.main.main: `graphir place` and `graphir predict`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from graphir.cli import main
-from graphir.sweep import read_table
+from cli.main import main
+from reports.sweep import read_table
 from graphir.text import from_text
 from passes import verify_placed
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from passes.auto_plan import Problem, StatePiece, choose, migration_bytes
+from planner.auto_plan import Problem, StatePiece, choose, migration_bytes
 
 KV_ROW = 1000  # bytes per cached token of a whole KV cache in these examples
 

@@ -13,8 +13,8 @@ from graphir.models.sources import load_preset
 from graphir.ops import Op
 from graphir.quant import scheme
 from passes import place_graph, place_layer, verify_placed
-from passes.auto_regions import head_splittable
-from passes.auto_space import (KINDS, Choice, graph_choice, home_counts, layer_choice, model_kinds, place_choice,
+from passes.regions import head_splittable
+from planner.auto_space import (KINDS, Choice, graph_choice, home_counts, layer_choice, model_kinds, place_choice,
                                state_layout)
 from test_passes_common import configs, session_class
 
@@ -117,7 +117,7 @@ def test_random_choices_compute_the_unplaced_logits(data, cfg) -> None:  # type:
 
 def test_resident_memory_of_one_placement_is_its_memory_plan() -> None:
     from passes import plan_memory
-    from passes.auto_memory import ResidentMemory
+    from planner.auto_memory import ResidentMemory
 
     cfg, g = _g("qwen3-next-80b-a3b", 8, "pp")
     a = place_choice(g, cfg, TWO, Choice((), (4, 4), (1.0, 1.0)))

@@ -19,10 +19,10 @@ from backends.cuda.memcheck import host_available
 from backends.cuda.session import Session
 from backends.cuda.testing import hf_model, save
 from backends.cuda.weights import WeightError
-from graphir.cli import main
+from cli.main import main
 from graphir.models.config import MAX_LAYERS
 from graphir.models.sources import load_source
-from graphir.sweep import MAX_ROWS
+from reports.sweep import MAX_ROWS
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, head_dim=8)

@@ -1,4 +1,4 @@
-"""The IR verbs (models, lower, stats) through graphir.cli.main, output captured.
+"""The IR verbs (models, lower, stats) through cli.main.main, output captured.
 
 Oracles: the library functions the verbs wrap (build, graph_stats, from_json), and for the
 error cases the contract: exit code 2, exactly one line on stderr, no traceback.
@@ -15,7 +15,7 @@ import pytest
 from gguf import GGUFWriter
 
 from graphir import fileio
-from graphir.cli import main
+from cli.main import main
 from graphir.graph import verify
 from graphir.models import BuildOptions, build
 from graphir.models.sources import load_preset, preset_names

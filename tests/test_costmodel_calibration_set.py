@@ -12,10 +12,11 @@ import pytest
 import yaml
 
 from backends.costmodel.calibrate import cross_validate, fit, predict_ratios, predict_speeds
-from backends.costmodel.dataset import build_cases, load_manifest
+from planner.dataset import build_cases, load_manifest
 from backends.costmodel.options import OptionError, apply, parse_flags
-from backends.costmodel.profiles import ProfileError, engine_names, load_engine, resolve_system
-from graphir.cli import main
+from backends.costmodel.profiles import engine_names, load_engine
+from hardware.profiles import ProfileError, resolve_system
+from cli.main import main
 from graphir.models.sources import load_preset
 
 DATA = resources.files("backends.costmodel") / "data"
@@ -112,7 +113,7 @@ def test_engine_flags_parse_and_refuse_unknown() -> None:
 
 def test_engine_flags_change_the_prediction() -> None:
     """Each flag that should cost or save time does, in the direction physics says."""
-    from backends.costmodel.predict import Workload, predict
+    from planner.predict import Workload, predict
 
     wl = Workload(2048, 16, 8192)
 

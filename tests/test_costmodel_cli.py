@@ -1,4 +1,4 @@
-"""`graphir predict`, `graphir calibrate`, `graphir compare` end to end through graphir.cli.main."""
+"""`graphir predict`, `graphir calibrate`, `graphir compare` end to end through cli.main.main."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from backends.costmodel.profiles import engine_yaml, load_engine
-from graphir.cli import main
-from graphir.sweep import read_table
+from cli.main import main
+from reports.sweep import read_table
 
 DATA = Path(__file__).resolve().parents[1] / "backends" / "costmodel" / "data" / "measured"
 SMALL = ["qwen3-0.6b", "--hw", "2x3090", "--ctx", "8192", "--ubatch", "2048", "--tg", "32"]
@@ -80,7 +80,7 @@ def test_compare_measured_with_predicted(tmp_path: Path, capsys: pytest.CaptureF
 
 def test_calibrate_takes_a_model_per_table_and_run_labels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """graphir run's labels (graph-single / graph-split) and one --model per table."""
-    from graphir.sweep import SweepRow, write_csv
+    from reports.sweep import SweepRow, write_csv
 
     a, b = tmp_path / "next.csv", tmp_path / "dense.csv"
     assert main(["predict", "qwen3-next-80b-a3b", "--hw", "2xH200", "--engine", "graphir-cuda", "--quant", "bf16",
@@ -109,7 +109,7 @@ def test_calibrate_takes_a_model_per_table_and_run_labels(tmp_path: Path, capsys
 
 
 def test_run_labels() -> None:
-    from backends.costmodel.cli import CostModelCliError, run_label
+    from cli.predict import CostModelCliError, run_label
 
     assert run_label("graph-split") == ("graph", "split")
     assert run_label("graph", "split") == ("graph", "split")

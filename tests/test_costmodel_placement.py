@@ -6,7 +6,7 @@ import collections
 
 import pytest
 
-from backends.costmodel.placement import PlaceOptions, place
+from planner.placement import PlaceOptions, place
 from graphir.models import BuildOptions, build
 from graphir.models.sources import load_preset
 from graphir.ops import Op
@@ -43,10 +43,10 @@ def test_qwen3_next_graph_split_matches_ik() -> None:
 
 def test_auto_routes_to_place_auto() -> None:
     cfg = load_preset("qwen3-14b").with_layers(2)
-    from passes.auto import AutoWorkload
+    from planner.workload import Workload
 
     g = place(cfg, _opts("tg", "Q4_0", "f16"),
-              PlaceOptions("auto", TWO, workload=AutoWorkload(512, 32, 4096)))
+              PlaceOptions("auto", TWO, workload=Workload(512, 32, 4096)))
     assert g.placed and g.info["split"] == "auto"
 
 

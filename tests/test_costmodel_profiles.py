@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from backends.costmodel.profiles import (Engine, ProfileError, engine_names, engine_yaml, gpus, links,
-                                         load_engine, resolve_system, system_specs)
+from backends.costmodel.profiles import Engine, engine_names, engine_yaml, load_engine
+from hardware.profiles import ProfileError, gpus, links, resolve_system, system_specs
 from graphir.errors import GraphirError
 
 
@@ -76,7 +76,7 @@ def test_engine_yaml_round_trips(tmp_path: Path) -> None:
 
 def test_shipped_ik_profile_is_calibrated_and_physical() -> None:
     e: Engine = load_engine("ik_llama.cpp")
-    from backends.costmodel.dataset import load_manifest
+    from planner.dataset import load_manifest
 
     assert e.calibration is not None
     assert set(e.calibration["data"]) == {c.table for c in load_manifest()[0].cases}  # jointly, on every table
@@ -91,14 +91,15 @@ def test_graphir_cuda_profile_prices_the_graph_graphir_run_executes() -> None:
     """The engine's passes are the CUDA backend's defaults, so launch and host-node counts of a
     prediction are those of the executed graph (a fit of one against the other is meaningless)."""
     from backends.costmodel.profiles import load_engine
-    from backends.cuda.cli import DEFAULT_PASSES
+    from cli.run import DEFAULT_PASSES
 
     assert load_engine("graphir-cuda").passes == DEFAULT_PASSES.split(",")
     assert load_engine("ik_llama.cpp").passes == []
 
 
 def test_engine_passes_cut_the_priced_launches() -> None:
-    from backends.costmodel.placement import PlaceOptions, engine_graph, place
+    from passes.manager import engine_graph
+    from planner.placement import PlaceOptions, place
     from backends.costmodel.price import price
     from graphir.models import BuildOptions
     from graphir.models.sources import load_preset

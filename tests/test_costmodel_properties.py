@@ -7,9 +7,10 @@ from functools import lru_cache
 import numpy as np
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from backends.costmodel.placement import PlaceOptions, place
+from planner.placement import PlaceOptions, place
 from backends.costmodel.price import Priced, price
-from backends.costmodel.profiles import load_engine, resolve_system
+from backends.costmodel.profiles import load_engine
+from hardware.profiles import resolve_system
 from backends.costmodel.timeline import evaluate
 from graphir.models import BuildOptions
 from graphir.models.sources import load_preset

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from backends.costmodel.price import price
-from backends.costmodel.profiles import ARRule, load_engine, resolve_system
+from backends.costmodel.profiles import ARRule, load_engine
+from hardware.profiles import resolve_system
 from backends.costmodel.timeline import TERMS, comm_costs, evaluate, node_costs
 from graphir.builder import Builder
 from graphir.graph import Graph, verify

@@ -18,7 +18,7 @@ import click
 import pytest
 import typer
 
-from graphir.cli import _register, app, main
+from cli.main import _register, app, main
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -1,6 +1,6 @@
 """End to end: every verb over a table of bad inputs, and Ctrl-C of every long verb.
 
-Each case runs `python -m graphir.cli ARGS` as a subprocess in a folder of its own holding the
+Each case runs `python -m cli.main ARGS` as a subprocess in a folder of its own holding the
 same fixture files (bad JSON and YAML, a folder, an empty file, a pass module with a syntax
 error, a previous output, a measured table). A bad input must end with exit code 2, exactly
 one non-empty line on stderr, no traceback, no file created, and every fixture byte for byte as
@@ -190,7 +190,7 @@ def run_case(args: list[str], where: Path) -> str | None:
     fixture_folder(where)
     before = snapshot(where)
     try:
-        p = subprocess.run([sys.executable, "-m", "graphir.cli", *args], cwd=where, env=ENV, capture_output=True,
+        p = subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=where, env=ENV, capture_output=True,
                            text=True, timeout=300, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         return "timed out"
@@ -239,7 +239,7 @@ LONG = {  # verb at work -> (arguments, seconds to let it work before Ctrl-C, it
 
 
 def interrupt(args: list[str], wait_s: float, where: Path) -> subprocess.CompletedProcess[str] | str:
-    proc = subprocess.Popen([sys.executable, "-m", "graphir.cli", *args], cwd=where, env=ENV, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=where, env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                             start_new_session=True)
     time.sleep(wait_s)  # stderr is no terminal, so there is no progress line to wait for

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from backends.cuda.testing import hf_model, save, torch_threads
-from graphir.cli import main
+from cli.main import main
 
 CFG = dict(vocab_size=40, hidden_size=24, intermediate_size=30, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2, head_dim=8)

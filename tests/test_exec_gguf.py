@@ -14,7 +14,7 @@ from backends.cuda.hf_checkpoint import HFCheckpoint
 from backends.cuda.session import Session, greedy
 from backends.cuda.testing import hf_model, rel_err, save, torch_threads
 from backends.cuda.weights import reference_weights
-from graphir.cli import main
+from cli.main import main
 from graphir.models import ModelConfig
 from graphir.models import gguf_writer
 from graphir.models.sources import load_source

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from backends.cuda.session import Session, greedy
 from backends.cuda.testing import hf_logits, hf_model, rel_err, save, torch_threads
-from graphir.cli import main
+from cli.main import main
 from graphir.models.sources import load_source
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,

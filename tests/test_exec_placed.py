@@ -276,7 +276,7 @@ def test_four_and_eight_devices_match_unplaced(arch: str, n: int, pipeline: tupl
 
 @pytest.mark.parametrize("n", [4, 8])
 def test_auto_on_four_and_eight_devices_matches_unplaced(n: int) -> None:
-    from backends.cuda.cli import make_transform
+    from cli.run import make_transform
 
     cfg = from_hf_dict(CONFIGS["qwen3_next"])
     devs = tuple(f"cpu:{k}" for k in range(n))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from graphir.cli import main
+from cli.main import main
 
 INTERRUPTING_PASS = '''
 def stop(g):

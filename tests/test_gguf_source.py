@@ -17,8 +17,8 @@ from gguf import GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from gguf.quants import quantize
 
-from graphir.cli import main
-from graphir.cli_common import source_quant
+from cli.main import main
+from graphir.models.sources import weight_scheme
 from graphir.dtypes import from_ggml
 from graphir.graph import verify
 from graphir.models import BuildOptions, ConfigError, build, from_hf_dict
@@ -209,7 +209,7 @@ def test_config_matches_config_json(files, key):
 def test_graph_matches_config_json_and_carries_file_types(files, key, phase):
     path, types = files[key]
     src = load_source(path)
-    g_file = build(src.cfg, BuildOptions(phase=phase, quant=source_quant(src, None)))
+    g_file = build(src.cfg, BuildOptions(phase=phase, quant=weight_scheme(src, None)))
     g_json = build(_hf_cfg(key, path), BuildOptions(phase=phase))
     verify(g_file)
     assert len(g_file) == len(g_json)

@@ -14,7 +14,7 @@ from gguf import GGUFReader
 from gguf.constants import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 
-from graphir.cli import main
+from cli.main import main
 from graphir.models import from_hf_dict
 from graphir.models.gguf_header import read_header
 from graphir.models.gguf_source import tensor_shapes

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from graphir.cli import main
+from cli.main import main
 from graphir.fileio import write_output
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Pat
     old = tmp_path / "table.md"
     old.write_text("the previous table\n")
     limit = "import resource; resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512)); "
-    code = limit + "from graphir.cli import main; raise SystemExit(main(sys.argv[1:]))"
+    code = limit + "from cli.main import main; raise SystemExit(main(sys.argv[1:]))"
     p = subprocess.run([sys.executable, "-c", "import sys; " + code, *PREDICT, "-o", str(old)],
                        capture_output=True, text=True, cwd=tmp_path, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"})

@@ -1,4 +1,4 @@
-"""`graphir place`, `graphir nodes`, `graphir passes` through graphir.cli.main, the one-line
+"""`graphir place`, `graphir nodes`, `graphir passes` through cli.main.main, the one-line
 errors with exit code 2, and the user pass of docs/writing_a_pass.md."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from graphir.cli import main
+from cli.main import main
 from graphir.serialize import from_json
 from graphir.text import from_text
 from passes import verify_placed

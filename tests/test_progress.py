@@ -1,4 +1,4 @@
-"""graphir.progress: silent unless stderr is a terminal; bars nest and clean up after themselves."""
+"""reports.progress: silent unless stderr is a terminal; bars nest and clean up after themselves."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import io
 
 import pytest
 
-from graphir import progress
-from graphir.progress import bar, enabled, track
+from reports import progress
+from reports.progress import bar, enabled, track
 
 
 class Tty(io.StringIO):

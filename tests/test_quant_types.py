@@ -18,7 +18,7 @@ import pytest
 from gguf import GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES
 
-from graphir.cli import main
+from cli.main import main
 from graphir.dtypes import DTYPES, FAMILIES, KV_TYPES, DTypeError, dtype, fit_to_row, from_ggml, kv_dtype
 from graphir.models import BuildOptions, ConfigError, build
 from graphir.models.gguf_header import GGUFError, read_header
@@ -267,9 +267,9 @@ def test_model_gguf_weights_in_its_own_types(ik_file):
 
 
 def _own(src):
-    from graphir.cli_common import source_quant
+    from graphir.models.sources import weight_scheme
 
-    return source_quant(src, None)
+    return weight_scheme(src, None)
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -13,11 +13,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends.cuda.cli import evaluate, run_sweep
+from cli.run import evaluate, run_sweep
 from backends.cuda.session import Session
 from backends.cuda.sweeprun import sweep
 from backends.cuda.testing import hf_logits, hf_model, rel_err, save, torch_threads
-from graphir.cli import main
+from cli.main import main
 
 TINY = {"model_type": "qwen3_next", "vocab_size": 50, "hidden_size": 32, "intermediate_size": 36,
         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "num_experts": 4,
@@ -156,3 +156,28 @@ def test_run_split_auto_with_a_layer_range(tiny: Path) -> None:
     assert main(["run", str(tiny), "--devices", "cpu,cpu", "--split", "auto", "--hw", "2x3090", "--engine",
                  "ik_llama.cpp", "--dtype", "f32", "--ubatch", "8", "--tg", "2", "--ctx", "16",
                  "--layers", "1:3", "--format", "csv"]) == 0
+
+
+SEEN: list[tuple[int, int]] = []
+
+
+def record_context(g, ctx):  # type: ignore[no-untyped-def]  # a `--passes` entry: what the passes are told
+    SEEN.append((ctx.ubatch, ctx.ctx_len))
+    return g
+
+
+@pytest.mark.parametrize("split", [None, "layer"])
+def test_run_passes_get_the_sweeps_ubatch(split: str | None) -> None:
+    """`run -ub N`: the passes after the placement read u-batch N and the context from their
+    PassContext (the u-batch once stayed at the context's default, 512)."""
+    from cli.run import make_transform
+    from graphir.models import BuildOptions, build
+    from graphir.models.config import from_hf_dict
+
+    cfg = from_hf_dict(TINY)
+    devices = ("cpu:0",) if split is None else ("cpu:0", "cpu:1")
+    g = build(cfg, BuildOptions(phase="pp"))
+    SEEN.clear()
+    for f in make_transform(cfg, devices, split, passes=f"{__name__}:record_context", ctx=1024, ubatch=256):
+        g = f(g)
+    assert SEEN == [(256, 1024)] and (split is None or g.placed)

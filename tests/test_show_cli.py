@@ -1,4 +1,4 @@
-"""The picture verbs end to end through graphir.cli.main: `show`, `timeline`, `predict --plot
+"""The picture verbs end to end through cli.main.main: `show`, `timeline`, `predict --plot
 --measured`, `compare` (sweep-bench markdown against a graphir prediction CSV, --plot, errors)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from graphir.cli import main
+from cli.main import main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 QN = ["qwen3-next-80b-a3b", "--quant", "IQ4_XS"]

@@ -1,4 +1,4 @@
-"""Placed-graph drawings (graphir.draw): the layer view of a 48-layer model stays at a few boxes
+"""Placed-graph drawings (reports.draw): the layer view of a 48-layer model stays at a few boxes
 per layer and device, shows every collective and copy, and renders to valid SVG and PNG."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from collections import Counter
 
 import pytest
 
-from graphir import draw
+from reports import draw
 from graphir.errors import GraphirError
 from graphir.graph import Graph
 from graphir.ops import Op
-from passes.cli import place
+from cli.place import place
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz `dot` is not installed")
 BOX = re.compile(r"^\s*[bw]_L(\d+)_(?:mix|ffn)_(\w+) \[shape=box", re.M)  # work boxes and "waits" boxes

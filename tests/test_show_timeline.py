@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backends.costmodel.placement import PlaceOptions, place
+from planner.placement import PlaceOptions, place
 from backends.costmodel.price import price
-from backends.costmodel.profiles import load_engine, resolve_system
+from backends.costmodel.profiles import load_engine
+from hardware.profiles import resolve_system
 from backends.costmodel.timeline import evaluate, trace
 from graphir.models import BuildOptions
 from graphir.models.sources import load_source

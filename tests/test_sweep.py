@@ -1,4 +1,4 @@
-"""Tests for graphir.sweep: the published 2x3090 sweep-bench tables are the oracle for parsing and
+"""Tests for reports.sweep: the published 2x3090 sweep-bench tables are the oracle for parsing and
 formatting; synthetic tables pin down alignment, statistics and crossover interpolation."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from graphir.sweep import (
+from reports.sweep import (
     SweepRow, SweepTable, TableError, compare, crossover, error_stats, format_markdown,
     parse_table, read_table, to_json, to_jsonl, write_csv,
 )

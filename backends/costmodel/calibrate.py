@@ -18,10 +18,11 @@ import numpy as np
 
 from backends.costmodel.options import EngineOptions, apply
 from backends.costmodel.price import Priced
-from backends.costmodel.profiles import FITTABLE, RATIOS, Engine, ProfileError, System, known_param
+from backends.costmodel.profiles import FITTABLE, RATIOS, Engine, known_param
+from hardware.profiles import ProfileError, System
 from backends.costmodel.timeline import evaluate
-from graphir.progress import track
-from graphir.sweep import SweepTable, error_stats
+from reports.progress import track
+from reports.sweep import SweepTable, error_stats
 
 PRIOR_WEIGHT = 0.05  # residual weight of log(param / start): a factor e costs as much as 5% error
 ROBUST_SCALE = 0.03  # soft-L1 loss: errors beyond ~3% count linearly, so a warm-up row cannot steer

@@ -138,7 +138,7 @@ def _value(flag: str, raw: str, how: str) -> object:
 def apply(opts: EngineOptions, eng: "Engine", sysm: "System", split: str) -> tuple["Engine", "System", tuple[str, ...]]:
     """The engine and system the flags describe, and the graph passes they add (split: the mode
     they run under; ik_llama.cpp turns --merge-qkv off under split mode graph)."""
-    from backends.costmodel.profiles import links
+    from hardware.profiles import links
 
     upd: dict[str, object] = {}
     if opts.async_scheduler is not None:

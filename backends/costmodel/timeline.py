@@ -18,7 +18,8 @@ from functools import lru_cache
 import numpy as np
 
 from backends.costmodel.price import KINDS, Priced
-from backends.costmodel.profiles import Engine, System
+from backends.costmodel.profiles import Engine
+from hardware.profiles import System
 from graphir.dtypes import dtype
 
 TERMS = ("compute", "weights", "kv", "activations", "comm", "launch")
@@ -233,7 +234,7 @@ def evaluate(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray, spans: list[
     kv = np.asarray(kv, dtype=float)
     D, P = len(kv), len(pr.devices)
     if P > sysm.count:
-        from backends.costmodel.profiles import ProfileError
+        from hardware.profiles import ProfileError
 
         raise ProfileError(f"graph is placed on {P} devices but {sysm.name} has {sysm.count}")
     eng = eng.for_gpu(sysm.gpu)

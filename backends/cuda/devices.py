@@ -16,6 +16,7 @@ import torch
 
 from graphir.dtypes import DType, dtype
 from graphir.errors import GraphirError
+from passes.devices import parse_devices as placement_devices
 
 _DEVICE_RE = re.compile(r"(cpu|cuda)(?::(\d+))?")
 
@@ -45,13 +46,12 @@ def torch_device(name: str) -> torch.device:
 
 
 def parse_devices(spec: str | Sequence[str]) -> tuple[str, ...]:
-    """`cpu` / `cpu,cpu:1` / ["cuda:0", "cuda:1"] -> validated canonical names."""
-    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
-    if not names:
-        raise DeviceError("no device given")
+    """`cpu` / `cpu,cpu:1` / ["cuda:0", "cuda:1"] / `2` -> canonical names (the placement's own
+    grammar, passes.devices.parse_devices), each checked to exist here."""
+    names = placement_devices(spec)
     for n in names:
         torch_device(n)
-    return tuple(names)
+    return names
 
 
 def torch_dtype(dt: DType | str) -> torch.dtype:

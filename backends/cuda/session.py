@@ -21,11 +21,10 @@ from backends.cuda.loader import load_folded
 from backends.cuda.streams import DeviceStreams
 from backends.cuda.weights import DeviceRandomWeights, RandomWeights, WeightSource, reference_weights
 from graphir import dims as D
-from graphir.cli_common import source_quant
 from graphir.errors import GraphirError
 from graphir.graph import Graph, Node, verify
 from graphir.models import BuildOptions, ModelConfig, build
-from graphir.models.sources import ModelSource, load_source
+from graphir.models.sources import ModelSource, load_source, weight_scheme
 from graphir.ops import Op, act_dtype
 
 Pass = Callable[[Graph], Graph]
@@ -101,7 +100,7 @@ class Session:
         self.ctx = int(ctx)
         self.kernels = kernels if kernels is not None else kernels_for(self.devices)
         passes = [transform] if callable(transform) else list(transform or ())
-        quant = source_quant(self.source, None)
+        quant = weight_scheme(self.source, None)
         self.graphs: dict[str, Graph] = {}
         for phase in ("pp", "tg"):
             opts = BuildOptions(phase=phase, act_dtype=self.act.name, quant=quant,  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ import torch
 
 from backends.cuda.graphs import DecodeStep
 from graphir.ops import Op
-from graphir.sweep import SweepRow
+from reports.sweep import SweepRow
 
 BUCKET = 256
 

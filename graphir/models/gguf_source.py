@@ -10,16 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from graphir.dtypes import DType
-from graphir.models.config import ConfigError, from_hf_dict
+from graphir.models.config import ConfigError, ModelConfig, from_hf_dict
 from graphir.models.gguf_header import read_header
 
 # GGUF general.architecture -> config.json model_type
 GGUF_ARCHES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "qwen3next": "qwen3_next"}
 
 
-def read_gguf(path: Path) -> "ModelSource":
-    from graphir.models.sources import ModelSource
-
+def read_gguf(path: Path) -> tuple[ModelConfig, tuple[tuple[str, DType], ...]]:
+    """A GGUF's model config (from its metadata) and its tensor table (name, storage type);
+    `graphir.models.sources.load_source` makes the ModelSource of them."""
     header = read_header(path)
     meta = header.metadata
     tensors: dict[str, tuple[tuple[int, ...], DType]] = {t.name: (t.shape, t.dtype) for t in header.tensors}
@@ -76,7 +76,7 @@ def read_gguf(path: Path) -> "ModelSource":
         raise ConfigError(f"{path}: GGUF metadata lacks {', '.join(missing)} for {arch}")
     cfg = from_hf_dict(d, name=path.stem)
     types = tuple((name, dt) for name, (_, dt) in tensors.items())
-    return ModelSource(cfg, "gguf", path, types)
+    return cfg, types
 
 
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:

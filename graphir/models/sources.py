@@ -26,6 +26,7 @@ from typing import Literal
 from graphir.dtypes import DType
 from graphir.errors import GraphirError
 from graphir.models.config import ConfigError, ModelConfig, from_hf_dict
+from graphir.models.gguf_source import read_gguf
 from graphir.quant import QuantScheme, gguf_types, scheme, uniform
 
 Kind = Literal["preset", "config", "checkpoint", "gguf"]
@@ -191,9 +192,8 @@ def load_source(spec: str | Path) -> ModelSource:
         return ModelSource(from_hf_dict(_read_json(cfg_file), name=p.name), "checkpoint", p)
     if p.is_file():
         if p.suffix == ".gguf" or _is_gguf(p):
-            from graphir.models.gguf_source import read_gguf
-
-            return read_gguf(p)
+            cfg, types = read_gguf(p)
+            return ModelSource(cfg, "gguf", p, types)
         return ModelSource(from_hf_dict(_read_json(p), name=p.parent.name or p.stem), "config", p)
     if str(spec).endswith((".json", ".gguf")) or "/" in str(spec):
         raise ConfigError(f"{spec}: no such file")

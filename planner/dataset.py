@@ -15,11 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backends.costmodel.calibrate import Case, Ratio
 from backends.costmodel.options import EngineOptions, apply
-from backends.costmodel.placement import PlaceOptions
-from backends.costmodel.predict import place_and_price
-from backends.costmodel.profiles import Engine, ProfileError, _read_yaml, resolve_system
+from planner.placement import PlaceOptions
+from planner.predict import place_and_price
+from backends.costmodel.profiles import Engine
+from hardware.profiles import ProfileError, read_yaml, resolve_system
 from graphir.models.sources import load_source
-from graphir.sweep import read_table
+from reports.sweep import read_table
 
 
 class CaseSpec(BaseModel):
@@ -54,7 +55,7 @@ def load_manifest(path: str | Path | None = None) -> tuple[Manifest, Path]:
     p = Path(path) if path is not None else shipped_dir() / "cases.yaml"
     if not p.is_file():
         raise ProfileError(f"{p}: no such calibration manifest")
-    doc = _read_yaml(p.read_text(encoding="utf-8"), str(p))
+    doc = read_yaml(p.read_text(encoding="utf-8"), str(p))
     try:
         man = Manifest.model_validate(doc)
     except ValidationError as e:
@@ -96,7 +97,7 @@ def build_cases(eng: Engine, manifest: str | Path | None = None, only: Sequence[
                 loaded: tuple[Manifest, Path] | None = None) -> list[Case]:
     """Every case of the manifest (or those whose table stem is in `only`), priced; `loaded`:
     the manifest as `load_manifest` already read it."""
-    from graphir.progress import track
+    from reports.progress import track
 
     man, folder = loaded or load_manifest(manifest)
     specs = [c for c in man.cases if not only or Path(c.table).stem in only]

@@ -14,41 +14,26 @@ from typing import Any, Sequence
 import numpy as np
 
 from backends.costmodel.options import EngineOptions, apply
-from backends.costmodel.placement import PlaceOptions, engine_graph, place
+from planner.auto import AutoPlan
+from planner.auto_report import stitched
+from planner.placement import PlaceOptions, auto_placer, parse_placement, place
+from planner.workload import DEFAULT_ENGINE, DEFAULT_HW, Workload, WorkloadError
 from backends.costmodel.price import Priced, price
-from backends.costmodel.profiles import Engine, System, load_engine, resolve_system
+from passes.manager import engine_graph
+from backends.costmodel.profiles import Engine, load_engine
+from hardware.profiles import System, resolve_system
 from backends.costmodel.timeline import TERMS, Timeline, evaluate
-from graphir.errors import GraphirError
 from graphir.graph import Graph
 from graphir.models import BuildOptions, ModelConfig, build
 from graphir.models.sources import ModelSource, load_source, weight_scheme, weights_label
 from graphir.ops import Op
-from graphir.progress import track
+from reports.progress import track
 from graphir.quant import QuantScheme, scheme
-from graphir.sweep import SweepRow, SweepTable, crossover, sweep_shape
+from reports.sweep import SweepRow, SweepTable, crossover, sweep_shape
 from passes.memory import enforce_fit, fit_problem
 
 TERM_LABELS = {"compute": "compute", "weights": "weight bytes", "kv": "KV bytes",
                "activations": "activation/state bytes", "comm": "communication", "launch": "launch/sync"}
-
-
-class WorkloadError(GraphirError):
-    """A workload that cannot be swept (non-positive sizes)."""
-
-
-@dataclass(frozen=True)
-class Workload:
-    ubatch: int = 2048
-    tg: int = 128
-    ctx: int = 98304
-
-    def __post_init__(self) -> None:
-        if self.ubatch <= 0 or self.tg <= 0 or self.ctx <= 0:
-            raise WorkloadError(f"u-batch, tg and ctx must be positive (got {self.ubatch}, {self.tg}, {self.ctx})")
-
-    def depths(self) -> np.ndarray:
-        """N_KV = 0, ub, 2 ub, ... while a whole u-batch still fits below ctx (as sweep-bench)."""
-        return np.arange(0, self.ctx, self.ubatch, dtype=float)
 
 
 @dataclass(frozen=True)
@@ -94,7 +79,7 @@ class Prediction:
     workload: Workload
     modes: dict[str, ModePrediction] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
-    plans: dict[str, Any] = field(default_factory=dict)  # split -> passes.AutoPlan (auto only)
+    plans: dict[str, Any] = field(default_factory=dict)  # split -> planner.AutoPlan (auto only)
     weights: str = ""  # the weight types priced, as the header says them (sources.weights_label)
     kv_type: str = ""
     notes: tuple[str, ...] = ()  # what the workload was adjusted to (a clamped u-batch)
@@ -103,7 +88,7 @@ class Prediction:
         return SweepTable(tuple(r for m in self.modes.values() for r in m.rows), self.model)
 
     def crossover(self, metric: str, a: str = "layer", b: str = "graph") -> float | None:
-        """First depth where mode b's speed reaches mode a's (graphir.sweep.crossover)."""
+        """First depth where mode b's speed reaches mode a's (reports.sweep.crossover)."""
         return crossover(self.modes[a].table(), self.modes[b].table(), metric)  # type: ignore[arg-type]
 
     def speedup(self, metric: str, a: str = "layer", b: str = "graph") -> np.ndarray:
@@ -127,7 +112,7 @@ def predict_placed(pp: Priced, tg: Priced, sysm: System, eng: Engine, workload: 
     """Sweep one placement (priced pp and tg graphs) over the workload's depths."""
     if pp.tokens != workload.ubatch:
         raise WorkloadError(f"pp graph priced for {pp.tokens} tokens, workload u-batch is {workload.ubatch}")
-    d = workload.depths()
+    d = workload.rows()
     return ModePrediction(split, d, evaluate(pp, sysm, eng, d),
                           evaluate(tg, sysm, eng, d + (workload.tg - 1) / 2.0), workload,
                           (sysm.gpu.idle_W, sysm.gpu.tdp_W), memory_GB)
@@ -169,9 +154,9 @@ def fit_check(split: str, devices: Sequence[str], memory_GB: Sequence[float], sy
     return enforce_fit(problem, allow_overflow, "use a smaller --quant or --ctx, more --gpus")
 
 
-def predict(model: str, hw: str | System = "2x3090", engine: str | Engine = "ik_llama.cpp",
+def predict(model: str, hw: str | System = DEFAULT_HW, engine: str | Engine = DEFAULT_ENGINE,
             quant: str | None = None, kv_type: str = "f16", splits: Sequence[str] = ("layer", "graph"),
-            ts: tuple[float, ...] | None = None, max_gpu: int | None = None, recurrent: str = "single",
+            ts: str | Sequence[float] | None = None, max_gpu: int | None = None, recurrent: str = "single",
             workload: Workload | None = None, n_devices: int | None = None,
             allow_overflow: bool = False, options: EngineOptions | None = None,
             passes: Sequence[str] = ()) -> Prediction:
@@ -190,17 +175,18 @@ def predict(model: str, hw: str | System = "2x3090", engine: str | Engine = "ik_
     devices = select_gpus(sysm0, n_devices)
     modes: dict[str, ModePrediction] = {}
     warnings: list[str] = []
-    plans: dict[str, Any] = {}
+    plans: dict[str, AutoPlan] = {}
     setups = {split: apply(opts, eng0, sysm0, split) for split in splits}  # refuse bad flags before work
     for split in track(splits, "predict"):
         eng, sysm, extra = setups[split]
+        po = parse_placement(split or None, devices, ts, max_gpu, recurrent, passes=passes, hw=sysm, engine=eng,
+                             workload=wl)
         if split == "auto":
-            modes[split], plans[split] = predict_auto(src.cfg, q, kv_type, devices, sysm, eng, wl, ts)
+            modes[split], plans[split] = predict_auto(src.cfg, q, kv_type, po)
             warnings += [f"auto: {x}" for x in plans[split].notes]
             warnings += [w for w in [fit_check(split, devices, modes[split].memory_GB, sysm, wl.ctx,
                                                allow_overflow)] if w]
             continue
-        po = PlaceOptions(split or None, devices, ts, max_gpu, recurrent, passes=tuple(passes))  # type: ignore[arg-type]
         pp, tg, g = place_and_price(src.cfg, q, kv_type, po, wl.ubatch, tuple(eng.passes) + extra)
         split = split or "+".join(passes)
         mem = memory_per_device(g, wl.ctx)
@@ -212,17 +198,19 @@ def predict(model: str, hw: str | System = "2x3090", engine: str | Engine = "ik_
                       weights_label(src, quant), kv_type, notes)
 
 
-def predict_auto(cfg: ModelConfig, quant: str | QuantScheme, kv_type: str, devices: Sequence[str], sysm: System,
-                 eng: Engine, wl: Workload, ts: tuple[float, ...] | None = None) -> tuple[ModePrediction, Any]:
-    """Split mode `auto`: `passes.place_auto` searched for this sweep (every row alike, PP and
-    TG weighted 1:1); the rows are its plan's, switch costs included."""
-    from passes.auto import AutoWorkload, place_auto
-    from passes.auto_report import stitched
-
+def predict_auto(cfg: ModelConfig, quant: str | QuantScheme, kv_type: str, po: PlaceOptions
+                 ) -> tuple[ModePrediction, AutoPlan]:
+    """Split mode `auto`: the auto search (planner.placement.AutoPlacer) for this sweep (every
+    row alike, PP and TG weighted 1:1) on `po.hw` with `po.engine`; the rows are its plan's,
+    switch costs included."""
     graphs = {ph: build(cfg, BuildOptions(phase=ph, quant=scheme(quant, default="bf16"), kv_type=kv_type,
                                           logits="last")) for ph in ("pp", "tg")}
-    plan = place_auto(graphs["pp"], cfg, devices, AutoWorkload(wl.ubatch, wl.tg, wl.ctx), sysm, eng,
-                      graphs=graphs, ts=ts).plan
+    plan = auto_placer(po, cfg, graphs=graphs).plan_for(graphs["pp"])
+    sysm, wl = plan_system(po), po.workload or Workload()
     pp, tg = stitched(plan)
     mode = ModePrediction("auto", plan.depths, pp, tg, wl, (sysm.gpu.idle_W, sysm.gpu.tdp_W), plan.memory_GB)
     return mode, plan
+
+
+def plan_system(po: PlaceOptions) -> System:
+    return po.hw if isinstance(po.hw, System) else resolve_system(po.hw)

@@ -17,9 +17,9 @@ from graphir.graph import Graph, Node
 from graphir.models.config import ModelConfig
 from graphir.ops import Op
 
-from passes.auto_regions import RegionAssignment, RegionCache, Ratios, one_hot, place_regions
+from passes.regions import RegionAssignment, RegionCache, Ratios, one_hot, place_regions, sections
 from passes.devices import PlacementError
-from passes.place import _sections, layer_devices
+from passes.place import layer_devices
 
 KINDS = ("attn", "delta", "ffn", "moe")  # canonical order of layer kinds
 KIND_NAMES = {"attn": "attention", "delta": "delta-net", "ffn": "dense FFN", "moe": "MoE"}
@@ -166,6 +166,6 @@ def resident_pieces(g: Graph, ctx: int) -> dict[tuple[str, Piece], int]:
 def place_choice(g: Graph, cfg: ModelConfig, devices: Sequence[str], choice: Choice,
                  cache: RegionCache | None = None) -> Graph:
     """The unplaced graph `g` (either phase) placed as `choice` says."""
-    layers = [i for i, _ in _sections(g)[1]]
+    layers = [i for i, _ in sections(g)[1]]
     ra = choice.assignment(cfg, len(devices), layers)
     return place_regions(g, cfg, devices, ra, reduce_dtype=choice.reduce_dtype, cache=cache)

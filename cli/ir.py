@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from graphir.cli_common import emit, load_graph, output_path
+from cli.common import emit, load_graph, output_path
 from graphir.errors import GraphirError
 from graphir.graph import Graph
 from graphir.models.sources import load_preset, preset_names, weights_label

@@ -9,10 +9,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from backends.costmodel.predict import TERM_LABELS, ModePrediction, Prediction
+from planner.predict import TERM_LABELS, ModePrediction, Prediction
 from backends.costmodel.timeline import TERMS
 from graphir.fileio import write_atomic as atomic_write
-from graphir.sweep import Comparison, SweepTable, crossover, format_markdown, write_csv
+from reports.sweep import Comparison, SweepTable, crossover, format_markdown, write_csv
 from passes.memory import GIB
 
 

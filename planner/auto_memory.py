@@ -14,7 +14,7 @@ import numpy as np
 
 from graphir.graph import Graph
 
-from passes.auto_space import resident_pieces
+from planner.auto_space import resident_pieces
 from passes.memory import DeviceMemory, MemoryPlan, MemoryPlanError, check_fit, plan_memory
 
 

@@ -1,4 +1,4 @@
-"""CLI verbs of the passes package: `place`, `nodes`, `passes`.
+"""The placement verbs: `place`, `nodes`, `passes`.
 
 Pipeline of `place` / `nodes`: the `--split` placement first (if any), then `--passes` and
 `--pass` entries in the order given (merges commute with placement, and running them after it
@@ -9,33 +9,30 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import typer
 
-from graphir.cli_common import default_split, emit, output_path, source_quant
+from cli import options as O
+from cli.common import default_split, emit, output_path
 from graphir.errors import GraphirError
 from graphir.graph import Graph
 from graphir.models import BuildOptions, ModelConfig, build
-from graphir.models.sources import load_source, weights_label
+from graphir.models.sources import load_source, weight_scheme, weights_label
 from graphir.ops import Op
 from graphir.serialize import to_json
 from graphir.text import to_text
 
-from passes.auto import AutoPlan, AutoWorkload, place_auto
 from passes.count import count_nodes, estimate_nodes
-from passes.devices import parse_devices, parse_ts
+from passes.devices import parse_devices
 from passes.manager import PassContext, PipelineResult, registered, run_pipeline
 from passes.memory import GIB, describe, fit_problem, parse_mem, plan_memory
+from planner.workload import DEFAULT_ENGINE, DEFAULT_HW, Workload
 
-SPLITS = ("layer", "graph", "auto")
 
-
-def build_pipeline(split: str | None, passes: str | None, user: Sequence[str] | None) -> tuple[str, ...]:
-    if split is not None and split not in SPLITS:
-        raise GraphirError(f"--split must be layer or graph (or auto), got {split!r}")
-    names = [p.strip() for p in (passes or "").split(",") if p.strip()]
-    return tuple(([f"place_{split}"] if split else []) + names + list(user or []))
+def pass_names(passes: str | None, user: Sequence[str] | None = None) -> tuple[str, ...]:
+    """`--passes a,b` then `--pass m:f ...`, in the order given."""
+    return tuple([p.strip() for p in (passes or "").split(",") if p.strip()] + list(user or []))
 
 
 def load(model: str, phase: str = "pp", quant: str | None = None, kv_type: str = "f16"
@@ -43,19 +40,8 @@ def load(model: str, phase: str = "pp", quant: str | None = None, kv_type: str =
     if phase not in ("pp", "tg"):
         raise GraphirError(f"--phase must be pp or tg, got {phase!r}")
     src = load_source(model)
-    opts = BuildOptions(phase=phase, quant=source_quant(src, quant), kv_type=kv_type)  # type: ignore[arg-type]
+    opts = BuildOptions(phase=phase, quant=weight_scheme(src, quant), kv_type=kv_type)  # type: ignore[arg-type]
     return src.cfg, opts, build(src.cfg, opts)
-
-
-def make_context(model_cfg: ModelConfig, devices: str, ts: str | None, max_gpu: int | None, recurrent: str,
-                 reduce_dtype: str | None, mem: str | None, ctx_len: int, ubatch: int) -> PassContext:
-    devs = parse_devices(devices)
-    ratios = parse_ts(ts, len(devs)) if ts else None
-    caps = parse_mem(mem, len(devs)) if mem else None
-    if ctx_len < 1 or ubatch < 1:
-        raise GraphirError(f"--ctx and --ubatch must be positive, got {ctx_len} and {ubatch}")
-    return PassContext(cfg=model_cfg, devices=devs, ts=ratios, max_gpu=max_gpu, recurrent=recurrent,
-                       reduce_dtype=reduce_dtype, mem=caps, ctx_len=ctx_len, ubatch=ubatch)
 
 
 def place(model: str, *, split: str | None = "graph", devices: str = "2", ts: str | None = None,
@@ -67,20 +53,28 @@ def place(model: str, *, split: str | None = "graph", devices: str = "2", ts: st
           ) -> tuple[PassContext, BuildOptions, PipelineResult]:
     """The `place` verb as a function: build MODEL, run the pipeline, check memory (`--mem`:
     an error unless `allow_overflow`, then a warning on stderr). Under `--split auto` the
-    search runs first; its plan is in the context's options (`auto_plan`)."""
+    search runs on the first graph placed; its plan is in the context's options (`auto_plan`)."""
+    from planner.placement import parse_placement, pipeline, searched_plan  # the search imports the cost model
+
     cfg, opts, g = load(model, phase, quant, kv_type)
-    pctx = make_context(cfg, devices, ts, max_gpu, recurrent, reduce_dtype, mem, ctx_len, ubatch)
-    pipeline: tuple = build_pipeline(split, passes, user_passes)
-    if split == "auto":
-        plan = auto_plan(g, pctx, auto or AutoOptions())
-        pctx = replace(pctx, options=pctx.options + (("auto_plan", plan),))
-        pipeline = (plan.placer((auto or AutoOptions()).at_depth),) + pipeline[1:]
+    if ctx_len < 1 or ubatch < 1:
+        raise GraphirError(f"--ctx and --ubatch must be positive, got {ctx_len} and {ubatch}")
+    devs = parse_devices(devices)
+    ao = auto or AutoOptions()
+    po = parse_placement(split, devs, ts, max_gpu, recurrent, passes=pass_names(passes, user_passes), hw=ao.hw,
+                         engine=ao.engine, workload=ao.workload(ubatch, ctx_len) if split == "auto" else None)
+    pctx = po.context(cfg, reduce_dtype=reduce_dtype, mem=parse_mem(mem, len(devs)) if mem else None,
+                      ctx_len=ctx_len, ubatch=ubatch)
+    steps = pipeline(po, cfg, ao.at_depth)
     if pctx.mem is not None and not allow_overflow:
-        pipeline += ("check_memory",)
-    res = run_pipeline(g, pipeline, pctx, dump_dir=dump_dir)
+        steps += ("check_memory",)
+    res = run_pipeline(g, steps, pctx, dump_dir=dump_dir)
+    plan = searched_plan(steps)
+    if plan is not None:
+        pctx = replace(pctx, options=pctx.options + (("auto_plan", plan),))
     if pctx.mem is not None and allow_overflow:
-        plan = plan_memory(res.graph, pctx.ctx_len, pctx.ubatch)
-        problem = fit_problem({d.device: d.total for d in plan.devices}, dict(zip(pctx.devices, pctx.mem)),
+        mplan = plan_memory(res.graph, pctx.ctx_len, pctx.ubatch)
+        problem = fit_problem({d.device: d.total for d in mplan.devices}, dict(zip(pctx.devices, pctx.mem)),
                               f"ctx {pctx.ctx_len}")
         if problem:
             typer.echo(f"warning: {problem}", err=True)
@@ -96,23 +90,22 @@ class AutoOptions:
     """What `--split auto` minimises for: the system and engine to predict with, the decode
     run per row, the depths (default: sweep-bench rows up to --ctx), PP:TG weights."""
 
-    hw: str = "2x3090"
-    engine: str = "ik_llama.cpp"
-    tg: int = 128
+    hw: str = DEFAULT_HW
+    engine: str = DEFAULT_ENGINE
+    tg: int = Workload.tg
     depths: str | None = None  # comma separated N_KV values
     weights: str = "1,1"  # PP,TG
     at_depth: int = 0  # the plan's placement at this depth is the one written
 
-
-def auto_plan(g: Graph, pctx: PassContext, ao: AutoOptions) -> AutoPlan:
-    try:
-        depths = tuple(int(x) for x in ao.depths.split(",") if x.strip()) if ao.depths else ()
-        w_pp, w_tg = (float(x) for x in ao.weights.split(","))
-    except ValueError:
-        raise GraphirError(f"--depths wants N_KV values like 0,32768 and --weights PP,TG like 1,1; got "
-                           f"{ao.depths!r} and {ao.weights!r}") from None
-    wl = AutoWorkload(pctx.ubatch, ao.tg, pctx.ctx_len, depths, w_pp, w_tg)
-    return place_auto(g, pctx.require_cfg("place_auto"), pctx.devices, wl, ao.hw, ao.engine, ts=pctx.ts).plan
+    def workload(self, ubatch: int, ctx: int) -> Workload:
+        """The workload the search minimises: `place`'s own u-batch and context."""
+        try:
+            depths = tuple(int(x) for x in self.depths.split(",") if x.strip()) if self.depths else ()
+            w_pp, w_tg = (float(x) for x in self.weights.split(","))
+        except ValueError:
+            raise GraphirError(f"--depths wants N_KV values like 0,32768 and --weights PP,TG like 1,1; got "
+                               f"{self.depths!r} and {self.weights!r}") from None
+        return Workload(ubatch, self.tg, ctx, depths, w_pp, w_tg)
 
 
 def summary(g: Graph, res: PipelineResult, pctx: PassContext, weights: str = "") -> str:
@@ -130,7 +123,9 @@ def summary(g: Graph, res: PipelineResult, pctx: PassContext, weights: str = "")
               f"nodes {r.nodes_before} -> {r.nodes_after}" for r in res.reports]
     plan = pctx.option("auto_plan")
     if plan is not None:
-        lines += ["", plan.explain().rstrip()]
+        from planner.auto_report import explain
+
+        lines += ["", explain(plan).rstrip()]
     return "\n".join(lines)
 
 
@@ -140,15 +135,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("place")
     def place_cmd(model: str = typer.Argument(..., help="preset, config.json, checkpoint dir or .gguf"),
-                  split: Optional[str] = typer.Option(None, "--split", "-sm", help="layer | graph | auto "
-                                                      "(default layer; with --pass: the passes place)"),
-                  devices: str = typer.Option("2", "--devices", help="N | cpu,cpu | cuda:0,cuda:1"),
-                  ts: Optional[str] = typer.Option(None, "--ts", "-ts", help="split ratios, e.g. 3,1"),
-                  max_gpu: Optional[int] = typer.Option(None, "--max-gpu", help="graph split: devices per layer"),
-                  recurrent: str = typer.Option("single", "--recurrent", help="delta-net layers: single | split"),
+                  split: O.Split = None, devices: O.Devices = "2", ts: O.Ts = None, max_gpu: O.MaxGpu = None,
+                  recurrent: O.Recurrent = "single",
                   reduce_dtype: Optional[str] = typer.Option(None, "--reduce-dtype", help="f16 | bf16 | f32"),
-                  user_pass: Optional[List[str]] = typer.Option(None, "--pass", help="module:function (repeatable)"),
-                  passes: Optional[str] = typer.Option(None, "--passes", help="merge_qkv,merge_up_gate,..."),
+                  user_pass: O.UserPass = None, passes: O.Passes = None,
                   phase: str = typer.Option("pp", "--phase", help="pp | tg"),
                   quant: Optional[str] = typer.Option(None, "--quant", help="IQ4_XS, Q4_K_M, q8_0, ..., FILE.gguf"),
                   kv_type: str = typer.Option("f16", "--kv-type"),
@@ -157,8 +147,7 @@ def register(app: typer.Typer) -> None:
                   ctx: int = typer.Option(4096, "--ctx", "-c", help="context length for the KV cache"),
                   ubatch: int = typer.Option(512, "--ubatch", "-ub", help="tokens per batch for the compute buffer"),
                   dump: Optional[str] = typer.Option(None, "--dump", help="folder for a text dump after each pass"),
-                  hw: str = typer.Option("2x3090", "--hw", help="auto: system to predict on (2x3090, 2xH200, ...)"),
-                  engine: str = typer.Option("ik_llama.cpp", "--engine", help="auto: engine profile"),
+                  hw: O.Hw = O.HW_DEFAULT, engine: O.Engine = O.ENGINE_DEFAULT,
                   tg: int = typer.Option(128, "--tg", help="auto: tokens decoded per depth"),
                   depths: Optional[str] = typer.Option(None, "--depths",
                                                        help="auto: N_KV list (default 0, ub, .. < ctx)"),
@@ -185,12 +174,8 @@ def register(app: typer.Typer) -> None:
     def nodes_cmd(model: str = typer.Argument(..., help="preset, config.json, checkpoint dir or .gguf"),
                   phase: str = typer.Option("pp", "--phase", help="pp | tg"),
                   ubatch: int = typer.Option(512, "--ubatch", "-ub", help="tokens per batch (for the heuristic)"),
-                  split: Optional[str] = typer.Option(None, "--split", "-sm", help="layer | graph"),
-                  devices: str = typer.Option("1", "--devices", help="N | cpu,cpu | cuda:0,cuda:1"),
-                  ts: Optional[str] = typer.Option(None, "--ts", "-ts"),
-                  max_gpu: Optional[int] = typer.Option(None, "--max-gpu"),
-                  recurrent: str = typer.Option("single", "--recurrent"),
-                  passes: Optional[str] = typer.Option(None, "--passes", help="merge_qkv,merge_up_gate"),
+                  split: O.Split = None, devices: O.Devices = "1", ts: O.Ts = None, max_gpu: O.MaxGpu = None,
+                  recurrent: O.Recurrent = "single", passes: O.Passes = None,
                   quant: Optional[str] = typer.Option(None, "--quant"),
                   format: str = typer.Option("json", "--format", help="json | table"),
                   out: Optional[str] = typer.Option(None, "-o", "--out", callback=output_path)) -> None:
@@ -202,7 +187,7 @@ def register(app: typer.Typer) -> None:
                                "--split auto) and count, or estimate layer or graph")
         pctx, opts, res = place(model, split=split, devices=devices, ts=ts, max_gpu=max_gpu, recurrent=recurrent,
                                 passes=passes, phase=phase, quant=quant, ubatch=ubatch, require_placed=False)
-        est = estimate_nodes(opts_cfg(pctx), opts, merges=build_pipeline(None, passes, None), split=split,
+        est = estimate_nodes(opts_cfg(pctx), opts, merges=pass_names(passes), split=split,
                              devices=pctx.devices, ts=pctx.ts, max_gpu=max_gpu,
                              recurrent=recurrent, ubatch=ubatch)  # type: ignore[arg-type]
         actual = count_nodes(res.graph)
@@ -233,4 +218,4 @@ def opts_cfg(pctx: PassContext) -> ModelConfig:
     return pctx.require_cfg("nodes")
 
 
-__all__ = ["AutoOptions", "auto_plan", "build_pipeline", "load", "make_context", "place", "register", "summary"]
+__all__ = ["AutoOptions", "load", "pass_names", "place", "register", "summary"]

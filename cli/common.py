@@ -11,12 +11,6 @@ from graphir.fileio import write_atomic  # noqa: F401  (re-exported: the old nam
 from graphir.models import BuildOptions, build
 from graphir.models.sources import ModelSource, load_source, weight_scheme
 from graphir.graph import Graph
-from graphir.quant import QuantScheme
-
-
-def source_quant(src: ModelSource, quant: str | None) -> QuantScheme:
-    """--quant wins; else a GGUF's own tensor table; else the checkpoint's torch dtype."""
-    return weight_scheme(src, quant)
 
 
 def parse_layers(spec: str | None, n_layer: int) -> range | None:
@@ -39,7 +33,7 @@ def load_graph(model: str, phase: str = "pp", quant: str | None = None, kv_type:
     if phase not in ("pp", "tg"):
         raise GraphirError(f"--phase must be pp or tg, got {phase!r}")
     src = load_source(model)
-    opts = BuildOptions(phase=phase, act_dtype=act, quant=source_quant(src, quant), kv_type=kv_type,
+    opts = BuildOptions(phase=phase, act_dtype=act, quant=weight_scheme(src, quant), kv_type=kv_type,
                         logits=logits)  # type: ignore[arg-type]
     return src, build(src.cfg, opts, parse_layers(layers, src.cfg.n_layer))
 

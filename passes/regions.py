@@ -20,8 +20,7 @@ from graphir.ops import Op
 
 from passes.devices import PlacementError
 from passes.emit import Emitter, suffix
-from passes.place import _require_unplaced, _sections, graph_plan_for
-from passes.plan import GraphPlan
+from passes.plan import GraphPlan, Recurrent, plan_graph
 from passes.tp import RegionSplit
 from passes.transfers import eliminate_dead, insert_transfers
 
@@ -37,6 +36,62 @@ class RegionAssignment:
     embed: int = 0  # device index of the token embedding
     head: int = 0  # device index of the output norm and head (and of the logits)
     head_split: tuple[int, ...] = ()  # 2+ devices: the head's vocab rows split over them
+
+
+def layer_of(name: str) -> int | None:
+    """`blk.12.attn_q#1` -> 12 (Node.layer, without a regex: placement asks for every node)."""
+    if not name.startswith("blk."):
+        return None
+    k = name.find(".", 4)
+    return int(name[4:k]) if k > 4 and name[4:k].isdigit() else None
+
+
+def sections(g: Graph) -> tuple[list[Node], list[tuple[int, list[Node]]], list[Node]]:
+    """(nodes before the layers, [(layer, its nodes)], nodes after); layers must be contiguous."""
+    pre: list[Node] = []
+    layers: list[tuple[int, list[Node]]] = []
+    post: list[Node] = []
+    for n in g.nodes:
+        i = layer_of(n.name)
+        if i is None:
+            (pre if not layers else post).append(n)
+            continue
+        if post:
+            # a non-layer node between layers (rare: user graphs) stays with the embedding
+            pre.extend(post)
+            post = []
+        if not layers or layers[-1][0] != i:
+            if any(k == i for k, _ in layers):
+                raise PlacementError(f"layer {i}'s nodes are not contiguous (see %{n.name})")
+            layers.append((i, []))
+        layers[-1][1].append(n)
+    return pre, layers, post
+
+
+def require_unplaced(g: Graph, who: str) -> None:
+    if any(n.device for n in g.nodes):
+        raise PlacementError(f"{who} needs an unplaced graph; this one is already placed")
+
+
+def graph_plan_for(g: Graph, cfg: ModelConfig, devices: Sequence[str], ts: Sequence[float], *,
+                   max_gpu: int | None, recurrent: Recurrent,
+                   pinned: Mapping[int, Sequence[float]] | None = None) -> GraphPlan:
+    """The split plan for this graph, with granules from the weights' own storage types."""
+    index = g.index
+
+    def wtype(name: str, shape: tuple[int, ...]):  # type: ignore[no-untyped-def]
+        if name not in index:
+            raise PlacementError(f"place_graph: the graph has no weight %{name}")
+        return index[name].spec.dtype
+
+    layers = sorted({i for i in (layer_of(n.name) for n in g.nodes) if i is not None})
+    return plan_graph(cfg, devices, wtype, ts=ts, max_gpu=max_gpu, recurrent=recurrent, layers=layers,
+                      pinned=pinned)
+
+
+def check_reduce_dtype(reduce_dtype: str | None) -> None:
+    if reduce_dtype not in (None, "f16", "bf16", "f32"):
+        raise PlacementError(f"reduce dtype {reduce_dtype!r}: use f16, bf16 or f32")
 
 
 def one_hot(n: int, j: int) -> Ratios:
@@ -67,17 +122,25 @@ RegionCache = dict[tuple[object, ...], tuple[Node, ...]]
 def place_regions(g: Graph, cfg: ModelConfig, devices: Sequence[str], ra: RegionAssignment, *,
                   reduce_dtype: str | None = None, split_name: str = "auto",
                   cache: RegionCache | None = None) -> Graph:
-    """Place `g` region by region; copies and replicas come from `insert_transfers`.
+    """Place `g` region by region as `ra` says; copies and replicas come from `insert_transfers`.
 
     `cache` (one per unplaced graph and device list) keeps each region's emitted nodes by its
     plan: a search places the same regions in many candidates, and a region's pieces depend
     on its own plan only (outside values keep their names)."""
-    _require_unplaced(g, "place_auto")
+    require_unplaced(g, f"place_{split_name}")
     devs = tuple(devices)
-    if reduce_dtype not in (None, "f16", "bf16", "f32"):
-        raise PlacementError(f"reduce dtype {reduce_dtype!r}: use f16, bf16 or f32")
-    plan = region_plan(g, cfg, devs, ra)
-    pre, layers, post = _sections(g)
+    check_reduce_dtype(reduce_dtype)
+    return emit_regions(g, cfg, devs, region_plan(g, cfg, devs, ra), reduce_dtype=reduce_dtype,
+                        split_name=split_name, cache=cache, head_split=ra.head_split)
+
+
+def emit_regions(g: Graph, cfg: ModelConfig, devs: tuple[str, ...], plan: GraphPlan, *,
+                 reduce_dtype: str | None = None, split_name: str = "auto", cache: RegionCache | None = None,
+                 head_split: Sequence[int] = (), who: str = "place_auto", head_device: str | None = None) -> Graph:
+    """The one emitter of placed graphs: nodes before the layers on the embedding device, each
+    layer's mixer and FFN rewritten by `RegionSplit` under their plans, the head on the head
+    device (or split by rows over `head_split`), then dead nodes dropped and transfers inserted."""
+    pre, layers, post = sections(g)
     em = Emitter()
     for n in pre:
         em.add(n.with_(device=devs[plan.embed]))
@@ -85,7 +148,7 @@ def place_regions(g: Graph, cfg: ModelConfig, devices: Sequence[str], ra: Region
     for i, ns in layers:
         k = next((pos for pos, n in enumerate(ns) if n.name == f"blk.{i}.attn_residual"), None)
         if k is None:
-            raise PlacementError(f"place_auto: layer {i} has no blk.{i}.attn_residual to end its mixer")
+            raise PlacementError(f"{who}: layer {i} has no blk.{i}.attn_residual to end its mixer")
         for r, (rp, part) in enumerate(zip(regions[i], (ns[:k + 1], ns[k + 1:]))):
             key = (i, r, rp, reduce_dtype)
             if cache is not None and key in cache:
@@ -96,11 +159,12 @@ def place_regions(g: Graph, cfg: ModelConfig, devices: Sequence[str], ra: Region
             RegionSplit(em, rp, i, devs, cfg, reduce_dtype).run(part)
             if cache is not None:
                 cache[key] = tuple(em.nodes[start:])
-    if len(ra.head_split) > 1:
-        _split_head(em, post, devs, ra.head_split, plan.head)
+    if len(head_split) > 1:
+        _split_head(em, post, devs, head_split, plan.head)
     else:
+        head = head_device or devs[plan.head]
         for n in post:
-            em.add(n.with_(device=devs[plan.head]))
+            em.add(n.with_(device=head))
     placed = eliminate_dead(em.graph(g.meta))
     out = insert_transfers(placed, devices=devs)
     return out.replace_nodes(out.nodes, split=split_name)
@@ -118,7 +182,7 @@ def _head_matmul(post: Sequence[Node]) -> int:
 
 
 def head_splittable(g: Graph) -> bool:
-    return _head_matmul(_sections(g)[2]) >= 0
+    return _head_matmul(sections(g)[2]) >= 0
 
 
 def _split_head(em: Emitter, post: Sequence[Node], devs: Sequence[str], over: Sequence[int], head: int) -> None:

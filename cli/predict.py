@@ -11,36 +11,21 @@ from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
-from graphir.cli_common import default_split, output_path, plot_path
+from cli import options as O
+from cli.common import default_split, output_path, plot_path
 from graphir.errors import GraphirError
 from graphir.fileio import write_output
-from graphir.sweep import SweepTable, TableError, compare as compare_tables, parse_table, read_table
+from reports.sweep import SweepTable, TableError, compare as compare_tables, parse_table, read_table
 
 
 if TYPE_CHECKING:
     from backends.costmodel.calibrate import Case
-    from backends.costmodel.profiles import Engine, System
+    from backends.costmodel.profiles import Engine
+    from hardware.profiles import System
 
 
 class CostModelCliError(GraphirError):
     """A bad option or file given to a cost-model verb."""
-
-
-def _ts(text: str | None) -> tuple[float, ...] | None:
-    if not text:
-        return None
-    try:
-        return tuple(float(x) for x in re.split(r"[,/]", text) if x.strip())
-    except ValueError:
-        raise CostModelCliError(f"--ts wants ratios like 1,1 or 3,2; got {text!r}") from None
-
-
-def _splits(text: str) -> tuple[str, ...]:
-    out = tuple(s.strip() for s in text.split(",") if s.strip())
-    bad = [s for s in out if s not in ("layer", "graph", "auto")]
-    if bad or not out:
-        raise CostModelCliError(f"--split takes layer, graph and/or auto (comma separated), got {text!r}")
-    return out
 
 
 def _read(path: Path) -> SweepTable:
@@ -85,19 +70,13 @@ def _emit(text: str, output: Path | None) -> None:
 
 def predict_cmd(
     model: str = typer.Argument(..., help="preset name, config.json, checkpoint dir or .gguf"),
-    hw: str = typer.Option("2x3090", "--hw", help="system name (2x3090, 2xH200, 3xH100) or YAML file"),
-    engine: str = typer.Option("ik_llama.cpp", "--engine", help="engine name or YAML file"),
+    hw: O.Hw = O.HW_DEFAULT, engine: O.Engine = O.ENGINE_DEFAULT,
     quant: Optional[str] = typer.Option(None, "--quant", help="file type (IQ4_XS, Q4_K_M, IQ4_KS), ggml type "
                                         "or FILE.gguf (its tensor types); default: the source's own (a GGUF's "
                                         "types; a preset: bf16)"),
     kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type (f16, q8_0, q6_0, ...)"),
-    split: Optional[str] = typer.Option(None, "--split", "-sm", help="split modes to predict: layer, graph, auto "
-                                        "(default layer,graph; with --pass: the passes place)"),
-    user_pass: Optional[List[str]] = typer.Option(None, "--pass", help="module:function (repeatable): after "
-                                                  "--split's placement, or the placement itself"),
-    ts: Optional[str] = typer.Option(None, "--ts", "-ts", help="split ratios per GPU, e.g. 1,1"),
-    max_gpu: Optional[int] = typer.Option(None, "--max-gpu", help="graph split: GPUs per layer"),
-    recurrent: str = typer.Option("single", "--recurrent", help="graph split of delta-net layers: single|split"),
+    split: O.Split = None, user_pass: O.UserPass = None, ts: O.Ts = None, max_gpu: O.MaxGpu = None,
+    recurrent: O.Recurrent = "single",
     gpus: Optional[int] = typer.Option(None, "--gpus", help="use only the first N GPUs of the system"),
     ubatch: int = typer.Option(2048, "--ubatch", "-ub", help="u-batch = PP tokens per row"),
     tg: int = typer.Option(128, "--tg", help="tokens generated per row"),
@@ -114,9 +93,11 @@ def predict_cmd(
                                         "fit the GPUs' memory (a warning instead of an error)"),
 ) -> None:
     """Predict the llama-sweep-bench table per split mode, with breakdowns and crossovers."""
-    from backends.costmodel import report
+    from planner import report
+    from planner.auto_report import explain
     from backends.costmodel.options import parse_flags
-    from backends.costmodel.predict import Workload, predict
+    from planner.placement import parse_splits
+    from planner.predict import Workload, predict
 
     opts = parse_flags(engine_flags)
     if opts.ubatch is not None:
@@ -131,19 +112,19 @@ def predict_cmd(
     if recurrent not in ("single", "split"):
         raise CostModelCliError(f"--recurrent must be single or split, got {recurrent!r}")
     modes = default_split(split, user_pass, "layer,graph")
-    names = _splits(modes) if modes else ("+".join(user_pass or ()),)
+    names = parse_splits(modes) if modes else ("+".join(user_pass or ()),)
     # the measured tables are read before any work: a bad one fails first
     points = {s: t for p in measured or [] for s, t in split_tables(p, _read(p), None) if s in names}
     if measured and not points:
         raise CostModelCliError(f"--measured: no table names a predicted split ({', '.join(names)}); "
                                 f"add a split column or put layer/graph in the file name")
-    pred = predict(model, hw, engine, quant, kv_type, names if modes else ("",), _ts(ts), max_gpu, recurrent,
+    pred = predict(model, hw, engine, quant, kv_type, names if modes else ("",), ts, max_gpu, recurrent,
                    Workload(ubatch, tg, ctx), gpus, allow_overflow, options=opts, passes=tuple(user_pass or ()))
     for w in pred.warnings:
         typer.echo(f"warning: {w}", err=True)
     text = {"table": report.format_table, "csv": report.format_csv, "json": report.format_json}[fmt](pred)
     for name, plan in pred.plans.items():  # why auto chose what it did (CSV: '#' comments)
-        why = plan.explain()
+        why = explain(plan)
         if fmt == "table":
             text += f"\n## split mode {name}: the plan and its alternatives\n\n{why}"
         elif fmt == "csv":
@@ -164,23 +145,22 @@ def calibrate_cmd(
                             "for each table; prints the held-out errors"),
     no_fit: bool = typer.Option(False, "--no-fit", help="fit nothing: the profile as it is against every table "
                                 "(a check on runs the profile was not fitted to)"),
-    hw: str = typer.Option("2x3090", "--hw"),
+    hw: O.Hw = O.HW_DEFAULT,
     engine: Optional[str] = typer.Option(None, "--engine", help="starting engine profile (default: the "
                                          "manifest's, else ik_llama.cpp)"),
     quant: Optional[str] = typer.Option(None, "--quant"),
     kv_type: str = typer.Option("f16", "--kv-type"),
     split: Optional[str] = typer.Option(None, "--split", "-sm",
                                         help="split mode of each file without a split column, in order"),
-    ts: Optional[str] = typer.Option(None, "--ts", "-ts"),
-    max_gpu: Optional[int] = typer.Option(None, "--max-gpu"),
-    recurrent: str = typer.Option("single", "--recurrent"),
+    ts: O.Ts = None, max_gpu: O.MaxGpu = None, recurrent: O.Recurrent = "single",
     fit_params: Optional[str] = typer.Option(None, "--fit", help="parameters to fit (default: the engine's list)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="fitted engine YAML", callback=output_path),
 ) -> None:
     """Fit the engine's physical parameters to measured tables jointly; print them and the
     residuals (with --cv: the leave-one-out errors)."""
     from backends.costmodel.calibrate import cross_validate, fit
-    from backends.costmodel.profiles import engine_yaml, load_engine, resolve_system
+    from backends.costmodel.profiles import engine_yaml, load_engine
+    from hardware.profiles import resolve_system
 
     params = [p.strip() for p in fit_params.split(",")] if fit_params else None
     if measured:
@@ -194,7 +174,7 @@ def calibrate_cmd(
         prov: dict[str, object] = {"data": [p.name for p in measured], "model": model, "hw": sysm.name,
                                    "quant": quant, "kv_type": kv_type}
     else:
-        from backends.costmodel.dataset import build_cases, load_manifest
+        from planner.dataset import build_cases, load_manifest
 
         man, folder = load_manifest(manifest)
         eng = load_engine(engine or man.engine)
@@ -238,16 +218,16 @@ def _cli_cases(measured: list[Path], model: str, sysm: "System", eng: "Engine", 
                split: str | None, ts: str | None, max_gpu: int | None, recurrent: str) -> list["Case"]:
     """Cases from tables named on the command line, all on one rig (`--hw`)."""
     from backends.costmodel.calibrate import Case
-    from backends.costmodel.placement import PlaceOptions
-    from backends.costmodel.predict import place_and_price, resolve_quant
+    from planner.placement import parse_placement, parse_splits
+    from planner.predict import place_and_price, resolve_quant
     from graphir.models.sources import load_source
-    from graphir.progress import track
+    from reports.progress import track
 
     names = [m.strip() for m in model.split(",") if m.strip()]
     if len(names) not in (1, len(measured)):
         raise CostModelCliError(f"--model names {len(names)} models for {len(measured)} tables: give one, or one per table")
     sources = {m: load_source(m) for m in dict.fromkeys(names)}
-    named = list(_splits(split)) if split else []
+    named = list(parse_splits(split)) if split else []
     cases, used = [], 0
     for k, path in enumerate(track(measured, "place and price")):
         src = sources[names[k if len(names) > 1 else 0]]
@@ -263,7 +243,7 @@ def _cli_cases(measured: list[Path], model: str, sysm: "System", eng: "Engine", 
             if len(ubs) != 1:
                 raise CostModelCliError(f"{path}: rows mix u-batch sizes {ubs}; calibrate one size per table")
             split_mode, rec = run_label(mode, recurrent)
-            po = PlaceOptions(split_mode, sysm.devices, _ts(ts), max_gpu, rec)  # type: ignore[arg-type]
+            po = parse_placement(split_mode, sysm.devices, ts, max_gpu, rec)
             pp, tg, _ = place_and_price(cfg, q, kv_type, po, ubs[0], eng.passes)
             cases.append(Case(f"{path.stem}:{mode}", pp, tg, t))
     return cases
@@ -308,7 +288,7 @@ def compare_cmd(
         out.append((f"== {title}\n" if len(pairs) > 1 else "") + c.format())
     sys.stdout.write("\n".join(out))
     if plot is not None:
-        from backends.costmodel.report import plot_compare
+        from planner.report import plot_compare
 
         plot_compare(results, ref_path.stem, plot)
 

@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
                  layers: Optional[str] = typer.Option(None, help="the first N layers: N or 0:N"),
                  seed: int = typer.Option(0, help="random weights' seed")) -> None:
         """Write MODEL (a preset or config) as a GGUF with random weights."""
-        from graphir.cli_common import parse_layers
+        from cli.common import parse_layers
         from graphir.models.gguf_writer import storage_type, write_gguf
         from graphir.models.sources import load_source
 

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from passes.auto_space import Piece
+from planner.auto_space import Piece
 
 CONV_TAGS = (".q", ".k", ".v")  # conv state pieces are `<state>.q#j` ... (passes.tp)
 

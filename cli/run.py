@@ -12,10 +12,10 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from graphir.cli_common import output_path
+from cli import options as O
+from cli.common import output_path
 from graphir.errors import GraphirError
 
-SPLITS = ("layer", "graph", "auto")
 RANDOM_HELP = ("run on seeded random weights (a checkpoint directory without readable weights is "
                "an error otherwise; a preset or config.json has none and always runs random)")
 OVERFLOW_HELP = "go on when the estimate says the host's or GPUs' memory is too small (a warning)"
@@ -34,51 +34,20 @@ def parse_tokens(spec: str) -> list[int]:
 
 def make_transform(cfg: Any, devices: tuple[str, ...], split: str | None = None, ts: str | None = None,
                    max_gpu: int | None = None, recurrent: str = "single", passes: str | None = None,
-                   ctx: int = 4096, *, ubatch: int = 2048, tg: int = 128, hw: str = "2xH200",
-                   engine: str = "graphir-cuda") -> list[Callable[..., Any]]:
+                   ctx: int = 4096, *, ubatch: int = 2048, tg: int = 128, hw: str = O.HW_DEFAULT,
+                   engine: str = O.ENGINE_DEFAULT) -> list[Callable[..., Any]]:
     """Placement (`split` over `devices`) first, then the named passes (registered names or
-    module:function), as `graphir place` orders them."""
-    from passes import parse_ts, place_graph, place_layer
-    from passes.manager import PassContext, call_pass, resolve
+    module:function), as `graphir place` orders them. Under `--split auto` the search runs on
+    the first graph placed, for this sweep's shape on `hw` with `engine`."""
+    from planner.placement import parse_placement, placer
+    from planner.workload import Workload
 
-    if split is not None and split not in SPLITS:
-        raise GraphirError(f"--split must be layer, graph or auto, got {split!r}")
-    if recurrent not in ("single", "split"):
-        raise GraphirError(f"--recurrent must be single or split, got {recurrent!r}")
+    names = tuple(p.strip() for p in (passes or "").split(",") if p.strip() and p.strip() != "none")
+    po = parse_placement(split, devices, ts, max_gpu, recurrent, passes=names, hw=hw, engine=engine,
+                         workload=Workload(ubatch=ubatch, tg=tg, ctx=ctx) if split == "auto" else None)
     if len(devices) > 1 and split is None:
         raise GraphirError(f"{len(devices)} devices given: running on several needs a split mode (--split layer|graph|auto)")
-    out: list[Callable[..., Any]] = []
-    ratios = parse_ts(ts, len(devices)) if ts else None
-    if split == "layer":
-        out.append(lambda g: place_layer(g, cfg, devices, ts=ratios))
-    elif split == "graph":
-        out.append(lambda g: place_graph(g, cfg, devices, ts=ratios, max_gpu=max_gpu, recurrent=recurrent))  # type: ignore[arg-type]
-    elif split == "auto":
-        out.append(_auto_placer(cfg, devices, ratios, ubatch, tg, ctx, hw, engine))
-    pctx = PassContext(cfg=cfg, devices=devices, ts=ratios, max_gpu=max_gpu, recurrent=recurrent, ctx_len=ctx)
-    for name in [p.strip() for p in (passes or "").split(",") if p.strip() and p.strip() != "none"]:
-        _, fn = resolve(name)
-        out.append(lambda g, fn=fn: call_pass(fn, g, pctx))
-    return out
-
-
-def _auto_placer(cfg: Any, devices: tuple[str, ...], ratios: Any, ubatch: int, tg: int, ctx: int, hw: str,
-                 engine: str) -> Callable[..., Any]:
-    """The auto plan's placement of each phase, searched once (on the first graph placed) for a
-    sweep of this shape on `hw` with `engine`. A plan with depth ranges runs its first range's
-    placements: switching layouts mid-sweep is not executed (the cost model prices it)."""
-    from passes.auto import AutoWorkload, place_auto
-
-    plan: list[Any] = []
-
-    def place_auto_plan(g: Any) -> Any:
-        if not plan:
-            wl = AutoWorkload(ubatch=ubatch, tg=tg, ctx=ctx)
-            plan.append(place_auto(g, cfg, devices, wl, hw, engine, ts=ratios).plan)
-        return plan[0].place(g, 0)
-
-    place_auto_plan.plans = plan  # type: ignore[attr-defined]  # the searched plan, for run records
-    return place_auto_plan
+    return placer(po, cfg, po.context(cfg, ctx_len=ctx, ubatch=ubatch))
 
 
 def header(source: Any, random_weights: bool, seed: int, dtype: str, plan: Any, devices: tuple[str, ...],
@@ -112,7 +81,7 @@ def _prepare(model: str, devices: str, dtype: str, ctx: int, tokens: int, random
     CPU devices, never out of the host). Returns (source, device names, layer range, plan or
     None for GPUs)."""
     from backends.cuda.memcheck import check_host, session_plan
-    from graphir.cli_common import parse_layers
+    from cli.common import parse_layers
     from graphir.models.sources import load_source, require_weights
     from passes.devices import parse_devices as placement_devices
 
@@ -166,7 +135,7 @@ def evaluate(model: str, tokens: list[int], decode: int = 0, dtype: str = "f32",
     from backends.cuda.devices import parse_devices
     from backends.cuda.session import Session, greedy
     from backends.cuda.weights import random_source
-    from graphir.cli_common import write_atomic
+    from cli.common import write_atomic
     from graphir.models.sources import uses_random_weights
 
     devs = parse_devices(names)
@@ -200,8 +169,8 @@ def run_sweep(model: str, *, devices: str = "cuda:0", split: str | None = None, 
               allow_overflow: bool = False) -> dict[str, Any]:
     """The `run` verb as a function: {"rows": [SweepRow], "meta": {...}}; meta carries the
     header (weights, KV type, memory per device). Weights and memory are checked as `evaluate`
-    checks them; a u-batch above --ctx is clamped to it (graphir.sweep.sweep_shape)."""
-    from graphir.sweep import sweep_shape
+    checks them; a u-batch above --ctx is clamped to it (reports.sweep.sweep_shape)."""
+    from reports.sweep import sweep_shape
 
     say = say or (lambda msg: None)
     if dtype not in ("f32", "bf16", "f16"):
@@ -236,14 +205,16 @@ def run_sweep(model: str, *, devices: str = "cuda:0", split: str | None = None, 
     rows = sweep(session, ubatch=ubatch, tg=tg, ctx=ctx, split=label, graphs=graphs, seed=seed,
                  progress=lambda r: say(f"N_KV {r.n_kv:>6}: S_PP {r.s_pp_tps:10.2f} t/s  S_TG {r.s_tg_tps:8.2f} t/s"))
     from backends.cuda.fastpath import diagnostics
+    from planner.auto_report import explain
+    from planner.placement import searched_plan
 
     meta = {"model": source.cfg.name or model, **head, "devices": list(devs), "split": label, "dtype": dtype,
             "ubatch": ubatch, "tg": tg, "ctx": ctx, "layers": layers or "all", "passes": passes or "none",
             "cuda_graphs": graphs, "load_s": round(load_s, 3), "delta_net_prefill_ms": cal,
             "nodes": {k: len(g.nodes) for k, g in session.executed.items()}, "fast_paths": diagnostics()}
-    plans = [p for f in transform for p in getattr(f, "plans", [])]
-    if plans:
-        meta["auto_plan"] = plans[0].explain()
+    plan = searched_plan(transform)
+    if plan is not None:
+        meta["auto_plan"] = explain(plan)
     return {"rows": rows, "meta": meta, "session": session}
 
 
@@ -256,12 +227,8 @@ def register(app: typer.Typer) -> None:
                  tokens: str = typer.Option(..., "--tokens", help="prompt token ids, e.g. 3,1,4"),
                  decode: int = typer.Option(0, "--decode", help="greedy decode steps after the prompt"),
                  dtype: str = typer.Option("f32", "--dtype", help="f32, bf16 or f16"),
-                 devices: str = typer.Option("cpu", "--devices", help="cpu, cpu,cpu (logical), cuda:0,cuda:1"),
-                 split: Optional[str] = typer.Option(None, "--split", "-sm", help="layer | graph (several devices)"),
-                 ts: Optional[str] = typer.Option(None, "--ts", "-ts", help="split ratios, e.g. 3,1"),
-                 max_gpu: Optional[int] = typer.Option(None, "--max-gpu", help="graph split: devices per layer"),
-                 recurrent: str = typer.Option("single", "--recurrent", help="delta-net layers: single | split"),
-                 passes: Optional[str] = typer.Option(None, "--passes", help="merge_qkv,merge_up_gate,..."),
+                 devices: O.Devices = "cpu", split: O.Split = None, ts: O.Ts = None, max_gpu: O.MaxGpu = None,
+                 recurrent: O.Recurrent = "single", passes: O.Passes = None,
                  seed: int = typer.Option(0, "--seed", help="seed of random weights (when MODEL has none)"),
                  ctx: Optional[int] = typer.Option(None, "--ctx", "-c", help="context to preallocate (default: just enough)"),
                  out: Optional[str] = typer.Option(None, "--out", help="write logits [P+N, vocab] float32 .npy",
@@ -277,19 +244,15 @@ def register(app: typer.Typer) -> None:
 
     @app.command("run")
     def run_cmd(model: str = typer.Argument(..., help="preset, config.json, checkpoint dir or .gguf"),
-                devices: str = typer.Option("cuda:0", "--devices", help="cuda:0,cuda:1 | cpu | cpu,cpu"),
-                split: Optional[str] = typer.Option(None, "--split", "-sm", help="layer | graph | auto"),
-                ts: Optional[str] = typer.Option(None, "--ts", "-ts", help="split ratios, e.g. 3,1"),
-                recurrent: str = typer.Option("single", "--recurrent", help="delta-net layers: single | split"),
-                max_gpu: Optional[int] = typer.Option(None, "--max-gpu", help="graph split: devices per layer"),
-                hw: str = typer.Option("2xH200", "--hw", help="--split auto: the system the search prices"),
-                engine: str = typer.Option("graphir-cuda", "--engine", help="--split auto: the engine profile"),
+                devices: O.Devices = "cuda:0", split: O.Split = None, ts: O.Ts = None,
+                recurrent: O.Recurrent = "single", max_gpu: O.MaxGpu = None, hw: O.Hw = O.HW_DEFAULT,
+                engine: O.Engine = O.ENGINE_DEFAULT,
                 dtype: str = typer.Option("bf16", "--dtype", help="bf16, f16 or f32"),
                 ubatch: int = typer.Option(2048, "--ubatch", "-ub", help="PP tokens per row (the u-batch)"),
                 tg: int = typer.Option(128, "--tg", help="decoded tokens per row"),
                 ctx: int = typer.Option(8192, "--ctx", "-c", help="rows for N_KV = 0, ub, ... below this"),
                 layers: Optional[str] = typer.Option(None, "--layers", help="keep layers A:B (plus embedding, head)"),
-                passes: str = typer.Option(DEFAULT_PASSES, "--passes", help="after placement; 'none' for none"),
+                passes: O.Passes = DEFAULT_PASSES,
                 seed: int = typer.Option(0, "--seed", help="seed of random weights (when MODEL has none)"),
                 no_graphs: bool = typer.Option(False, "--no-cuda-graphs", help="decode eagerly, no CUDA graphs"),
                 format: str = typer.Option("table", "--format", help="table | csv | json"),
@@ -298,8 +261,8 @@ def register(app: typer.Typer) -> None:
                 random_weights: bool = typer.Option(False, "--random-weights", help=RANDOM_HELP),
                 allow_overflow: bool = typer.Option(False, "--allow-overflow", help=OVERFLOW_HELP)) -> None:
         """Measure MODEL like llama-sweep-bench: S_PP and S_TG at each cache depth."""
-        from graphir.cli_common import emit
-        from graphir.sweep import format_markdown, to_json, write_csv
+        from cli.common import emit
+        from reports.sweep import format_markdown, to_json, write_csv
 
         if format not in ("table", "csv", "json"):
             raise GraphirError(f"--format must be table, csv or json, got {format!r}")

@@ -3,7 +3,7 @@
 Piped or captured output (logs, CI, tests, `2> file`) stays exactly what it would be without
 bars, so a bar never breaks a parser or a golden file; stdout is never touched.
 
-API (import from `graphir.progress`):
+API (import from `reports.progress`):
 
     track(items, description, total=None) -> iterator over items
         for split in track(splits, "predict"):

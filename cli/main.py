@@ -19,12 +19,12 @@ import typer
 from graphir.errors import GraphirError
 
 COMMAND_MODULES = (
-    "graphir.cli_ir",
-    "passes.cli",
-    "backends.cuda.cli",
-    "backends.costmodel.cli",
-    "graphir.cli_show",
-    "graphir.cli_gguf",
+    "cli.ir",
+    "cli.place",
+    "cli.run",
+    "cli.predict",
+    "cli.show",
+    "cli.gguf",
 )
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

@@ -2,7 +2,7 @@
 chart of one predicted prompt-processing step and one decode step).
 
 `show` places the whole model with the same pipeline as `graphir place` and then draws it: the
-layer view (`graphir.draw.layer_view`) or the op view of a few layers, as SVG, PNG or Graphviz
+layer view (`reports.draw.layer_view`) or the op view of a few layers, as SVG, PNG or Graphviz
 source, or prints the canonical IR with devices (`--format text`). `timeline` prices the
 placed graphs with the cost model and draws the trace of `backends.costmodel.timeline.trace`;
 `-o x.csv` / `x.json` writes the trace itself. Backends are imported inside the verbs only.
@@ -14,11 +14,12 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import typer
 
-from graphir.cli_common import default_split, emit, output_path, parse_layers
+from cli import options as O
+from cli.common import default_split, emit, output_path, parse_layers
 from graphir.fileio import write_output
 from graphir.errors import GraphirError
 from graphir.graph import Graph
@@ -67,9 +68,9 @@ def show(model: str, *, split: str | None = None, devices: str = "2", ts: str | 
          title: str | None = None) -> str | bytes:
     """The `show` verb as a function: place MODEL (`split` and/or `user_passes`, as `graphir
     place`), then draw it: Graphviz source or IR text as str, SVG/PNG as bytes."""
-    from passes.cli import place
+    from cli.place import place
 
-    from graphir import draw
+    from reports import draw
 
     if view not in ("layers", "ops"):
         raise GraphirError(f"--view must be layers or ops, got {view!r}")
@@ -115,7 +116,7 @@ def gantt(panels: Sequence[Panel], devices: Sequence[str], ops: dict[str, Op], t
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    from backends.costmodel.report import save_figure
+    from planner.report import save_figure
 
     fig, axes = plt.subplots(len(panels), 1, figsize=(12, 1.2 + 1.05 * len(devices) * len(panels)))
     for ax, (name, spans, total, marks) in zip([axes] if len(panels) == 1 else axes, panels):
@@ -145,7 +146,7 @@ def gantt(panels: Sequence[Panel], devices: Sequence[str], ops: dict[str, Op], t
     save_figure(fig, path)
 
 
-def timeline(model: str, *, hw: str = "2x3090", engine: str = "ik_llama.cpp", quant: str | None = None,
+def timeline(model: str, *, hw: str = O.HW_DEFAULT, engine: str = O.ENGINE_DEFAULT, quant: str | None = None,
              kv_type: str = "f16", split: str | None = "graph", ts: str | None = None, max_gpu: int | None = None,
              recurrent: str = "single", gpus: int | None = None, depth: int = 0, ubatch: int = 2048,
              allow_overflow: bool = False, passes: Sequence[str] | None = None
@@ -155,28 +156,26 @@ def timeline(model: str, *, hw: str = "2x3090", engine: str = "ik_llama.cpp", qu
     (split None: they are the placement). The title's second line states the weight and KV types
     and the memory per GPU; a placement that does not fit the GPUs (cache at depth + u-batch) is
     an error unless `allow_overflow`."""
-    from backends.costmodel.placement import PlaceOptions, place
-    from backends.costmodel.predict import fit_check, memory_per_device, resolve_quant, select_gpus
+    from planner.placement import parse_placement, place
+    from planner.predict import fit_check, memory_per_device, resolve_quant, select_gpus
     from backends.costmodel.price import price
-    from backends.costmodel.profiles import load_engine, resolve_system
+    from backends.costmodel.profiles import load_engine
+    from hardware.profiles import resolve_system
     from backends.costmodel.timeline import trace
-    from passes.devices import parse_ts
 
     from graphir.models import BuildOptions
     from graphir.models.sources import load_source, weights_label
     from graphir.quant import scheme
 
-    if not (split in ("layer", "graph") or (split is None and passes)) or recurrent not in ("single", "split"):
-        raise GraphirError(f"--split must be layer or graph and --recurrent single or split, got {split!r} "
-                           f"and {recurrent!r}")
+    if split == "auto" or (split is None and not passes):
+        raise GraphirError(f"timeline: --split must be layer or graph (or --pass places), got {split!r}")
     if depth < 0 or ubatch < 1:
         raise GraphirError(f"--depth must be >= 0 and --ubatch >= 1, got {depth} and {ubatch}")
     sysm, eng = resolve_system(hw), load_engine(engine)
     src = load_source(model)
     q = resolve_quant(src, quant)
     devices = select_gpus(sysm, gpus)
-    ratios = parse_ts(ts, len(devices)) if ts else None
-    po = PlaceOptions(split, devices, ratios, max_gpu, recurrent, passes=tuple(passes or ()))  # type: ignore[arg-type]
+    po = parse_placement(split, devices, ts, max_gpu, recurrent, passes=tuple(passes or ()))
     panels, ops = [], {}
     facts = ""
     for phase in ("pp", "tg"):
@@ -236,14 +235,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command("show")
     def show_cmd(model: str = typer.Argument(..., help="preset, config.json, checkpoint dir or .gguf"),
-                 split: Optional[str] = typer.Option(None, "--split", "-sm", help="layer | graph (default layer; "
-                                                     "with --pass: the passes place)"),
-                 devices: str = typer.Option("2", "--devices", help="N | cpu,cpu | cuda:0,cuda:1"),
-                 ts: Optional[str] = typer.Option(None, "--ts", "-ts", help="split ratios, e.g. 3,1"),
-                 max_gpu: Optional[int] = typer.Option(None, "--max-gpu", help="graph split: devices per layer"),
-                 recurrent: str = typer.Option("single", "--recurrent", help="delta-net layers: single | split"),
-                 user_pass: Optional[List[str]] = typer.Option(None, "--pass", help="module:function (repeatable)"),
-                 passes: Optional[str] = typer.Option(None, "--passes", help="merge_qkv,merge_up_gate,..."),
+                 split: O.Split = None, devices: O.Devices = "2", ts: O.Ts = None, max_gpu: O.MaxGpu = None,
+                 recurrent: O.Recurrent = "single", user_pass: O.UserPass = None, passes: O.Passes = None,
                  layers: Optional[str] = typer.Option(None, "--layers", help="layers A:B to draw (ops view "
                                                       "default: the first layer of each mixer kind)"),
                  view: str = typer.Option("layers", "--view", help="layers (whole model) | ops (a few layers)"),
@@ -269,17 +262,11 @@ def register(app: typer.Typer) -> None:
 
     @app.command("timeline")
     def timeline_cmd(model: str = typer.Argument(..., help="preset, config.json, checkpoint dir or .gguf"),
-                     hw: str = typer.Option("2x3090", "--hw", help="system name (2x3090, 2xH200) or YAML file"),
-                     engine: str = typer.Option("ik_llama.cpp", "--engine", help="engine name or YAML file"),
+                     hw: O.Hw = O.HW_DEFAULT, engine: O.Engine = O.ENGINE_DEFAULT,
                      quant: Optional[str] = typer.Option(None, "--quant", help="IQ4_XS, Q4_K_M, ..., FILE.gguf"),
                      kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type (f16, q8_0, q6_0, ...)"),
-                     split: Optional[str] = typer.Option(None, "--split", "-sm", help="layer | graph (default "
-                                                         "graph; with --pass: the passes place)"),
-                     user_pass: Optional[List[str]] = typer.Option(None, "--pass", help="module:function "
-                                                                   "(repeatable), as `graphir place` runs it"),
-                     ts: Optional[str] = typer.Option(None, "--ts", "-ts", help="split ratios per GPU, e.g. 1,1"),
-                     max_gpu: Optional[int] = typer.Option(None, "--max-gpu", help="graph split: GPUs per layer"),
-                     recurrent: str = typer.Option("single", "--recurrent", help="delta-net layers: single | split"),
+                     split: O.Split = None, user_pass: O.UserPass = None, ts: O.Ts = None,
+                     max_gpu: O.MaxGpu = None, recurrent: O.Recurrent = "single",
                      gpus: Optional[int] = typer.Option(None, "--gpus", help="use only the first N GPUs"),
                      depth: int = typer.Option(0, "--depth", help="N_KV: tokens already in the cache"),
                      ubatch: int = typer.Option(2048, "--ubatch", "-ub", help="tokens of the PP step"),

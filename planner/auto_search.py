@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -19,20 +19,23 @@ from graphir.graph import Graph
 from graphir.models import BuildOptions, build
 from graphir.models.config import ModelConfig
 from graphir.ops import Op
-from graphir.progress import bar
+from reports.progress import bar
 from graphir.quant import per_tensor, scheme
 
-from passes.auto import AutoError, AutoPlan, AutoWorkload, Candidate, Segment
-from passes.auto_memory import ResidentMemory
-from passes.auto_plan import Problem, StatePiece, choose, migration_bytes
-from passes.auto_regions import RegionCache, head_splittable, region_plan
-from passes.auto_space import (Choice, graph_choice, home_counts, layer_choice, model_kinds, place_choice,
+from planner.auto import AutoError, AutoPlan, AutoResult, Candidate, Segment
+from planner.workload import DEFAULT_ENGINE, DEFAULT_HW, Workload
+from planner.auto_memory import ResidentMemory
+from planner.auto_plan import Problem, StatePiece, choose, migration_bytes
+from passes.regions import RegionCache, head_splittable, region_plan
+from planner.auto_space import (Choice, graph_choice, home_counts, layer_choice, model_kinds, place_choice,
                                state_layout, state_piece)
 from passes.devices import parse_devices
-from passes.place import _sections
+from passes.manager import engine_graph
+from passes.regions import sections
 
 if TYPE_CHECKING:
-    from backends.costmodel.profiles import Engine, System
+    from backends.costmodel.profiles import Engine
+    from hardware.profiles import System
 
 
 def other_phase(g: Graph, cfg: ModelConfig) -> Graph:
@@ -47,19 +50,19 @@ def other_phase(g: Graph, cfg: ModelConfig) -> Graph:
     opts = BuildOptions(phase=phase, act_dtype=str(info.get("act", "f32")), quant=quant,  # type: ignore[arg-type]
                         kv_type=str(info.get("kv_type", "f16")), logits=logits)
     # the same layer range as `g` (a `--layers A:B` graph keeps its layers' original indices)
-    layers = [i for i, _ in _sections(g)[1]]
+    layers = [i for i, _ in sections(g)[1]]
     return build(cfg, opts, range(layers[0], layers[-1] + 1) if layers else None)
 
 
 class Search:
     """The priced candidates of one search and the stages that add them."""
 
-    def __init__(self, graphs: dict[str, Graph], cfg: ModelConfig, devices: tuple[str, ...], wl: AutoWorkload,
+    def __init__(self, graphs: dict[str, Graph], cfg: ModelConfig, devices: tuple[str, ...], wl: Workload,
                  sysm: "System", eng: "Engine") -> None:
         self.graphs, self.cfg, self.devices, self.wl, self.sysm, self.eng = graphs, cfg, devices, wl, sysm, eng
         self.rows = wl.rows()
         self.w_pp, self.w_tg = wl.weights()
-        self.layers = [i for i, _ in _sections(graphs["pp"])[1]]
+        self.layers = [i for i, _ in sections(graphs["pp"])[1]]
         self.kinds = model_kinds(cfg, self.layers)
         cap = int(sysm.gpu.mem_GB * 1e9)
         self.mem = ResidentMemory(devices, tuple(cap for _ in devices), wl.ctx, wl.ubatch)
@@ -81,7 +84,6 @@ class Search:
         if key in self.by_plan:
             self.by_choice[ch] = self.by_plan[key]
             return self.by_plan[key]
-        from backends.costmodel.placement import engine_graph
         from backends.costmodel.price import price
         from backends.costmodel.timeline import evaluate
 
@@ -255,10 +257,11 @@ def _state_pieces(g: Graph) -> list[StatePiece]:
     return sorted(out, key=lambda p: p.piece)
 
 
-def search(g: Graph, cfg: ModelConfig, devices: Sequence[str] | str | int, wl: AutoWorkload,
+def search(g: Graph, cfg: ModelConfig, devices: Sequence[str] | str | int, wl: Workload,
            hw: "str | System", engine: "str | Engine", *, graphs: dict[str, Graph] | None, ts: Sequence[float] | None,
            guard: float, max_segments: int, tolerance: float, reduce_dtypes: tuple[str | None, ...]) -> AutoPlan:
-    from backends.costmodel.profiles import Engine, System, load_engine, resolve_system
+    from backends.costmodel.profiles import Engine, load_engine
+    from hardware.profiles import System, resolve_system
 
     t0 = time.perf_counter()
     sysm = hw if isinstance(hw, System) else resolve_system(hw)
@@ -339,3 +342,21 @@ def _plan(S: Search, li: int, gi: int, guard: float, max_segments: int, toleranc
                     best.t_pp, best.t_tg, {"layer": (t_pp[li], t_tg[li]), "graph": (t_pp[gi], t_tg[gi])},
                     tuple(d.total / 1e9 for d in mem.devices), best.cost, best.worst, t_search, len(cands),
                     tuple(notes), S.cfg, best.segments, switch, extra)
+
+
+def place_auto(g: Graph, cfg: ModelConfig, devices: Sequence[str] | str | int,
+               workload: Workload | None = None, hw: "str | System" = DEFAULT_HW,
+               engine: "str | Engine" = DEFAULT_ENGINE, *, graphs: Mapping[str, Graph] | None = None,
+               ts: Sequence[float] | None = None, depth: float = 0, guard: float = 0.99,
+               max_segments: int = 3, tolerance: float = 0.005,
+               reduce_dtypes: Sequence[str | None] = (None, "f16")) -> AutoResult:
+    """Search placements of `g` (unplaced, either phase) for `workload` on `hw` with `engine`.
+
+    `graphs` may hold the other phase's unplaced graph (else it is rebuilt from `g`'s own
+    weight types). `ts` seeds the home layers per device (default equal). `guard`: prefer
+    plans no slower than this fraction of the better of layer and graph split at any row;
+    `tolerance`: take a simpler plan (one placement, shared weights) within this cost
+    fraction of the best; `max_segments`: depth ranges with their own placements (1: none)."""
+    plan = search(g, cfg, devices, workload or Workload(), hw, engine, graphs=graphs, ts=ts, guard=guard,
+                  max_segments=max_segments, tolerance=tolerance, reduce_dtypes=tuple(reduce_dtypes))
+    return AutoResult(plan.place(g, depth), plan)

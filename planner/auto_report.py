@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from passes.auto_space import KIND_NAMES
+from planner.auto_space import KIND_NAMES
 
 if TYPE_CHECKING:
     from backends.costmodel.timeline import Timeline
-    from passes.auto import AutoPlan
+    from planner.auto import AutoPlan
 
 
 def _at(plan: "AutoPlan", n_cols: int = 4) -> list[int]:

@@ -1,0 +1,2 @@
+"""What graphir shows people: llama-sweep-bench tables (sweep.py), graph drawings (draw.py),
+progress bars (progress.py). Depends on the IR only, so every layer above may use it."""
