@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from cli import options as O
 from cli.common import emit, load_graph, output_path
 from graphir.errors import GraphirError
 from graphir.graph import Graph
@@ -41,11 +42,11 @@ def register(app: typer.Typer) -> None:
                        f"heads {c.n_head}/{c.n_kv_head}{extra}{rec}")
 
     @app.command("lower")
-    def lower_cmd(model: str, phase: str = typer.Option("pp", help="pp (T tokens) or tg (T=1)"),
+    def lower_cmd(model: str, phase: O.Phase = "pp",
                   ubatch: Optional[int] = typer.Option(None, "--ubatch", "-ub", help="bind T for the summary's sizes"),
                   layers: Optional[str] = typer.Option(None, help="keep layers A:B"),
-                  quant: Optional[str] = typer.Option(None, help="IQ4_XS, Q4_K_M, q8_0, ..., FILE.gguf"),
-                  kv_type: str = typer.Option("f16", "--kv-type"),
+                  quant: O.Quant = None,
+                  kv_type: O.KvType = "f16",
                   format: str = typer.Option("text", "--format", help="text|json|dot|summary"),
                   out: Optional[str] = typer.Option(None, "-o", "--out", callback=output_path)) -> None:
         """Lower MODEL to the IR for one phase."""
@@ -59,8 +60,8 @@ def register(app: typer.Typer) -> None:
         emit(body, out)
 
     @app.command("stats")
-    def stats_cmd(model: str, quant: Optional[str] = typer.Option(None, help="IQ4_XS, Q4_K_M, q8_0, ..., FILE.gguf"),
-                  kv_type: str = typer.Option("f16", "--kv-type"),
+    def stats_cmd(model: str, quant: O.Quant = None,
+                  kv_type: O.KvType = "f16",
                   depth: int = typer.Option(0, help="cache depth for flops_per_token"),
                   format: str = typer.Option("table", "--format", help="table|json")) -> None:
         """Parameters, weight bytes, KV and recurrent state sizes, FLOPs per token."""

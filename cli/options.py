@@ -22,6 +22,11 @@ UserPass = Annotated[Optional[List[str]], typer.Option(
     "--pass", help="module:function (repeatable): after --split's placement, or the placement itself")]
 Passes = Annotated[Optional[str], typer.Option("--passes", help="registered passes after the placement, e.g. "
                                                "merge_qkv,merge_up_gate ('none': none)")]
+Phase = Annotated[str, typer.Option("--phase", help="pp (T tokens) | tg (T=1)")]
+Quant = Annotated[Optional[str], typer.Option(
+    "--quant", help="file type (IQ4_XS, Q4_K_M, IQ4_KS), ggml type or FILE.gguf (its tensor types); default: the "
+    "source's own (a GGUF's types; a preset: bf16)")]
+KvType = Annotated[str, typer.Option("--kv-type", help="KV cache type (f16, q8_0, q6_0, ...)")]
 Hw = Annotated[str, typer.Option("--hw", help="system the cost model and --split auto price: 2x3090, 2xH200, "
                                  "3xH100, ... or a YAML file")]
 Engine = Annotated[str, typer.Option("--engine", help="engine profile the cost model and --split auto price: "

@@ -139,9 +139,9 @@ def register(app: typer.Typer) -> None:
                   recurrent: O.Recurrent = "single",
                   reduce_dtype: Optional[str] = typer.Option(None, "--reduce-dtype", help="f16 | bf16 | f32"),
                   user_pass: O.UserPass = None, passes: O.Passes = None,
-                  phase: str = typer.Option("pp", "--phase", help="pp | tg"),
-                  quant: Optional[str] = typer.Option(None, "--quant", help="IQ4_XS, Q4_K_M, q8_0, ..., FILE.gguf"),
-                  kv_type: str = typer.Option("f16", "--kv-type"),
+                  phase: O.Phase = "pp",
+                  quant: O.Quant = None,
+                  kv_type: O.KvType = "f16",
                   format: str = typer.Option("summary", "--format", help="text | json | summary"),
                   mem: Optional[str] = typer.Option(None, "--mem", help="24GiB,24GiB or a preset like 2x3090"),
                   ctx: int = typer.Option(4096, "--ctx", "-c", help="context length for the KV cache"),
@@ -172,11 +172,11 @@ def register(app: typer.Typer) -> None:
 
     @app.command("nodes")
     def nodes_cmd(model: str = typer.Argument(..., help="preset, config.json, checkpoint dir or .gguf"),
-                  phase: str = typer.Option("pp", "--phase", help="pp | tg"),
+                  phase: O.Phase = "pp",
                   ubatch: int = typer.Option(512, "--ubatch", "-ub", help="tokens per batch (for the heuristic)"),
                   split: O.Split = None, devices: O.Devices = "1", ts: O.Ts = None, max_gpu: O.MaxGpu = None,
                   recurrent: O.Recurrent = "single", passes: O.Passes = None,
-                  quant: Optional[str] = typer.Option(None, "--quant"),
+                  quant: O.Quant = None,
                   format: str = typer.Option("json", "--format", help="json | table"),
                   out: Optional[str] = typer.Option(None, "-o", "--out", callback=output_path)) -> None:
         """Node count: the closed-form estimate, the built graph's count, llama.cpp's budget."""

@@ -71,10 +71,8 @@ def _emit(text: str, output: Path | None) -> None:
 def predict_cmd(
     model: str = typer.Argument(..., help="preset name, config.json, checkpoint dir or .gguf"),
     hw: O.Hw = O.HW_DEFAULT, engine: O.Engine = O.ENGINE_DEFAULT,
-    quant: Optional[str] = typer.Option(None, "--quant", help="file type (IQ4_XS, Q4_K_M, IQ4_KS), ggml type "
-                                        "or FILE.gguf (its tensor types); default: the source's own (a GGUF's "
-                                        "types; a preset: bf16)"),
-    kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type (f16, q8_0, q6_0, ...)"),
+    quant: O.Quant = None,
+    kv_type: O.KvType = "f16",
     split: O.Split = None, user_pass: O.UserPass = None, ts: O.Ts = None, max_gpu: O.MaxGpu = None,
     recurrent: O.Recurrent = "single",
     gpus: Optional[int] = typer.Option(None, "--gpus", help="use only the first N GPUs of the system"),
@@ -148,8 +146,8 @@ def calibrate_cmd(
     hw: O.Hw = O.HW_DEFAULT,
     engine: Optional[str] = typer.Option(None, "--engine", help="starting engine profile (default: the "
                                          "manifest's, else ik_llama.cpp)"),
-    quant: Optional[str] = typer.Option(None, "--quant"),
-    kv_type: str = typer.Option("f16", "--kv-type"),
+    quant: O.Quant = None,
+    kv_type: O.KvType = "f16",
     split: Optional[str] = typer.Option(None, "--split", "-sm",
                                         help="split mode of each file without a split column, in order"),
     ts: O.Ts = None, max_gpu: O.MaxGpu = None, recurrent: O.Recurrent = "single",

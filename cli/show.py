@@ -240,9 +240,9 @@ def register(app: typer.Typer) -> None:
                  layers: Optional[str] = typer.Option(None, "--layers", help="layers A:B to draw (ops view "
                                                       "default: the first layer of each mixer kind)"),
                  view: str = typer.Option("layers", "--view", help="layers (whole model) | ops (a few layers)"),
-                 phase: str = typer.Option("pp", "--phase", help="pp | tg"),
-                 quant: Optional[str] = typer.Option(None, "--quant", help="IQ4_XS, Q4_K_M, q8_0, ..., FILE.gguf"),
-                 kv_type: str = typer.Option("f16", "--kv-type"),
+                 phase: O.Phase = "pp",
+                 quant: O.Quant = None,
+                 kv_type: O.KvType = "f16",
                  title: Optional[str] = typer.Option(None, "--title", help="picture title (default: model, "
                                                      "split, devices, phase, quant)"),
                  format: Optional[str] = typer.Option(None, "--format", help="svg | png | dot | text "
@@ -263,8 +263,8 @@ def register(app: typer.Typer) -> None:
     @app.command("timeline")
     def timeline_cmd(model: str = typer.Argument(..., help="preset, config.json, checkpoint dir or .gguf"),
                      hw: O.Hw = O.HW_DEFAULT, engine: O.Engine = O.ENGINE_DEFAULT,
-                     quant: Optional[str] = typer.Option(None, "--quant", help="IQ4_XS, Q4_K_M, ..., FILE.gguf"),
-                     kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type (f16, q8_0, q6_0, ...)"),
+                     quant: O.Quant = None,
+                     kv_type: O.KvType = "f16",
                      split: O.Split = None, user_pass: O.UserPass = None, ts: O.Ts = None,
                      max_gpu: O.MaxGpu = None, recurrent: O.Recurrent = "single",
                      gpus: Optional[int] = typer.Option(None, "--gpus", help="use only the first N GPUs"),
