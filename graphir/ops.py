@@ -41,6 +41,7 @@ class Op(str, enum.Enum):
     SWIGLU = "swiglu"
     CAST = "cast"
     ROPE = "rope"
+    ATTN_TEMP = "attn_temp"  # Llama-4 / Mistral-3 per-position query temperature
     ATTENTION = "attention"
     KV_APPEND = "kv_append"
     CONCAT = "concat"
@@ -159,6 +160,16 @@ def _rope(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
     n_rot = attrs["n_rot"]
     _need(isinstance(x.shape[2], int) and 0 < n_rot <= x.shape[2] and n_rot % 2 == 0,
           f"rope n_rot={n_rot} does not fit head dim of {x}")
+    return x
+
+
+def _attn_temp(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    """q [T,heads,d] * (1 + beta * ln(1 + floor(pos / length))) per token; positions i32[T]."""
+    x, pos = ins
+    _need(x.rank == 3 and x.dtype.is_float, f"attn_temp input must be float [T,heads,dim], got {x}")
+    _need(pos.rank == 1 and pos.dtype == I32 and _same(pos.shape[0], x.shape[0]),
+          f"attn_temp positions {pos} do not match {x}")
+    _need(int(attrs["length"]) > 0, f"attn_temp length must be positive, got {attrs['length']}")
     return x
 
 
@@ -303,6 +314,7 @@ DEFS: dict[Op, OpDef] = {d.op: d for d in (
     OpDef(Op.CAST, 1, _F, (), _cast),
     OpDef(Op.ROPE, 2, ("n_rot", "theta"), ("scaling", "factor", "low_freq_factor", "high_freq_factor",
                                              "original_ctx", "attn_factor", "beta_fast", "beta_slow"), _rope),
+    OpDef(Op.ATTN_TEMP, 2, ("beta", "length"), (), _attn_temp),
     OpDef(Op.ATTENTION, 3, ("scale",), (), _attention),
     OpDef(Op.KV_APPEND, 2, (), (), _kv_append),
     OpDef(Op.CONCAT, None, ("dim",), (), _concat),

@@ -54,10 +54,11 @@ def count_nodes(g: Graph) -> NodeCount:
 # ---- per-region closed forms -----------------------------------------------------------------
 def _attn_nodes(cfg: ModelConfig, merged: bool) -> tuple[int, int]:
     """(nodes per participating device, nodes on the lead only) of one attention block."""
-    gated, qk_norm, bias = cfg.arch == "qwen3_next", cfg.arch != "llama", cfg.attention_bias
+    gated, qk_norm, bias = cfg.arch == "qwen3_next", cfg.qk_norm, cfg.attention_bias
     per = 2 + 6 + 2 + 2 + 6 + 2 + 2  # norm, q/k/v, k/v heads, rope, cache, attention, wo
     per += (6 if bias else 0) + (4 + 2 if gated else 1) + (4 if qk_norm else 0) + (2 if merged else 0)
-    return per, (2 if bias else 0)
+    per += 1 if cfg.attn_temperature_beta else 0  # attn_temp after the query's rope
+    return per, (2 if cfg.out_bias else 0)
 
 
 def _delta_nodes(opts: BuildOptions, split: bool) -> int:
@@ -170,7 +171,7 @@ def n_tensors(cfg: ModelConfig, layers: Sequence[int]) -> int:
         if cfg.is_recurrent(i):
             total += 8
         else:
-            total += 5 + (4 if cfg.attention_bias else 0) + (2 if cfg.arch != "llama" else 0)
+            total += 5 + (3 if cfg.attention_bias else 0) + (1 if cfg.out_bias else 0) + (2 if cfg.qk_norm else 0)
         if cfg.is_moe_layer(i):
             total += 5 + (4 if cfg.shared_expert_intermediate_size else 0)
         else:

@@ -43,7 +43,7 @@ class Cut:
 
 REP, LEAD = Cut("rep"), Cut("lead")
 WEIGHTS: dict[str, Cut] = {
-    "attn_norm.weight": REP, "ffn_norm.weight": REP, "post_attention_norm.weight": REP,
+    "attn_norm.weight": REP, "ffn_norm.weight": REP, "post_attention_norm.weight": REP, "attn_post_norm.weight": REP,
     "attn_q.weight": Cut("slice", "heads", 0), "attn_q.bias": Cut("slice", "heads", 0),
     "attn_k.weight": Cut("slice", "heads", 0), "attn_k.bias": Cut("slice", "heads", 0),
     "attn_v.weight": Cut("slice", "heads", 0), "attn_v.bias": Cut("slice", "heads", 0),

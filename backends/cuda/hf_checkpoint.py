@@ -64,6 +64,9 @@ TABLES: dict[str, list[Entry]] = {
     "qwen3_moe": _TOP + _ATTN + _FFN + _MOE + _FFN_NORM,
     "qwen3_next": _TOP + _ATTN + _FFN + _MOE + _SSM + [
         ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight", "")],
+    "seed_oss": _TOP + _ATTN + _FFN + [  # llama.cpp names the pre-FFN norm attn_post_norm here
+        ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.attn_post_norm.weight", "")],
+    "ministral3": _TOP + _ATTN + _FFN + _FFN_NORM,
 }
 
 # tensors a checkpoint may hold that no graph uses (multi-token-prediction heads, rope caches)

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from backends.cuda.attention import attention, kv_append, rope
+from backends.cuda.attention import attention, attn_temp, kv_append, rope
 from backends.cuda.devices import torch_device, torch_dtype
 from backends.cuda.interp import ExecContext, Kernel, Replicas
 from backends.cuda.moe import moe_matmul, moe_sum, moe_topk, moe_weights
@@ -155,6 +155,7 @@ KERNELS: dict[Op, Kernel] = {
     Op.SWIGLU: swiglu,
     Op.CAST: cast,
     Op.ROPE: rope,
+    Op.ATTN_TEMP: attn_temp,
     Op.ATTENTION: attention,
     Op.KV_APPEND: kv_append,
     Op.CONCAT: concat,

@@ -6,6 +6,7 @@ Weights are [out, in] (torch's layout); names follow GGUF (`blk.{i}.attn_q.weigh
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -86,7 +87,16 @@ def rope_attrs(cfg: ModelConfig) -> dict[str, object]:
                          ("attention_factor", "attn_factor"), ("beta_fast", "beta_fast"), ("beta_slow", "beta_slow")):
             if sc.get(src) is not None:
                 attrs[dst] = float(sc[src]) if dst != "original_ctx" else int(sc[src])
+        ms, ms_all = sc.get("mscale"), sc.get("mscale_all_dim")
+        if kind == "yarn" and "attn_factor" not in attrs and ms and ms_all:
+            # transformers' YaRN: get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+            f = float(sc.get("factor") or 1.0)
+            attrs["attn_factor"] = _yarn_mscale(f, float(ms)) / _yarn_mscale(f, float(ms_all))
     return attrs
+
+
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def attention(c: Ctx, i: int, x: str, *, qk_norm: bool, gated: bool, norm_offset: float = 0.0) -> str:
@@ -116,6 +126,9 @@ def attention(c: Ctx, i: int, x: str, *, qk_norm: bool, gated: bool, norm_offset
     ra = rope_attrs(cfg)
     q = c.op(Op.ROPE, p + "q_rope", q, "positions", **ra)
     k = c.op(Op.ROPE, p + "k_rope", k, "positions", **ra)
+    if cfg.attn_temperature_beta:
+        q = c.op(Op.ATTN_TEMP, p + "q_temp", q, "positions", beta=cfg.attn_temperature_beta,
+                 length=cfg.attn_temperature_len)
     kv_t = c.opts.kv_type
     ck = c.state(p + "cache_k", ("KV", hkv, d), kv_t)
     cv = c.state(p + "cache_v", ("KV", hkv, d), kv_t)
@@ -128,7 +141,7 @@ def attention(c: Ctx, i: int, x: str, *, qk_norm: bool, gated: bool, norm_offset
     if gate is not None:
         o = c.op(Op.MUL, p + "kqv_gated", o, c.op(Op.SIGMOID, p + "attn_gate_sig", gate))
     y = c.op(Op.MATMUL, p + "attn_output", o, c.w(p + "attn_output", H, hq * d))
-    if bias:
+    if cfg.out_bias:
         y = c.op(Op.ADD, p + "attn_output_b", y, c.w(p + "attn_output.bias", H))
     return y
 
@@ -140,6 +153,16 @@ def ffn(c: Ctx, prefix: str, x: str, n_ff: int, suffix: str = "") -> str:
     u = c.op(Op.MATMUL, f"{prefix}ffn_up{suffix}", x, c.w(f"{prefix}ffn_up{suffix}", n_ff, H))
     h = c.op(Op.SWIGLU, f"{prefix}ffn_swiglu{suffix}", g, u)  # [T,n_ff]
     return c.op(Op.MATMUL, f"{prefix}ffn_down{suffix}", h, c.w(f"{prefix}ffn_down{suffix}", H, n_ff))
+
+
+def dense_layer(c: Ctx, i: int, x: str, *, qk_norm: bool, ffn_norm: str = "ffn_norm") -> str:
+    """Pre-norm attention and SwiGLU FFN with residuals: [T,H] -> [T,H]. `ffn_norm` is the
+    GGUF name of the pre-FFN norm (Seed-OSS's is `attn_post_norm`)."""
+    p = f"blk.{i}."
+    a = attention(c, i, c.norm(p + "attn_norm", x), qk_norm=qk_norm, gated=False)
+    x = c.op(Op.ADD, p + "attn_residual", x, a)  # [T,H]
+    f = ffn(c, p, c.norm(p + ffn_norm, x), c.cfg.intermediate_size)
+    return c.op(Op.ADD, p + "l_out", x, f)
 
 
 def moe(c: Ctx, i: int, x: str) -> str:

@@ -13,12 +13,13 @@ from typing import Any, Literal
 from graphir.errors import GraphirError
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-Arch = Literal["llama", "qwen3", "qwen3_moe", "qwen3_next"]
+Arch = Literal["llama", "qwen3", "qwen3_moe", "qwen3_next", "seed_oss", "ministral3"]
 
 # model_type in config.json -> our architecture family
 MODEL_TYPES: dict[str, Arch] = {
     "llama": "llama", "mistral": "llama",
     "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "qwen3_next": "qwen3_next",
+    "seed_oss": "seed_oss", "ministral3": "ministral3",
 }
 
 
@@ -30,6 +31,8 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3_moe": {"num_key_value_heads": 4, "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768},
     "qwen3_next": {"head_dim": 256, "num_key_value_heads": 2, "num_experts": 512, "num_experts_per_tok": 10,
                    "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512},
+    "seed_oss": {"head_dim": 128, "num_key_value_heads": 8, "attention_bias": True},
+    "ministral3": {"head_dim": 128, "num_key_value_heads": 8, "rms_norm_eps": 1e-5},
 }
 
 
@@ -60,6 +63,10 @@ class ModelConfig(BaseModel):
     partial_rotary_factor: float = 1.0
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    attention_out_bias: bool | None = None  # bias on attn_output; None: as attention_bias (Seed-OSS sets it apart)
+    # Llama-4 query temperature (Mistral 3): q * (1 + beta * ln(1 + floor(pos / length))); 0 = off
+    attn_temperature_beta: float = 0.0
+    attn_temperature_len: int = 0
     max_position_embeddings: int = 4096
     torch_dtype: str = "bfloat16"
     # mixture of experts
@@ -97,6 +104,8 @@ class ModelConfig(BaseModel):
             raise ValueError(f"partial_rotary_factor={self.partial_rotary_factor} must be at most 1")
         if self.max_position_embeddings <= 0:
             raise ValueError(f"max_position_embeddings={self.max_position_embeddings} must be positive")
+        if self.attn_temperature_beta and self.attn_temperature_len <= 0:
+            raise ValueError("llama_4_scaling_beta needs original_max_position_embeddings > 0")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"num_attention_heads={self.n_head} is not a multiple of "
                              f"num_key_value_heads={self.n_kv_head}")
@@ -135,6 +144,16 @@ class ModelConfig(BaseModel):
     @property
     def is_moe(self) -> bool:
         return self.arch in ("qwen3_moe", "qwen3_next") and self.n_expert > 0
+
+    @property
+    def out_bias(self) -> bool:
+        """Whether attn_output carries a bias."""
+        return self.attention_bias if self.attention_out_bias is None else self.attention_out_bias
+
+    @property
+    def qk_norm(self) -> bool:
+        """Whether attention has per-head RMS norms on Q and K."""
+        return self.arch in ("qwen3", "qwen3_moe", "qwen3_next")
 
     @property
     def n_rot(self) -> int:
@@ -257,6 +276,13 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
             max_position_embeddings=_int(d, "max_position_embeddings", 4096),
             torch_dtype=str(_get(d, "torch_dtype", "dtype", default="bfloat16")),
         )
+        if mt == "seed_oss":
+            fields["attention_out_bias"] = _bool(d, "attention_out_bias", False)
+        if arch == "ministral3":
+            beta = scaling.get("llama_4_scaling_beta")
+            if beta:  # the divisor is the pre-YaRN context, as transformers reads it
+                fields.update(attn_temperature_beta=_real(scaling, "llama_4_scaling_beta"),
+                              attn_temperature_len=_int(scaling, "original_max_position_embeddings"))
         if arch in ("qwen3_moe", "qwen3_next"):
             fields.update(
                 n_expert=_int(d, ("num_experts", "num_local_experts"), 0),

@@ -14,7 +14,10 @@ from graphir.models.config import ConfigError, from_hf_dict
 from graphir.models.gguf_header import read_header
 
 # GGUF general.architecture -> config.json model_type
-GGUF_ARCHES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "qwen3next": "qwen3_next"}
+GGUF_ARCHES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "qwen3next": "qwen3_next",
+               "seed_oss": "seed_oss", "mistral3": "ministral3"}
+# architectures (ours) whose llama.cpp converter permutes Q/K rows for ggml's interleaved RoPE
+PERMUTED_QK = frozenset({"llama", "ministral3"})
 
 
 def read_gguf(path: Path) -> "ModelSource":
@@ -60,6 +63,19 @@ def read_gguf(path: Path) -> "ModelSource":
     if scaling and scaling != "none":
         d["rope_scaling"] = {"rope_type": scaling, "factor": k("rope.scaling.factor", 1.0),
                              "original_max_position_embeddings": k("rope.scaling.original_context_length")}
+        if scaling == "yarn":
+            d["rope_scaling"].update(beta_fast=k("rope.scaling.yarn_beta_fast"), beta_slow=k("rope.scaling.yarn_beta_slow"))
+    if arch == "mistral3":
+        # llama.cpp keeps transformers' mscale_all_dim as yarn_log_multiplier (mscale is 1) and
+        # llama_4_scaling_beta as attention.temperature_scale
+        log_mul, temp = k("rope.scaling.yarn_log_multiplier"), k("attention.temperature_scale")
+        sc = d.setdefault("rope_scaling", {})
+        if log_mul:
+            sc.update(mscale=1.0, mscale_all_dim=log_mul)
+        if temp:
+            sc["llama_4_scaling_beta"] = temp
+    if arch == "seed_oss":
+        d["attention_out_bias"] = any(n.startswith("blk.") and n.endswith(".attn_output.bias") for n in tensors)
     if arch in ("qwen3moe", "qwen3next"):
         d.update(num_experts=k("expert_count", 0), num_experts_per_tok=k("expert_used_count", 0),
                  moe_intermediate_size=k("expert_feed_forward_length", 0),

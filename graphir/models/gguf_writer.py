@@ -32,7 +32,8 @@ from graphir.models.config import ConfigError, ModelConfig
 from graphir.models.weights import WeightInfo, reference_weights
 
 # config.json model_type -> GGUF general.architecture (the inverse of gguf_source.GGUF_ARCHES)
-GGUF_ARCH = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "qwen3_next": "qwen3next"}
+GGUF_ARCH = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "qwen3_next": "qwen3next",
+             "seed_oss": "seed_oss", "ministral3": "mistral3"}
 ALIGNMENT = 32
 SIGMA = 0.02  # standard deviation of the random matrices (and the target of the quant scales)
 _POOL_BYTES = 1 << 21  # exact random rows per tensor; larger tensors repeat them at random row offsets
@@ -136,6 +137,14 @@ def metadata(cfg: ModelConfig, *, file_type: str = "f16") -> list[tuple[str, Any
         a("rope.scaling.factor", float(scaling.get("factor", 1.0)))
         if scaling.get("original_max_position_embeddings"):
             a("rope.scaling.original_context_length", int(scaling["original_max_position_embeddings"]))
+        for key in ("beta_fast", "beta_slow"):
+            if scaling["rope_type"] == "yarn" and scaling.get(key):
+                a(f"rope.scaling.yarn_{key}", float(scaling[key]))
+    if cfg.arch == "ministral3":
+        if scaling.get("mscale_all_dim"):
+            a("rope.scaling.yarn_log_multiplier", float(scaling["mscale_all_dim"]))
+        if cfg.attn_temperature_beta:
+            a("attention.temperature_scale", float(cfg.attn_temperature_beta))
     a("vocab_size", cfg.vocab_size)
     if cfg.is_moe:
         a("expert_count", cfg.n_expert)
