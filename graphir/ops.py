@@ -48,6 +48,7 @@ class Op(str, enum.Enum):
     SSM_CONV = "ssm_conv"
     DELTA_NET = "delta_net"
     MOE_TOPK = "moe_topk"
+    MOE_TOPK_BIAS = "moe_topk_bias"  # softmax top-k chosen with a per-expert correction bias (ERNIE 4.5)
     MOE_WEIGHTS = "moe_weights"
     MOE_SUM = "moe_sum"
     # views (no kernel)
@@ -248,6 +249,15 @@ def _moe_topk(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec
     return TensorSpec((logits.shape[0], k + _shared(attrs, "moe_topk")), I32)
 
 
+def _moe_topk_bias(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    """ids i32[T,k] of the top-k of softmax(logits) + bias; bias f32[E] only chooses (the
+    weights stay moe_weights' softmax probabilities at the ids)."""
+    logits, bias = ins
+    _need(bias.rank == 1 and logits.rank == 2 and _same(bias.shape[0], logits.shape[1]),
+          f"moe_topk_bias bias {bias} does not match logits {logits}")
+    return _moe_topk(ins[:1], attrs)
+
+
 def _moe_weights(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
     _need(len(ins) in (2, 3), f"moe_weights takes logits, ids and optionally a shared gate; got {len(ins)} inputs")
     logits, ids = ins[0], ins[1]
@@ -321,6 +331,7 @@ DEFS: dict[Op, OpDef] = {d.op: d for d in (
     OpDef(Op.SSM_CONV, 2, (), ("act",), _ssm_conv),
     OpDef(Op.DELTA_NET, None, (), ("qk_l2norm", "raw_gates"), _delta_net),
     OpDef(Op.MOE_TOPK, 1, ("k",), ("shared",), _moe_topk),
+    OpDef(Op.MOE_TOPK_BIAS, 2, ("k",), (), _moe_topk_bias),
     OpDef(Op.MOE_WEIGHTS, None, ("norm",), ("shared",), _moe_weights),  # logits, ids[, shared gate]
     OpDef(Op.MOE_SUM, 2, (), (), _moe_sum),
     OpDef(Op.RESHAPE, 1, ("shape",), (), _reshape, 0),

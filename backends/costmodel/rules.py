@@ -141,7 +141,7 @@ def _ssm_conv(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
 
 
 def _moe_topk(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
-    (logits,) = ins
+    logits = ins[0]  # moe_topk_bias also reads an [E] bias: noise next to the logits
     return Work("vector", flops=4.0 * logits.spec.numel_at(env), actbytes=_nb(logits, env) + _nb(n, env),
                 launches=1)
 
@@ -176,7 +176,7 @@ RULES: dict[Op, Rule] = {
     Op.SILU: _vector, Op.SIGMOID: _vector, Op.SOFTPLUS: _vector, Op.SWIGLU: _vector, Op.CAST: _vector,
     Op.ROPE: _vector, Op.ATTN_TEMP: _vector, Op.CONCAT: _vector, Op.MOE_WEIGHTS: _vector, Op.MOE_SUM: _vector,
     Op.ATTENTION: _attention, Op.KV_APPEND: _kv_append, Op.SSM_CONV: _ssm_conv,
-    Op.DELTA_NET: _delta_net, Op.MOE_TOPK: _moe_topk,
+    Op.DELTA_NET: _delta_net, Op.MOE_TOPK: _moe_topk, Op.MOE_TOPK_BIAS: _moe_topk,
     Op.COPY: _copy, Op.ALL_REDUCE: _all_reduce,
 }
 

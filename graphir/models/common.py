@@ -155,22 +155,27 @@ def ffn(c: Ctx, prefix: str, x: str, n_ff: int, suffix: str = "") -> str:
     return c.op(Op.MATMUL, f"{prefix}ffn_down{suffix}", h, c.w(f"{prefix}ffn_down{suffix}", H, n_ff))
 
 
-def dense_layer(c: Ctx, i: int, x: str, *, qk_norm: bool, ffn_norm: str = "ffn_norm") -> str:
-    """Pre-norm attention and SwiGLU FFN with residuals: [T,H] -> [T,H]. `ffn_norm` is the
-    GGUF name of the pre-FFN norm (Seed-OSS's is `attn_post_norm`)."""
+def decoder_layer(c: Ctx, i: int, x: str, *, qk_norm: bool, ffn_norm: str = "ffn_norm") -> str:
+    """Pre-norm attention, then the SwiGLU FFN or (on the config's MoE layers) the experts,
+    each with its residual: [T,H] -> [T,H]. `ffn_norm` is the GGUF name of the pre-FFN norm
+    (Seed-OSS's is `attn_post_norm`)."""
     p = f"blk.{i}."
     a = attention(c, i, c.norm(p + "attn_norm", x), qk_norm=qk_norm, gated=False)
     x = c.op(Op.ADD, p + "attn_residual", x, a)  # [T,H]
-    f = ffn(c, p, c.norm(p + ffn_norm, x), c.cfg.intermediate_size)
+    h = c.norm(p + ffn_norm, x)
+    f = moe(c, i, h) if c.cfg.is_moe_layer(i) else ffn(c, p, h, c.cfg.intermediate_size)
     return c.op(Op.ADD, p + "l_out", x, f)
 
 
 def moe(c: Ctx, i: int, x: str) -> str:
-    """Routed experts (+ the sigmoid-gated shared expert where the model has one)."""
+    """Routed experts (+ the shared expert, sigmoid-gated or not, where the model has one)."""
     cfg, p = c.cfg, f"blk.{i}."
     E, k, N, H = cfg.n_expert, cfg.n_expert_used, cfg.moe_intermediate_size, cfg.hidden_size
     logits = c.op(Op.MATMUL, p + "ffn_gate_inp", x, c.w(p + "ffn_gate_inp", E, H))  # [T,E]
-    ids = c.op(Op.MOE_TOPK, p + "ffn_moe_topk", logits, k=k)  # [T,k]
+    if cfg.router_bias:  # ERNIE 4.5: a correction bias moves the choice of experts
+        ids = c.op(Op.MOE_TOPK_BIAS, p + "ffn_moe_topk", logits, c.w(p + "exp_probs_b.bias", E), k=k)  # [T,k]
+    else:
+        ids = c.op(Op.MOE_TOPK, p + "ffn_moe_topk", logits, k=k)  # [T,k]
     wts = c.op(Op.MOE_WEIGHTS, p + "ffn_moe_weights", logits, ids, norm=cfg.norm_topk_prob)  # [T,k]
     g = c.op(Op.MOE_MATMUL, p + "ffn_gate_exps", x, c.w(p + "ffn_gate_exps", E, N, H), ids)  # [T,k,N]
     u = c.op(Op.MOE_MATMUL, p + "ffn_up_exps", x, c.w(p + "ffn_up_exps", E, N, H), ids)
@@ -179,8 +184,9 @@ def moe(c: Ctx, i: int, x: str) -> str:
     out = c.op(Op.MOE_SUM, p + "ffn_moe_out", y, wts)  # [T,H]
     if cfg.shared_expert_intermediate_size:
         s = ffn(c, p, x, cfg.shared_expert_intermediate_size, "_shexp")
-        sg = c.op(Op.MATMUL, p + "ffn_gate_inp_shexp", x, c.w(p + "ffn_gate_inp_shexp", 1, H))  # [T,1]
-        s = c.op(Op.MUL, p + "ffn_shexp_gated", s, c.op(Op.SIGMOID, p + "ffn_shexp_sig", sg))
+        if cfg.shared_expert_gated:  # Qwen: a sigmoid gate per token; ERNIE, Hunyuan add it as is
+            sg = c.op(Op.MATMUL, p + "ffn_gate_inp_shexp", x, c.w(p + "ffn_gate_inp_shexp", 1, H))  # [T,1]
+            s = c.op(Op.MUL, p + "ffn_shexp_gated", s, c.op(Op.SIGMOID, p + "ffn_shexp_sig", sg))
         out = c.op(Op.ADD, p + "ffn_moe_shexp", out, s)
     return out
 

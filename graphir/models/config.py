@@ -13,13 +13,13 @@ from typing import Any, Literal
 from graphir.errors import GraphirError
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-Arch = Literal["llama", "qwen3", "qwen3_moe", "qwen3_next", "seed_oss", "ministral3"]
+Arch = Literal["llama", "qwen3", "qwen3_moe", "qwen3_next", "seed_oss", "ministral3", "ernie4_5_moe"]
 
 # model_type in config.json -> our architecture family
 MODEL_TYPES: dict[str, Arch] = {
     "llama": "llama", "mistral": "llama",
     "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "qwen3_next": "qwen3_next",
-    "seed_oss": "seed_oss", "ministral3": "ministral3",
+    "seed_oss": "seed_oss", "ministral3": "ministral3", "ernie4_5_moe": "ernie4_5_moe",
 }
 
 
@@ -33,6 +33,10 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
                    "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512},
     "seed_oss": {"head_dim": 128, "num_key_value_heads": 8, "attention_bias": True},
     "ministral3": {"head_dim": 128, "num_key_value_heads": 8, "rms_norm_eps": 1e-5},
+    "ernie4_5_moe": {"num_key_value_heads": 4, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": True,
+                     "max_position_embeddings": 131072, "moe_num_experts": 64, "moe_k": 6, "moe_intermediate_size": 1536,
+                     "moe_num_shared_experts": 2, "moe_layer_start_index": 1, "moe_layer_end_index": -1,
+                     "moe_layer_interval": 1},
 }
 
 
@@ -74,6 +78,8 @@ class ModelConfig(BaseModel):
     n_expert_used: int = 0
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
+    shared_expert_gated: bool = True  # Qwen's sigmoid gate on the shared expert; ERNIE / Hunyuan have none
+    router_bias: bool = False  # ERNIE 4.5's e_score_correction_bias (GGUF exp_probs_b): chooses experts
     norm_topk_prob: bool = True
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
@@ -143,7 +149,7 @@ class ModelConfig(BaseModel):
     # ---- derived facts every front end and pass shares -------------------------------------
     @property
     def is_moe(self) -> bool:
-        return self.arch in ("qwen3_moe", "qwen3_next") and self.n_expert > 0
+        return self.arch in ("qwen3_moe", "qwen3_next", "ernie4_5_moe") and self.n_expert > 0
 
     @property
     def out_bias(self) -> bool:
@@ -234,6 +240,21 @@ def _bool(d: dict[str, Any], keys: str | tuple[str, ...], default: Any = _MISSIN
     return v
 
 
+def _ernie_moe(d: dict[str, Any], n_layer: int) -> dict[str, Any]:
+    """ERNIE 4.5 MoE: layer i routes iff start <= i <= end and (i + 1) % interval == 0; the
+    moe_num_shared_experts shared experts run as one ungated FFN of that many times the expert
+    size; the router's correction bias (moe_statics) chooses experts."""
+    start, end = _int(d, "moe_layer_start_index"), _int(d, "moe_layer_end_index")
+    end = n_layer - 1 if end == -1 else end
+    n_shared = _int(d, "moe_num_shared_experts")
+    n_ff = _int(d, "moe_intermediate_size")
+    return dict(n_expert=_int(d, ("moe_num_experts", "num_experts")),
+                n_expert_used=_int(d, ("moe_k", "num_experts_per_tok")), moe_intermediate_size=n_ff,
+                shared_expert_intermediate_size=n_shared * n_ff, shared_expert_gated=False, router_bias=True,
+                norm_topk_prob=True, decoder_sparse_step=_int(d, "moe_layer_interval"),
+                mlp_only_layers=tuple(i for i in range(n_layer) if not start <= i <= end))
+
+
 def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     """ModelConfig from the contents of a transformers config.json."""
     if not isinstance(d, dict):
@@ -244,8 +265,8 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     if mt not in MODEL_TYPES:
         raise ConfigError(f"unknown model_type {mt!r}; supported: {', '.join(sorted(MODEL_TYPES))}")
     arch = MODEL_TYPES[mt]
-    if d.get("mlp_bias"):
-        raise ConfigError("mlp_bias=true (biases on the FFN projections) is not supported")
+    if d.get("mlp_bias") or (mt == "ernie4_5_moe" and d.get("use_bias")):
+        raise ConfigError("mlp_bias / use_bias = true (biases on the FFN projections) is not supported")
     d = {**{k: v for k, v in _HF_DEFAULTS.get(mt, {}).items() if k != "num_experts" or "num_local_experts" not in d},
          **d}
     rope = dict(_get(d, "rope_parameters", default={}) or {})
@@ -296,6 +317,8 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
                 mlp_only_layers=tuple(_int({"mlp_only_layers": i}, "mlp_only_layers")
                                       for i in _get(d, "mlp_only_layers", default=[])),
             )
+        if arch == "ernie4_5_moe":
+            fields.update(_ernie_moe(d, n_layer))
         if arch == "qwen3_next":
             types = d.get("layer_types")
             if types is None:

@@ -15,9 +15,10 @@ from graphir.models.gguf_header import read_header
 
 # GGUF general.architecture -> config.json model_type
 GGUF_ARCHES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "qwen3next": "qwen3_next",
-               "seed_oss": "seed_oss", "mistral3": "ministral3"}
-# architectures (ours) whose llama.cpp converter permutes Q/K rows for ggml's interleaved RoPE
-PERMUTED_QK = frozenset({"llama", "ministral3"})
+               "seed_oss": "seed_oss", "mistral3": "ministral3", "ernie4_5-moe": "ernie4_5_moe"}
+# architectures (ours) whose GGUF Q/K rows pair RoPE dims interleaved (ggml's "norm" RoPE): the
+# converter permutes llama's and mistral3's, ERNIE's come so from transformers
+PERMUTED_QK = frozenset({"llama", "ministral3", "ernie4_5_moe"})
 
 
 def read_gguf(path: Path) -> "ModelSource":
@@ -81,6 +82,12 @@ def read_gguf(path: Path) -> "ModelSource":
                  moe_intermediate_size=k("expert_feed_forward_length", 0),
                  shared_expert_intermediate_size=k("expert_shared_feed_forward_length", 0),
                  norm_topk_prob=bool(k("expert_weights_norm", True)))  # llama.cpp always normalises here
+    if arch == "ernie4_5-moe":
+        n_ff, shexp = k("expert_feed_forward_length", 0), k("expert_shared_feed_forward_length", 0)
+        d.update(moe_num_experts=k("expert_count", 0), moe_k=k("expert_used_count", 0), moe_intermediate_size=n_ff,
+                 moe_layer_interval=k("interleave_moe_layer_step", 1),
+                 moe_layer_start_index=k("leading_dense_block_count", 0), moe_layer_end_index=-1,
+                 moe_num_shared_experts=shexp // n_ff if n_ff else 0)
     if arch == "qwen3next":
         nv = k("ssm.time_step_rank")
         d.update(full_attention_interval=k("full_attention_interval", 4), linear_conv_kernel_dim=k("ssm.conv_kernel"),

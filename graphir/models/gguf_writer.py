@@ -33,7 +33,7 @@ from graphir.models.weights import WeightInfo, reference_weights
 
 # config.json model_type -> GGUF general.architecture (the inverse of gguf_source.GGUF_ARCHES)
 GGUF_ARCH = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "qwen3_next": "qwen3next",
-             "seed_oss": "seed_oss", "ministral3": "mistral3"}
+             "seed_oss": "seed_oss", "ministral3": "mistral3", "ernie4_5_moe": "ernie4_5-moe"}
 ALIGNMENT = 32
 SIGMA = 0.02  # standard deviation of the random matrices (and the target of the quant scales)
 _POOL_BYTES = 1 << 21  # exact random rows per tensor; larger tensors repeat them at random row offsets
@@ -146,11 +146,14 @@ def metadata(cfg: ModelConfig, *, file_type: str = "f16") -> list[tuple[str, Any
         if cfg.attn_temperature_beta:
             a("attention.temperature_scale", float(cfg.attn_temperature_beta))
     a("vocab_size", cfg.vocab_size)
+    if cfg.arch == "ernie4_5_moe":
+        _ernie_layers(cfg, a)
     if cfg.is_moe:
         a("expert_count", cfg.n_expert)
         a("expert_used_count", cfg.n_expert_used)
         a("expert_feed_forward_length", cfg.moe_intermediate_size)
-        a("expert_weights_norm", bool(cfg.norm_topk_prob))
+        if cfg.arch != "ernie4_5_moe":  # ERNIE's converter writes no such key (always normalised)
+            a("expert_weights_norm", bool(cfg.norm_topk_prob))
         if cfg.shared_expert_intermediate_size:
             a("expert_shared_feed_forward_length", cfg.shared_expert_intermediate_size)
     if cfg.arch == "qwen3_next":
@@ -163,6 +166,17 @@ def metadata(cfg: ModelConfig, *, file_type: str = "f16") -> list[tuple[str, Any
         a("ssm.inner_size", cfg.linear_num_value_heads * cfg.linear_value_head_dim)
     kv.append(("tokenizer.ggml.model", "none"))  # no vocabulary: {arch}.vocab_size gives the size
     return kv
+
+
+def _ernie_layers(cfg: ModelConfig, a: Callable[[str, Any], None]) -> None:
+    """llama.cpp's ERNIE 4.5 MoE layers: dense before leading_dense_block_count, then every
+    interleave_moe_layer_step-th; no end index (a config whose MoE layers stop early has no GGUF)."""
+    lead = next((i for i in range(cfg.n_layer) if i not in cfg.mlp_only_layers), cfg.n_layer)
+    if tuple(range(lead)) != tuple(sorted(cfg.mlp_only_layers)):
+        raise ConfigError("ERNIE 4.5 GGUF metadata cannot express MoE layers that end before the last layer")
+    a("leading_dense_block_count", lead)
+    a("interleave_moe_layer_step", cfg.decoder_sparse_step)
+    a("expert_shared_count", cfg.shared_expert_intermediate_size // cfg.moe_intermediate_size)
 
 
 # ---- random tensor data -------------------------------------------------------------------

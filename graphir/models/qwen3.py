@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from graphir.models.common import Ctx, dense_layer
+from graphir.models.common import Ctx, decoder_layer
 
 
 def layer(c: Ctx, i: int, x: str) -> str:
-    return dense_layer(c, i, x, qk_norm=True)
+    return decoder_layer(c, i, x, qk_norm=True)

@@ -4,8 +4,8 @@ llama.cpp names the pre-FFN norm `attn_post_norm` for this architecture (not `ff
 
 from __future__ import annotations
 
-from graphir.models.common import Ctx, dense_layer
+from graphir.models.common import Ctx, decoder_layer
 
 
 def layer(c: Ctx, i: int, x: str) -> str:
-    return dense_layer(c, i, x, qk_norm=False, ffn_norm="attn_post_norm")
+    return decoder_layer(c, i, x, qk_norm=False, ffn_norm="attn_post_norm")

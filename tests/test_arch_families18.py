@@ -1,4 +1,5 @@
-"""Seed-OSS and Ministral 3 / Devstral 2 (and the Mistral Large shape) against transformers.
+"""Seed-OSS, Ministral 3 / Devstral 2 (and the Mistral Large shape) and ERNIE 4.5 MoE against
+transformers.
 
 Oracles: transformers' parameter count on the meta device; transformers' logits of a random
 checkpoint written with `save_pretrained` for prefill and greedy decode, unplaced, under layer
@@ -67,13 +68,29 @@ def ministral3_configs(draw: st.DrawFn) -> dict:
     return dict(draw(attention_sizes()), rope_parameters=draw(yarn()))
 
 
+@st.composite
+def ernie_configs(draw: st.DrawFn) -> dict:
+    """ERNIE 4.5 MoE: head_dim is hidden / heads (even: RoPE pairs are interleaved), leading
+    dense layers, an MoE interval, 0-2 shared experts."""
+    c = draw(attention_sizes())
+    c["hidden_size"] = c["num_attention_heads"] * draw(st.sampled_from([4, 6, 8]))
+    c.pop("head_dim")
+    e = draw(st.integers(3, 6))
+    n = c["num_hidden_layers"] = draw(st.integers(2, 4))
+    c.update(moe_num_experts=e, moe_k=draw(st.integers(2, min(e, 3))), moe_intermediate_size=draw(st.sampled_from([7, 12])),
+             moe_num_shared_experts=draw(st.integers(0, 2)), moe_layer_start_index=draw(st.integers(0, 1)),
+             moe_layer_end_index=draw(st.sampled_from([-1, n - 1])), moe_layer_interval=draw(st.integers(1, 2)))
+    return c
+
+
 CASES = st.one_of(seed_oss_configs().map(lambda c: ("seed_oss", c)),
-                  ministral3_configs().map(lambda c: ("ministral3", c)))
+                  ministral3_configs().map(lambda c: ("ministral3", c)),
+                  ernie_configs().map(lambda c: ("ernie4_5_moe", c)))
 
 
 # ---- parameter counts -----------------------------------------------------------------------
 
-@settings(SETTINGS, max_examples=24)
+@settings(SETTINGS, max_examples=36)
 @given(case=CASES)
 def test_params_match_transformers(case: tuple[str, dict]) -> None:
     d = dict(case[1], model_type=case[0])
@@ -95,7 +112,7 @@ def test_config_reads_the_new_keys() -> None:
 
 # ---- logits against transformers ------------------------------------------------------------
 
-@settings(SETTINGS, max_examples=24)
+@settings(SETTINGS, max_examples=36)
 @given(case=CASES, prompt=st.lists(st.integers(0, 36), min_size=7, max_size=11), split=st.integers(1, 6),
        seed=st.integers(0, 3))
 def test_matches_transformers(tmp_path_factory: pytest.TempPathFactory, case: tuple[str, dict], prompt: list[int],
@@ -113,6 +130,9 @@ FIXED = {
                                               "original_max_position_embeddings": 4, "beta_fast": 32.0,
                                               "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
                                               "llama_4_scaling_beta": 0.3}),
+    # no head_dim key (hidden / heads = 8); layer 0 dense, then MoE with 2 shared experts
+    "ernie4_5_moe": dict({k: v for k, v in BASE.items() if k != "head_dim"}, moe_num_experts=4, moe_k=2,
+                         moe_intermediate_size=32, moe_num_shared_experts=2, moe_layer_start_index=1),
 }
 ARCH = {"seed_oss_out_bias": "seed_oss"}
 
@@ -163,7 +183,7 @@ def test_placed_matches_transformers(case: str, pipeline: tuple[str, ...], n: in
     assert rel_err(logits, hf_logits(model, PROMPT + gen)) < TOL
     g = s.graphs["tg"]
     assert len(g.device_list()) >= 2
-    if "place_graph" in pipeline:  # attention and FFN split: two reduces per layer
+    if "place_graph" in pipeline:  # attention and FFN (or the experts' slices) split: two reduces per layer
         assert len(g.by_op(Op.ALL_REDUCE)) == 2 * src.cfg.n_layer
         if src.cfg.attn_temperature_beta:
             assert len(g.by_op(Op.ATTN_TEMP)) > src.cfg.n_layer  # the query temperature runs per device
@@ -210,6 +230,9 @@ def test_gguf_metadata_keys() -> None:
     assert kv["mistral3.attention.temperature_scale"] == 0.3
     assert kv["mistral3.rope.scaling.yarn_log_multiplier"] == 1.0 and kv["mistral3.rope.scaling.type"] == "yarn"
     assert dict(gguf_writer.metadata(from_hf_dict(dict(BASE, model_type="seed_oss"))))["general.architecture"] == "seed_oss"
+    ernie = dict(gguf_writer.metadata(from_hf_dict(dict(FIXED["ernie4_5_moe"], model_type="ernie4_5_moe"))))
+    assert ernie["general.architecture"] == "ernie4_5-moe" and ernie["ernie4_5-moe.leading_dense_block_count"] == 1
+    assert ernie["ernie4_5-moe.expert_shared_count"] == 2 and ernie["ernie4_5-moe.expert_shared_feed_forward_length"] == 64
 
 
 # ---- node counts and predict ----------------------------------------------------------------
@@ -227,7 +250,7 @@ def test_estimate_bounds_the_built_graph(case: str, split: str | None, n: int) -
         assert est.exact == count_nodes(g).total and est.budget <= 1.05 * est.exact
 
 
-PRESETS = ["seed-oss-36b", "devstral-2-123b", "mistral-large-2407"]
+PRESETS = ["seed-oss-36b", "devstral-2-123b", "mistral-large-2407", "ernie-4.5-21b-a3b"]
 
 
 @pytest.mark.parametrize("hw", ["2x3090", "4x3090", "2xH200"])
