@@ -1,5 +1,5 @@
-"""Seed-OSS, Ministral 3 / Devstral 2 (and the Mistral Large shape) and ERNIE 4.5 MoE against
-transformers.
+"""Seed-OSS, Ministral 3 / Devstral 2 (and the Mistral Large shape), ERNIE 4.5 MoE and
+Hunyuan-A13B against transformers.
 
 Oracles: transformers' parameter count on the meta device; transformers' logits of a random
 checkpoint written with `save_pretrained` for prefill and greedy decode, unplaced, under layer
@@ -9,6 +9,7 @@ llama.cpp's converter layout; the built graph for the node-count estimate.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from backends.cuda.session import Session, greedy
 from backends.cuda.testing import hf_logits, hf_model, rel_err, save, torch_threads
 from backends.cuda.weights import reference_weights
 from graphir.cli import main
-from graphir.models import BuildOptions, build, from_hf_dict
+from graphir.models import BuildOptions, ConfigError, build, from_hf_dict
 from graphir.models import gguf_writer
 from graphir.models.gguf_source import PERMUTED_QK
 from graphir.models.sources import load_source
@@ -83,14 +84,27 @@ def ernie_configs(draw: st.DrawFn) -> dict:
     return c
 
 
+@st.composite
+def hunyuan_configs(draw: st.DrawFn) -> dict:
+    """Hunyuan: experts and the shared MLP are intermediate_size wide; NTK-alpha RoPE or none."""
+    c = draw(attention_sizes(head_dims=(4, 6, 8)))
+    e = draw(st.integers(3, 6))
+    c.update(num_experts=e, moe_topk=draw(st.integers(1, min(e, 3))), use_qk_norm=True, use_cla=False)
+    if draw(st.booleans()):
+        c["rope_parameters"] = {"rope_type": "dynamic", "alpha": draw(st.sampled_from([10.0, 1000.0])), "factor": 1.0,
+                                "rope_theta": 10000.0}
+    return c
+
+
 CASES = st.one_of(seed_oss_configs().map(lambda c: ("seed_oss", c)),
                   ministral3_configs().map(lambda c: ("ministral3", c)),
-                  ernie_configs().map(lambda c: ("ernie4_5_moe", c)))
+                  ernie_configs().map(lambda c: ("ernie4_5_moe", c)),
+                  hunyuan_configs().map(lambda c: ("hunyuan_v1_moe", c)))
 
 
 # ---- parameter counts -----------------------------------------------------------------------
 
-@settings(SETTINGS, max_examples=36)
+@settings(SETTINGS, max_examples=48)
 @given(case=CASES)
 def test_params_match_transformers(case: tuple[str, dict]) -> None:
     d = dict(case[1], model_type=case[0])
@@ -108,11 +122,26 @@ def test_config_reads_the_new_keys() -> None:
     q = build(mini, BuildOptions(phase="tg"))["blk.0.q_rope"]
     assert q.attr["attn_factor"] == 1.0  # mscale / mscale_all_dim cancel, as transformers computes
     assert len(build(mini, BuildOptions(phase="tg")).by_op(Op.ATTN_TEMP)) == 2
+    hy = dict(base, model_type="hunyuan_v1_moe", num_key_value_heads=4, head_dim=8, num_experts=4, moe_topk=[2, 2],
+              rope_scaling={"type": "dynamic", "alpha": 1000.0, "factor": 1.0})
+    cfg = from_hf_dict(hy)
+    assert cfg.n_expert_used == 2 and cfg.rope_theta == 10000.0 * 1000.0 ** (8 / 6) and not cfg.rope_scaling
+    g = build(cfg, BuildOptions(phase="tg"))
+    assert g["blk.0.attn_q_norm"].inputs[0] == "blk.0.q_rope"  # Hunyuan normalises the rotated heads
+    for bad, what in ((dict(use_cla=True), "use_cla"), (dict(use_qk_norm=False), "use_qk_norm"),
+                      (dict(moe_topk=[2, 1]), "moe_topk"), (dict(moe_intermediate_size=[16, 16]), "moe_intermediate_size"),
+                      (dict(num_shared_expert=2), "num_shared_expert")):
+        with pytest.raises(ConfigError, match=what):
+            from_hf_dict({**hy, **bad})
+    with pytest.raises(ConfigError, match="sliding_window"):  # Mistral 7B v0.1's window is not modelled
+        from_hf_dict(dict(base, model_type="mistral", num_key_value_heads=4, sliding_window=4096))
+    with pytest.raises(ConfigError, match="use_bias"):
+        from_hf_dict(dict(base, model_type="ernie4_5_moe", num_key_value_heads=4, use_bias=True))
 
 
 # ---- logits against transformers ------------------------------------------------------------
 
-@settings(SETTINGS, max_examples=36)
+@settings(SETTINGS, max_examples=48)
 @given(case=CASES, prompt=st.lists(st.integers(0, 36), min_size=7, max_size=11), split=st.integers(1, 6),
        seed=st.integers(0, 3))
 def test_matches_transformers(tmp_path_factory: pytest.TempPathFactory, case: tuple[str, dict], prompt: list[int],
@@ -133,6 +162,8 @@ FIXED = {
     # no head_dim key (hidden / heads = 8); layer 0 dense, then MoE with 2 shared experts
     "ernie4_5_moe": dict({k: v for k, v in BASE.items() if k != "head_dim"}, moe_num_experts=4, moe_k=2,
                          moe_intermediate_size=32, moe_num_shared_experts=2, moe_layer_start_index=1),
+    "hunyuan_v1_moe": dict(BASE, num_experts=4, moe_topk=2, rope_parameters={"rope_type": "dynamic", "alpha": 1000.0,
+                                                                             "factor": 1.0, "rope_theta": 10000.0}),
 }
 ARCH = {"seed_oss_out_bias": "seed_oss"}
 
@@ -189,6 +220,19 @@ def test_placed_matches_transformers(case: str, pipeline: tuple[str, ...], n: in
             assert len(g.by_op(Op.ATTN_TEMP)) > src.cfg.n_layer  # the query temperature runs per device
 
 
+@pytest.mark.parametrize("case", ["ernie4_5_moe", "hunyuan_v1_moe", "seed_oss"])
+def test_cuda_default_passes_unplaced_match_transformers(case: str, tmp_path: Path) -> None:
+    """One device with the CUDA backend's passes: the ungated shared experts are not folded
+    (fold_shared_expert only takes Qwen's sigmoid-gated one), the merges keep the logits."""
+    model, ckpt = _checkpoint(case, tmp_path / "ckpt")
+    src = load_source(ckpt)
+    pipe = ("fold_shared_expert", "merge_siblings", "merge_qkv", "merge_up_gate", "contiguous_heads")
+    s = Session(src, None, "cpu:0", 32, transform=lambda g: run_pipeline(g, pipe, PassContext(cfg=src.cfg)).graph)
+    logits, gen = greedy(s, PROMPT, 4)
+    assert rel_err(logits, hf_logits(model, PROMPT + gen)) < TOL
+    assert not any(n.attr.get("shared") for n in s.graphs["tg"].nodes if n.op == Op.MOE_TOPK)
+
+
 # ---- GGUF -----------------------------------------------------------------------------------
 
 def llama_cpp_tensors(cfg, ckpt: Path) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
@@ -212,9 +256,11 @@ def test_gguf_matches_transformers(case: str, tmp_path: Path, capsys: pytest.Cap
     arrays = llama_cpp_tensors(cfg, ckpt)
     gguf_writer.write_gguf(path, cfg, types={k: "f32" for k in arrays}, arrays=arrays)
     src = load_source(path)
-    ignored = {"name", "max_position_embeddings", "torch_dtype", "rope_scaling"}
+    ignored = {"name", "max_position_embeddings", "torch_dtype", "rope_scaling", "rope_theta"}
     assert src.kind == "gguf" and src.cfg.model_dump(exclude=ignored) == cfg.model_dump(exclude=ignored)
-    assert build(src.cfg).by_op(Op.ROPE)[0].attr == build(cfg).by_op(Op.ROPE)[0].attr
+    assert src.cfg.rope_theta == pytest.approx(cfg.rope_theta, rel=1e-7)  # GGUF keeps it as f32
+    got, want = (dict(build(c).by_op(Op.ROPE)[0].attr, theta=0) for c in (src.cfg, cfg))
+    assert got == want
     out = tmp_path / "logits.npy"
     capsys.readouterr()
     rc = main(["eval", str(path), "--tokens", ",".join(map(str, PROMPT)), "--decode", "3", "--out", str(out)])
@@ -235,6 +281,14 @@ def test_gguf_metadata_keys() -> None:
     assert ernie["ernie4_5-moe.expert_shared_count"] == 2 and ernie["ernie4_5-moe.expert_shared_feed_forward_length"] == 64
 
 
+def test_refused_config_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(dict(FIXED["hunyuan_v1_moe"], model_type="hunyuan_v1_moe", use_cla=True)))
+    assert main(["predict", str(cfg), "--hw", "2xH200"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "use_cla" in err and "Traceback" not in err
+
+
 # ---- node counts and predict ----------------------------------------------------------------
 
 @pytest.mark.parametrize("case", sorted(FIXED))
@@ -250,7 +304,7 @@ def test_estimate_bounds_the_built_graph(case: str, split: str | None, n: int) -
         assert est.exact == count_nodes(g).total and est.budget <= 1.05 * est.exact
 
 
-PRESETS = ["seed-oss-36b", "devstral-2-123b", "mistral-large-2407", "ernie-4.5-21b-a3b"]
+PRESETS = ["seed-oss-36b", "devstral-2-123b", "mistral-large-2407", "ernie-4.5-21b-a3b", "hunyuan-a13b"]
 
 
 @pytest.mark.parametrize("hw", ["2x3090", "4x3090", "2xH200"])

@@ -73,6 +73,12 @@ TABLES: dict[str, list[Entry]] = {
         for p in ("gate", "up", "down")] + [
         ("model.layers.{i}.mlp.moe_statics.e_score_correction_bias", "blk.{i}.exp_probs_b.bias", "flat")],
 }
+TABLES["hunyuan_v1_moe"] = _TOP + [  # its own Q/K norm names first: the first matching rule wins
+    ("model.layers.{i}.self_attn.query_layernorm.weight", "blk.{i}.attn_q_norm.weight", ""),
+    ("model.layers.{i}.self_attn.key_layernorm.weight", "blk.{i}.attn_k_norm.weight", ""),
+    ("model.layers.{i}.mlp.gate.wg.weight", "blk.{i}.ffn_gate_inp.weight", "")] + _ATTN + _FFN_NORM + _MOE[1:4] + [
+    (f"model.layers.{{i}}.mlp.shared_mlp.{p}_proj.weight", f"blk.{{i}}.ffn_{p}_shexp.weight", "")
+    for p in ("gate", "up", "down")]
 # transformers keeps these families' RoPE pairs interleaved (GLM style): Q/K rows are permuted per
 # head into the NeoX halves the graph rotates (the same permutation of q and k: scores unchanged)
 INTERLEAVED_ROPE = frozenset({"ernie4_5_moe"})

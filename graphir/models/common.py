@@ -120,12 +120,16 @@ def attention(c: Ctx, i: int, x: str, *, qk_norm: bool, gated: bool, norm_offset
         gate = c.view(p + "attn_gate", c.cut(p + "gate_heads", qg, 2, d, 2 * d), c.T, hq * d)
     else:
         q = c.view(p + "q_heads", q, c.T, hq, d)  # [T,hq,d]
-    if qk_norm:
+    late = cfg.qk_norm_after_rope
+    if qk_norm and not late:
         q = c.norm(p + "attn_q_norm", q, norm_offset)
         k = c.norm(p + "attn_k_norm", k, norm_offset)
     ra = rope_attrs(cfg)
     q = c.op(Op.ROPE, p + "q_rope", q, "positions", **ra)
     k = c.op(Op.ROPE, p + "k_rope", k, "positions", **ra)
+    if qk_norm and late:  # Hunyuan: the norms see the rotated heads
+        q = c.norm(p + "attn_q_norm", q, norm_offset)
+        k = c.norm(p + "attn_k_norm", k, norm_offset)
     if cfg.attn_temperature_beta:
         q = c.op(Op.ATTN_TEMP, p + "q_temp", q, "positions", beta=cfg.attn_temperature_beta,
                  length=cfg.attn_temperature_len)

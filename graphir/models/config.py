@@ -13,13 +13,14 @@ from typing import Any, Literal
 from graphir.errors import GraphirError
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-Arch = Literal["llama", "qwen3", "qwen3_moe", "qwen3_next", "seed_oss", "ministral3", "ernie4_5_moe"]
+Arch = Literal["llama", "qwen3", "qwen3_moe", "qwen3_next", "seed_oss", "ministral3", "ernie4_5_moe", "hunyuan_v1_moe"]
 
 # model_type in config.json -> our architecture family
 MODEL_TYPES: dict[str, Arch] = {
     "llama": "llama", "mistral": "llama",
     "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "qwen3_next": "qwen3_next",
     "seed_oss": "seed_oss", "ministral3": "ministral3", "ernie4_5_moe": "ernie4_5_moe",
+    "hunyuan_v1_moe": "hunyuan_v1_moe",
 }
 
 
@@ -37,6 +38,7 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
                      "max_position_embeddings": 131072, "moe_num_experts": 64, "moe_k": 6, "moe_intermediate_size": 1536,
                      "moe_num_shared_experts": 2, "moe_layer_start_index": 1, "moe_layer_end_index": -1,
                      "moe_layer_interval": 1},
+    "hunyuan_v1_moe": {"rms_norm_eps": 1e-5, "max_position_embeddings": 2048, "num_experts": 1, "moe_topk": 1},
 }
 
 
@@ -149,7 +151,7 @@ class ModelConfig(BaseModel):
     # ---- derived facts every front end and pass shares -------------------------------------
     @property
     def is_moe(self) -> bool:
-        return self.arch in ("qwen3_moe", "qwen3_next", "ernie4_5_moe") and self.n_expert > 0
+        return self.arch in ("qwen3_moe", "qwen3_next", "ernie4_5_moe", "hunyuan_v1_moe") and self.n_expert > 0
 
     @property
     def out_bias(self) -> bool:
@@ -159,7 +161,12 @@ class ModelConfig(BaseModel):
     @property
     def qk_norm(self) -> bool:
         """Whether attention has per-head RMS norms on Q and K."""
-        return self.arch in ("qwen3", "qwen3_moe", "qwen3_next")
+        return self.arch in ("qwen3", "qwen3_moe", "qwen3_next", "hunyuan_v1_moe")
+
+    @property
+    def qk_norm_after_rope(self) -> bool:
+        """Hunyuan normalises the rotated Q and K (the others normalise before RoPE)."""
+        return self.arch == "hunyuan_v1_moe"
 
     @property
     def n_rot(self) -> int:
@@ -240,21 +247,6 @@ def _bool(d: dict[str, Any], keys: str | tuple[str, ...], default: Any = _MISSIN
     return v
 
 
-def _ernie_moe(d: dict[str, Any], n_layer: int) -> dict[str, Any]:
-    """ERNIE 4.5 MoE: layer i routes iff start <= i <= end and (i + 1) % interval == 0; the
-    moe_num_shared_experts shared experts run as one ungated FFN of that many times the expert
-    size; the router's correction bias (moe_statics) chooses experts."""
-    start, end = _int(d, "moe_layer_start_index"), _int(d, "moe_layer_end_index")
-    end = n_layer - 1 if end == -1 else end
-    n_shared = _int(d, "moe_num_shared_experts")
-    n_ff = _int(d, "moe_intermediate_size")
-    return dict(n_expert=_int(d, ("moe_num_experts", "num_experts")),
-                n_expert_used=_int(d, ("moe_k", "num_experts_per_tok")), moe_intermediate_size=n_ff,
-                shared_expert_intermediate_size=n_shared * n_ff, shared_expert_gated=False, router_bias=True,
-                norm_topk_prob=True, decoder_sparse_step=_int(d, "moe_layer_interval"),
-                mlp_only_layers=tuple(i for i in range(n_layer) if not start <= i <= end))
-
-
 def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     """ModelConfig from the contents of a transformers config.json."""
     if not isinstance(d, dict):
@@ -265,6 +257,10 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     if mt not in MODEL_TYPES:
         raise ConfigError(f"unknown model_type {mt!r}; supported: {', '.join(sorted(MODEL_TYPES))}")
     arch = MODEL_TYPES[mt]
+    window = d.get("sliding_window", 4096 if mt == "mistral" else None)  # MistralConfig's default is 4096
+    if mt in ("mistral", "ministral3") and window is not None:
+        # transformers masks keys older than the window; graphir's attention here is full causal
+        raise ConfigError(f"sliding_window={window} is not supported for {mt} (only sliding_window=null)")
     if d.get("mlp_bias") or (mt == "ernie4_5_moe" and d.get("use_bias")):
         raise ConfigError("mlp_bias / use_bias = true (biases on the FFN projections) is not supported")
     d = {**{k: v for k, v in _HF_DEFAULTS.get(mt, {}).items() if k != "num_experts" or "num_local_experts" not in d},
@@ -287,7 +283,7 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
         fields: dict[str, Any] = dict(
             arch=arch, name=name, vocab_size=_int(d, "vocab_size"), hidden_size=hidden, n_layer=n_layer,
             n_head=n_head, n_kv_head=_int(d, "num_key_value_heads", n_head),
-            head_dim=_int(d, "head_dim", hidden // n_head if n_head > 0 else 0),
+            head_dim=_int(d, ("head_dim", "attention_head_dim"), hidden // n_head if n_head > 0 else 0),
             intermediate_size=_int(d, "intermediate_size"),
             rms_norm_eps=_real(d, "rms_norm_eps", 1e-6), rope_theta=_real({"rope_theta": rope_theta}, "rope_theta"),
             rope_scaling=tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in scaling.items())),
@@ -317,8 +313,10 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
                 mlp_only_layers=tuple(_int({"mlp_only_layers": i}, "mlp_only_layers")
                                       for i in _get(d, "mlp_only_layers", default=[])),
             )
-        if arch == "ernie4_5_moe":
-            fields.update(_ernie_moe(d, n_layer))
+        if arch in ("ernie4_5_moe", "hunyuan_v1_moe"):
+            from graphir.models import config_moe  # its readers use this module's helpers
+
+            fields.update(config_moe.READERS[arch](d, n_layer, fields))
         if arch == "qwen3_next":
             types = d.get("layer_types")
             if types is None:
@@ -339,7 +337,7 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
         cfg = ModelConfig(**fields)
         # without head_dim, transformers derives it as hidden / heads: a remainder is a typo,
         # not something to truncate (LlamaConfig refuses it; an explicit head_dim defines the model)
-        if "head_dim" not in d and hidden % n_head:
+        if "head_dim" not in d and "attention_head_dim" not in d and hidden % n_head:
             raise ConfigError(f"hidden_size={hidden} is not a multiple of num_attention_heads={n_head}")
         return cfg
     except ConfigError:

@@ -15,7 +15,8 @@ from graphir.models.gguf_header import read_header
 
 # GGUF general.architecture -> config.json model_type
 GGUF_ARCHES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "qwen3next": "qwen3_next",
-               "seed_oss": "seed_oss", "mistral3": "ministral3", "ernie4_5-moe": "ernie4_5_moe"}
+               "seed_oss": "seed_oss", "mistral3": "ministral3", "ernie4_5-moe": "ernie4_5_moe",
+               "hunyuan-moe": "hunyuan_v1_moe"}
 # architectures (ours) whose GGUF Q/K rows pair RoPE dims interleaved (ggml's "norm" RoPE): the
 # converter permutes llama's and mistral3's, ERNIE's come so from transformers
 PERMUTED_QK = frozenset({"llama", "ministral3", "ernie4_5_moe"})
@@ -88,6 +89,11 @@ def read_gguf(path: Path) -> "ModelSource":
                  moe_layer_interval=k("interleave_moe_layer_step", 1),
                  moe_layer_start_index=k("leading_dense_block_count", 0), moe_layer_end_index=-1,
                  moe_num_shared_experts=shexp // n_ff if n_ff else 0)
+    if arch == "hunyuan-moe":  # rope.freq_base already holds the NTK-alpha-stretched base
+        n_ff = d["intermediate_size"]
+        d.update(num_experts=k("expert_count", 0), moe_topk=k("expert_used_count", 0),
+                 moe_intermediate_size=k("expert_feed_forward_length", n_ff),
+                 num_shared_expert=k("expert_shared_feed_forward_length", n_ff) // n_ff if n_ff else 0)
     if arch == "qwen3next":
         nv = k("ssm.time_step_rank")
         d.update(full_attention_interval=k("full_attention_interval", 4), linear_conv_kernel_dim=k("ssm.conv_kernel"),

@@ -33,7 +33,8 @@ from graphir.models.weights import WeightInfo, reference_weights
 
 # config.json model_type -> GGUF general.architecture (the inverse of gguf_source.GGUF_ARCHES)
 GGUF_ARCH = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "qwen3_next": "qwen3next",
-             "seed_oss": "seed_oss", "ministral3": "mistral3", "ernie4_5_moe": "ernie4_5-moe"}
+             "seed_oss": "seed_oss", "ministral3": "mistral3", "ernie4_5_moe": "ernie4_5-moe",
+             "hunyuan_v1_moe": "hunyuan-moe"}
 ALIGNMENT = 32
 SIGMA = 0.02  # standard deviation of the random matrices (and the target of the quant scales)
 _POOL_BYTES = 1 << 21  # exact random rows per tensor; larger tensors repeat them at random row offsets
@@ -152,7 +153,7 @@ def metadata(cfg: ModelConfig, *, file_type: str = "f16") -> list[tuple[str, Any
         a("expert_count", cfg.n_expert)
         a("expert_used_count", cfg.n_expert_used)
         a("expert_feed_forward_length", cfg.moe_intermediate_size)
-        if cfg.arch != "ernie4_5_moe":  # ERNIE's converter writes no such key (always normalised)
+        if cfg.arch not in ("ernie4_5_moe", "hunyuan_v1_moe"):  # their converters write none (always normalised)
             a("expert_weights_norm", bool(cfg.norm_topk_prob))
         if cfg.shared_expert_intermediate_size:
             a("expert_shared_feed_forward_length", cfg.shared_expert_intermediate_size)
