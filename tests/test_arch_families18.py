@@ -139,6 +139,31 @@ def test_config_reads_the_new_keys() -> None:
         from_hf_dict(dict(base, model_type="ernie4_5_moe", num_key_value_heads=4, use_bias=True))
 
 
+# ---- the new kernels against transformers' functions and plain torch -------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attn_temp_kernel_is_transformers_llama4_scale(dtype: torch.dtype) -> None:
+    from transformers.models.ministral3.modeling_ministral3 import get_llama_4_attn_scale
+
+    from test_exec_kernels import run_op
+
+    q = torch.randn(9, 3, 4).to(dtype)
+    pos = torch.tensor([0, 1, 3, 4, 7, 8, 15, 16, 100], dtype=torch.int32)
+    got = run_op(Op.ATTN_TEMP, q, pos, beta=0.1, length=4)
+    scale = get_llama_4_attn_scale(pos[None].long(), 0.1, 4)[0, 0].to(dtype)  # [T,1]
+    torch.testing.assert_close(got, q * scale[:, None, :], rtol=0, atol=0)
+
+
+def test_moe_topk_bias_kernel_chooses_with_the_bias() -> None:
+    from test_exec_kernels import run_op
+
+    logits = torch.randn(6, 5)
+    bias = torch.tensor([0.0, 2.0, 0.0, -2.0, 0.5])
+    got = run_op(Op.MOE_TOPK_BIAS, logits, bias, k=2)
+    want = torch.topk(torch.softmax(logits, -1) + bias, 2, dim=-1).indices.to(torch.int32)
+    assert torch.equal(got, want) and (got == 1).any(dim=1).all()  # the +2 expert always chosen
+
+
 # ---- logits against transformers ------------------------------------------------------------
 
 @settings(SETTINGS, max_examples=48)
