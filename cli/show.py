@@ -97,7 +97,7 @@ def op_kind(op: Op) -> str:
     """Colour class of a node in the Gantt chart."""
     if op in (Op.COPY, Op.ALL_REDUCE):
         return "comm"
-    if op in (Op.MOE_MATMUL, Op.MOE_TOPK, Op.MOE_WEIGHTS, Op.MOE_SUM):
+    if op in (Op.MOE_MATMUL, Op.MOE_TOPK, Op.MOE_TOPK_BIAS, Op.MOE_WEIGHTS, Op.MOE_SUM):
         return "MoE"
     if op in (Op.DELTA_NET, Op.SSM_CONV):
         return "delta-net"

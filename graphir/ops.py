@@ -41,12 +41,14 @@ class Op(str, enum.Enum):
     SWIGLU = "swiglu"
     CAST = "cast"
     ROPE = "rope"
+    ATTN_TEMP = "attn_temp"  # Llama-4 / Mistral-3 per-position query temperature
     ATTENTION = "attention"
     KV_APPEND = "kv_append"
     CONCAT = "concat"
     SSM_CONV = "ssm_conv"
     DELTA_NET = "delta_net"
     MOE_TOPK = "moe_topk"
+    MOE_TOPK_BIAS = "moe_topk_bias"  # softmax top-k chosen with a per-expert correction bias (ERNIE 4.5)
     MOE_WEIGHTS = "moe_weights"
     MOE_SUM = "moe_sum"
     # views (no kernel)
@@ -162,6 +164,16 @@ def _rope(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
     return x
 
 
+def _attn_temp(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    """q [T,heads,d] * (1 + beta * ln(1 + floor(pos / length))) per token; positions i32[T]."""
+    x, pos = ins
+    _need(x.rank == 3 and x.dtype.is_float, f"attn_temp input must be float [T,heads,dim], got {x}")
+    _need(pos.rank == 1 and pos.dtype == I32 and _same(pos.shape[0], x.shape[0]),
+          f"attn_temp positions {pos} do not match {x}")
+    _need(int(attrs["length"]) > 0, f"attn_temp length must be positive, got {attrs['length']}")
+    return x
+
+
 def _attention(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
     q, k, v = ins
     _need(q.rank == 3 and k.rank == 3 and v.rank == 3, f"attention wants [T,h,d] inputs, got {q} {k} {v}")
@@ -237,6 +249,15 @@ def _moe_topk(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec
     return TensorSpec((logits.shape[0], k + _shared(attrs, "moe_topk")), I32)
 
 
+def _moe_topk_bias(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    """ids i32[T,k] of the top-k of softmax(logits) + bias; bias f32[E] only chooses (the
+    weights stay moe_weights' softmax probabilities at the ids)."""
+    logits, bias = ins
+    _need(bias.rank == 1 and logits.rank == 2 and _same(bias.shape[0], logits.shape[1]),
+          f"moe_topk_bias bias {bias} does not match logits {logits}")
+    return _moe_topk(ins[:1], attrs)
+
+
 def _moe_weights(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
     _need(len(ins) in (2, 3), f"moe_weights takes logits, ids and optionally a shared gate; got {len(ins)} inputs")
     logits, ids = ins[0], ins[1]
@@ -303,12 +324,14 @@ DEFS: dict[Op, OpDef] = {d.op: d for d in (
     OpDef(Op.CAST, 1, _F, (), _cast),
     OpDef(Op.ROPE, 2, ("n_rot", "theta"), ("scaling", "factor", "low_freq_factor", "high_freq_factor",
                                              "original_ctx", "attn_factor", "beta_fast", "beta_slow"), _rope),
+    OpDef(Op.ATTN_TEMP, 2, ("beta", "length"), (), _attn_temp),
     OpDef(Op.ATTENTION, 3, ("scale",), (), _attention),
     OpDef(Op.KV_APPEND, 2, (), (), _kv_append),
     OpDef(Op.CONCAT, None, ("dim",), (), _concat),
     OpDef(Op.SSM_CONV, 2, (), ("act",), _ssm_conv),
     OpDef(Op.DELTA_NET, None, (), ("qk_l2norm", "raw_gates"), _delta_net),
     OpDef(Op.MOE_TOPK, 1, ("k",), ("shared",), _moe_topk),
+    OpDef(Op.MOE_TOPK_BIAS, 2, ("k",), (), _moe_topk_bias),
     OpDef(Op.MOE_WEIGHTS, None, ("norm",), ("shared",), _moe_weights),  # logits, ids[, shared gate]
     OpDef(Op.MOE_SUM, 2, (), (), _moe_sum),
     OpDef(Op.RESHAPE, 1, ("shape",), (), _reshape, 0),

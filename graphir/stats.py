@@ -71,7 +71,7 @@ def graph_stats(g: Graph, depth: int = 0) -> ModelStats:
     total = sum(_numel(n) for n in weights)
     moe_frac = 1.0
     for n in g.nodes:
-        if n.op == Op.MOE_TOPK:
+        if n.op in (Op.MOE_TOPK, Op.MOE_TOPK_BIAS):
             moe_frac = n.attr["k"] / g[n.inputs[0]].spec.bind({"T": 1})[1]
             break
     active = sum(int(_numel(n) * (moe_frac if _is_routed_expert(n) else 1.0)) for n in weights)

@@ -54,10 +54,11 @@ def count_nodes(g: Graph) -> NodeCount:
 # ---- per-region closed forms -----------------------------------------------------------------
 def _attn_nodes(cfg: ModelConfig, merged: bool) -> tuple[int, int]:
     """(nodes per participating device, nodes on the lead only) of one attention block."""
-    gated, qk_norm, bias = cfg.arch == "qwen3_next", cfg.arch != "llama", cfg.attention_bias
+    gated, qk_norm, bias = cfg.arch == "qwen3_next", cfg.qk_norm, cfg.attention_bias
     per = 2 + 6 + 2 + 2 + 6 + 2 + 2  # norm, q/k/v, k/v heads, rope, cache, attention, wo
     per += (6 if bias else 0) + (4 + 2 if gated else 1) + (4 if qk_norm else 0) + (2 if merged else 0)
-    return per, (2 if bias else 0)
+    per += 1 if cfg.attn_temperature_beta else 0  # attn_temp after the query's rope
+    return per, (2 if cfg.out_bias else 0)
 
 
 def _delta_nodes(opts: BuildOptions, split: bool) -> int:
@@ -118,7 +119,7 @@ def _merges(cfg: ModelConfig, opts: BuildOptions, i: int, merges: Sequence[str]
             rows = 2 * nk * cfg.linear_key_head_dim + 2 * nv * cfg.linear_value_head_dim
             ssm = t("ssm_in", rows, H) == t("ssm_ba", 2 * nv, H)
         Ns = cfg.shared_expert_intermediate_size
-        if cfg.is_moe_layer(i) and Ns:
+        if cfg.is_moe_layer(i) and Ns and cfg.shared_expert_gated:
             ty = {t("ffn_gate_inp", cfg.n_expert, H), t("ffn_gate_shexp", Ns, H), t("ffn_up_shexp", Ns, H),
                   t("ffn_gate_inp_shexp", 1, H)}
             # merge_up_gate first takes the shared gate and up away from the router's group
@@ -149,12 +150,23 @@ def _ffn(tally: _Tally, cfg: ModelConfig, r: RegionPlan, up: bool, sh: bool, ex:
     R = r.share("exps").devices
     S = r.share("shexp").devices if cfg.shared_expert_intermediate_size else ()
     both = [j for j in R if j in S]
-    routed, shared = 12 + (2 if ex else 0), 11 + (2 if sh or router else 0)
+    routed, shared = _routed_nodes(cfg) + (2 if ex else 0), _shared_nodes(cfg) + (2 if sh or router else 0)
     tally.each(devs, 2)
     tally.each(R, routed)
     tally.each(S, shared)
     tally.each(both, 1)
     return 2 * len(devs) + routed * len(R) + shared * len(S) + len(both) + tally.exit(devs, r.lead)
+
+
+def _routed_nodes(cfg: ModelConfig) -> int:
+    """Router, top-k, weights, the three expert matmuls, swiglu and sum (12 nodes), with ERNIE's
+    correction-bias leaf, on each device holding a slice of the experts."""
+    return 12 + (1 if cfg.router_bias else 0)
+
+
+def _shared_nodes(cfg: ModelConfig) -> int:
+    """The shared expert's FFN (7 nodes), with Qwen's sigmoid gate (weight, matmul, sigmoid, mul)."""
+    return 11 if cfg.shared_expert_gated else 7
 
 
 def _ends(cfg: ModelConfig, opts: BuildOptions) -> tuple[int, int]:
@@ -170,9 +182,10 @@ def n_tensors(cfg: ModelConfig, layers: Sequence[int]) -> int:
         if cfg.is_recurrent(i):
             total += 8
         else:
-            total += 5 + (4 if cfg.attention_bias else 0) + (2 if cfg.arch != "llama" else 0)
+            total += 5 + (3 if cfg.attention_bias else 0) + (1 if cfg.out_bias else 0) + (2 if cfg.qk_norm else 0)
         if cfg.is_moe_layer(i):
-            total += 5 + (4 if cfg.shared_expert_intermediate_size else 0)
+            shared = (4 if cfg.shared_expert_gated else 3) if cfg.shared_expert_intermediate_size else 0
+            total += 5 + shared + (1 if cfg.router_bias else 0)
         else:
             total += 4
     return total
@@ -240,7 +253,8 @@ def estimate_nodes(cfg: ModelConfig, opts: BuildOptions | None = None, *, merges
                 rope.add(d)
             if cfg.is_moe_layer(i):
                 Ns = cfg.shared_expert_intermediate_size
-                k += 2 + 12 + (2 if ex else 0) + ((11 + (2 if sh or router else 0) + 1) if Ns else 0) + 1
+                k += 2 + _routed_nodes(cfg) + (2 if ex else 0) + 1
+                k += (_shared_nodes(cfg) + (2 if sh or router else 0) + 1) if Ns else 0
             else:
                 k += 9 + (2 if up else 0) + 1
             tally.on(d, k)

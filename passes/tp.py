@@ -43,7 +43,7 @@ class Cut:
 
 REP, LEAD = Cut("rep"), Cut("lead")
 WEIGHTS: dict[str, Cut] = {
-    "attn_norm.weight": REP, "ffn_norm.weight": REP, "post_attention_norm.weight": REP,
+    "attn_norm.weight": REP, "ffn_norm.weight": REP, "post_attention_norm.weight": REP, "attn_post_norm.weight": REP,
     "attn_q.weight": Cut("slice", "heads", 0), "attn_q.bias": Cut("slice", "heads", 0),
     "attn_k.weight": Cut("slice", "heads", 0), "attn_k.bias": Cut("slice", "heads", 0),
     "attn_v.weight": Cut("slice", "heads", 0), "attn_v.bias": Cut("slice", "heads", 0),
@@ -54,7 +54,7 @@ WEIGHTS: dict[str, Cut] = {
     "ssm_a": Cut("slice", "kheads", 0), "ssm_norm.weight": REP, "ssm_out.weight": Cut("slice", "kheads", 1),
     "ffn_gate.weight": Cut("slice", "ff", 0), "ffn_up.weight": Cut("slice", "ff", 0),
     "ffn_down.weight": Cut("slice", "ff", 1),
-    "ffn_gate_inp.weight": REP, "ffn_gate_inp_shexp.weight": REP,
+    "ffn_gate_inp.weight": REP, "ffn_gate_inp_shexp.weight": REP, "exp_probs_b.bias": REP,
     "ffn_gate_exps.weight": Cut("slice", "exps", 1), "ffn_up_exps.weight": Cut("slice", "exps", 1),
     "ffn_down_exps.weight": Cut("slice", "exps", 2),
     "ffn_gate_shexp.weight": Cut("slice", "shexp", 0), "ffn_up_shexp.weight": Cut("slice", "shexp", 0),

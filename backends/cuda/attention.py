@@ -98,6 +98,15 @@ def rope(node: Node, args: Sequence[torch.Tensor], ctx: ExecContext) -> torch.Te
     return torch.cat((out, x[..., n_rot:]), dim=-1) if n_rot < x.shape[-1] else out
 
 
+def attn_temp(node: Node, args: Sequence[torch.Tensor], ctx: ExecContext) -> torch.Tensor:
+    """Llama-4 query temperature: the scale in f32 from the positions, cast to q's type, as
+    transformers' get_llama_4_attn_scale does."""
+    q, pos = args  # q [T,heads,d], pos [T]
+    p = pos.to(torch.float32)
+    scale = 1 + float(node.attr["beta"]) * torch.log(1 + torch.floor(p / int(node.attr["length"])))  # [T]
+    return q * scale.to(q.dtype)[:, None, None]
+
+
 def attention(node: Node, args: Sequence[torch.Tensor], ctx: ExecContext) -> torch.Tensor:
     """Causal attention: query i sits at absolute position S-T+i; q head j reads kv head j // g."""
     q, k, v = args  # q [T,hq,d], k [S,hkv,d], v [S,hkv,dv]

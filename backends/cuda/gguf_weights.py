@@ -3,7 +3,7 @@
 Tensor names are the graph's (GGUF naming) unless the ModelSource maps them. GGUF stores
 ggml's `ne` order (fastest dimension first): a tensor of ne [H, N] is the torch [N, H].
 Two conventions of llama.cpp's converter are undone so that the graph's semantics hold:
-- `llama`: Q and K rows are permuted for ggml's interleaved RoPE; the graph uses the
+- `llama`, `ministral3` (PERMUTED_QK): Q and K rows are permuted for ggml's interleaved RoPE; the graph uses the
   rotate_half pairing of transformers, so the permutation is inverted.
 - `qwen3_next`: zero-centred norm weights are stored with the 1 added; the graph's norms add
   it themselves (offset 1), so it is subtracted again.
@@ -19,6 +19,7 @@ import torch
 
 from backends.cuda.weights import WeightError, WeightInfo
 from graphir.models import ModelConfig
+from graphir.models.gguf_source import PERMUTED_QK
 
 
 def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -84,7 +85,7 @@ class GGUFWeights:
         if tuple(w.shape) != info.shape:
             raise WeightError(f"GGUF tensor {name} has shape {list(w.shape)}, the config needs {list(info.shape)}")
         cfg = self.cfg
-        if cfg.arch == "llama" and info.name.endswith(_ROPED):
+        if cfg.arch in PERMUTED_QK and info.name.endswith(_ROPED):
             heads = cfg.n_head if ".attn_q." in info.name else cfg.n_kv_head
             w = unpermute_rope(w, heads)
         if cfg.arch == "qwen3_next" and info.norm_offset == 1.0:

@@ -21,6 +21,7 @@ from typing import Callable, Mapping
 import torch
 from safetensors import safe_open
 
+from backends.cuda.gguf_weights import unpermute_rope
 from backends.cuda.weights import WeightError, WeightInfo
 from graphir.models import ModelConfig
 from graphir.models.sources import INDEX, ModelSource, weights_problem
@@ -64,7 +65,24 @@ TABLES: dict[str, list[Entry]] = {
     "qwen3_moe": _TOP + _ATTN + _FFN + _MOE + _FFN_NORM,
     "qwen3_next": _TOP + _ATTN + _FFN + _MOE + _SSM + [
         ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight", "")],
+    "seed_oss": _TOP + _ATTN + _FFN + [  # llama.cpp names the pre-FFN norm attn_post_norm here
+        ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.attn_post_norm.weight", "")],
+    "ministral3": _TOP + _ATTN + _FFN + _FFN_NORM,
+    "ernie4_5_moe": _TOP + _ATTN + _FFN + _FFN_NORM + _MOE[:4] + [
+        (f"model.layers.{{i}}.mlp.shared_experts.{p}_proj.weight", f"blk.{{i}}.ffn_{p}_shexp.weight", "")
+        for p in ("gate", "up", "down")] + [
+        ("model.layers.{i}.mlp.moe_statics.e_score_correction_bias", "blk.{i}.exp_probs_b.bias", "flat")],
 }
+TABLES["hunyuan_v1_moe"] = _TOP + [  # its own Q/K norm names first: the first matching rule wins
+    ("model.layers.{i}.self_attn.query_layernorm.weight", "blk.{i}.attn_q_norm.weight", ""),
+    ("model.layers.{i}.self_attn.key_layernorm.weight", "blk.{i}.attn_k_norm.weight", ""),
+    ("model.layers.{i}.mlp.gate.wg.weight", "blk.{i}.ffn_gate_inp.weight", "")] + _ATTN + _FFN_NORM + _MOE[1:4] + [
+    (f"model.layers.{{i}}.mlp.shared_mlp.{p}_proj.weight", f"blk.{{i}}.ffn_{p}_shexp.weight", "")
+    for p in ("gate", "up", "down")]
+# transformers keeps these families' RoPE pairs interleaved (GLM style): Q/K rows are permuted per
+# head into the NeoX halves the graph rotates (the same permutation of q and k: scores unchanged)
+INTERLEAVED_ROPE = frozenset({"ernie4_5_moe"})
+_ROPED = ("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")
 
 # tensors a checkpoint may hold that no graph uses (multi-token-prediction heads, rope caches)
 _IGNORED = re.compile(r"(^mtp\.|rotary_emb\.inv_freq$)")
@@ -73,6 +91,7 @@ _TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "": lambda t: t,
     "neg_exp": lambda t: -torch.exp(t.to(torch.float32)),
     "squeeze1": lambda t: t.squeeze(1) if t.dim() == 3 and t.shape[1] == 1 else t,
+    "flat": lambda t: t.reshape(-1),  # [1,E] -> [E]
 }
 
 
@@ -179,7 +198,10 @@ class HFCheckpoint:
         hf, tf = self._rule(info)
         if not tf.startswith("experts."):
             (name,) = self.names_for(info)
-            return self._shaped(_TRANSFORMS[tf](self._read(name)), info, name)
+            t = self._shaped(_TRANSFORMS[tf](self._read(name)), info, name)
+            if self.cfg.arch in INTERLEAVED_ROPE and info.name.endswith(_ROPED):
+                t = unpermute_rope(t, self.cfg.n_head if ".attn_q." in info.name else self.cfg.n_kv_head)
+            return t
         part = tf.split(".")[1]
         how, names = self._expert_plan(hf, part, info)
         if how == "stack":

@@ -13,10 +13,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from backends.cuda.attention import attention, kv_append, rope
+from backends.cuda.attention import attention, attn_temp, kv_append, rope
 from backends.cuda.devices import torch_device, torch_dtype
 from backends.cuda.interp import ExecContext, Kernel, Replicas
-from backends.cuda.moe import moe_matmul, moe_sum, moe_topk, moe_weights
+from backends.cuda.moe import moe_matmul, moe_sum, moe_topk, moe_topk_bias, moe_weights
 from backends.cuda.recurrent import delta_net, ssm_conv
 from graphir.graph import Node
 from graphir.ops import Op
@@ -155,12 +155,14 @@ KERNELS: dict[Op, Kernel] = {
     Op.SWIGLU: swiglu,
     Op.CAST: cast,
     Op.ROPE: rope,
+    Op.ATTN_TEMP: attn_temp,
     Op.ATTENTION: attention,
     Op.KV_APPEND: kv_append,
     Op.CONCAT: concat,
     Op.SSM_CONV: ssm_conv,
     Op.DELTA_NET: delta_net,
     Op.MOE_TOPK: moe_topk,
+    Op.MOE_TOPK_BIAS: moe_topk_bias,
     Op.MOE_WEIGHTS: moe_weights,
     Op.MOE_SUM: moe_sum,
     Op.RESHAPE: reshape,

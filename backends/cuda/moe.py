@@ -36,6 +36,12 @@ def moe_topk(node: Node, args: Sequence[torch.Tensor], ctx: ExecContext) -> torc
     return ids
 
 
+def moe_topk_bias(node: Node, args: Sequence[torch.Tensor], ctx: ExecContext) -> torch.Tensor:
+    logits, bias = args  # [T,E], [E]: the bias moves the choice, not the weights (ERNIE 4.5's router)
+    probs = torch.softmax(logits.to(torch.float32), dim=-1)
+    return torch.topk(probs + bias.to(torch.float32), int(node.attr["k"]), dim=-1).indices.to(torch.int32)  # [T,k]
+
+
 def shared_gate(gate: torch.Tensor, m: int) -> torch.Tensor:
     """f32 [T,m]: sigmoid of the shared expert's gate [T,1], taken in the gate's own type (as
     the unfolded graph's `sigmoid` node does), for each of its m slots."""

@@ -16,7 +16,8 @@ from typing import Any, Iterator
 import torch
 
 HF_CONFIGS = {"llama": "LlamaConfig", "qwen3": "Qwen3Config", "qwen3_moe": "Qwen3MoeConfig",
-              "qwen3_next": "Qwen3NextConfig"}
+              "qwen3_next": "Qwen3NextConfig", "seed_oss": "SeedOssConfig", "ministral3": "Ministral3Config",
+              "ernie4_5_moe": "Ernie4_5_MoeConfig", "hunyuan_v1_moe": "HunYuanMoEV1Config"}
 
 
 def hf_model(arch: str, seed: int = 0, **config: Any) -> Any:

@@ -6,6 +6,7 @@ Weights are [out, in] (torch's layout); names follow GGUF (`blk.{i}.attn_q.weigh
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -86,7 +87,16 @@ def rope_attrs(cfg: ModelConfig) -> dict[str, object]:
                          ("attention_factor", "attn_factor"), ("beta_fast", "beta_fast"), ("beta_slow", "beta_slow")):
             if sc.get(src) is not None:
                 attrs[dst] = float(sc[src]) if dst != "original_ctx" else int(sc[src])
+        ms, ms_all = sc.get("mscale"), sc.get("mscale_all_dim")
+        if kind == "yarn" and "attn_factor" not in attrs and ms and ms_all:
+            # transformers' YaRN: get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+            f = float(sc.get("factor") or 1.0)
+            attrs["attn_factor"] = _yarn_mscale(f, float(ms)) / _yarn_mscale(f, float(ms_all))
     return attrs
+
+
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def attention(c: Ctx, i: int, x: str, *, qk_norm: bool, gated: bool, norm_offset: float = 0.0) -> str:
@@ -110,12 +120,19 @@ def attention(c: Ctx, i: int, x: str, *, qk_norm: bool, gated: bool, norm_offset
         gate = c.view(p + "attn_gate", c.cut(p + "gate_heads", qg, 2, d, 2 * d), c.T, hq * d)
     else:
         q = c.view(p + "q_heads", q, c.T, hq, d)  # [T,hq,d]
-    if qk_norm:
+    late = cfg.qk_norm_after_rope
+    if qk_norm and not late:
         q = c.norm(p + "attn_q_norm", q, norm_offset)
         k = c.norm(p + "attn_k_norm", k, norm_offset)
     ra = rope_attrs(cfg)
     q = c.op(Op.ROPE, p + "q_rope", q, "positions", **ra)
     k = c.op(Op.ROPE, p + "k_rope", k, "positions", **ra)
+    if qk_norm and late:  # Hunyuan: the norms see the rotated heads
+        q = c.norm(p + "attn_q_norm", q, norm_offset)
+        k = c.norm(p + "attn_k_norm", k, norm_offset)
+    if cfg.attn_temperature_beta:
+        q = c.op(Op.ATTN_TEMP, p + "q_temp", q, "positions", beta=cfg.attn_temperature_beta,
+                 length=cfg.attn_temperature_len)
     kv_t = c.opts.kv_type
     ck = c.state(p + "cache_k", ("KV", hkv, d), kv_t)
     cv = c.state(p + "cache_v", ("KV", hkv, d), kv_t)
@@ -128,7 +145,7 @@ def attention(c: Ctx, i: int, x: str, *, qk_norm: bool, gated: bool, norm_offset
     if gate is not None:
         o = c.op(Op.MUL, p + "kqv_gated", o, c.op(Op.SIGMOID, p + "attn_gate_sig", gate))
     y = c.op(Op.MATMUL, p + "attn_output", o, c.w(p + "attn_output", H, hq * d))
-    if bias:
+    if cfg.out_bias:
         y = c.op(Op.ADD, p + "attn_output_b", y, c.w(p + "attn_output.bias", H))
     return y
 
@@ -142,12 +159,27 @@ def ffn(c: Ctx, prefix: str, x: str, n_ff: int, suffix: str = "") -> str:
     return c.op(Op.MATMUL, f"{prefix}ffn_down{suffix}", h, c.w(f"{prefix}ffn_down{suffix}", H, n_ff))
 
 
+def decoder_layer(c: Ctx, i: int, x: str, *, qk_norm: bool, ffn_norm: str = "ffn_norm") -> str:
+    """Pre-norm attention, then the SwiGLU FFN or (on the config's MoE layers) the experts,
+    each with its residual: [T,H] -> [T,H]. `ffn_norm` is the GGUF name of the pre-FFN norm
+    (Seed-OSS's is `attn_post_norm`)."""
+    p = f"blk.{i}."
+    a = attention(c, i, c.norm(p + "attn_norm", x), qk_norm=qk_norm, gated=False)
+    x = c.op(Op.ADD, p + "attn_residual", x, a)  # [T,H]
+    h = c.norm(p + ffn_norm, x)
+    f = moe(c, i, h) if c.cfg.is_moe_layer(i) else ffn(c, p, h, c.cfg.intermediate_size)
+    return c.op(Op.ADD, p + "l_out", x, f)
+
+
 def moe(c: Ctx, i: int, x: str) -> str:
-    """Routed experts (+ the sigmoid-gated shared expert where the model has one)."""
+    """Routed experts (+ the shared expert, sigmoid-gated or not, where the model has one)."""
     cfg, p = c.cfg, f"blk.{i}."
     E, k, N, H = cfg.n_expert, cfg.n_expert_used, cfg.moe_intermediate_size, cfg.hidden_size
     logits = c.op(Op.MATMUL, p + "ffn_gate_inp", x, c.w(p + "ffn_gate_inp", E, H))  # [T,E]
-    ids = c.op(Op.MOE_TOPK, p + "ffn_moe_topk", logits, k=k)  # [T,k]
+    if cfg.router_bias:  # ERNIE 4.5: a correction bias moves the choice of experts
+        ids = c.op(Op.MOE_TOPK_BIAS, p + "ffn_moe_topk", logits, c.w(p + "exp_probs_b.bias", E), k=k)  # [T,k]
+    else:
+        ids = c.op(Op.MOE_TOPK, p + "ffn_moe_topk", logits, k=k)  # [T,k]
     wts = c.op(Op.MOE_WEIGHTS, p + "ffn_moe_weights", logits, ids, norm=cfg.norm_topk_prob)  # [T,k]
     g = c.op(Op.MOE_MATMUL, p + "ffn_gate_exps", x, c.w(p + "ffn_gate_exps", E, N, H), ids)  # [T,k,N]
     u = c.op(Op.MOE_MATMUL, p + "ffn_up_exps", x, c.w(p + "ffn_up_exps", E, N, H), ids)
@@ -156,8 +188,9 @@ def moe(c: Ctx, i: int, x: str) -> str:
     out = c.op(Op.MOE_SUM, p + "ffn_moe_out", y, wts)  # [T,H]
     if cfg.shared_expert_intermediate_size:
         s = ffn(c, p, x, cfg.shared_expert_intermediate_size, "_shexp")
-        sg = c.op(Op.MATMUL, p + "ffn_gate_inp_shexp", x, c.w(p + "ffn_gate_inp_shexp", 1, H))  # [T,1]
-        s = c.op(Op.MUL, p + "ffn_shexp_gated", s, c.op(Op.SIGMOID, p + "ffn_shexp_sig", sg))
+        if cfg.shared_expert_gated:  # Qwen: a sigmoid gate per token; ERNIE, Hunyuan add it as is
+            sg = c.op(Op.MATMUL, p + "ffn_gate_inp_shexp", x, c.w(p + "ffn_gate_inp_shexp", 1, H))  # [T,1]
+            s = c.op(Op.MUL, p + "ffn_shexp_gated", s, c.op(Op.SIGMOID, p + "ffn_shexp_sig", sg))
         out = c.op(Op.ADD, p + "ffn_moe_shexp", out, s)
     return out
 

@@ -10,15 +10,18 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from graphir.errors import GraphirError
+from graphir.models import config_moe
+from graphir.models.config_keys import ConfigError, _bool, _get, _int, _real  # ConfigError is re-exported
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-Arch = Literal["llama", "qwen3", "qwen3_moe", "qwen3_next"]
+Arch = Literal["llama", "qwen3", "qwen3_moe", "qwen3_next", "seed_oss", "ministral3", "ernie4_5_moe", "hunyuan_v1_moe"]
 
 # model_type in config.json -> our architecture family
 MODEL_TYPES: dict[str, Arch] = {
     "llama": "llama", "mistral": "llama",
     "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "qwen3_next": "qwen3_next",
+    "seed_oss": "seed_oss", "ministral3": "ministral3", "ernie4_5_moe": "ernie4_5_moe",
+    "hunyuan_v1_moe": "hunyuan_v1_moe",
 }
 
 
@@ -30,16 +33,19 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3_moe": {"num_key_value_heads": 4, "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768},
     "qwen3_next": {"head_dim": 256, "num_key_value_heads": 2, "num_experts": 512, "num_experts_per_tok": 10,
                    "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512},
+    "seed_oss": {"head_dim": 128, "num_key_value_heads": 8, "attention_bias": True},
+    "ministral3": {"head_dim": 128, "num_key_value_heads": 8, "rms_norm_eps": 1e-5},
+    "ernie4_5_moe": {"num_key_value_heads": 4, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": True,
+                     "max_position_embeddings": 131072, "moe_num_experts": 64, "moe_k": 6, "moe_intermediate_size": 1536,
+                     "moe_num_shared_experts": 2, "moe_layer_start_index": 1, "moe_layer_end_index": -1,
+                     "moe_layer_interval": 1},
+    "hunyuan_v1_moe": {"rms_norm_eps": 1e-5, "max_position_embeddings": 2048, "num_experts": 1, "moe_topk": 1},
 }
 
 
 # The deepest model graphir builds: published models have < 200 layers; a config asking for
 # more is a typo (or an attack on the machine), refused before any list of layers is made.
 MAX_LAYERS = 4096
-
-
-class ConfigError(GraphirError):
-    """A model description graphir cannot use; the message is one line."""
 
 
 class ModelConfig(BaseModel):
@@ -60,6 +66,10 @@ class ModelConfig(BaseModel):
     partial_rotary_factor: float = 1.0
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    attention_out_bias: bool | None = None  # bias on attn_output; None: as attention_bias (Seed-OSS sets it apart)
+    # Llama-4 query temperature (Mistral 3): q * (1 + beta * ln(1 + floor(pos / length))); 0 = off
+    attn_temperature_beta: float = 0.0
+    attn_temperature_len: int = 0
     max_position_embeddings: int = 4096
     torch_dtype: str = "bfloat16"
     # mixture of experts
@@ -67,6 +77,8 @@ class ModelConfig(BaseModel):
     n_expert_used: int = 0
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
+    shared_expert_gated: bool = True  # Qwen's sigmoid gate on the shared expert; ERNIE / Hunyuan have none
+    router_bias: bool = False  # ERNIE 4.5's e_score_correction_bias (GGUF exp_probs_b): chooses experts
     norm_topk_prob: bool = True
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
@@ -97,6 +109,8 @@ class ModelConfig(BaseModel):
             raise ValueError(f"partial_rotary_factor={self.partial_rotary_factor} must be at most 1")
         if self.max_position_embeddings <= 0:
             raise ValueError(f"max_position_embeddings={self.max_position_embeddings} must be positive")
+        if self.attn_temperature_beta and self.attn_temperature_len <= 0:
+            raise ValueError("llama_4_scaling_beta needs original_max_position_embeddings > 0")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"num_attention_heads={self.n_head} is not a multiple of "
                              f"num_key_value_heads={self.n_kv_head}")
@@ -134,7 +148,22 @@ class ModelConfig(BaseModel):
     # ---- derived facts every front end and pass shares -------------------------------------
     @property
     def is_moe(self) -> bool:
-        return self.arch in ("qwen3_moe", "qwen3_next") and self.n_expert > 0
+        return self.arch in ("qwen3_moe", "qwen3_next", "ernie4_5_moe", "hunyuan_v1_moe") and self.n_expert > 0
+
+    @property
+    def out_bias(self) -> bool:
+        """Whether attn_output carries a bias."""
+        return self.attention_bias if self.attention_out_bias is None else self.attention_out_bias
+
+    @property
+    def qk_norm(self) -> bool:
+        """Whether attention has per-head RMS norms on Q and K."""
+        return self.arch in ("qwen3", "qwen3_moe", "qwen3_next", "hunyuan_v1_moe")
+
+    @property
+    def qk_norm_after_rope(self) -> bool:
+        """Hunyuan normalises the rotated Q and K (the others normalise before RoPE)."""
+        return self.arch == "hunyuan_v1_moe"
 
     @property
     def n_rot(self) -> int:
@@ -172,49 +201,6 @@ class ModelConfig(BaseModel):
         return ModelConfig(**d)
 
 
-def _get(d: dict[str, Any], *keys: str, default: Any = None) -> Any:
-    for k in keys:
-        if k in d and d[k] is not None:
-            return d[k]
-    return default
-
-
-_MISSING = object()
-
-
-def _value(d: dict[str, Any], keys: str | tuple[str, ...], default: Any) -> tuple[str, Any]:
-    names = (keys,) if isinstance(keys, str) else keys
-    v = _get(d, *names, default=_MISSING)
-    if v is _MISSING:
-        if default is _MISSING:
-            raise KeyError(names[0])
-        return names[0], default
-    return next(k for k in names if k in d and d[k] is not None), v
-
-
-def _int(d: dict[str, Any], keys: str | tuple[str, ...], default: Any = _MISSING) -> int:
-    """A count: a JSON integer. 2.5 (or 2.0, or "2") is refused, as transformers' strict
-    config classes refuse it, rather than truncated to 2."""
-    key, v = _value(d, keys, default)
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ConfigError(f"{key}: must be an integer, got {v!r}")
-    return v
-
-
-def _real(d: dict[str, Any], keys: str | tuple[str, ...], default: Any = _MISSING) -> float:
-    key, v = _value(d, keys, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ConfigError(f"{key}: must be a number, got {v!r}")
-    return float(v)
-
-
-def _bool(d: dict[str, Any], keys: str | tuple[str, ...], default: Any = _MISSING) -> bool:
-    key, v = _value(d, keys, default)
-    if not isinstance(v, bool):  # bool("false") is True: never coerce
-        raise ConfigError(f"{key}: must be true or false, got {v!r}")
-    return v
-
-
 def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     """ModelConfig from the contents of a transformers config.json."""
     if not isinstance(d, dict):
@@ -225,8 +211,12 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     if mt not in MODEL_TYPES:
         raise ConfigError(f"unknown model_type {mt!r}; supported: {', '.join(sorted(MODEL_TYPES))}")
     arch = MODEL_TYPES[mt]
-    if d.get("mlp_bias"):
-        raise ConfigError("mlp_bias=true (biases on the FFN projections) is not supported")
+    window = d.get("sliding_window", 4096 if mt == "mistral" else None)  # MistralConfig's default is 4096
+    if mt in ("mistral", "ministral3") and window is not None:
+        # transformers masks keys older than the window; graphir's attention here is full causal
+        raise ConfigError(f"sliding_window={window} is not supported for {mt} (only sliding_window=null)")
+    if d.get("mlp_bias") or (mt == "ernie4_5_moe" and d.get("use_bias")):
+        raise ConfigError("mlp_bias / use_bias = true (biases on the FFN projections) is not supported")
     d = {**{k: v for k, v in _HF_DEFAULTS.get(mt, {}).items() if k != "num_experts" or "num_local_experts" not in d},
          **d}
     rope = dict(_get(d, "rope_parameters", default={}) or {})
@@ -247,7 +237,7 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
         fields: dict[str, Any] = dict(
             arch=arch, name=name, vocab_size=_int(d, "vocab_size"), hidden_size=hidden, n_layer=n_layer,
             n_head=n_head, n_kv_head=_int(d, "num_key_value_heads", n_head),
-            head_dim=_int(d, "head_dim", hidden // n_head if n_head > 0 else 0),
+            head_dim=_int(d, ("head_dim", "attention_head_dim"), hidden // n_head if n_head > 0 else 0),
             intermediate_size=_int(d, "intermediate_size"),
             rms_norm_eps=_real(d, "rms_norm_eps", 1e-6), rope_theta=_real({"rope_theta": rope_theta}, "rope_theta"),
             rope_scaling=tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in scaling.items())),
@@ -257,6 +247,13 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
             max_position_embeddings=_int(d, "max_position_embeddings", 4096),
             torch_dtype=str(_get(d, "torch_dtype", "dtype", default="bfloat16")),
         )
+        if mt == "seed_oss":
+            fields["attention_out_bias"] = _bool(d, "attention_out_bias", False)
+        if arch == "ministral3":
+            beta = scaling.get("llama_4_scaling_beta")
+            if beta:  # the divisor is the pre-YaRN context, as transformers reads it
+                fields.update(attn_temperature_beta=_real(scaling, "llama_4_scaling_beta"),
+                              attn_temperature_len=_int(scaling, "original_max_position_embeddings"))
         if arch in ("qwen3_moe", "qwen3_next"):
             fields.update(
                 n_expert=_int(d, ("num_experts", "num_local_experts"), 0),
@@ -270,6 +267,8 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
                 mlp_only_layers=tuple(_int({"mlp_only_layers": i}, "mlp_only_layers")
                                       for i in _get(d, "mlp_only_layers", default=[])),
             )
+        if arch in ("ernie4_5_moe", "hunyuan_v1_moe"):
+            fields.update(config_moe.READERS[arch](d, n_layer, fields))
         if arch == "qwen3_next":
             types = d.get("layer_types")
             if types is None:
@@ -290,7 +289,7 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
         cfg = ModelConfig(**fields)
         # without head_dim, transformers derives it as hidden / heads: a remainder is a typo,
         # not something to truncate (LlamaConfig refuses it; an explicit head_dim defines the model)
-        if "head_dim" not in d and hidden % n_head:
+        if "head_dim" not in d and "attention_head_dim" not in d and hidden % n_head:
             raise ConfigError(f"hidden_size={hidden} is not a multiple of num_attention_heads={n_head}")
         return cfg
     except ConfigError:

@@ -14,7 +14,12 @@ from graphir.models.config import ConfigError, ModelConfig, from_hf_dict
 from graphir.models.gguf_header import read_header
 
 # GGUF general.architecture -> config.json model_type
-GGUF_ARCHES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "qwen3next": "qwen3_next"}
+GGUF_ARCHES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "qwen3next": "qwen3_next",
+               "seed_oss": "seed_oss", "mistral3": "ministral3", "ernie4_5-moe": "ernie4_5_moe",
+               "hunyuan-moe": "hunyuan_v1_moe"}
+# architectures (ours) whose GGUF Q/K rows pair RoPE dims interleaved (ggml's "norm" RoPE): the
+# converter permutes llama's and mistral3's, ERNIE's come so from transformers
+PERMUTED_QK = frozenset({"llama", "ministral3", "ernie4_5_moe"})
 
 
 def read_gguf(path: Path) -> tuple[ModelConfig, tuple[tuple[str, DType], ...]]:
@@ -60,11 +65,35 @@ def read_gguf(path: Path) -> tuple[ModelConfig, tuple[tuple[str, DType], ...]]:
     if scaling and scaling != "none":
         d["rope_scaling"] = {"rope_type": scaling, "factor": k("rope.scaling.factor", 1.0),
                              "original_max_position_embeddings": k("rope.scaling.original_context_length")}
+        if scaling == "yarn":
+            d["rope_scaling"].update(beta_fast=k("rope.scaling.yarn_beta_fast"), beta_slow=k("rope.scaling.yarn_beta_slow"))
+    if arch == "mistral3":
+        # llama.cpp keeps transformers' mscale_all_dim as yarn_log_multiplier (mscale is 1) and
+        # llama_4_scaling_beta as attention.temperature_scale
+        log_mul, temp = k("rope.scaling.yarn_log_multiplier"), k("attention.temperature_scale")
+        sc = d.setdefault("rope_scaling", {})
+        if log_mul:
+            sc.update(mscale=1.0, mscale_all_dim=log_mul)
+        if temp:
+            sc["llama_4_scaling_beta"] = temp
+    if arch == "seed_oss":
+        d["attention_out_bias"] = any(n.startswith("blk.") and n.endswith(".attn_output.bias") for n in tensors)
     if arch in ("qwen3moe", "qwen3next"):
         d.update(num_experts=k("expert_count", 0), num_experts_per_tok=k("expert_used_count", 0),
                  moe_intermediate_size=k("expert_feed_forward_length", 0),
                  shared_expert_intermediate_size=k("expert_shared_feed_forward_length", 0),
                  norm_topk_prob=bool(k("expert_weights_norm", True)))  # llama.cpp always normalises here
+    if arch == "ernie4_5-moe":
+        n_ff, shexp = k("expert_feed_forward_length", 0), k("expert_shared_feed_forward_length", 0)
+        d.update(moe_num_experts=k("expert_count", 0), moe_k=k("expert_used_count", 0), moe_intermediate_size=n_ff,
+                 moe_layer_interval=k("interleave_moe_layer_step", 1),
+                 moe_layer_start_index=k("leading_dense_block_count", 0), moe_layer_end_index=-1,
+                 moe_num_shared_experts=shexp // n_ff if n_ff else 0)
+    if arch == "hunyuan-moe":  # rope.freq_base already holds the NTK-alpha-stretched base
+        n_ff = d["intermediate_size"]
+        d.update(num_experts=k("expert_count", 0), moe_topk=k("expert_used_count", 0),
+                 moe_intermediate_size=k("expert_feed_forward_length", n_ff),
+                 num_shared_expert=k("expert_shared_feed_forward_length", n_ff) // n_ff if n_ff else 0)
     if arch == "qwen3next":
         nv = k("ssm.time_step_rank")
         d.update(full_attention_interval=k("full_attention_interval", 4), linear_conv_kernel_dim=k("ssm.conv_kernel"),

@@ -32,7 +32,9 @@ from graphir.models.config import ConfigError, ModelConfig
 from graphir.models.weights import WeightInfo, reference_weights
 
 # config.json model_type -> GGUF general.architecture (the inverse of gguf_source.GGUF_ARCHES)
-GGUF_ARCH = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "qwen3_next": "qwen3next"}
+GGUF_ARCH = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "qwen3_next": "qwen3next",
+             "seed_oss": "seed_oss", "ministral3": "mistral3", "ernie4_5_moe": "ernie4_5-moe",
+             "hunyuan_v1_moe": "hunyuan-moe"}
 ALIGNMENT = 32
 SIGMA = 0.02  # standard deviation of the random matrices (and the target of the quant scales)
 _POOL_BYTES = 1 << 21  # exact random rows per tensor; larger tensors repeat them at random row offsets
@@ -136,12 +138,23 @@ def metadata(cfg: ModelConfig, *, file_type: str = "f16") -> list[tuple[str, Any
         a("rope.scaling.factor", float(scaling.get("factor", 1.0)))
         if scaling.get("original_max_position_embeddings"):
             a("rope.scaling.original_context_length", int(scaling["original_max_position_embeddings"]))
+        for key in ("beta_fast", "beta_slow"):
+            if scaling["rope_type"] == "yarn" and scaling.get(key):
+                a(f"rope.scaling.yarn_{key}", float(scaling[key]))
+    if cfg.arch == "ministral3":
+        if scaling.get("mscale_all_dim"):
+            a("rope.scaling.yarn_log_multiplier", float(scaling["mscale_all_dim"]))
+        if cfg.attn_temperature_beta:
+            a("attention.temperature_scale", float(cfg.attn_temperature_beta))
     a("vocab_size", cfg.vocab_size)
+    if cfg.arch == "ernie4_5_moe":
+        _ernie_layers(cfg, a)
     if cfg.is_moe:
         a("expert_count", cfg.n_expert)
         a("expert_used_count", cfg.n_expert_used)
         a("expert_feed_forward_length", cfg.moe_intermediate_size)
-        a("expert_weights_norm", bool(cfg.norm_topk_prob))
+        if cfg.arch not in ("ernie4_5_moe", "hunyuan_v1_moe"):  # their converters write none (always normalised)
+            a("expert_weights_norm", bool(cfg.norm_topk_prob))
         if cfg.shared_expert_intermediate_size:
             a("expert_shared_feed_forward_length", cfg.shared_expert_intermediate_size)
     if cfg.arch == "qwen3_next":
@@ -154,6 +167,17 @@ def metadata(cfg: ModelConfig, *, file_type: str = "f16") -> list[tuple[str, Any
         a("ssm.inner_size", cfg.linear_num_value_heads * cfg.linear_value_head_dim)
     kv.append(("tokenizer.ggml.model", "none"))  # no vocabulary: {arch}.vocab_size gives the size
     return kv
+
+
+def _ernie_layers(cfg: ModelConfig, a: Callable[[str, Any], None]) -> None:
+    """llama.cpp's ERNIE 4.5 MoE layers: dense before leading_dense_block_count, then every
+    interleave_moe_layer_step-th; no end index (a config whose MoE layers stop early has no GGUF)."""
+    lead = next((i for i in range(cfg.n_layer) if i not in cfg.mlp_only_layers), cfg.n_layer)
+    if tuple(range(lead)) != tuple(sorted(cfg.mlp_only_layers)):
+        raise ConfigError("ERNIE 4.5 GGUF metadata cannot express MoE layers that end before the last layer")
+    a("leading_dense_block_count", lead)
+    a("interleave_moe_layer_step", cfg.decoder_sparse_step)
+    a("expert_shared_count", cfg.shared_expert_intermediate_size // cfg.moe_intermediate_size)
 
 
 # ---- random tensor data -------------------------------------------------------------------
