@@ -52,12 +52,27 @@ def count_nodes(g: Graph) -> NodeCount:
 
 
 # ---- per-region closed forms -----------------------------------------------------------------
-def _attn_nodes(cfg: ModelConfig, merged: bool) -> tuple[int, int]:
+def _qk_norm(cfg: ModelConfig) -> bool:
+    return cfg.use_qk_norm if cfg.arch == "glm4_moe" else cfg.arch != "llama"
+
+
+def _attn_nodes(cfg: ModelConfig, merged: bool, split: bool = False) -> tuple[int, int]:
     """(nodes per participating device, nodes on the lead only) of one attention block."""
-    gated, qk_norm, bias = cfg.arch == "qwen3_next", cfg.arch != "llama", cfg.attention_bias
+    gated, qk_norm, bias = cfg.arch == "qwen3_next", _qk_norm(cfg), cfg.attention_bias
+    out_bias = bias and cfg.arch != "glm4_moe"  # GLM biases q, k and v only
     per = 2 + 6 + 2 + 2 + 6 + 2 + 2  # norm, q/k/v, k/v heads, rope, cache, attention, wo
     per += (6 if bias else 0) + (4 + 2 if gated else 1) + (4 if qk_norm else 0) + (2 if merged else 0)
-    return per, (2 if bias else 0)
+    if split and cfg.arch == "minimax_m2":
+        per += 2  # each device slices its heads out of the whole, normed q and k
+    return per, (2 if out_bias else 0)
+
+
+def _moe_nodes(cfg: ModelConfig, ex: bool, sh: bool) -> tuple[int, int]:
+    """(routed nodes, shared-expert nodes) of one MoE block: a sigmoid router adds its bias leaf;
+    an ungated shared expert (GLM) lacks the gate's four nodes."""
+    routed = 12 + (2 if ex else 0) + (1 if cfg.sigmoid_router else 0)
+    shared = (11 if cfg.arch != "glm4_moe" else 7) + (2 if sh else 0)
+    return routed, shared
 
 
 def _delta_nodes(opts: BuildOptions, split: bool) -> int:
@@ -132,7 +147,7 @@ def _mixer(tally: _Tally, cfg: ModelConfig, opts: BuildOptions, i: int, r: Regio
            ssm: bool = False) -> int:
     devs = r.devices
     if r.kind == "attn":
-        per, lead = _attn_nodes(cfg, qkv)
+        per, lead = _attn_nodes(cfg, qkv, len(devs) > 1)
     else:
         per, lead = _delta_nodes(opts, len(devs) > 1) + (2 if ssm else 0), 0
     tally.each(devs, per)
@@ -149,7 +164,7 @@ def _ffn(tally: _Tally, cfg: ModelConfig, r: RegionPlan, up: bool, sh: bool, ex:
     R = r.share("exps").devices
     S = r.share("shexp").devices if cfg.shared_expert_intermediate_size else ()
     both = [j for j in R if j in S]
-    routed, shared = 12 + (2 if ex else 0), 11 + (2 if sh or router else 0)
+    routed, shared = _moe_nodes(cfg, ex, sh or router)
     tally.each(devs, 2)
     tally.each(R, routed)
     tally.each(S, shared)
@@ -170,9 +185,11 @@ def n_tensors(cfg: ModelConfig, layers: Sequence[int]) -> int:
         if cfg.is_recurrent(i):
             total += 8
         else:
-            total += 5 + (4 if cfg.attention_bias else 0) + (2 if cfg.arch != "llama" else 0)
+            bias = (3 if cfg.arch == "glm4_moe" else 4) if cfg.attention_bias else 0
+            total += 5 + bias + (2 if _qk_norm(cfg) else 0)
         if cfg.is_moe_layer(i):
-            total += 5 + (4 if cfg.shared_expert_intermediate_size else 0)
+            shared = (3 if cfg.arch == "glm4_moe" else 4) if cfg.shared_expert_intermediate_size else 0
+            total += 5 + (1 if cfg.sigmoid_router else 0) + shared
         else:
             total += 4
     return total
@@ -240,7 +257,8 @@ def estimate_nodes(cfg: ModelConfig, opts: BuildOptions | None = None, *, merges
                 rope.add(d)
             if cfg.is_moe_layer(i):
                 Ns = cfg.shared_expert_intermediate_size
-                k += 2 + 12 + (2 if ex else 0) + ((11 + (2 if sh or router else 0) + 1) if Ns else 0) + 1
+                routed, shared = _moe_nodes(cfg, ex, sh or router)
+                k += 2 + routed + ((shared + 1) if Ns else 0) + 1
             else:
                 k += 9 + (2 if up else 0) + 1
             tally.on(d, k)

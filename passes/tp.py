@@ -59,7 +59,13 @@ WEIGHTS: dict[str, Cut] = {
     "ffn_down_exps.weight": Cut("slice", "exps", 2),
     "ffn_gate_shexp.weight": Cut("slice", "shexp", 0), "ffn_up_shexp.weight": Cut("slice", "shexp", 0),
     "ffn_down_shexp.weight": Cut("slice", "shexp", 1),
+    "exp_probs_b.bias": REP,  # a sigmoid router's selection bias: routing runs on every device
 }
+# MiniMax-M2 norms q and k over all heads before taking them apart: ik_llama.cpp keeps wq and wk
+# whole on every device, computes and norms the full q and k there, then each device takes its
+# heads (a slice where they meet the split KV cache and attention); wv and wo split as usual
+ARCH_WEIGHTS: dict[str, dict[str, Cut]] = {"minimax_m2": {"attn_q.weight": REP, "attn_k.weight": REP}}
+NARROWED = (Op.KV_APPEND, Op.ATTENTION)  # ops where a whole value meets split heads: take the device's heads
 STATES: dict[str, Cut] = {
     "cache_k": Cut("slice", "heads", 1), "cache_v": Cut("slice", "heads", 1),
     "ssm_state": Cut("slice", "kheads", 1), "conv_state": Cut("conv", "kheads", 1),
@@ -121,7 +127,8 @@ class RegionSplit:
 
     # ---- leaves ----------------------------------------------------------------------------
     def weight(self, n: Node) -> None:
-        cut = WEIGHTS.get(self._role(n))
+        role = self._role(n)
+        cut = ARCH_WEIGHTS.get(self.cfg.arch, {}).get(role, WEIGHTS.get(role))
         if cut is None:
             raise self._fail(n, "no split rule for this weight")
         if "src" in n.attr:
@@ -257,11 +264,19 @@ class RegionSplit:
             elif n.op == Op.SLICE and attrs["dim"] == dim:
                 attrs["start"] = self._frac(n, share, j, int(attrs["start"]))
                 attrs["stop"] = self._frac(n, share, j, int(attrs["stop"]))
-            ins = [self._input(i, j) for i in n.inputs]
+            ins = [self._narrow(n, i, share, dim, j) if n.op in NARROWED and k[0] == "rep" else self._input(i, j)
+                   for i, k in zip(n.inputs, kinds)]
             if any(i is None for i in ins):
                 raise self._fail(n, f"an input has no piece on {self.devices[j]}")
             loc[j] = self.em.emit(suffix(n.name, j), n.op, ins, attrs, self.devices[j])  # type: ignore[arg-type]
         self._set(n.name, (tag, share if tag == "split" else "", dim), loc)
+
+    def _narrow(self, n: Node, name: str, share: str, dim: int, j: int) -> str:
+        """Device j's heads of a whole (replicated) value, as a slice along the split dim."""
+        size = int(self._spec(name).shape[dim])
+        lo, hi = self._range(n, share, j, size)
+        return self.em.emit(suffix(f"{name}.heads", j), Op.SLICE, [self._input(name, j) or name],
+                            {"dim": dim, "start": lo, "stop": hi}, self.devices[j])
 
     def _spec(self, name: str) -> Any:
         return self.em.index[self.loc[name][next(iter(self.loc[name]))]].spec if name in self.loc \

@@ -41,7 +41,9 @@ def hf_params(d: dict) -> int:
         cfg = AutoConfig.for_model(**d)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
-    return model.num_parameters()
+    # persistent buffers are checkpoint tensors too (sigmoid routers' e_score_correction_bias)
+    saved = set(model.state_dict())
+    return model.num_parameters() + sum(b.numel() for name, b in model.named_buffers() if name in saved)
 
 
 def graphir_params(d: dict, phase: str = "tg") -> int:

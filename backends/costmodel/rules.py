@@ -36,7 +36,7 @@ Rule = Callable[[Node, Sequence[Node], Mapping[str, int]], Work]
 # flops per output element of the cheap element-wise ops (exp, rsqrt and the like count a few)
 _VEC_FLOPS = {Op.ADD: 1, Op.MUL: 1, Op.SILU: 4, Op.SIGMOID: 4, Op.SOFTPLUS: 4, Op.SWIGLU: 5,
               Op.CAST: 1, Op.ROPE: 6, Op.RMS_NORM: 4, Op.RMS_NORM_GATED: 8, Op.CONCAT: 0,
-              Op.GET_ROWS: 0, Op.MOE_WEIGHTS: 4, Op.MOE_SUM: 2}
+              Op.GET_ROWS: 0, Op.MOE_WEIGHTS: 4, Op.MOE_SUM: 2, Op.MOE_WEIGHTS_SIGMOID: 4}
 
 
 def _nb(n: Node, env: Mapping[str, int]) -> float:
@@ -141,8 +141,9 @@ def _ssm_conv(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
 
 
 def _moe_topk(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
-    (logits,) = ins
-    return Work("vector", flops=4.0 * logits.spec.numel_at(env), actbytes=_nb(logits, env) + _nb(n, env),
+    logits = ins[0]  # moe_topk_biased also reads its selection bias [E] and takes a sigmoid first
+    wb, ab = _split_bytes(ins, env)
+    return Work("vector", flops=4.0 * len(ins) * logits.spec.numel_at(env), wbytes=wb, actbytes=ab + _nb(n, env),
                 launches=1)
 
 
@@ -177,6 +178,7 @@ RULES: dict[Op, Rule] = {
     Op.ROPE: _vector, Op.CONCAT: _vector, Op.MOE_WEIGHTS: _vector, Op.MOE_SUM: _vector,
     Op.ATTENTION: _attention, Op.KV_APPEND: _kv_append, Op.SSM_CONV: _ssm_conv,
     Op.DELTA_NET: _delta_net, Op.MOE_TOPK: _moe_topk,
+    Op.MOE_TOPK_BIASED: _moe_topk, Op.MOE_WEIGHTS_SIGMOID: _vector,
     Op.COPY: _copy, Op.ALL_REDUCE: _all_reduce,
 }
 

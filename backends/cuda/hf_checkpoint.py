@@ -57,13 +57,28 @@ _SSM: list[Entry] = [
     ("model.layers.{i}.linear_attn.out_proj.weight", "blk.{i}.ssm_out.weight", ""),
 ]
 _FFN_NORM: list[Entry] = [("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight", "")]
+_POST_NORM: list[Entry] = [("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight", "")]
+# sigmoid routers: the selection bias sits in the router (GLM) or in the MoE block (MiniMax-M2)
+_EXPERTS: list[Entry] = [_MOE[0]] + _MOE[1:4]
+_GLM_MOE: list[Entry] = _EXPERTS + [
+    ("model.layers.{i}.mlp.gate.e_score_correction_bias", "blk.{i}.exp_probs_b.bias", "")] + [
+    (f"model.layers.{{i}}.mlp.shared_experts.{p}_proj.weight", f"blk.{{i}}.ffn_{p}_shexp.weight", "")
+    for p in ("gate", "up", "down")]
+_MINIMAX_MOE: list[Entry] = [
+    ("model.layers.{i}.block_sparse_moe.gate.weight", "blk.{i}.ffn_gate_inp.weight", ""),
+    ("model.layers.{i}.block_sparse_moe.e_score_correction_bias", "blk.{i}.exp_probs_b.bias", "")] + [
+    ("model.layers.{i}.block_sparse_moe.experts", f"blk.{{i}}.ffn_{p}_exps.weight", f"experts.{p}")
+    for p in ("gate", "up", "down")]
+# per-expert tensor names where a family does not use {gate,up,down}_proj (Mixtral-style w1/w3/w2)
+_EXPERT_PARTS: dict[str, dict[str, str]] = {"minimax_m2": {"gate": "w1", "up": "w3", "down": "w2"}}
 
 TABLES: dict[str, list[Entry]] = {
     "llama": _TOP + _ATTN + _FFN + _FFN_NORM,
     "qwen3": _TOP + _ATTN + _FFN + _FFN_NORM,
     "qwen3_moe": _TOP + _ATTN + _FFN + _MOE + _FFN_NORM,
-    "qwen3_next": _TOP + _ATTN + _FFN + _MOE + _SSM + [
-        ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight", "")],
+    "qwen3_next": _TOP + _ATTN + _FFN + _MOE + _SSM + _POST_NORM,
+    "glm4_moe": _TOP + _ATTN + _FFN + _GLM_MOE + _POST_NORM,
+    "minimax_m2": _TOP + _ATTN + _MINIMAX_MOE + _FFN_NORM,
 }
 
 # tensors a checkpoint may hold that no graph uses (multi-token-prediction heads, rope caches)
@@ -74,6 +89,11 @@ _TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "neg_exp": lambda t: -torch.exp(t.to(torch.float32)),
     "squeeze1": lambda t: t.squeeze(1) if t.dim() == 3 and t.shape[1] == 1 else t,
 }
+
+
+def _layer_of(name: str) -> int:
+    m = re.search(r"\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else -1
 
 
 def _compile(table: list[Entry]) -> list[tuple[re.Pattern[str], str, str]]:
@@ -126,7 +146,8 @@ class HFCheckpoint:
 
     def _expert_plan(self, base: str, part: str, info: WeightInfo) -> tuple[str, list[str]]:
         E = info.shape[0]
-        per = [f"{base}.{j}.{part}_proj.weight" for j in range(E)]
+        per_name = _EXPERT_PARTS.get(self.cfg.arch, {}).get(part, f"{part}_proj")
+        per = [f"{base}.{j}.{per_name}.weight" for j in range(E)]
         if all(p in self.files for p in per):
             return "stack", per
         if part in ("gate", "up") and f"{base}.gate_up_proj" in self.files:
@@ -154,6 +175,8 @@ class HFCheckpoint:
         for k in self.files:
             if k in used or _IGNORED.search(k) or (k == "lm_head.weight" and self.cfg.tie_word_embeddings):
                 continue
+            if self.cfg.arch == "glm4_moe" and _layer_of(k) >= self.cfg.n_layer:
+                continue  # GLM-4.5's multi-token-prediction layer, stored after the decoder's layers
             raise WeightError(f"checkpoint tensor {k} is not part of the model the config describes "
                               f"({self.cfg.arch}, {self.cfg.n_layer} layers)")
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from backends.cuda.attention import attention, kv_append, rope
 from backends.cuda.devices import torch_device, torch_dtype
 from backends.cuda.interp import ExecContext, Kernel, Replicas
-from backends.cuda.moe import moe_matmul, moe_sum, moe_topk, moe_weights
+from backends.cuda.moe import moe_matmul, moe_sum, moe_topk, moe_topk_biased, moe_weights, moe_weights_sigmoid
 from backends.cuda.recurrent import delta_net, ssm_conv
 from graphir.graph import Node
 from graphir.ops import Op
@@ -163,6 +163,8 @@ KERNELS: dict[Op, Kernel] = {
     Op.MOE_TOPK: moe_topk,
     Op.MOE_WEIGHTS: moe_weights,
     Op.MOE_SUM: moe_sum,
+    Op.MOE_TOPK_BIASED: moe_topk_biased,
+    Op.MOE_WEIGHTS_SIGMOID: moe_weights_sigmoid,
     Op.RESHAPE: reshape,
     Op.SLICE: slice_,
     Op.COPY: copy,

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 
 HF_CONFIGS = {"llama": "LlamaConfig", "qwen3": "Qwen3Config", "qwen3_moe": "Qwen3MoeConfig",
-              "qwen3_next": "Qwen3NextConfig"}
+              "qwen3_next": "Qwen3NextConfig", "glm4_moe": "Glm4MoeConfig", "minimax_m2": "MiniMaxM2Config"}
 
 
 def hf_model(arch: str, seed: int = 0, **config: Any) -> Any:
@@ -49,6 +49,9 @@ def perturb(model: Any, zero_centred: bool, seed: int = 0) -> None:
             p.copy_(randn(p) / math.sqrt(p.shape[-1]))
         else:
             p.copy_(0.1 * randn(p))  # biases, dt_bias
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # sigmoid routers' selection bias: a buffer, saved
+            b.copy_(0.1 * randn(b))
 
 
 def save(model: Any, path: Path, **kwargs: Any) -> Path:

@@ -89,8 +89,11 @@ def rope_attrs(cfg: ModelConfig) -> dict[str, object]:
     return attrs
 
 
-def attention(c: Ctx, i: int, x: str, *, qk_norm: bool, gated: bool, norm_offset: float = 0.0) -> str:
-    """Self-attention over the KV cache. x: [T,H] normed input -> [T,H] (before the residual)."""
+def attention(c: Ctx, i: int, x: str, *, qk_norm: bool | str, gated: bool, norm_offset: float = 0.0,
+              out_bias: bool | None = None) -> str:
+    """Self-attention over the KV cache. x: [T,H] normed input -> [T,H] (before the residual).
+    qk_norm True norms each head of q and k; "all" (MiniMax-M2) one norm over all heads of q
+    and one over all of k. out_bias defaults to attention_bias (GLM has q/k/v biases only)."""
     cfg, p = c.cfg, f"blk.{i}."
     hq, hkv, d, H = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.hidden_size
     bias = cfg.attention_bias
@@ -101,7 +104,10 @@ def attention(c: Ctx, i: int, x: str, *, qk_norm: bool, gated: bool, norm_offset
         return c.op(Op.ADD, p + role + "_b", y, c.w(p + role + ".bias", rows)) if bias else y
 
     q = proj("attn_q", q_rows)
-    k = c.view(p + "k_heads", proj("attn_k", hkv * d), c.T, hkv, d)  # [T,hkv,d]
+    k = proj("attn_k", hkv * d)
+    if qk_norm == "all":  # [T,hq*d] and [T,hkv*d]: the norm spans every head
+        q, k = c.norm(p + "attn_q_norm", q), c.norm(p + "attn_k_norm", k)
+    k = c.view(p + "k_heads", k, c.T, hkv, d)  # [T,hkv,d]
     v = c.view(p + "v_heads", proj("attn_v", hkv * d), c.T, hkv, d)  # [T,hkv,d]
     gate = None
     if gated:
@@ -110,7 +116,7 @@ def attention(c: Ctx, i: int, x: str, *, qk_norm: bool, gated: bool, norm_offset
         gate = c.view(p + "attn_gate", c.cut(p + "gate_heads", qg, 2, d, 2 * d), c.T, hq * d)
     else:
         q = c.view(p + "q_heads", q, c.T, hq, d)  # [T,hq,d]
-    if qk_norm:
+    if qk_norm is True:
         q = c.norm(p + "attn_q_norm", q, norm_offset)
         k = c.norm(p + "attn_k_norm", k, norm_offset)
     ra = rope_attrs(cfg)
@@ -128,7 +134,7 @@ def attention(c: Ctx, i: int, x: str, *, qk_norm: bool, gated: bool, norm_offset
     if gate is not None:
         o = c.op(Op.MUL, p + "kqv_gated", o, c.op(Op.SIGMOID, p + "attn_gate_sig", gate))
     y = c.op(Op.MATMUL, p + "attn_output", o, c.w(p + "attn_output", H, hq * d))
-    if bias:
+    if bias if out_bias is None else out_bias:
         y = c.op(Op.ADD, p + "attn_output_b", y, c.w(p + "attn_output.bias", H))
     return y
 
@@ -142,13 +148,29 @@ def ffn(c: Ctx, prefix: str, x: str, n_ff: int, suffix: str = "") -> str:
     return c.op(Op.MATMUL, f"{prefix}ffn_down{suffix}", h, c.w(f"{prefix}ffn_down{suffix}", H, n_ff))
 
 
-def moe(c: Ctx, i: int, x: str) -> str:
-    """Routed experts (+ the sigmoid-gated shared expert where the model has one)."""
+def route(c: Ctx, p: str, logits: str) -> tuple[str, str]:
+    """Expert ids [T,k] i32 and weights [T,k] f32 from router logits [T,E]. Softmax routers
+    (Qwen) take the top-k probabilities; sigmoid routers (GLM-4.5, MiniMax-M2, DeepSeek-V3)
+    choose by sigmoid + a per-expert bias (GGUF exp_probs_b) within the best groups and weigh
+    by the sigmoid alone, renormalised and scaled by routed_scaling_factor."""
+    cfg, k = c.cfg, c.cfg.n_expert_used
+    if not cfg.sigmoid_router:
+        ids = c.op(Op.MOE_TOPK, p + "ffn_moe_topk", logits, k=k)
+        return ids, c.op(Op.MOE_WEIGHTS, p + "ffn_moe_weights", logits, ids, norm=cfg.norm_topk_prob)
+    bias = c.w(p + "exp_probs_b.bias", cfg.n_expert)
+    groups = {"groups": cfg.n_group, "groups_used": cfg.topk_group} if cfg.n_group > 1 else {}
+    ids = c.op(Op.MOE_TOPK_BIASED, p + "ffn_moe_topk", logits, bias, k=k, **groups)
+    scale = {"scale": cfg.routed_scaling_factor} if cfg.routed_scaling_factor != 1.0 else {}
+    return ids, c.op(Op.MOE_WEIGHTS_SIGMOID, p + "ffn_moe_weights", logits, ids, norm=cfg.norm_topk_prob, **scale)
+
+
+def moe(c: Ctx, i: int, x: str, shared_gate: bool = True) -> str:
+    """Routed experts (+ the shared expert where the model has one: sigmoid-gated for Qwen,
+    plainly added for GLM / DeepSeek when shared_gate is False)."""
     cfg, p = c.cfg, f"blk.{i}."
-    E, k, N, H = cfg.n_expert, cfg.n_expert_used, cfg.moe_intermediate_size, cfg.hidden_size
+    E, N, H = cfg.n_expert, cfg.moe_intermediate_size, cfg.hidden_size
     logits = c.op(Op.MATMUL, p + "ffn_gate_inp", x, c.w(p + "ffn_gate_inp", E, H))  # [T,E]
-    ids = c.op(Op.MOE_TOPK, p + "ffn_moe_topk", logits, k=k)  # [T,k]
-    wts = c.op(Op.MOE_WEIGHTS, p + "ffn_moe_weights", logits, ids, norm=cfg.norm_topk_prob)  # [T,k]
+    ids, wts = route(c, p, logits)  # [T,k], [T,k]
     g = c.op(Op.MOE_MATMUL, p + "ffn_gate_exps", x, c.w(p + "ffn_gate_exps", E, N, H), ids)  # [T,k,N]
     u = c.op(Op.MOE_MATMUL, p + "ffn_up_exps", x, c.w(p + "ffn_up_exps", E, N, H), ids)
     h = c.op(Op.SWIGLU, p + "ffn_moe_swiglu", g, u)
@@ -156,6 +178,8 @@ def moe(c: Ctx, i: int, x: str) -> str:
     out = c.op(Op.MOE_SUM, p + "ffn_moe_out", y, wts)  # [T,H]
     if cfg.shared_expert_intermediate_size:
         s = ffn(c, p, x, cfg.shared_expert_intermediate_size, "_shexp")
+        if not shared_gate:
+            return c.op(Op.ADD, p + "ffn_moe_shexp", out, s)
         sg = c.op(Op.MATMUL, p + "ffn_gate_inp_shexp", x, c.w(p + "ffn_gate_inp_shexp", 1, H))  # [T,1]
         s = c.op(Op.MUL, p + "ffn_shexp_gated", s, c.op(Op.SIGMOID, p + "ffn_shexp_sig", sg))
         out = c.op(Op.ADD, p + "ffn_moe_shexp", out, s)

@@ -13,13 +13,16 @@ from typing import Any, Literal
 from graphir.errors import GraphirError
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-Arch = Literal["llama", "qwen3", "qwen3_moe", "qwen3_next"]
+Arch = Literal["llama", "qwen3", "qwen3_moe", "qwen3_next", "glm4_moe", "minimax_m2"]
 
 # model_type in config.json -> our architecture family
 MODEL_TYPES: dict[str, Arch] = {
     "llama": "llama", "mistral": "llama",
     "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "qwen3_next": "qwen3_next",
+    "glm4_moe": "glm4_moe", "minimax_m2": "minimax_m2",
 }
+# families whose router scores experts with a sigmoid plus a selection-only bias (DeepSeek-V3 style)
+SIGMOID_ROUTED = ("glm4_moe", "minimax_m2")
 
 
 # transformers' class defaults for keys a config.json may leave out, where they differ from the
@@ -30,6 +33,12 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3_moe": {"num_key_value_heads": 4, "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768},
     "qwen3_next": {"head_dim": 256, "num_key_value_heads": 2, "num_experts": 512, "num_experts_per_tok": 10,
                    "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512},
+    # Glm4MoeConfig / MiniMaxM2Config class defaults (transformers 5)
+    "glm4_moe": {"num_key_value_heads": 8, "n_routed_experts": 128, "num_experts_per_tok": 8,
+                 "moe_intermediate_size": 1408, "n_shared_experts": 1, "first_k_dense_replace": 1,
+                 "rms_norm_eps": 1e-5, "max_position_embeddings": 131072},
+    "minimax_m2": {"head_dim": 128, "num_key_value_heads": 8, "num_local_experts": 256, "num_experts_per_tok": 8,
+                   "rope_theta": 5000000.0, "max_position_embeddings": 196608},
 }
 
 
@@ -70,6 +79,12 @@ class ModelConfig(BaseModel):
     norm_topk_prob: bool = True
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    # sigmoid routing (glm4_moe, minimax_m2): top-k of sigmoid + bias within the best groups,
+    # weights sigmoid (renormalised when norm_topk_prob) times routed_scaling_factor
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    use_qk_norm: bool = False  # glm4_moe's per-head Q/K norm switch
     # hybrid recurrent (qwen3_next): per layer "full_attention" or "linear_attention"
     layer_types: tuple[str, ...] = ()
     linear_num_key_heads: int = 0
@@ -115,6 +130,17 @@ class ModelConfig(BaseModel):
             outside = [i for i in self.mlp_only_layers if not 0 <= i < self.n_layer]
             if outside:
                 raise ValueError(f"mlp_only_layers {outside} are outside 0..{self.n_layer - 1}")
+            if self.n_group < 1 or self.n_expert % self.n_group:
+                raise ValueError(f"n_group={self.n_group} must divide n_routed_experts={self.n_expert}")
+            if not 0 < self.topk_group <= self.n_group:
+                raise ValueError(f"topk_group={self.topk_group} must be in 1..n_group={self.n_group}")
+            if self.n_group > 1 and self.n_expert // self.n_group < 2:
+                raise ValueError(f"{self.n_expert} experts in {self.n_group} groups leave fewer than 2 per group")
+            if self.n_expert_used > self.topk_group * (self.n_expert // self.n_group):
+                raise ValueError(f"num_experts_per_tok={self.n_expert_used} exceeds the experts of "
+                                 f"topk_group={self.topk_group} groups")
+        if not (math.isfinite(self.routed_scaling_factor) and self.routed_scaling_factor > 0):
+            raise ValueError(f"routed_scaling_factor={self.routed_scaling_factor} must be finite and positive")
         if self.arch == "qwen3_next":
             if len(self.layer_types) != self.n_layer:
                 raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.n_layer} layers")
@@ -134,7 +160,11 @@ class ModelConfig(BaseModel):
     # ---- derived facts every front end and pass shares -------------------------------------
     @property
     def is_moe(self) -> bool:
-        return self.arch in ("qwen3_moe", "qwen3_next") and self.n_expert > 0
+        return self.arch in ("qwen3_moe", "qwen3_next", *SIGMOID_ROUTED) and self.n_expert > 0
+
+    @property
+    def sigmoid_router(self) -> bool:
+        return self.arch in SIGMOID_ROUTED
 
     @property
     def n_rot(self) -> int:
@@ -215,6 +245,32 @@ def _bool(d: dict[str, Any], keys: str | tuple[str, ...], default: Any = _MISSIN
     return v
 
 
+_PARTIAL = {"qwen3_next": 0.25, "glm4_moe": 0.5}  # default partial_rotary_factor per family
+
+
+def _sigmoid_moe(d: dict[str, Any], arch: str, n_layer: int) -> dict[str, Any]:
+    """MoE fields of the sigmoid-routed families. GLM-4.5 names its experts n_routed_experts,
+    sizes its shared expert as n_shared_experts x moe_intermediate_size and keeps the first
+    first_k_dense_replace layers dense; MiniMax-M2's experts are intermediate_size wide."""
+    func = d.get("scoring_func", "sigmoid")
+    if func != "sigmoid":
+        raise ConfigError(f"scoring_func={func!r}: {arch} is supported with sigmoid routing only")
+    if arch == "minimax_m2":
+        if d.get("use_routing_bias") is False:
+            raise ConfigError("use_routing_bias=false is not supported for minimax_m2")
+        return dict(n_expert=_int(d, ("num_experts", "num_local_experts")), n_expert_used=_int(d, "num_experts_per_tok"),
+                    moe_intermediate_size=_int(d, "intermediate_size"), norm_topk_prob=True)
+    N = _int(d, "moe_intermediate_size")
+    dense = _int(d, "first_k_dense_replace")
+    if not 0 <= dense <= n_layer:
+        raise ConfigError(f"first_k_dense_replace={dense} must be in 0..num_hidden_layers={n_layer}")
+    return dict(n_expert=_int(d, ("n_routed_experts", "num_local_experts")), n_expert_used=_int(d, "num_experts_per_tok"),
+                moe_intermediate_size=N, shared_expert_intermediate_size=N * _int(d, "n_shared_experts"),
+                norm_topk_prob=_bool(d, "norm_topk_prob", True), mlp_only_layers=tuple(range(dense)),
+                routed_scaling_factor=_real(d, "routed_scaling_factor", 1.0), n_group=_int(d, "n_group", 1),
+                topk_group=_int(d, "topk_group", 1), use_qk_norm=_bool(d, "use_qk_norm", False))
+
+
 def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     """ModelConfig from the contents of a transformers config.json."""
     if not isinstance(d, dict):
@@ -233,7 +289,10 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     legacy = dict(_get(d, "rope_scaling", default={}) or {})
     rope_theta = _get(rope, "rope_theta", default=_get(d, "rope_theta", default=10000.0))
     partial = _get(rope, "partial_rotary_factor",
-                   default=_get(d, "partial_rotary_factor", default=0.25 if arch == "qwen3_next" else 1.0))
+                   default=_get(d, "partial_rotary_factor", default=_PARTIAL.get(arch, 1.0)))
+    if arch == "minimax_m2" and "partial_rotary_factor" not in rope and d.get("rotary_dim") is not None:
+        # released MiniMax-M2 configs give the rotary part as rotary_dim (transformers converts it)
+        partial = _real(d, "rotary_dim") / _int(d, "head_dim")
     scaling = {k: v for k, v in {**legacy, **rope}.items()
                if k not in ("rope_theta", "partial_rotary_factor")}
     if scaling.get("rope_type", scaling.get("type", "default")) == "default":
@@ -270,6 +329,8 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
                 mlp_only_layers=tuple(_int({"mlp_only_layers": i}, "mlp_only_layers")
                                       for i in _get(d, "mlp_only_layers", default=[])),
             )
+        if arch in ("glm4_moe", "minimax_m2"):
+            fields.update(_sigmoid_moe(d, arch, n_layer))
         if arch == "qwen3_next":
             types = d.get("layer_types")
             if types is None:

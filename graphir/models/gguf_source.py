@@ -14,7 +14,9 @@ from graphir.models.config import ConfigError, from_hf_dict
 from graphir.models.gguf_header import read_header
 
 # GGUF general.architecture -> config.json model_type
-GGUF_ARCHES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "qwen3next": "qwen3_next"}
+GGUF_ARCHES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "qwen3next": "qwen3_next",
+               "glm4moe": "glm4_moe", "minimax-m2": "minimax_m2"}
+SIGMOID_GATING = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
 
 
 def read_gguf(path: Path) -> "ModelSource":
@@ -65,6 +67,8 @@ def read_gguf(path: Path) -> "ModelSource":
                  moe_intermediate_size=k("expert_feed_forward_length", 0),
                  shared_expert_intermediate_size=k("expert_shared_feed_forward_length", 0),
                  norm_topk_prob=bool(k("expert_weights_norm", True)))  # llama.cpp always normalises here
+    if arch in ("glm4moe", "minimax-m2"):
+        d.update(_sigmoid_moe(path, arch, k, tensors))
     if arch == "qwen3next":
         nv = k("ssm.time_step_rank")
         d.update(full_attention_interval=k("full_attention_interval", 4), linear_conv_kernel_dim=k("ssm.conv_kernel"),
@@ -77,6 +81,25 @@ def read_gguf(path: Path) -> "ModelSource":
     cfg = from_hf_dict(d, name=path.stem)
     types = tuple((name, dt) for name, (_, dt) in tensors.items())
     return ModelSource(cfg, "gguf", path, types)
+
+
+def _sigmoid_moe(path: Path, arch: str, k: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+    """config.json keys of the sigmoid-routed families from llama.cpp's metadata. glm4moe's
+    block_count includes its multi-token-prediction layers (nextn_predict_layers), which the
+    decoder does not run; its shared expert is expert_shared_count experts wide."""
+    gating = k("expert_gating_func", SIGMOID_GATING)
+    if gating != SIGMOID_GATING:
+        raise ConfigError(f"{path}: {arch}.expert_gating_func={gating}; only sigmoid gating ({SIGMOID_GATING}) is supported")
+    d: dict[str, Any] = {"num_experts_per_tok": k("expert_used_count")}
+    if arch == "minimax-m2":
+        return {**d, "num_local_experts": k("expert_count"), "intermediate_size": k("expert_feed_forward_length")}
+    blocks = k("block_count")
+    return {**d, "num_hidden_layers": blocks - k("nextn_predict_layers", 0) if blocks is not None else None,
+            "n_routed_experts": k("expert_count"), "moe_intermediate_size": k("expert_feed_forward_length"),
+            "n_shared_experts": k("expert_shared_count", 0), "first_k_dense_replace": k("leading_dense_block_count", 0),
+            "routed_scaling_factor": float(k("expert_weights_scale", 1.0)), "norm_topk_prob": bool(k("expert_weights_norm", False)),
+            "n_group": k("expert_group_count", 1), "topk_group": k("expert_group_used_count", 1),
+            "use_qk_norm": any(n.endswith(".attn_q_norm.weight") for n in tensors)}
 
 
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:

@@ -32,7 +32,8 @@ from graphir.models.config import ConfigError, ModelConfig
 from graphir.models.weights import WeightInfo, reference_weights
 
 # config.json model_type -> GGUF general.architecture (the inverse of gguf_source.GGUF_ARCHES)
-GGUF_ARCH = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "qwen3_next": "qwen3next"}
+GGUF_ARCH = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "qwen3_next": "qwen3next",
+             "glm4_moe": "glm4moe", "minimax_m2": "minimax-m2"}
 ALIGNMENT = 32
 SIGMA = 0.02  # standard deviation of the random matrices (and the target of the quant scales)
 _POOL_BYTES = 1 << 21  # exact random rows per tensor; larger tensors repeat them at random row offsets
@@ -142,8 +143,18 @@ def metadata(cfg: ModelConfig, *, file_type: str = "f16") -> list[tuple[str, Any
         a("expert_used_count", cfg.n_expert_used)
         a("expert_feed_forward_length", cfg.moe_intermediate_size)
         a("expert_weights_norm", bool(cfg.norm_topk_prob))
-        if cfg.shared_expert_intermediate_size:
+        if cfg.shared_expert_intermediate_size and cfg.arch != "glm4_moe":
             a("expert_shared_feed_forward_length", cfg.shared_expert_intermediate_size)
+    if cfg.sigmoid_router:
+        a("expert_gating_func", 2)  # sigmoid
+    if cfg.arch == "glm4_moe":  # the keys llama.cpp's Glm4MoeModel converter writes
+        a("expert_shared_count", cfg.shared_expert_intermediate_size // cfg.moe_intermediate_size)
+        a("leading_dense_block_count", len(cfg.mlp_only_layers))
+        a("expert_weights_scale", float(cfg.routed_scaling_factor))
+        a("nextn_predict_layers", 0)  # no multi-token-prediction layer in the file
+        if cfg.n_group > 1:
+            a("expert_group_count", cfg.n_group)
+            a("expert_group_used_count", cfg.topk_group)
     if cfg.arch == "qwen3_next":
         full = cfg.attention_layers
         a("full_attention_interval", (full[0] + 1) if full else cfg.n_layer + 1)
