@@ -50,6 +50,7 @@ class Op(str, enum.Enum):
     MOE_WEIGHTS = "moe_weights"
     MOE_SUM = "moe_sum"
     MOE_TOPK_BIASED = "moe_topk_biased"
+    HEAD_MATMUL = "head_matmul"
     MOE_WEIGHTS_SIGMOID = "moe_weights_sigmoid"
     # views (no kernel)
     RESHAPE = "reshape"
@@ -254,6 +255,15 @@ def _moe_weights(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorS
     return TensorSpec(ids.shape, F32)
 
 
+def _head_matmul(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    """One matrix per head: x [T,h,in] by w [h,out,in] -> [T,h,out] (MLA's absorbed projections)."""
+    x, w = ins
+    _need(x.rank == 3 and w.rank == 3, f"head_matmul wants x [T,h,in] and w [h,out,in], got {x} {w}")
+    _need(_same(x.shape[1], w.shape[0]) and _same(x.shape[2], w.shape[2]),
+          f"head_matmul x {x} does not match weight {w} (heads, inner)")
+    return TensorSpec((x.shape[0], x.shape[1], w.shape[1]), x.dtype)
+
+
 def _moe_topk_biased(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
     """Sigmoid routing's choice: top-k of sigmoid(logits) + bias [E] within the `groups_used` best
     of `groups` expert groups (a group scores the sum of its two best); ids i32 [T,k]."""
@@ -334,6 +344,7 @@ DEFS: dict[Op, OpDef] = {d.op: d for d in (
     OpDef(Op.MOE_TOPK, 1, ("k",), ("shared",), _moe_topk),
     OpDef(Op.MOE_WEIGHTS, None, ("norm",), ("shared",), _moe_weights),  # logits, ids[, shared gate]
     OpDef(Op.MOE_SUM, 2, (), (), _moe_sum),
+    OpDef(Op.HEAD_MATMUL, 2, (), (), _head_matmul),
     OpDef(Op.MOE_TOPK_BIASED, 2, ("k",), ("groups", "groups_used"), _moe_topk_biased),  # logits, bias
     OpDef(Op.MOE_WEIGHTS_SIGMOID, 2, ("norm",), ("scale",), _moe_weights_sigmoid),  # logits, ids
     OpDef(Op.RESHAPE, 1, ("shape",), (), _reshape, 0),

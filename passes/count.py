@@ -52,12 +52,24 @@ def count_nodes(g: Graph) -> NodeCount:
 
 
 # ---- per-region closed forms -----------------------------------------------------------------
+UNGATED_SHARED = ("glm4_moe", "deepseek_v3")  # families whose shared expert is added without a gate
+
+
 def _qk_norm(cfg: ModelConfig) -> bool:
-    return cfg.use_qk_norm if cfg.arch == "glm4_moe" else cfg.arch != "llama"
+    return cfg.use_qk_norm if cfg.arch == "glm4_moe" else cfg.arch not in ("llama", "deepseek_v3")
+
+
+def _mla_nodes(cfg: ModelConfig) -> int:
+    """MLA (deepseek_v3.mla): the same on every device of a split, the latent cache replicated."""
+    # norm 2, q 2 (+4 through q_lora), q views/rope/absorb 6, kv_a 2, latent 4, k_pe 3, cache 4,
+    # q_full 1, attention 2, v_b 2, output 3
+    return 31 + (4 if cfg.q_lora_rank else 0)
 
 
 def _attn_nodes(cfg: ModelConfig, merged: bool, split: bool = False) -> tuple[int, int]:
     """(nodes per participating device, nodes on the lead only) of one attention block."""
+    if cfg.arch == "deepseek_v3":
+        return _mla_nodes(cfg), 0
     gated, qk_norm, bias = cfg.arch == "qwen3_next", _qk_norm(cfg), cfg.attention_bias
     out_bias = bias and cfg.arch != "glm4_moe"  # GLM biases q, k and v only
     per = 2 + 6 + 2 + 2 + 6 + 2 + 2  # norm, q/k/v, k/v heads, rope, cache, attention, wo
@@ -71,7 +83,7 @@ def _moe_nodes(cfg: ModelConfig, ex: bool, sh: bool) -> tuple[int, int]:
     """(routed nodes, shared-expert nodes) of one MoE block: a sigmoid router adds its bias leaf;
     an ungated shared expert (GLM) lacks the gate's four nodes."""
     routed = 12 + (2 if ex else 0) + (1 if cfg.sigmoid_router else 0)
-    shared = (11 if cfg.arch != "glm4_moe" else 7) + (2 if sh else 0)
+    shared = (7 if cfg.arch in UNGATED_SHARED else 11) + (2 if sh else 0)
     return routed, shared
 
 
@@ -114,7 +126,7 @@ def _merges(cfg: ModelConfig, opts: BuildOptions, i: int, merges: Sequence[str]
         return opts.quant(p + role + ".weight", shape, L)
 
     qkv = up = sh = ex = False
-    if "merge_qkv" in merges and not cfg.is_recurrent(i):
+    if "merge_qkv" in merges and not cfg.is_recurrent(i) and cfg.arch != "deepseek_v3":  # MLA has no q/k/v trio
         rows = cfg.n_head * cfg.head_dim * (2 if cfg.arch == "qwen3_next" else 1)
         kv = cfg.n_kv_head * cfg.head_dim
         qkv = t("attn_q", rows, H) == t("attn_k", kv, H)
@@ -186,9 +198,10 @@ def n_tensors(cfg: ModelConfig, layers: Sequence[int]) -> int:
             total += 8
         else:
             bias = (3 if cfg.arch == "glm4_moe" else 4) if cfg.attention_bias else 0
-            total += 5 + bias + (2 if _qk_norm(cfg) else 0)
+            mla = (2 + (2 if cfg.q_lora_rank else 0)) if cfg.arch == "deepseek_v3" else 0  # kv_a norm, k_b, v_b
+            total += 5 + bias + (2 if _qk_norm(cfg) else 0) + mla
         if cfg.is_moe_layer(i):
-            shared = (3 if cfg.arch == "glm4_moe" else 4) if cfg.shared_expert_intermediate_size else 0
+            shared = (3 if cfg.arch in UNGATED_SHARED else 4) if cfg.shared_expert_intermediate_size else 0
             total += 5 + (1 if cfg.sigmoid_router else 0) + shared
         else:
             total += 4

@@ -60,6 +60,11 @@ WEIGHTS: dict[str, Cut] = {
     "ffn_gate_shexp.weight": Cut("slice", "shexp", 0), "ffn_up_shexp.weight": Cut("slice", "shexp", 0),
     "ffn_down_shexp.weight": Cut("slice", "shexp", 1),
     "exp_probs_b.bias": REP,  # a sigmoid router's selection bias: routing runs on every device
+    # MLA (ik_llama.cpp's -sm graph for DEEPSEEK2): the latent projections and their norms whole on
+    # every device (each writes its own copy of the latent cache), everything per head split
+    "attn_q_a.weight": REP, "attn_q_a_norm.weight": REP, "attn_kv_a_mqa.weight": REP, "attn_kv_a_norm.weight": REP,
+    "attn_q_b.weight": Cut("slice", "heads", 0), "attn_k_b.weight": Cut("slice", "heads", 0),
+    "attn_v_b.weight": Cut("slice", "heads", 0),
 }
 # MiniMax-M2 norms q and k over all heads before taking them apart: ik_llama.cpp keeps wq and wk
 # whole on every device, computes and norms the full q and k there, then each device takes its
@@ -69,6 +74,7 @@ NARROWED = (Op.KV_APPEND, Op.ATTENTION)  # ops where a whole value meets split h
 STATES: dict[str, Cut] = {
     "cache_k": Cut("slice", "heads", 1), "cache_v": Cut("slice", "heads", 1),
     "ssm_state": Cut("slice", "kheads", 1), "conv_state": Cut("conv", "kheads", 1),
+    "cache_kv": REP,  # MLA's latent cache: one row per token for all heads, a copy on every device
 }
 CONV_PARTS = ("q", "k", "v")
 
@@ -149,6 +155,12 @@ class RegionSplit:
             raise self._fail(n, "no split rule for this state")
         key = str(n.attr["state"])
         loc, pieces = {}, {}
+        if cut.kind == "rep":  # a whole copy per device, each its own state (kept equal: same inputs)
+            for j in self.plan.devices:
+                pieces[j] = [(suffix(key, j), 0, 0, "")]
+                loc[j] = self.em.leaf(suffix(n.name, j), Op.STATE_IN, n.spec, {"state": pieces[j][0][0]}, self.devices[j])
+            self.pieces[key] = pieces
+            return self._set(n.name, _REP, loc)
         for j in self.plan.share(cut.share).devices:
             loc[j], pieces[j] = self._cut_leaf(n, Op.STATE_IN, cut, j, key)
         self.pieces[key] = pieces
@@ -185,13 +197,17 @@ class RegionSplit:
     def output(self, n: Node) -> None:
         (x,) = n.inputs
         kind = self.kind.get(x, _REP)
+        key = str(n.attr["key"])
+        if kind[0] == "rep" and key in self.pieces:  # a replicated state: every copy's next value
+            for j, ((pkey, _, _, _),) in self.pieces[key].items():
+                self.em.emit(suffix(n.name, j), Op.OUTPUT, [self.loc[x][j]], {"key": pkey}, self.devices[j])
+            return
         if kind[0] != "split":
             if kind[0] != "rep":
                 raise self._fail(n, "a graph result cannot be a partial sum")
             j = self.plan.lead
             self.em.emit(n.name, Op.OUTPUT, [self._input(x, j) or x], n.attrs, self.devices[j])
             return
-        key = str(n.attr["key"])
         if key not in self.pieces:
             raise self._fail(n, f"result {key!r} is split but is no split state")
         for j, pcs in self.pieces[key].items():
@@ -272,8 +288,11 @@ class RegionSplit:
         self._set(n.name, (tag, share if tag == "split" else "", dim), loc)
 
     def _narrow(self, n: Node, name: str, share: str, dim: int, j: int) -> str:
-        """Device j's heads of a whole (replicated) value, as a slice along the split dim."""
+        """Device j's heads of a whole (replicated) value, as a slice along the split dim; a single
+        head shared by all (MLA's latent keys and values) stays whole."""
         size = int(self._spec(name).shape[dim])
+        if size == 1:
+            return self._input(name, j) or name
         lo, hi = self._range(n, share, j, size)
         return self.em.emit(suffix(f"{name}.heads", j), Op.SLICE, [self._input(name, j) or name],
                             {"dim": dim, "start": lo, "stop": hi}, self.devices[j])

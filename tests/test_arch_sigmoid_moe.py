@@ -1,4 +1,5 @@
-"""GLM-4.5 (glm4_moe) and MiniMax-M2 (minimax_m2): the sigmoid-routed MoE families.
+"""GLM-4.5 (glm4_moe) and MiniMax-M2 (minimax_m2): the sigmoid-routed MoE families (the node
+count test also covers deepseek_v3, which routes the same way).
 
 The oracle is transformers with random weights (saved with `save_pretrained`, the selection
 bias `e_score_correction_bias` drawn too): graphir's logits equal transformers' within 1e-4
@@ -14,14 +15,13 @@ import json
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends.cuda.session import Session, greedy
-from backends.cuda.testing import hf_logits, hf_model, rel_err, save, torch_threads
+from backends.cuda.testing import cli_eval, hf_checkpoint_numel, hf_logits, hf_model, rel_err, save, torch_threads
 from graphir.cli import main
 from graphir.models import BuildOptions, build, from_hf_dict
 from graphir.models.config import ConfigError
@@ -113,23 +113,22 @@ PLACEMENTS = [  # (devices, split, ts): uneven ratios, 2 to 4 logical devices
     ("cpu,cpu", "graph", "2,1"),
     ("cpu,cpu,cpu", "graph", "3,2,1"),
     ("cpu,cpu,cpu,cpu", "graph", "1,1,2,3"),
+    ("cpu,cpu", "graph", "1,2", "default"),  # with the CUDA backend's default passes after the split
+    ("cpu,cpu,cpu", "layer", "2,1,1", "default"),
 ]
 
 
-@pytest.mark.parametrize("devices,split,ts", PLACEMENTS)
+@pytest.mark.parametrize("placement", PLACEMENTS, ids="-".join)
 @pytest.mark.parametrize("arch", sorted(FIXED))
-def test_cli_eval_placed_matches_transformers(arch: str, devices: str, split: str, ts: str, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_eval_placed_matches_transformers(arch: str, placement: tuple[str, ...], tmp_path: Path) -> None:
+    from backends.cuda.cli import DEFAULT_PASSES
+
+    devices, split, ts = placement[:3]
     model = _hf(arch, FIXED[arch], seed=1)
-    ckpt = save(model, tmp_path / "ckpt")
-    out = tmp_path / "logits.npy"
-    args = ["eval", str(ckpt), "--tokens", ",".join(map(str, PROMPT)), "--decode", "4", "--out", str(out),
-            "--devices", devices, "--split", split, "--ts", ts]
-    assert main(args) == 0, capsys.readouterr().err
-    generated = [int(x) for x in capsys.readouterr().out.strip().split(",")]
-    ref = hf_logits(model, PROMPT + generated)
-    assert rel_err(torch.from_numpy(np.load(out)), ref) < TOL
-    assert generated == [int(r.argmax()) for r in ref[len(PROMPT) - 1:-1]]
+    passes = ["--passes", DEFAULT_PASSES] if placement[3:] else []
+    err, generated, greedy_ref = cli_eval(model, save(model, tmp_path / "ckpt"), PROMPT, 4,
+                                          "--devices", devices, "--split", split, "--ts", ts, *passes)
+    assert err < TOL and generated == greedy_ref
 
 
 def test_graph_split_follows_ik_llama_cpp() -> None:
@@ -183,24 +182,13 @@ def test_gguf_matches_safetensors(tmp_path: Path) -> None:
         assert rel_err(torch.cat([s.prefill(PROMPT), s.decode(gen)]), ref) < 1e-5, arch
 
 
-def _hf_params(d: dict) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**d))
-    saved = set(model.state_dict())  # the selection bias is a saved buffer, a tensor of the checkpoint
-    return model.num_parameters() + sum(b.numel() for n, b in model.named_buffers() if n in saved)
-
-
 @pytest.mark.parametrize("arch", sorted(STRATEGIES))
 def test_params_match_transformers(arch: str) -> None:
     @settings(max_examples=15, deadline=None)
     @given(config=STRATEGIES[arch])
     def check(config: dict) -> None:
         d = {"model_type": arch, **config}
-        assert graph_stats(build(from_hf_dict(d), BuildOptions(phase="tg"))).params_total == _hf_params(d)
+        assert graph_stats(build(from_hf_dict(d), BuildOptions(phase="tg"))).params_total == hf_checkpoint_numel(d)
 
     check()
 
@@ -248,3 +236,30 @@ def test_predict_every_preset_on_every_rig(name: str, hw: str, tmp_path: Path,
         assert main(args + ["--allow-overflow"]) == 0
     text = out.read_text()
     assert "layer" in text and "graph" in text
+
+
+MLA = dict(vocab_size=40, hidden_size=24, intermediate_size=30, num_hidden_layers=3, num_attention_heads=6,
+           n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, kv_lora_rank=16, qk_rope_head_dim=4,
+           qk_nope_head_dim=6, v_head_dim=5, n_group=4, topk_group=2, **NO_IDS)
+COUNTED = [  # every family of this issue and its options
+    {"model_type": "glm4_moe", **FIXED["glm4_moe"]},
+    {"model_type": "glm4_moe", **FIXED["glm4_moe"], "attention_bias": False, "use_qk_norm": False, "n_group": 1,
+     "topk_group": 1, "first_k_dense_replace": 0},
+    {"model_type": "minimax_m2", **FIXED["minimax_m2"]},
+    {"model_type": "deepseek_v3", **MLA, "q_lora_rank": 12},
+    {"model_type": "deepseek_v3", **MLA, "q_lora_rank": None, "first_k_dense_replace": 0},
+]
+
+
+@pytest.mark.parametrize("split,n", [(None, 1), ("layer", 2), ("graph", 2), ("graph", 3)])
+@pytest.mark.parametrize("d", COUNTED, ids=lambda d: d["model_type"])
+def test_node_estimate_is_exact(d: dict, split: str | None, n: int) -> None:
+    """The closed-form node count equals the built (and placed) graph's, both phases."""
+    passes = pytest.importorskip("passes")
+    cfg = from_hf_dict(d)
+    devs = tuple(f"cuda:{k}" for k in range(n))
+    for phase in ("pp", "tg"):
+        opts = BuildOptions(phase=phase)
+        g = passes.run_pipeline(build(cfg, opts), (f"place_{split}",) if split else (),
+                                passes.PassContext(cfg=cfg, devices=devs), verify_each=False).graph
+        assert passes.estimate_nodes(cfg, opts, split=split, devices=devs).exact == len(g.nodes)

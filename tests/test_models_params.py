@@ -9,7 +9,6 @@ architecture option the builders branch on.
 from __future__ import annotations
 
 import json
-import warnings
 from importlib import resources
 
 import pytest
@@ -34,16 +33,10 @@ SETTINGS = settings(deadline=None, max_examples=20, suppress_health_check=[Healt
 
 
 def hf_params(d: dict) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from backends.cuda.testing import hf_checkpoint_numel
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cfg = AutoConfig.for_model(**d)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg)
     # persistent buffers are checkpoint tensors too (sigmoid routers' e_score_correction_bias)
-    saved = set(model.state_dict())
-    return model.num_parameters() + sum(b.numel() for name, b in model.named_buffers() if name in saved)
+    return hf_checkpoint_numel(d)
 
 
 def graphir_params(d: dict, phase: str = "tg") -> int:

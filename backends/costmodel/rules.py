@@ -110,13 +110,22 @@ def _moe_matmul(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
                 m=T * k / used, n=float(out_f), k=float(in_f), wdtype=w.spec.dtype.name)
 
 
+def _head_matmul(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
+    x, w = ins  # one [out,in] matrix per head, all read once
+    T, h, k = x.spec.bind(env)
+    out = w.spec.bind(env)[1]
+    return Work("gemm", flops=2.0 * T * h * out * k, wbytes=_nb(w, env), actbytes=_nb(x, env) + _nb(n, env),
+                launches=1, m=float(T), n=float(out), k=float(k), wdtype=w.spec.dtype.name)
+
+
 def _attention(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
     q, k, v = ins
     T, hq, d = q.spec.bind(env)
     keys = k.spec.bind(env)[0]  # KV + T: the cache including this batch
     # causal: query i of the batch sees keys - (T - 1 - i); mean keys per query = keys - (T-1)/2
     flops = 4.0 * hq * d * T * (keys - (T - 1) / 2.0)
-    kv = _nb(k, env) + _nb(v, env)
+    # MLA reads its values out of the latent keys (a view of the same cache): count them once
+    kv = _nb(k, env) + (0.0 if v.op == Op.SLICE and v.inputs[0] == k.name else _nb(v, env))
     return Work("attn", flops=flops, kvbytes=kv, actbytes=_nb(q, env) + _nb(n, env), launches=1,
                 m=float(T), n=float(hq), k=float(d), wdtype=k.spec.dtype.name)
 
@@ -178,7 +187,7 @@ RULES: dict[Op, Rule] = {
     Op.ROPE: _vector, Op.CONCAT: _vector, Op.MOE_WEIGHTS: _vector, Op.MOE_SUM: _vector,
     Op.ATTENTION: _attention, Op.KV_APPEND: _kv_append, Op.SSM_CONV: _ssm_conv,
     Op.DELTA_NET: _delta_net, Op.MOE_TOPK: _moe_topk,
-    Op.MOE_TOPK_BIASED: _moe_topk, Op.MOE_WEIGHTS_SIGMOID: _vector,
+    Op.MOE_TOPK_BIASED: _moe_topk, Op.MOE_WEIGHTS_SIGMOID: _vector, Op.HEAD_MATMUL: _head_matmul,
     Op.COPY: _copy, Op.ALL_REDUCE: _all_reduce,
 }
 

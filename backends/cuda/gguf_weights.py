@@ -17,6 +17,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from backends.cuda.mla_weights import mla_from_gguf
 from backends.cuda.weights import WeightError, WeightInfo
 from graphir.models import ModelConfig
 
@@ -81,9 +82,11 @@ class GGUFWeights:
         except NotImplementedError as e:
             raise WeightError(f"{name}: {e}") from None
         w = torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))  # a copy: the file is mapped read-only
+        cfg = self.cfg
+        if cfg.arch == "deepseek_v3":
+            w = mla_from_gguf(info, w, cfg)
         if tuple(w.shape) != info.shape:
             raise WeightError(f"GGUF tensor {name} has shape {list(w.shape)}, the config needs {list(info.shape)}")
-        cfg = self.cfg
         if cfg.arch == "llama" and info.name.endswith(_ROPED):
             heads = cfg.n_head if ".attn_q." in info.name else cfg.n_kv_head
             w = unpermute_rope(w, heads)

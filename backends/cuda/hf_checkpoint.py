@@ -21,6 +21,7 @@ from typing import Callable, Mapping
 import torch
 from safetensors import safe_open
 
+from backends.cuda.mla_weights import TRANSFORMS as MLA_TRANSFORMS, mla_weight
 from backends.cuda.weights import WeightError, WeightInfo
 from graphir.models import ModelConfig
 from graphir.models.sources import INDEX, ModelSource, weights_problem
@@ -69,6 +70,18 @@ _MINIMAX_MOE: list[Entry] = [
     ("model.layers.{i}.block_sparse_moe.e_score_correction_bias", "blk.{i}.exp_probs_b.bias", "")] + [
     ("model.layers.{i}.block_sparse_moe.experts", f"blk.{{i}}.ffn_{p}_exps.weight", f"experts.{p}")
     for p in ("gate", "up", "down")]
+_MLA: list[Entry] = [
+    ("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight", ""),
+    ("model.layers.{i}.self_attn.q_a_proj.weight", "blk.{i}.attn_q_a.weight", ""),
+    ("model.layers.{i}.self_attn.q_a_layernorm.weight", "blk.{i}.attn_q_a_norm.weight", ""),
+    ("model.layers.{i}.self_attn.q_b_proj.weight", "blk.{i}.attn_q_b.weight", "mla_q"),
+    ("model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight", "mla_q"),
+    ("model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight", "blk.{i}.attn_kv_a_mqa.weight", "mla_kv_a"),
+    ("model.layers.{i}.self_attn.kv_a_layernorm.weight", "blk.{i}.attn_kv_a_norm.weight", ""),
+    ("model.layers.{i}.self_attn.kv_b_proj.weight", "blk.{i}.attn_k_b.weight", "mla_k_b"),
+    ("model.layers.{i}.self_attn.kv_b_proj.weight", "blk.{i}.attn_v_b.weight", "mla_v_b"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight", ""),
+]
 # per-expert tensor names where a family does not use {gate,up,down}_proj (Mixtral-style w1/w3/w2)
 _EXPERT_PARTS: dict[str, dict[str, str]] = {"minimax_m2": {"gate": "w1", "up": "w3", "down": "w2"}}
 
@@ -79,6 +92,7 @@ TABLES: dict[str, list[Entry]] = {
     "qwen3_next": _TOP + _ATTN + _FFN + _MOE + _SSM + _POST_NORM,
     "glm4_moe": _TOP + _ATTN + _FFN + _GLM_MOE + _POST_NORM,
     "minimax_m2": _TOP + _ATTN + _MINIMAX_MOE + _FFN_NORM,
+    "deepseek_v3": _TOP + _MLA + _FFN + _GLM_MOE + _FFN_NORM,
 }
 
 # tensors a checkpoint may hold that no graph uses (multi-token-prediction heads, rope caches)
@@ -175,8 +189,8 @@ class HFCheckpoint:
         for k in self.files:
             if k in used or _IGNORED.search(k) or (k == "lm_head.weight" and self.cfg.tie_word_embeddings):
                 continue
-            if self.cfg.arch == "glm4_moe" and _layer_of(k) >= self.cfg.n_layer:
-                continue  # GLM-4.5's multi-token-prediction layer, stored after the decoder's layers
+            if self.cfg.arch in ("glm4_moe", "deepseek_v3") and _layer_of(k) >= self.cfg.n_layer:
+                continue  # the multi-token-prediction layer, stored after the decoder's layers
             raise WeightError(f"checkpoint tensor {k} is not part of the model the config describes "
                               f"({self.cfg.arch}, {self.cfg.n_layer} layers)")
 
@@ -202,7 +216,9 @@ class HFCheckpoint:
         hf, tf = self._rule(info)
         if not tf.startswith("experts."):
             (name,) = self.names_for(info)
-            return self._shaped(_TRANSFORMS[tf](self._read(name)), info, name)
+            t = self._read(name)
+            t = mla_weight(tf, t, self.cfg) if tf in MLA_TRANSFORMS else _TRANSFORMS[tf](t)
+            return self._shaped(t, info, name)
         part = tf.split(".")[1]
         how, names = self._expert_plan(hf, part, info)
         if how == "stack":

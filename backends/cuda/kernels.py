@@ -51,6 +51,11 @@ def matmul(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     return F.linear(x, w.to(x.dtype))
 
 
+def head_matmul(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    x, w = args  # [T,h,in], [h,out,in]
+    return torch.einsum("thi,hoi->tho", x, w.to(x.dtype))  # [T,h,out]
+
+
 def rms_norm(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     """y = x * rsqrt(mean(x^2) + eps) * (w + offset), normalised in f32.
     offset 0 (LlamaRMSNorm): cast the normalised x back to x's type, then multiply by w.
@@ -164,6 +169,7 @@ KERNELS: dict[Op, Kernel] = {
     Op.MOE_WEIGHTS: moe_weights,
     Op.MOE_SUM: moe_sum,
     Op.MOE_TOPK_BIASED: moe_topk_biased,
+    Op.HEAD_MATMUL: head_matmul,
     Op.MOE_WEIGHTS_SIGMOID: moe_weights_sigmoid,
     Op.RESHAPE: reshape,
     Op.SLICE: slice_,

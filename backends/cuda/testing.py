@@ -16,7 +16,8 @@ from typing import Any, Iterator
 import torch
 
 HF_CONFIGS = {"llama": "LlamaConfig", "qwen3": "Qwen3Config", "qwen3_moe": "Qwen3MoeConfig",
-              "qwen3_next": "Qwen3NextConfig", "glm4_moe": "Glm4MoeConfig", "minimax_m2": "MiniMaxM2Config"}
+              "qwen3_next": "Qwen3NextConfig", "glm4_moe": "Glm4MoeConfig", "minimax_m2": "MiniMaxM2Config",
+              "deepseek_v3": "DeepseekV3Config"}
 
 
 def hf_model(arch: str, seed: int = 0, **config: Any) -> Any:
@@ -99,3 +100,37 @@ def patch_triton_interpreter() -> None:
 
     interp._patch_lang_tensor = patched
     interp._graphir_patched = True
+
+
+def hf_checkpoint_numel(config: dict[str, Any]) -> int:
+    """Elements of every tensor a transformers model of this config.json saves (built on the meta
+    device): its parameters plus its persistent buffers (sigmoid routers' e_score_correction_bias)."""
+    import warnings
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    saved = set(model.state_dict())
+    return model.num_parameters() + sum(b.numel() for name, b in model.named_buffers() if name in saved)
+
+
+def cli_eval(model: Any, ckpt: Path, prompt: list[int], decode: int, *args: str) -> tuple[float, list[int], list[int]]:
+    """`graphir eval` of a saved checkpoint with extra CLI args (placement); returns the logits'
+    error relative to transformers (`model`) over prompt + generated, graphir's generated ids, and
+    transformers' greedy choices at the same rows."""
+    import numpy as np
+
+    from graphir.cli import main
+
+    out = ckpt.parent / f"{ckpt.name}.logits.npy"
+    rc = main(["eval", str(ckpt), "--tokens", ",".join(map(str, prompt)), "--decode", str(decode), "--out", str(out),
+               *args])
+    if rc != 0:
+        raise AssertionError(f"graphir eval exited {rc}")
+    logits = torch.from_numpy(np.load(out))
+    generated = [int(r.argmax()) for r in logits[len(prompt) - 1:-1]]
+    ref = hf_logits(model, prompt + generated)
+    return rel_err(logits, ref), generated, [int(r.argmax()) for r in ref[len(prompt) - 1:-1]]

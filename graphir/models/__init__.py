@@ -5,12 +5,12 @@ from __future__ import annotations
 from types import ModuleType
 
 from graphir.graph import Graph
-from graphir.models import glm4_moe, llama, minimax_m2, qwen3, qwen3_moe, qwen3_next
+from graphir.models import deepseek_v3, glm4_moe, llama, minimax_m2, qwen3, qwen3_moe, qwen3_next
 from graphir.models.common import BuildOptions, Ctx, embed, head
 from graphir.models.config import ConfigError, ModelConfig, from_hf_dict
 
 ARCHES: dict[str, ModuleType] = {"llama": llama, "qwen3": qwen3, "qwen3_moe": qwen3_moe, "qwen3_next": qwen3_next,
-                              "glm4_moe": glm4_moe, "minimax_m2": minimax_m2}
+                              "glm4_moe": glm4_moe, "minimax_m2": minimax_m2, "deepseek_v3": deepseek_v3}
 
 __all__ = ["ARCHES", "BuildOptions", "ConfigError", "ModelConfig", "build", "from_hf_dict"]
 

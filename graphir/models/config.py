@@ -13,16 +13,17 @@ from typing import Any, Literal
 from graphir.errors import GraphirError
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-Arch = Literal["llama", "qwen3", "qwen3_moe", "qwen3_next", "glm4_moe", "minimax_m2"]
+Arch = Literal["llama", "qwen3", "qwen3_moe", "qwen3_next", "glm4_moe", "minimax_m2", "deepseek_v3"]
 
 # model_type in config.json -> our architecture family
 MODEL_TYPES: dict[str, Arch] = {
     "llama": "llama", "mistral": "llama",
     "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "qwen3_next": "qwen3_next",
     "glm4_moe": "glm4_moe", "minimax_m2": "minimax_m2",
+    "deepseek_v3": "deepseek_v3", "kimi_k2": "deepseek_v3",  # Kimi-K2 ships DeepseekV3ForCausalLM
 }
 # families whose router scores experts with a sigmoid plus a selection-only bias (DeepSeek-V3 style)
-SIGMOID_ROUTED = ("glm4_moe", "minimax_m2")
+SIGMOID_ROUTED = ("glm4_moe", "minimax_m2", "deepseek_v3")
 
 
 # transformers' class defaults for keys a config.json may leave out, where they differ from the
@@ -37,9 +38,14 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "glm4_moe": {"num_key_value_heads": 8, "n_routed_experts": 128, "num_experts_per_tok": 8,
                  "moe_intermediate_size": 1408, "n_shared_experts": 1, "first_k_dense_replace": 1,
                  "rms_norm_eps": 1e-5, "max_position_embeddings": 131072},
+    "deepseek_v3": {"n_routed_experts": 256, "num_experts_per_tok": 8, "moe_intermediate_size": 2048,
+                    "n_shared_experts": 1, "first_k_dense_replace": 3, "routed_scaling_factor": 2.5, "n_group": 8,
+                    "topk_group": 4, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64,
+                    "qk_nope_head_dim": 128, "v_head_dim": 128, "rope_interleave": True},
     "minimax_m2": {"head_dim": 128, "num_key_value_heads": 8, "num_local_experts": 256, "num_experts_per_tok": 8,
                    "rope_theta": 5000000.0, "max_position_embeddings": 196608},
 }
+_HF_DEFAULTS["kimi_k2"] = _HF_DEFAULTS["deepseek_v3"]  # Kimi-K2 configs name the DeepSeek-V3 class
 
 
 # The deepest model graphir builds: published models have < 200 layers; a config asking for
@@ -85,6 +91,13 @@ class ModelConfig(BaseModel):
     n_group: int = 1
     topk_group: int = 1
     use_qk_norm: bool = False  # glm4_moe's per-head Q/K norm switch
+    # multi-head latent attention (deepseek_v3): head_dim is the rotary part qk_rope_head_dim;
+    # the cache holds kv_lora_rank + head_dim per token, shared by every head
+    q_lora_rank: int = 0  # 0: q projected directly from the hidden state
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # checkpoints store the rotary dims as interleaved pairs
     # hybrid recurrent (qwen3_next): per layer "full_attention" or "linear_attention"
     layer_types: tuple[str, ...] = ()
     linear_num_key_heads: int = 0
@@ -141,6 +154,15 @@ class ModelConfig(BaseModel):
                                  f"topk_group={self.topk_group} groups")
         if not (math.isfinite(self.routed_scaling_factor) and self.routed_scaling_factor > 0):
             raise ValueError(f"routed_scaling_factor={self.routed_scaling_factor} must be finite and positive")
+        if self.arch == "deepseek_v3":
+            mla = {"kv_lora_rank": self.kv_lora_rank, "qk_nope_head_dim": self.qk_nope_head_dim,
+                   "v_head_dim": self.v_head_dim}
+            bad = [f"{k}={v}" for k, v in mla.items() if v <= 0] + (
+                [f"q_lora_rank={self.q_lora_rank}"] if self.q_lora_rank < 0 else [])
+            if bad:
+                raise ValueError(f"multi-head latent attention needs positive sizes: {', '.join(bad)}")
+            if self.attention_bias:
+                raise ValueError("attention_bias=true is not supported for deepseek_v3")
         if self.arch == "qwen3_next":
             if len(self.layer_types) != self.n_layer:
                 raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.n_layer} layers")
@@ -248,29 +270,6 @@ def _bool(d: dict[str, Any], keys: str | tuple[str, ...], default: Any = _MISSIN
 _PARTIAL = {"qwen3_next": 0.25, "glm4_moe": 0.5}  # default partial_rotary_factor per family
 
 
-def _sigmoid_moe(d: dict[str, Any], arch: str, n_layer: int) -> dict[str, Any]:
-    """MoE fields of the sigmoid-routed families. GLM-4.5 names its experts n_routed_experts,
-    sizes its shared expert as n_shared_experts x moe_intermediate_size and keeps the first
-    first_k_dense_replace layers dense; MiniMax-M2's experts are intermediate_size wide."""
-    func = d.get("scoring_func", "sigmoid")
-    if func != "sigmoid":
-        raise ConfigError(f"scoring_func={func!r}: {arch} is supported with sigmoid routing only")
-    if arch == "minimax_m2":
-        if d.get("use_routing_bias") is False:
-            raise ConfigError("use_routing_bias=false is not supported for minimax_m2")
-        return dict(n_expert=_int(d, ("num_experts", "num_local_experts")), n_expert_used=_int(d, "num_experts_per_tok"),
-                    moe_intermediate_size=_int(d, "intermediate_size"), norm_topk_prob=True)
-    N = _int(d, "moe_intermediate_size")
-    dense = _int(d, "first_k_dense_replace")
-    if not 0 <= dense <= n_layer:
-        raise ConfigError(f"first_k_dense_replace={dense} must be in 0..num_hidden_layers={n_layer}")
-    return dict(n_expert=_int(d, ("n_routed_experts", "num_local_experts")), n_expert_used=_int(d, "num_experts_per_tok"),
-                moe_intermediate_size=N, shared_expert_intermediate_size=N * _int(d, "n_shared_experts"),
-                norm_topk_prob=_bool(d, "norm_topk_prob", True), mlp_only_layers=tuple(range(dense)),
-                routed_scaling_factor=_real(d, "routed_scaling_factor", 1.0), n_group=_int(d, "n_group", 1),
-                topk_group=_int(d, "topk_group", 1), use_qk_norm=_bool(d, "use_qk_norm", False))
-
-
 def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     """ModelConfig from the contents of a transformers config.json."""
     if not isinstance(d, dict):
@@ -329,8 +328,12 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
                 mlp_only_layers=tuple(_int({"mlp_only_layers": i}, "mlp_only_layers")
                                       for i in _get(d, "mlp_only_layers", default=[])),
             )
-        if arch in ("glm4_moe", "minimax_m2"):
-            fields.update(_sigmoid_moe(d, arch, n_layer))
+        if arch in SIGMOID_ROUTED:
+            from graphir.models.config_families import mla, sigmoid_moe  # they read with this module's helpers
+
+            fields.update(sigmoid_moe(d, arch, n_layer))
+            if arch == "deepseek_v3":
+                fields.update(mla(d))
         if arch == "qwen3_next":
             types = d.get("layer_types")
             if types is None:
@@ -351,7 +354,7 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
         cfg = ModelConfig(**fields)
         # without head_dim, transformers derives it as hidden / heads: a remainder is a typo,
         # not something to truncate (LlamaConfig refuses it; an explicit head_dim defines the model)
-        if "head_dim" not in d and hidden % n_head:
+        if "head_dim" not in d and hidden % n_head and arch != "deepseek_v3":
             raise ConfigError(f"hidden_size={hidden} is not a multiple of num_attention_heads={n_head}")
         return cfg
     except ConfigError:

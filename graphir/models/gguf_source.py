@@ -15,7 +15,7 @@ from graphir.models.gguf_header import read_header
 
 # GGUF general.architecture -> config.json model_type
 GGUF_ARCHES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "qwen3next": "qwen3_next",
-               "glm4moe": "glm4_moe", "minimax-m2": "minimax_m2"}
+               "glm4moe": "glm4_moe", "minimax-m2": "minimax_m2", "deepseek2": "deepseek_v3"}
 SIGMOID_GATING = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
 
 
@@ -56,7 +56,7 @@ def read_gguf(path: Path) -> "ModelSource":
         "attention_bias": any(n.startswith("blk.") and n.endswith(".attn_q.bias") for n in tensors),
     }
     n_rot = k("rope.dimension_count")
-    if n_rot and head_dim and n_rot != head_dim:
+    if n_rot and head_dim and n_rot != head_dim and arch != "deepseek2":  # MLA: only the rope part rotates
         d["partial_rotary_factor"] = n_rot / head_dim
     scaling = k("rope.scaling.type")
     if scaling and scaling != "none":
@@ -67,8 +67,10 @@ def read_gguf(path: Path) -> "ModelSource":
                  moe_intermediate_size=k("expert_feed_forward_length", 0),
                  shared_expert_intermediate_size=k("expert_shared_feed_forward_length", 0),
                  norm_topk_prob=bool(k("expert_weights_norm", True)))  # llama.cpp always normalises here
-    if arch in ("glm4moe", "minimax-m2"):
+    if arch in ("glm4moe", "minimax-m2", "deepseek2"):
         d.update(_sigmoid_moe(path, arch, k, tensors))
+    if arch == "deepseek2":
+        d.update(_mla(k, d))
     if arch == "qwen3next":
         nv = k("ssm.time_step_rank")
         d.update(full_attention_interval=k("full_attention_interval", 4), linear_conv_kernel_dim=k("ssm.conv_kernel"),
@@ -93,13 +95,28 @@ def _sigmoid_moe(path: Path, arch: str, k: Any, tensors: dict[str, Any]) -> dict
     d: dict[str, Any] = {"num_experts_per_tok": k("expert_used_count")}
     if arch == "minimax-m2":
         return {**d, "num_local_experts": k("expert_count"), "intermediate_size": k("expert_feed_forward_length")}
-    blocks = k("block_count")
-    return {**d, "num_hidden_layers": blocks - k("nextn_predict_layers", 0) if blocks is not None else None,
+    blocks, nextn = k("block_count"), k("nextn_predict_layers", 0) if arch == "glm4moe" else 0
+    return {**d, "num_hidden_layers": blocks - nextn if blocks is not None else None,
             "n_routed_experts": k("expert_count"), "moe_intermediate_size": k("expert_feed_forward_length"),
             "n_shared_experts": k("expert_shared_count", 0), "first_k_dense_replace": k("leading_dense_block_count", 0),
             "routed_scaling_factor": float(k("expert_weights_scale", 1.0)), "norm_topk_prob": bool(k("expert_weights_norm", False)),
             "n_group": k("expert_group_count", 1), "topk_group": k("expert_group_used_count", 1),
             "use_qk_norm": any(n.endswith(".attn_q_norm.weight") for n in tensors)}
+
+
+def _mla(k: Any, d: dict[str, Any]) -> dict[str, Any]:
+    """deepseek2's attention keys: key_length is nope + rope, rope.dimension_count the rope part;
+    the file keeps the checkpoint's interleaved rotary rows. YaRN's mscale_all_dim travels as
+    yarn_log_multiplier = 0.1 * mscale_all_dim (llama.cpp assumes mscale equal to it)."""
+    rope, key = k("rope.dimension_count"), k("attention.key_length")
+    out: dict[str, Any] = {"q_lora_rank": k("attention.q_lora_rank"), "kv_lora_rank": k("attention.kv_lora_rank"),
+                           "qk_rope_head_dim": rope, "qk_nope_head_dim": key - rope if key and rope else None,
+                           "v_head_dim": k("attention.value_length"), "rope_interleave": True, "head_dim": rope}
+    mul = k("rope.scaling.yarn_log_multiplier")
+    if "rope_scaling" in d and mul:
+        m = round(float(mul) / 0.1, 6)
+        out["rope_scaling"] = {**d["rope_scaling"], "mscale": m, "mscale_all_dim": m}
+    return out
 
 
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
