@@ -125,6 +125,14 @@ def test_params_match_transformers(config: dict) -> None:
     assert graph_stats(build(from_hf_dict(d), BuildOptions(phase="tg"))).params_total == hf_checkpoint_numel(d)
 
 
+def test_presets_active_parameters_are_the_published_ones() -> None:
+    """DeepSeek-V3: 671 B parameters, 37 B active per token (8 of 256 experts); Kimi-K2: ~1 T, 32 B."""
+    ds = graph_stats(build(load_preset("deepseek-v3"), BuildOptions(phase="tg")))
+    kimi = graph_stats(build(load_preset("kimi-k2"), BuildOptions(phase="tg")))
+    assert round(ds.params_total / 1e9) == 671 and round(ds.params_active / 1e9) in (37, 38)
+    assert round(kimi.params_total / 1e12, 2) == 1.03 and round(kimi.params_active / 1e9) == 33
+
+
 def test_kimi_k2_config_is_this_family() -> None:
     cfg = from_hf_dict({**FIXED, "model_type": "kimi_k2"})
     assert cfg.arch == "deepseek_v3" and cfg.kv_lora_rank == 16
@@ -141,7 +149,7 @@ def test_bad_configs_are_one_line_errors(change: dict, msg: str) -> None:
 
 
 @pytest.mark.parametrize("hw", ["2x3090", "4x3090", "2xH200"])
-@pytest.mark.parametrize("name", ["deepseek-v3", "kimi-k2"])
+@pytest.mark.parametrize("name", ["deepseek-v3", "deepseek-r1", "kimi-k2"])
 def test_predict_every_preset_on_every_rig(name: str, hw: str, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     """Too large for every rig here even in Q4_K_M: the clean does-not-fit error, then

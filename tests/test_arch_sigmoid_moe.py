@@ -263,3 +263,17 @@ def test_node_estimate_is_exact(d: dict, split: str | None, n: int) -> None:
         g = passes.run_pipeline(build(cfg, opts), (f"place_{split}",) if split else (),
                                 passes.PassContext(cfg=cfg, devices=devs), verify_each=False).graph
         assert passes.estimate_nodes(cfg, opts, split=split, devices=devs).exact == len(g.nodes)
+
+
+@pytest.mark.parametrize("d", COUNTED[::2], ids=lambda d: d["model_type"])
+def test_auto_placement_matches_unplaced(d: dict) -> None:
+    """`--split auto` (the cost-model search) on four logical devices keeps the logits."""
+    from backends.cuda.cli import make_transform
+
+    cfg = from_hf_dict(d)
+    devs = tuple(f"cpu:{k}" for k in range(4))
+    ref, gen = greedy(Session(cfg, "random", "cpu", 16, seed=3), PROMPT, 3)
+    s = Session(cfg, "random", "cpu:0", 16, seed=3,
+                transform=make_transform(cfg, devs, "auto", ubatch=8, tg=4, ctx=16, hw="4xH200"))
+    got = torch.cat([s.prefill(PROMPT[:5]), s.prefill(PROMPT[5:]), s.decode(gen)])
+    assert rel_err(got, ref) < 1e-5 and len(s.graphs["pp"].device_list()) > 1
