@@ -158,7 +158,8 @@ class RegionSplit:
         if cut.kind == "rep":  # a whole copy per device, each its own state (kept equal: same inputs)
             for j in self.plan.devices:
                 pieces[j] = [(suffix(key, j), 0, 0, "")]
-                loc[j] = self.em.leaf(suffix(n.name, j), Op.STATE_IN, n.spec, {"state": pieces[j][0][0]}, self.devices[j])
+                loc[j] = self.em.leaf(suffix(n.name, j), Op.STATE_IN, n.spec, {"state": suffix(key, j)},
+                                      self.devices[j])
             self.pieces[key] = pieces
             return self._set(n.name, _REP, loc)
         for j in self.plan.share(cut.share).devices:

@@ -58,7 +58,8 @@ _SSM: list[Entry] = [
     ("model.layers.{i}.linear_attn.out_proj.weight", "blk.{i}.ssm_out.weight", ""),
 ]
 _FFN_NORM: list[Entry] = [("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight", "")]
-_POST_NORM: list[Entry] = [("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight", "")]
+_POST_NORM: list[Entry] = [
+    ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight", "")]
 # sigmoid routers: the selection bias sits in the router (GLM) or in the MoE block (MiniMax-M2)
 _EXPERTS: list[Entry] = [_MOE[0]] + _MOE[1:4]
 _GLM_MOE: list[Entry] = _EXPERTS + [

@@ -18,13 +18,15 @@ def sigmoid_moe(d: dict[str, Any], arch: str, n_layer: int) -> dict[str, Any]:
     if arch == "minimax_m2":
         if d.get("use_routing_bias") is False:
             raise ConfigError("use_routing_bias=false is not supported for minimax_m2")
-        return dict(n_expert=_int(d, ("num_experts", "num_local_experts")), n_expert_used=_int(d, "num_experts_per_tok"),
+        return dict(n_expert=_int(d, ("num_experts", "num_local_experts")),
+                    n_expert_used=_int(d, "num_experts_per_tok"),
                     moe_intermediate_size=_int(d, "intermediate_size"), norm_topk_prob=True)
     N = _int(d, "moe_intermediate_size")
     dense = _int(d, "first_k_dense_replace")
     if not 0 <= dense <= n_layer:
         raise ConfigError(f"first_k_dense_replace={dense} must be in 0..num_hidden_layers={n_layer}")
-    return dict(n_expert=_int(d, ("n_routed_experts", "num_local_experts")), n_expert_used=_int(d, "num_experts_per_tok"),
+    return dict(n_expert=_int(d, ("n_routed_experts", "num_local_experts")),
+                n_expert_used=_int(d, "num_experts_per_tok"),
                 moe_intermediate_size=N, shared_expert_intermediate_size=N * _int(d, "n_shared_experts"),
                 norm_topk_prob=_bool(d, "norm_topk_prob", True), mlp_only_layers=tuple(range(dense)),
                 routed_scaling_factor=_real(d, "routed_scaling_factor", 1.0), n_group=_int(d, "n_group", 1),

@@ -39,10 +39,12 @@ def scale_and_rope(c: Ctx) -> tuple[float, dict[str, object]]:
 def mla(c: Ctx, i: int, x: str) -> str:
     """x [T,H] normed -> [T,H] (before the residual)."""
     cfg, p, T = c.cfg, f"blk.{i}.", c.T
-    H, nh, dn, dr, dv, r = cfg.hidden_size, cfg.n_head, cfg.qk_nope_head_dim, cfg.head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    H, nh, dn, dr = cfg.hidden_size, cfg.n_head, cfg.qk_nope_head_dim, cfg.head_dim
+    dv, r = cfg.v_head_dim, cfg.kv_lora_rank
     if cfg.q_lora_rank:
         qa = c.op(Op.MATMUL, p + "attn_q_a", x, c.w(p + "attn_q_a", cfg.q_lora_rank, H))
-        q = c.op(Op.MATMUL, p + "attn_q_b", c.norm(p + "attn_q_a_norm", qa), c.w(p + "attn_q_b", nh * (dn + dr), cfg.q_lora_rank))
+        qa = c.norm(p + "attn_q_a_norm", qa)
+        q = c.op(Op.MATMUL, p + "attn_q_b", qa, c.w(p + "attn_q_b", nh * (dn + dr), cfg.q_lora_rank))
     else:
         q = c.op(Op.MATMUL, p + "attn_q", x, c.w(p + "attn_q", nh * (dn + dr), H))
     q = c.view(p + "q_heads", q, T, nh, dn + dr)  # [T,nh,dn+dr]
@@ -51,9 +53,11 @@ def mla(c: Ctx, i: int, x: str) -> str:
     q_lat = c.op(Op.HEAD_MATMUL, p + "q_absorbed", c.cut(p + "q_nope", q, 2, 0, dn), c.w(p + "attn_k_b", nh, r, dn))
     kv = c.op(Op.MATMUL, p + "attn_kv_a_mqa", x, c.w(p + "attn_kv_a_mqa", r + dr, H))  # [T,r+dr]
     lat = c.view(p + "kv_lat", c.norm(p + "attn_kv_a_norm", c.cut(p + "kv_cmpr", kv, 1, 0, r)), T, 1, r)
-    k_pe = c.op(Op.ROPE, p + "k_rope", c.view(p + "k_pe", c.cut(p + "kv_pe", kv, 1, r, r + dr), T, 1, dr), "positions", **ra)
+    k_pe = c.view(p + "k_pe", c.cut(p + "kv_pe", kv, 1, r, r + dr), T, 1, dr)  # [T,1,dr]
+    k_pe = c.op(Op.ROPE, p + "k_rope", k_pe, "positions", **ra)
     cache = c.state(p + "cache_kv", ("KV", 1, r + dr), c.opts.kv_type)
-    rows = c.op(Op.KV_APPEND, p + "cache_kv.next", cache, c.op(Op.CONCAT, p + "kv_row", lat, k_pe, dim=2))  # [KV+T,1,r+dr]
+    row = c.op(Op.CONCAT, p + "kv_row", lat, k_pe, dim=2)  # [T,1,r+dr]
+    rows = c.op(Op.KV_APPEND, p + "cache_kv.next", cache, row)  # [KV+T,1,r+dr]
     c.result(p + "cache_kv", rows)
     qf = c.op(Op.CONCAT, p + "q_full", q_lat, q_pe, dim=2)  # [T,nh,r+dr]
     o = c.op(Op.ATTENTION, p + "kqv", qf, rows, c.cut(p + "kv_vals", rows, 2, 0, r), scale=scale)  # [T,nh,r]

@@ -91,7 +91,8 @@ def _sigmoid_moe(path: Path, arch: str, k: Any, tensors: dict[str, Any]) -> dict
     decoder does not run; its shared expert is expert_shared_count experts wide."""
     gating = k("expert_gating_func", SIGMOID_GATING)
     if gating != SIGMOID_GATING:
-        raise ConfigError(f"{path}: {arch}.expert_gating_func={gating}; only sigmoid gating ({SIGMOID_GATING}) is supported")
+        raise ConfigError(f"{path}: {arch}.expert_gating_func={gating}; only sigmoid gating "
+                          f"({SIGMOID_GATING}) is supported")
     d: dict[str, Any] = {"num_experts_per_tok": k("expert_used_count")}
     if arch == "minimax-m2":
         return {**d, "num_local_experts": k("expert_count"), "intermediate_size": k("expert_feed_forward_length")}
@@ -99,7 +100,8 @@ def _sigmoid_moe(path: Path, arch: str, k: Any, tensors: dict[str, Any]) -> dict
     return {**d, "num_hidden_layers": blocks - nextn if blocks is not None else None,
             "n_routed_experts": k("expert_count"), "moe_intermediate_size": k("expert_feed_forward_length"),
             "n_shared_experts": k("expert_shared_count", 0), "first_k_dense_replace": k("leading_dense_block_count", 0),
-            "routed_scaling_factor": float(k("expert_weights_scale", 1.0)), "norm_topk_prob": bool(k("expert_weights_norm", False)),
+            "routed_scaling_factor": float(k("expert_weights_scale", 1.0)),
+            "norm_topk_prob": bool(k("expert_weights_norm", False)),
             "n_group": k("expert_group_count", 1), "topk_group": k("expert_group_used_count", 1),
             "use_qk_norm": any(n.endswith(".attn_q_norm.weight") for n in tensors)}
 
