@@ -18,7 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends.cuda.session import Session, greedy
-from backends.cuda.testing import cli_eval, hf_checkpoint_numel, hf_logits, hf_model, rel_err, save, torch_threads
+from backends.cuda.testing import (
+    cli_eval, hf_checkpoint_numel, hf_logits, hf_model, rel_err, save, torch_threads,
+)
 from graphir.cli import main
 from graphir.models import BuildOptions, build, from_hf_dict
 from graphir.models.config import ConfigError

@@ -134,3 +134,19 @@ def cli_eval(model: Any, ckpt: Path, prompt: list[int], decode: int, *args: str)
     generated = [int(r.argmax()) for r in logits[len(prompt) - 1:-1]]
     ref = hf_logits(model, prompt + generated)
     return rel_err(logits, ref), generated, [int(r.argmax()) for r in ref[len(prompt) - 1:-1]]
+
+
+def check_low_precision(model: Any, ckpt: Path, prompt: list[int]) -> None:
+    """bf16 / f16 runs of a saved checkpoint stay as close to graphir's f32 run as transformers'
+    own bf16 / f16 runs do (a model-dependent tolerance measured on the oracle, floor 3%)."""
+    from backends.cuda.session import Session, greedy
+    from graphir.models.sources import load_source
+
+    src = load_source(ckpt)
+    ref, gen = greedy(Session(src, None, "cpu", 16, dtype="f32"), prompt, 3)
+    for dt, tdt in (("bf16", torch.bfloat16), ("f16", torch.float16)):
+        hf_err = rel_err(hf_logits(model.to(tdt), prompt + gen), ref)
+        s = Session(src, None, "cpu", 16, dtype=dt)
+        got = torch.cat([s.prefill(prompt), s.decode(gen)])
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        assert rel_err(got, ref) < max(0.03, 1.5 * hf_err), (dt, hf_err)
