@@ -195,3 +195,16 @@ def test_gguf_matches_safetensors(rope: str, tmp_path: Path) -> None:
     s = Session(g_src, None, "cpu", 16)
     assert rel_err(torch.cat([s.prefill(PROMPT), s.decode(gen)]), ref) < 1e-5
 
+
+
+@pytest.mark.parametrize("placement", [(), ("--devices", "cpu,cpu", "--split", "graph", "--ts", "2,1"),
+                                       ("--devices", "cpu,cpu,cpu", "--split", "layer", "--ts", "1,2,1")])
+def test_default_passes_keep_the_logits(placement: tuple[str, ...], tmp_path: Path) -> None:
+    """The CUDA backend's default passes (merges, contiguous heads: q_b's nope / rope pieces
+    become views) after each placement."""
+    from backends.cuda.cli import DEFAULT_PASSES
+
+    model = _hf(FIXED, seed=1)
+    err, generated, greedy_ref = cli_eval(model, save(model, tmp_path / "ckpt"), PROMPT, 4, *placement,
+                                          "--passes", DEFAULT_PASSES)
+    assert err < TOL and generated == greedy_ref
