@@ -97,11 +97,11 @@ def op_kind(op: Op) -> str:
     """Colour class of a node in the Gantt chart."""
     if op in (Op.COPY, Op.ALL_REDUCE):
         return "comm"
-    if op in (Op.MOE_MATMUL, Op.MOE_TOPK, Op.MOE_TOPK_BIAS, Op.MOE_WEIGHTS, Op.MOE_SUM):
+    if op in (Op.MOE_MATMUL, Op.MOE_TOPK, Op.MOE_TOPK_BIAS, Op.MOE_WEIGHTS, Op.MOE_SUM, Op.MOE_TOPK_BIASED, Op.MOE_WEIGHTS_SIGMOID):
         return "MoE"
     if op in (Op.DELTA_NET, Op.SSM_CONV):
         return "delta-net"
-    return {Op.MATMUL: "matmul", Op.ATTENTION: "attention"}.get(op, "other")
+    return {Op.MATMUL: "matmul", Op.HEAD_MATMUL: "matmul", Op.ATTENTION: "attention"}.get(op, "other")
 
 
 Panel = tuple[str, Sequence[Any], float, list[tuple[float, str]]]  # title, spans, seconds, marks

@@ -51,6 +51,9 @@ class Op(str, enum.Enum):
     MOE_TOPK_BIAS = "moe_topk_bias"  # softmax top-k chosen with a per-expert correction bias (ERNIE 4.5)
     MOE_WEIGHTS = "moe_weights"
     MOE_SUM = "moe_sum"
+    MOE_TOPK_BIASED = "moe_topk_biased"
+    HEAD_MATMUL = "head_matmul"
+    MOE_WEIGHTS_SIGMOID = "moe_weights_sigmoid"
     # views (no kernel)
     RESHAPE = "reshape"
     SLICE = "slice"
@@ -273,6 +276,36 @@ def _moe_weights(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorS
     return TensorSpec(ids.shape, F32)
 
 
+def _head_matmul(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    """One matrix per head: x [T,h,in] by w [h,out,in] -> [T,h,out] (MLA's absorbed projections)."""
+    x, w = ins
+    _need(x.rank == 3 and w.rank == 3, f"head_matmul wants x [T,h,in] and w [h,out,in], got {x} {w}")
+    _need(_same(x.shape[1], w.shape[0]) and _same(x.shape[2], w.shape[2]),
+          f"head_matmul x {x} does not match weight {w} (heads, inner)")
+    return TensorSpec((x.shape[0], x.shape[1], w.shape[1]), x.dtype)
+
+
+def _moe_topk_biased(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    """Sigmoid routing's choice: top-k of sigmoid(logits) + bias [E] within the `groups_used` best
+    of `groups` expert groups (a group scores the sum of its two best); ids i32 [T,k]."""
+    logits, bias = ins
+    k, n, used = attrs["k"], attrs.get("groups", 1), attrs.get("groups_used", 1)
+    _need(logits.rank == 2 and isinstance(logits.shape[1], int), f"moe_topk_biased logits must be [T,E], got {logits}")
+    E = logits.shape[1]
+    _need(bias.rank == 1 and bias.shape[0] == E, f"moe_topk_biased bias {bias} does not match logits {logits}")
+    _need(isinstance(n, int) and n >= 1 and E % n == 0 and (n == 1 or E // n >= 2) and 0 < used <= n,
+          f"moe_topk_biased groups={n}, groups_used={used} invalid for {E} experts")
+    _need(isinstance(k, int) and 0 < k <= used * (E // n), f"moe_topk_biased k={k} invalid for {logits}")
+    return TensorSpec((logits.shape[0], k), I32)
+
+
+def _moe_weights_sigmoid(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    logits, ids = ins
+    _need(logits.rank == 2 and ids.rank == 2 and ids.dtype == I32 and _same(logits.shape[0], ids.shape[0]),
+          f"moe_weights_sigmoid wants logits [T,E] and ids i32[T,k], got {logits} {ids}")
+    return TensorSpec(ids.shape, F32)
+
+
 def _moe_sum(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
     y, w = ins
     _need(y.rank == 3 and w.shape == y.shape[:2], f"moe_sum wants y [T,k,H] and weights [T,k], got {y} {w}")
@@ -334,6 +367,9 @@ DEFS: dict[Op, OpDef] = {d.op: d for d in (
     OpDef(Op.MOE_TOPK_BIAS, 2, ("k",), (), _moe_topk_bias),
     OpDef(Op.MOE_WEIGHTS, None, ("norm",), ("shared",), _moe_weights),  # logits, ids[, shared gate]
     OpDef(Op.MOE_SUM, 2, (), (), _moe_sum),
+    OpDef(Op.HEAD_MATMUL, 2, (), (), _head_matmul),
+    OpDef(Op.MOE_TOPK_BIASED, 2, ("k",), ("groups", "groups_used"), _moe_topk_biased),  # logits, bias
+    OpDef(Op.MOE_WEIGHTS_SIGMOID, 2, ("norm",), ("scale",), _moe_weights_sigmoid),  # logits, ids
     OpDef(Op.RESHAPE, 1, ("shape",), (), _reshape, 0),
     OpDef(Op.SLICE, 1, ("dim", "start", "stop"), (), _slice, 0),
     OpDef(Op.COPY, 1, (), (), _unary),

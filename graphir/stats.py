@@ -48,6 +48,9 @@ def node_flops(g: Graph, n: Node, env: dict[str, int]) -> int:
     if n.op == Op.MOE_MATMUL:
         t, kk, out = n.spec.bind(env)
         return 2 * t * kk * out * ins[1].bind(env)[2]
+    if n.op == Op.HEAD_MATMUL:  # one [out,in] matrix per head
+        t, h, out = n.spec.bind(env)
+        return 2 * t * h * out * ins[1].bind(env)[2]
     if n.op == Op.ATTENTION:
         t, hq, dv = n.spec.bind(env)
         s, _, d = ins[1].bind(env)
@@ -71,7 +74,7 @@ def graph_stats(g: Graph, depth: int = 0) -> ModelStats:
     total = sum(_numel(n) for n in weights)
     moe_frac = 1.0
     for n in g.nodes:
-        if n.op in (Op.MOE_TOPK, Op.MOE_TOPK_BIAS):
+        if n.op in (Op.MOE_TOPK, Op.MOE_TOPK_BIAS, Op.MOE_TOPK_BIASED):
             moe_frac = n.attr["k"] / g[n.inputs[0]].spec.bind({"T": 1})[1]
             break
     active = sum(int(_numel(n) * (moe_frac if _is_routed_expert(n) else 1.0)) for n in weights)

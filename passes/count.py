@@ -52,12 +52,23 @@ def count_nodes(g: Graph) -> NodeCount:
 
 
 # ---- per-region closed forms -----------------------------------------------------------------
-def _attn_nodes(cfg: ModelConfig, merged: bool) -> tuple[int, int]:
+def _mla_nodes(cfg: ModelConfig) -> int:
+    """MLA (deepseek_v3.mla): the same on every device of a split, the latent cache replicated."""
+    # norm 2, q 2 (+4 through q_lora), q views/rope/absorb 6, kv_a 2, latent 4, k_pe 3, cache 4,
+    # q_full 1, attention 2, v_b 2, output 3
+    return 31 + (4 if cfg.q_lora_rank else 0)
+
+
+def _attn_nodes(cfg: ModelConfig, merged: bool, split: bool = False) -> tuple[int, int]:
     """(nodes per participating device, nodes on the lead only) of one attention block."""
+    if cfg.arch == "deepseek_v3":
+        return _mla_nodes(cfg), 0
     gated, qk_norm, bias = cfg.arch == "qwen3_next", cfg.qk_norm, cfg.attention_bias
     per = 2 + 6 + 2 + 2 + 6 + 2 + 2  # norm, q/k/v, k/v heads, rope, cache, attention, wo
     per += (6 if bias else 0) + (4 + 2 if gated else 1) + (4 if qk_norm else 0) + (2 if merged else 0)
     per += 1 if cfg.attn_temperature_beta else 0  # attn_temp after the query's rope
+    if split and cfg.arch == "minimax_m2":
+        per += 2  # each device slices its heads out of the whole, normed q and k
     return per, (2 if cfg.out_bias else 0)
 
 
@@ -100,7 +111,7 @@ def _merges(cfg: ModelConfig, opts: BuildOptions, i: int, merges: Sequence[str]
         return opts.quant(p + role + ".weight", shape, L)
 
     qkv = up = sh = ex = False
-    if "merge_qkv" in merges and not cfg.is_recurrent(i):
+    if "merge_qkv" in merges and not cfg.is_recurrent(i) and cfg.arch != "deepseek_v3":  # MLA has no q/k/v trio
         rows = cfg.n_head * cfg.head_dim * (2 if cfg.arch == "qwen3_next" else 1)
         kv = cfg.n_kv_head * cfg.head_dim
         qkv = t("attn_q", rows, H) == t("attn_k", kv, H)
@@ -133,7 +144,7 @@ def _mixer(tally: _Tally, cfg: ModelConfig, opts: BuildOptions, i: int, r: Regio
            ssm: bool = False) -> int:
     devs = r.devices
     if r.kind == "attn":
-        per, lead = _attn_nodes(cfg, qkv)
+        per, lead = _attn_nodes(cfg, qkv, len(devs) > 1)
     else:
         per, lead = _delta_nodes(opts, len(devs) > 1) + (2 if ssm else 0), 0
     tally.each(devs, per)
@@ -182,7 +193,8 @@ def n_tensors(cfg: ModelConfig, layers: Sequence[int]) -> int:
         if cfg.is_recurrent(i):
             total += 8
         else:
-            total += 5 + (3 if cfg.attention_bias else 0) + (1 if cfg.out_bias else 0) + (2 if cfg.qk_norm else 0)
+            mla = (2 + (2 if cfg.q_lora_rank else 0)) if cfg.arch == "deepseek_v3" else 0  # kv_a norm, k_b, v_b
+            total += 5 + (3 if cfg.attention_bias else 0) + (1 if cfg.out_bias else 0) + (2 if cfg.qk_norm else 0) + mla
         if cfg.is_moe_layer(i):
             shared = (4 if cfg.shared_expert_gated else 3) if cfg.shared_expert_intermediate_size else 0
             total += 5 + shared + (1 if cfg.router_bias else 0)

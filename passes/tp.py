@@ -59,10 +59,22 @@ WEIGHTS: dict[str, Cut] = {
     "ffn_down_exps.weight": Cut("slice", "exps", 2),
     "ffn_gate_shexp.weight": Cut("slice", "shexp", 0), "ffn_up_shexp.weight": Cut("slice", "shexp", 0),
     "ffn_down_shexp.weight": Cut("slice", "shexp", 1),
+    "exp_probs_b.bias": REP,  # a sigmoid router's selection bias: routing runs on every device
+    # MLA (ik_llama.cpp's -sm graph for DEEPSEEK2): the latent projections and their norms whole on
+    # every device (each writes its own copy of the latent cache), everything per head split
+    "attn_q_a.weight": REP, "attn_q_a_norm.weight": REP, "attn_kv_a_mqa.weight": REP, "attn_kv_a_norm.weight": REP,
+    "attn_q_b.weight": Cut("slice", "heads", 0), "attn_k_b.weight": Cut("slice", "heads", 0),
+    "attn_v_b.weight": Cut("slice", "heads", 0),
 }
+# MiniMax-M2 norms q and k over all heads before taking them apart: ik_llama.cpp keeps wq and wk
+# whole on every device, computes and norms the full q and k there, then each device takes its
+# heads (a slice where they meet the split KV cache and attention); wv and wo split as usual
+ARCH_WEIGHTS: dict[str, dict[str, Cut]] = {"minimax_m2": {"attn_q.weight": REP, "attn_k.weight": REP}}
+NARROWED = (Op.KV_APPEND, Op.ATTENTION)  # ops where a whole value meets split heads: take the device's heads
 STATES: dict[str, Cut] = {
     "cache_k": Cut("slice", "heads", 1), "cache_v": Cut("slice", "heads", 1),
     "ssm_state": Cut("slice", "kheads", 1), "conv_state": Cut("conv", "kheads", 1),
+    "cache_kv": REP,  # MLA's latent cache: one row per token for all heads, a copy on every device
 }
 CONV_PARTS = ("q", "k", "v")
 
@@ -121,7 +133,8 @@ class RegionSplit:
 
     # ---- leaves ----------------------------------------------------------------------------
     def weight(self, n: Node) -> None:
-        cut = WEIGHTS.get(self._role(n))
+        role = self._role(n)
+        cut = ARCH_WEIGHTS.get(self.cfg.arch, {}).get(role, WEIGHTS.get(role))
         if cut is None:
             raise self._fail(n, "no split rule for this weight")
         if "src" in n.attr:
@@ -142,6 +155,13 @@ class RegionSplit:
             raise self._fail(n, "no split rule for this state")
         key = str(n.attr["state"])
         loc, pieces = {}, {}
+        if cut.kind == "rep":  # a whole copy per device, each its own state (kept equal: same inputs)
+            for j in self.plan.devices:
+                pieces[j] = [(suffix(key, j), 0, 0, "")]
+                loc[j] = self.em.leaf(suffix(n.name, j), Op.STATE_IN, n.spec, {"state": suffix(key, j)},
+                                      self.devices[j])
+            self.pieces[key] = pieces
+            return self._set(n.name, _REP, loc)
         for j in self.plan.share(cut.share).devices:
             loc[j], pieces[j] = self._cut_leaf(n, Op.STATE_IN, cut, j, key)
         self.pieces[key] = pieces
@@ -178,13 +198,17 @@ class RegionSplit:
     def output(self, n: Node) -> None:
         (x,) = n.inputs
         kind = self.kind.get(x, _REP)
+        key = str(n.attr["key"])
+        if kind[0] == "rep" and key in self.pieces:  # a replicated state: every copy's next value
+            for j, ((pkey, _, _, _),) in self.pieces[key].items():
+                self.em.emit(suffix(n.name, j), Op.OUTPUT, [self.loc[x][j]], {"key": pkey}, self.devices[j])
+            return
         if kind[0] != "split":
             if kind[0] != "rep":
                 raise self._fail(n, "a graph result cannot be a partial sum")
             j = self.plan.lead
             self.em.emit(n.name, Op.OUTPUT, [self._input(x, j) or x], n.attrs, self.devices[j])
             return
-        key = str(n.attr["key"])
         if key not in self.pieces:
             raise self._fail(n, f"result {key!r} is split but is no split state")
         for j, pcs in self.pieces[key].items():
@@ -257,11 +281,22 @@ class RegionSplit:
             elif n.op == Op.SLICE and attrs["dim"] == dim:
                 attrs["start"] = self._frac(n, share, j, int(attrs["start"]))
                 attrs["stop"] = self._frac(n, share, j, int(attrs["stop"]))
-            ins = [self._input(i, j) for i in n.inputs]
+            ins = [self._narrow(n, i, share, dim, j) if n.op in NARROWED and k[0] == "rep" else self._input(i, j)
+                   for i, k in zip(n.inputs, kinds)]
             if any(i is None for i in ins):
                 raise self._fail(n, f"an input has no piece on {self.devices[j]}")
             loc[j] = self.em.emit(suffix(n.name, j), n.op, ins, attrs, self.devices[j])  # type: ignore[arg-type]
         self._set(n.name, (tag, share if tag == "split" else "", dim), loc)
+
+    def _narrow(self, n: Node, name: str, share: str, dim: int, j: int) -> str:
+        """Device j's heads of a whole (replicated) value, as a slice along the split dim; a single
+        head shared by all (MLA's latent keys and values) stays whole."""
+        size = int(self._spec(name).shape[dim])
+        if size == 1:
+            return self._input(name, j) or name
+        lo, hi = self._range(n, share, j, size)
+        return self.em.emit(suffix(f"{name}.heads", j), Op.SLICE, [self._input(name, j) or name],
+                            {"dim": dim, "start": lo, "stop": hi}, self.devices[j])
 
     def _spec(self, name: str) -> Any:
         return self.em.index[self.loc[name][next(iter(self.loc[name]))]].spec if name in self.loc \

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends.cuda.session import Session, greedy
-from backends.cuda.testing import hf_logits, hf_model, rel_err, save, torch_threads
+from backends.cuda.testing import check_low_precision, hf_logits, hf_model, rel_err, save, torch_threads
 from cli.main import main
 from graphir.models.sources import load_source
 
@@ -193,14 +193,7 @@ def test_bf16_agrees_with_f32(arch: str, tmp_path: Path) -> None:
     """bf16 / f16 runs stay as close to the f32 run as transformers' own bf16 / f16 runs do
     (a model-dependent tolerance measured on the oracle, with a floor of 3%)."""
     model = hf_model(arch, **FIXED[arch])
-    src = load_source(save(model, tmp_path / "ckpt"))
-    ref, gen = greedy(Session(src, None, "cpu", 16, dtype="f32"), PROMPT, 3)
-    for dt, tdt in (("bf16", torch.bfloat16), ("f16", torch.float16)):
-        hf_err = rel_err(hf_logits(model.to(tdt), PROMPT + gen), ref)
-        s = Session(src, None, "cpu", 16, dtype=dt)
-        got = torch.cat([s.prefill(PROMPT), s.decode(gen)])
-        assert got.dtype == torch.float32 and torch.isfinite(got).all()
-        assert rel_err(got, ref) < max(0.03, 1.5 * hf_err), (dt, hf_err)
+    check_low_precision(model, save(model, tmp_path / "ckpt"), PROMPT)
 
 
 def test_hf_config_json_roundtrip(tmp_path: Path) -> None:

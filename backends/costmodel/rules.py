@@ -36,7 +36,7 @@ Rule = Callable[[Node, Sequence[Node], Mapping[str, int]], Work]
 # flops per output element of the cheap element-wise ops (exp, rsqrt and the like count a few)
 _VEC_FLOPS = {Op.ADD: 1, Op.MUL: 1, Op.SILU: 4, Op.SIGMOID: 4, Op.SOFTPLUS: 4, Op.SWIGLU: 5,
               Op.CAST: 1, Op.ROPE: 6, Op.RMS_NORM: 4, Op.RMS_NORM_GATED: 8, Op.CONCAT: 0,
-              Op.GET_ROWS: 0, Op.MOE_WEIGHTS: 4, Op.MOE_SUM: 2, Op.ATTN_TEMP: 1}
+              Op.GET_ROWS: 0, Op.MOE_WEIGHTS: 4, Op.MOE_SUM: 2, Op.ATTN_TEMP: 1, Op.MOE_WEIGHTS_SIGMOID: 4}
 
 
 def _nb(n: Node, env: Mapping[str, int]) -> float:
@@ -110,13 +110,22 @@ def _moe_matmul(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
                 m=T * k / used, n=float(out_f), k=float(in_f), wdtype=w.spec.dtype.name)
 
 
+def _head_matmul(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
+    x, w = ins  # one [out,in] matrix per head, all read once
+    T, h, k = x.spec.bind(env)
+    out = w.spec.bind(env)[1]
+    return Work("gemm", flops=2.0 * T * h * out * k, wbytes=_nb(w, env), actbytes=_nb(x, env) + _nb(n, env),
+                launches=1, m=float(T), n=float(out), k=float(k), wdtype=w.spec.dtype.name)
+
+
 def _attention(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
     q, k, v = ins
     T, hq, d = q.spec.bind(env)
     keys = k.spec.bind(env)[0]  # KV + T: the cache including this batch
     # causal: query i of the batch sees keys - (T - 1 - i); mean keys per query = keys - (T-1)/2
     flops = 4.0 * hq * d * T * (keys - (T - 1) / 2.0)
-    kv = _nb(k, env) + _nb(v, env)
+    # MLA reads its values out of the latent keys (a view of the same cache): count them once
+    kv = _nb(k, env) + (0.0 if v.op == Op.SLICE and v.inputs[0] == k.name else _nb(v, env))
     return Work("attn", flops=flops, kvbytes=kv, actbytes=_nb(q, env) + _nb(n, env), launches=1,
                 m=float(T), n=float(hq), k=float(d), wdtype=k.spec.dtype.name)
 
@@ -141,8 +150,9 @@ def _ssm_conv(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
 
 
 def _moe_topk(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
-    logits = ins[0]  # moe_topk_bias also reads an [E] bias: noise next to the logits
-    return Work("vector", flops=4.0 * logits.spec.numel_at(env), actbytes=_nb(logits, env) + _nb(n, env),
+    logits = ins[0]  # moe_topk_bias(ed) also reads a selection bias [E] (biased: after a sigmoid)
+    wb, ab = _split_bytes(ins, env)
+    return Work("vector", flops=4.0 * len(ins) * logits.spec.numel_at(env), wbytes=wb, actbytes=ab + _nb(n, env),
                 launches=1)
 
 
@@ -177,6 +187,7 @@ RULES: dict[Op, Rule] = {
     Op.ROPE: _vector, Op.ATTN_TEMP: _vector, Op.CONCAT: _vector, Op.MOE_WEIGHTS: _vector, Op.MOE_SUM: _vector,
     Op.ATTENTION: _attention, Op.KV_APPEND: _kv_append, Op.SSM_CONV: _ssm_conv,
     Op.DELTA_NET: _delta_net, Op.MOE_TOPK: _moe_topk, Op.MOE_TOPK_BIAS: _moe_topk,
+    Op.MOE_TOPK_BIASED: _moe_topk, Op.MOE_WEIGHTS_SIGMOID: _vector, Op.HEAD_MATMUL: _head_matmul,
     Op.COPY: _copy, Op.ALL_REDUCE: _all_reduce,
 }
 

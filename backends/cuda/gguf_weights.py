@@ -17,6 +17,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from backends.cuda.mla_weights import mla_from_gguf
 from backends.cuda.weights import WeightError, WeightInfo
 from graphir.models import ModelConfig
 from graphir.models.gguf_source import PERMUTED_QK
@@ -82,6 +83,9 @@ class GGUFWeights:
         except NotImplementedError as e:
             raise WeightError(f"{name}: {e}") from None
         w = torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))  # a copy: the file is mapped read-only
+        cfg = self.cfg
+        if cfg.arch == "deepseek_v3":
+            w = mla_from_gguf(info, w, cfg)
         if tuple(w.shape) != info.shape:
             raise WeightError(f"GGUF tensor {name} has shape {list(w.shape)}, the config needs {list(info.shape)}")
         cfg = self.cfg

@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from backends.cuda.gguf_weights import unpermute_rope
+from backends.cuda.mla_weights import TRANSFORMS as MLA_TRANSFORMS, mla_weight
 from backends.cuda.weights import WeightError, WeightInfo
 from graphir.models import ModelConfig
 from graphir.models.sources import INDEX, ModelSource, weights_problem
@@ -58,13 +59,39 @@ _SSM: list[Entry] = [
     ("model.layers.{i}.linear_attn.out_proj.weight", "blk.{i}.ssm_out.weight", ""),
 ]
 _FFN_NORM: list[Entry] = [("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight", "")]
+_POST_NORM: list[Entry] = [
+    ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight", "")]
+# sigmoid routers: the selection bias sits in the router (GLM) or in the MoE block (MiniMax-M2)
+_EXPERTS: list[Entry] = [_MOE[0]] + _MOE[1:4]
+_GLM_MOE: list[Entry] = _EXPERTS + [
+    ("model.layers.{i}.mlp.gate.e_score_correction_bias", "blk.{i}.exp_probs_b.bias", "")] + [
+    (f"model.layers.{{i}}.mlp.shared_experts.{p}_proj.weight", f"blk.{{i}}.ffn_{p}_shexp.weight", "")
+    for p in ("gate", "up", "down")]
+_MINIMAX_MOE: list[Entry] = [
+    ("model.layers.{i}.block_sparse_moe.gate.weight", "blk.{i}.ffn_gate_inp.weight", ""),
+    ("model.layers.{i}.block_sparse_moe.e_score_correction_bias", "blk.{i}.exp_probs_b.bias", "")] + [
+    ("model.layers.{i}.block_sparse_moe.experts", f"blk.{{i}}.ffn_{p}_exps.weight", f"experts.{p}")
+    for p in ("gate", "up", "down")]
+_MLA: list[Entry] = [
+    ("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight", ""),
+    ("model.layers.{i}.self_attn.q_a_proj.weight", "blk.{i}.attn_q_a.weight", ""),
+    ("model.layers.{i}.self_attn.q_a_layernorm.weight", "blk.{i}.attn_q_a_norm.weight", ""),
+    ("model.layers.{i}.self_attn.q_b_proj.weight", "blk.{i}.attn_q_b.weight", "mla_q"),
+    ("model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight", "mla_q"),
+    ("model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight", "blk.{i}.attn_kv_a_mqa.weight", "mla_kv_a"),
+    ("model.layers.{i}.self_attn.kv_a_layernorm.weight", "blk.{i}.attn_kv_a_norm.weight", ""),
+    ("model.layers.{i}.self_attn.kv_b_proj.weight", "blk.{i}.attn_k_b.weight", "mla_k_b"),
+    ("model.layers.{i}.self_attn.kv_b_proj.weight", "blk.{i}.attn_v_b.weight", "mla_v_b"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight", ""),
+]
+# per-expert tensor names where a family does not use {gate,up,down}_proj (Mixtral-style w1/w3/w2)
+_EXPERT_PARTS: dict[str, dict[str, str]] = {"minimax_m2": {"gate": "w1", "up": "w3", "down": "w2"}}
 
 TABLES: dict[str, list[Entry]] = {
     "llama": _TOP + _ATTN + _FFN + _FFN_NORM,
     "qwen3": _TOP + _ATTN + _FFN + _FFN_NORM,
     "qwen3_moe": _TOP + _ATTN + _FFN + _MOE + _FFN_NORM,
-    "qwen3_next": _TOP + _ATTN + _FFN + _MOE + _SSM + [
-        ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight", "")],
+    "qwen3_next": _TOP + _ATTN + _FFN + _MOE + _SSM + _POST_NORM,
     "seed_oss": _TOP + _ATTN + _FFN + [  # llama.cpp names the pre-FFN norm attn_post_norm here
         ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.attn_post_norm.weight", "")],
     "ministral3": _TOP + _ATTN + _FFN + _FFN_NORM,
@@ -72,6 +99,9 @@ TABLES: dict[str, list[Entry]] = {
         (f"model.layers.{{i}}.mlp.shared_experts.{p}_proj.weight", f"blk.{{i}}.ffn_{p}_shexp.weight", "")
         for p in ("gate", "up", "down")] + [
         ("model.layers.{i}.mlp.moe_statics.e_score_correction_bias", "blk.{i}.exp_probs_b.bias", "flat")],
+    "glm4_moe": _TOP + _ATTN + _FFN + _GLM_MOE + _POST_NORM,
+    "minimax_m2": _TOP + _ATTN + _MINIMAX_MOE + _FFN_NORM,
+    "deepseek_v3": _TOP + _MLA + _FFN + _GLM_MOE + _FFN_NORM,
 }
 TABLES["hunyuan_v1_moe"] = _TOP + [  # its own Q/K norm names first: the first matching rule wins
     ("model.layers.{i}.self_attn.query_layernorm.weight", "blk.{i}.attn_q_norm.weight", ""),
@@ -93,6 +123,11 @@ _TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "squeeze1": lambda t: t.squeeze(1) if t.dim() == 3 and t.shape[1] == 1 else t,
     "flat": lambda t: t.reshape(-1),  # [1,E] -> [E]
 }
+
+
+def _layer_of(name: str) -> int:
+    m = re.search(r"\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else -1
 
 
 def _compile(table: list[Entry]) -> list[tuple[re.Pattern[str], str, str]]:
@@ -145,7 +180,8 @@ class HFCheckpoint:
 
     def _expert_plan(self, base: str, part: str, info: WeightInfo) -> tuple[str, list[str]]:
         E = info.shape[0]
-        per = [f"{base}.{j}.{part}_proj.weight" for j in range(E)]
+        per_name = _EXPERT_PARTS.get(self.cfg.arch, {}).get(part, f"{part}_proj")
+        per = [f"{base}.{j}.{per_name}.weight" for j in range(E)]
         if all(p in self.files for p in per):
             return "stack", per
         if part in ("gate", "up") and f"{base}.gate_up_proj" in self.files:
@@ -173,6 +209,8 @@ class HFCheckpoint:
         for k in self.files:
             if k in used or _IGNORED.search(k) or (k == "lm_head.weight" and self.cfg.tie_word_embeddings):
                 continue
+            if self.cfg.arch in ("glm4_moe", "deepseek_v3") and _layer_of(k) >= self.cfg.n_layer:
+                continue  # the multi-token-prediction layer, stored after the decoder's layers
             raise WeightError(f"checkpoint tensor {k} is not part of the model the config describes "
                               f"({self.cfg.arch}, {self.cfg.n_layer} layers)")
 
@@ -198,7 +236,9 @@ class HFCheckpoint:
         hf, tf = self._rule(info)
         if not tf.startswith("experts."):
             (name,) = self.names_for(info)
-            t = self._shaped(_TRANSFORMS[tf](self._read(name)), info, name)
+            t = self._read(name)
+            t = mla_weight(tf, t, self.cfg) if tf in MLA_TRANSFORMS else _TRANSFORMS[tf](t)
+            t = self._shaped(t, info, name)
             if self.cfg.arch in INTERLEAVED_ROPE and info.name.endswith(_ROPED):
                 t = unpermute_rope(t, self.cfg.n_head if ".attn_q." in info.name else self.cfg.n_kv_head)
             return t

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from backends.cuda.attention import attention, attn_temp, kv_append, rope
 from backends.cuda.devices import torch_device, torch_dtype
 from backends.cuda.interp import ExecContext, Kernel, Replicas
-from backends.cuda.moe import moe_matmul, moe_sum, moe_topk, moe_topk_bias, moe_weights
+from backends.cuda.moe import moe_matmul, moe_sum, moe_topk, moe_topk_bias, moe_topk_biased, moe_weights, moe_weights_sigmoid
 from backends.cuda.recurrent import delta_net, ssm_conv
 from graphir.graph import Node
 from graphir.ops import Op
@@ -49,6 +49,11 @@ def get_rows(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
 def matmul(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     x, w = args  # x [...,in], w [out,in]
     return F.linear(x, w.to(x.dtype))
+
+
+def head_matmul(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    x, w = args  # [T,h,in], [h,out,in]
+    return torch.einsum("thi,hoi->tho", x, w.to(x.dtype))  # [T,h,out]
 
 
 def rms_norm(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
@@ -165,6 +170,9 @@ KERNELS: dict[Op, Kernel] = {
     Op.MOE_TOPK_BIAS: moe_topk_bias,
     Op.MOE_WEIGHTS: moe_weights,
     Op.MOE_SUM: moe_sum,
+    Op.MOE_TOPK_BIASED: moe_topk_biased,
+    Op.HEAD_MATMUL: head_matmul,
+    Op.MOE_WEIGHTS_SIGMOID: moe_weights_sigmoid,
     Op.RESHAPE: reshape,
     Op.SLICE: slice_,
     Op.COPY: copy,

@@ -83,3 +83,29 @@ def moe_matmul(node: Node, args: Sequence[torch.Tensor], ctx: ExecContext) -> to
 def moe_sum(node: Node, args: Sequence[torch.Tensor], ctx: ExecContext) -> torch.Tensor:
     y, w = args  # [T,k,H], [T,k] f32
     return (y * w.to(y.dtype)[..., None]).sum(dim=1)  # [T,H]
+
+
+def moe_topk_biased(node: Node, args: Sequence[torch.Tensor], ctx: ExecContext) -> torch.Tensor:
+    """Sigmoid routing's choice (transformers' Glm4Moe / DeepseekV3 / MiniMaxM2 routers): scores
+    sigmoid(logits) + bias in f32; with groups, only the groups_used groups whose two best
+    scores sum highest compete; ids of the top k. The bias steers the choice only."""
+    logits, bias = args  # [T,E], [E]
+    k, n, used = int(node.attr["k"]), int(node.attr.get("groups", 1)), int(node.attr.get("groups_used", 1))
+    scores = torch.sigmoid(logits.to(torch.float32)) + bias.to(torch.float32)  # [T,E]
+    if n > 1:
+        T, E = scores.shape
+        grouped = scores.view(T, n, E // n)  # [T,n,E/n]
+        best = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T,n]
+        keep = torch.zeros_like(best, dtype=torch.bool).scatter_(1, best.topk(used, dim=-1).indices, True)
+        scores = grouped.masked_fill(~keep[..., None], float("-inf")).view(T, E)
+    return torch.topk(scores, k, dim=-1).indices.to(torch.int32)  # [T,k]
+
+
+def moe_weights_sigmoid(node: Node, args: Sequence[torch.Tensor], ctx: ExecContext) -> torch.Tensor:
+    """f32 [T,k]: sigmoid of the chosen experts' logits, renormalised over them when `norm`
+    (transformers adds 1e-20 to the sum), times `scale` (routed_scaling_factor)."""
+    logits, ids = args  # [T,E], [T,k]
+    w = torch.sigmoid(logits.to(torch.float32)).gather(1, ids.long())  # [T,k]
+    if node.attr.get("norm"):
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+    return w * float(node.attr.get("scale", 1.0))

@@ -17,7 +17,8 @@ import torch
 
 HF_CONFIGS = {"llama": "LlamaConfig", "qwen3": "Qwen3Config", "qwen3_moe": "Qwen3MoeConfig",
               "qwen3_next": "Qwen3NextConfig", "seed_oss": "SeedOssConfig", "ministral3": "Ministral3Config",
-              "ernie4_5_moe": "Ernie4_5_MoeConfig", "hunyuan_v1_moe": "HunYuanMoEV1Config"}
+              "ernie4_5_moe": "Ernie4_5_MoeConfig", "hunyuan_v1_moe": "HunYuanMoEV1Config",
+              "glm4_moe": "Glm4MoeConfig", "minimax_m2": "MiniMaxM2Config", "deepseek_v3": "DeepseekV3Config"}
 
 
 def hf_model(arch: str, seed: int = 0, **config: Any) -> Any:
@@ -50,6 +51,9 @@ def perturb(model: Any, zero_centred: bool, seed: int = 0) -> None:
             p.copy_(randn(p) / math.sqrt(p.shape[-1]))
         else:
             p.copy_(0.1 * randn(p))  # biases, dt_bias
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # sigmoid routers' selection bias: a buffer, saved
+            b.copy_(0.1 * randn(b))
 
 
 def save(model: Any, path: Path, **kwargs: Any) -> Path:
@@ -97,3 +101,34 @@ def patch_triton_interpreter() -> None:
 
     interp._patch_lang_tensor = patched
     interp._graphir_patched = True
+
+
+def hf_checkpoint_numel(config: dict[str, Any]) -> int:
+    """Elements of every tensor a transformers model of this config.json saves (built on the meta
+    device): its parameters plus its persistent buffers (sigmoid routers' e_score_correction_bias)."""
+    import warnings
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    saved = set(model.state_dict())
+    return model.num_parameters() + sum(b.numel() for name, b in model.named_buffers() if name in saved)
+
+
+def check_low_precision(model: Any, ckpt: Path, prompt: list[int]) -> None:
+    """bf16 / f16 runs of a saved checkpoint stay as close to graphir's f32 run as transformers'
+    own bf16 / f16 runs do (a model-dependent tolerance measured on the oracle, floor 3%)."""
+    from backends.cuda.session import Session, greedy
+    from graphir.models.sources import load_source
+
+    src = load_source(ckpt)
+    ref, gen = greedy(Session(src, None, "cpu", 16, dtype="f32"), prompt, 3)
+    for dt, tdt in (("bf16", torch.bfloat16), ("f16", torch.float16)):
+        hf_err = rel_err(hf_logits(model.to(tdt), prompt + gen), ref)
+        s = Session(src, None, "cpu", 16, dtype=dt)
+        got = torch.cat([s.prefill(prompt), s.decode(gen)])
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        assert rel_err(got, ref) < max(0.03, 1.5 * hf_err), (dt, hf_err)

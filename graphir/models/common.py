@@ -99,8 +99,10 @@ def _yarn_mscale(factor: float, mscale: float) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def attention(c: Ctx, i: int, x: str, *, qk_norm: bool, gated: bool, norm_offset: float = 0.0) -> str:
-    """Self-attention over the KV cache. x: [T,H] normed input -> [T,H] (before the residual)."""
+def attention(c: Ctx, i: int, x: str, *, qk_norm: bool | str, gated: bool, norm_offset: float = 0.0) -> str:
+    """Self-attention over the KV cache. x: [T,H] normed input -> [T,H] (before the residual).
+    qk_norm True norms each head of q and k (Hunyuan after RoPE, the others before); "all"
+    (MiniMax-M2) one norm over all heads of q and one over all of k."""
     cfg, p = c.cfg, f"blk.{i}."
     hq, hkv, d, H = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.hidden_size
     bias = cfg.attention_bias
@@ -111,7 +113,10 @@ def attention(c: Ctx, i: int, x: str, *, qk_norm: bool, gated: bool, norm_offset
         return c.op(Op.ADD, p + role + "_b", y, c.w(p + role + ".bias", rows)) if bias else y
 
     q = proj("attn_q", q_rows)
-    k = c.view(p + "k_heads", proj("attn_k", hkv * d), c.T, hkv, d)  # [T,hkv,d]
+    k = proj("attn_k", hkv * d)
+    if qk_norm == "all":  # [T,hq*d] and [T,hkv*d]: the norm spans every head
+        q, k = c.norm(p + "attn_q_norm", q), c.norm(p + "attn_k_norm", k)
+    k = c.view(p + "k_heads", k, c.T, hkv, d)  # [T,hkv,d]
     v = c.view(p + "v_heads", proj("attn_v", hkv * d), c.T, hkv, d)  # [T,hkv,d]
     gate = None
     if gated:
@@ -121,13 +126,13 @@ def attention(c: Ctx, i: int, x: str, *, qk_norm: bool, gated: bool, norm_offset
     else:
         q = c.view(p + "q_heads", q, c.T, hq, d)  # [T,hq,d]
     late = cfg.qk_norm_after_rope
-    if qk_norm and not late:
+    if qk_norm is True and not late:
         q = c.norm(p + "attn_q_norm", q, norm_offset)
         k = c.norm(p + "attn_k_norm", k, norm_offset)
     ra = rope_attrs(cfg)
     q = c.op(Op.ROPE, p + "q_rope", q, "positions", **ra)
     k = c.op(Op.ROPE, p + "k_rope", k, "positions", **ra)
-    if qk_norm and late:  # Hunyuan: the norms see the rotated heads
+    if qk_norm is True and late:  # Hunyuan: the norms see the rotated heads
         q = c.norm(p + "attn_q_norm", q, norm_offset)
         k = c.norm(p + "attn_k_norm", k, norm_offset)
     if cfg.attn_temperature_beta:
@@ -171,16 +176,33 @@ def decoder_layer(c: Ctx, i: int, x: str, *, qk_norm: bool, ffn_norm: str = "ffn
     return c.op(Op.ADD, p + "l_out", x, f)
 
 
-def moe(c: Ctx, i: int, x: str) -> str:
-    """Routed experts (+ the shared expert, sigmoid-gated or not, where the model has one)."""
-    cfg, p = c.cfg, f"blk.{i}."
-    E, k, N, H = cfg.n_expert, cfg.n_expert_used, cfg.moe_intermediate_size, cfg.hidden_size
-    logits = c.op(Op.MATMUL, p + "ffn_gate_inp", x, c.w(p + "ffn_gate_inp", E, H))  # [T,E]
-    if cfg.router_bias:  # ERNIE 4.5: a correction bias moves the choice of experts
-        ids = c.op(Op.MOE_TOPK_BIAS, p + "ffn_moe_topk", logits, c.w(p + "exp_probs_b.bias", E), k=k)  # [T,k]
+def route(c: Ctx, p: str, logits: str) -> tuple[str, str]:
+    """Expert ids [T,k] i32 and weights [T,k] f32 from router logits [T,E]. Softmax routers
+    (Qwen) take the top-k probabilities, ERNIE's after adding a correction bias to choose;
+    sigmoid routers (GLM-4.5, MiniMax-M2, DeepSeek-V3) choose by sigmoid + a per-expert bias
+    (GGUF exp_probs_b) within the best groups and weigh by the sigmoid alone, renormalised and
+    scaled by routed_scaling_factor."""
+    cfg, k = c.cfg, c.cfg.n_expert_used
+    if cfg.sigmoid_router:
+        bias = c.w(p + "exp_probs_b.bias", cfg.n_expert)
+        groups = {"groups": cfg.n_group, "groups_used": cfg.topk_group} if cfg.n_group > 1 else {}
+        ids = c.op(Op.MOE_TOPK_BIASED, p + "ffn_moe_topk", logits, bias, k=k, **groups)
+        scale = {"scale": cfg.routed_scaling_factor} if cfg.routed_scaling_factor != 1.0 else {}
+        return ids, c.op(Op.MOE_WEIGHTS_SIGMOID, p + "ffn_moe_weights", logits, ids, norm=cfg.norm_topk_prob, **scale)
+    if cfg.router_bias:
+        ids = c.op(Op.MOE_TOPK_BIAS, p + "ffn_moe_topk", logits, c.w(p + "exp_probs_b.bias", cfg.n_expert), k=k)
     else:
-        ids = c.op(Op.MOE_TOPK, p + "ffn_moe_topk", logits, k=k)  # [T,k]
-    wts = c.op(Op.MOE_WEIGHTS, p + "ffn_moe_weights", logits, ids, norm=cfg.norm_topk_prob)  # [T,k]
+        ids = c.op(Op.MOE_TOPK, p + "ffn_moe_topk", logits, k=k)
+    return ids, c.op(Op.MOE_WEIGHTS, p + "ffn_moe_weights", logits, ids, norm=cfg.norm_topk_prob)
+
+
+def moe(c: Ctx, i: int, x: str) -> str:
+    """Routed experts (+ the shared expert where the model has one: sigmoid-gated for Qwen,
+    plainly added for ERNIE, Hunyuan, GLM and DeepSeek)."""
+    cfg, p = c.cfg, f"blk.{i}."
+    E, N, H = cfg.n_expert, cfg.moe_intermediate_size, cfg.hidden_size
+    logits = c.op(Op.MATMUL, p + "ffn_gate_inp", x, c.w(p + "ffn_gate_inp", E, H))  # [T,E]
+    ids, wts = route(c, p, logits)  # [T,k], [T,k]
     g = c.op(Op.MOE_MATMUL, p + "ffn_gate_exps", x, c.w(p + "ffn_gate_exps", E, N, H), ids)  # [T,k,N]
     u = c.op(Op.MOE_MATMUL, p + "ffn_up_exps", x, c.w(p + "ffn_up_exps", E, N, H), ids)
     h = c.op(Op.SWIGLU, p + "ffn_moe_swiglu", g, u)
@@ -188,7 +210,7 @@ def moe(c: Ctx, i: int, x: str) -> str:
     out = c.op(Op.MOE_SUM, p + "ffn_moe_out", y, wts)  # [T,H]
     if cfg.shared_expert_intermediate_size:
         s = ffn(c, p, x, cfg.shared_expert_intermediate_size, "_shexp")
-        if cfg.shared_expert_gated:  # Qwen: a sigmoid gate per token; ERNIE, Hunyuan add it as is
+        if cfg.shared_expert_gated:
             sg = c.op(Op.MATMUL, p + "ffn_gate_inp_shexp", x, c.w(p + "ffn_gate_inp_shexp", 1, H))  # [T,1]
             s = c.op(Op.MUL, p + "ffn_shexp_gated", s, c.op(Op.SIGMOID, p + "ffn_shexp_sig", sg))
         out = c.op(Op.ADD, p + "ffn_moe_shexp", out, s)

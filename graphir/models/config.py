@@ -10,19 +10,23 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from graphir.models import config_moe
+from graphir.models import config_families, config_moe
 from graphir.models.config_keys import ConfigError, _bool, _get, _int, _real  # ConfigError is re-exported
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-Arch = Literal["llama", "qwen3", "qwen3_moe", "qwen3_next", "seed_oss", "ministral3", "ernie4_5_moe", "hunyuan_v1_moe"]
+Arch = Literal["llama", "qwen3", "qwen3_moe", "qwen3_next", "seed_oss", "ministral3", "ernie4_5_moe", "hunyuan_v1_moe",
+               "glm4_moe", "minimax_m2", "deepseek_v3"]
 
 # model_type in config.json -> our architecture family
 MODEL_TYPES: dict[str, Arch] = {
     "llama": "llama", "mistral": "llama",
     "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "qwen3_next": "qwen3_next",
     "seed_oss": "seed_oss", "ministral3": "ministral3", "ernie4_5_moe": "ernie4_5_moe",
-    "hunyuan_v1_moe": "hunyuan_v1_moe",
+    "hunyuan_v1_moe": "hunyuan_v1_moe", "glm4_moe": "glm4_moe", "minimax_m2": "minimax_m2",
+    "deepseek_v3": "deepseek_v3", "kimi_k2": "deepseek_v3",  # Kimi-K2 ships DeepseekV3ForCausalLM
 }
+# families whose router scores experts with a sigmoid plus a selection-only bias (DeepSeek-V3 style)
+SIGMOID_ROUTED = ("glm4_moe", "minimax_m2", "deepseek_v3")
 
 
 # transformers' class defaults for keys a config.json may leave out, where they differ from the
@@ -40,7 +44,18 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
                      "moe_num_shared_experts": 2, "moe_layer_start_index": 1, "moe_layer_end_index": -1,
                      "moe_layer_interval": 1},
     "hunyuan_v1_moe": {"rms_norm_eps": 1e-5, "max_position_embeddings": 2048, "num_experts": 1, "moe_topk": 1},
+    # Glm4MoeConfig / MiniMaxM2Config class defaults (transformers 5)
+    "glm4_moe": {"num_key_value_heads": 8, "n_routed_experts": 128, "num_experts_per_tok": 8,
+                 "moe_intermediate_size": 1408, "n_shared_experts": 1, "first_k_dense_replace": 1,
+                 "rms_norm_eps": 1e-5, "max_position_embeddings": 131072},
+    "deepseek_v3": {"n_routed_experts": 256, "num_experts_per_tok": 8, "moe_intermediate_size": 2048,
+                    "n_shared_experts": 1, "first_k_dense_replace": 3, "routed_scaling_factor": 2.5, "n_group": 8,
+                    "topk_group": 4, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64,
+                    "qk_nope_head_dim": 128, "v_head_dim": 128, "rope_interleave": True},
+    "minimax_m2": {"head_dim": 128, "num_key_value_heads": 8, "num_local_experts": 256, "num_experts_per_tok": 8,
+                   "rope_theta": 5000000.0, "max_position_embeddings": 196608},
 }
+_HF_DEFAULTS["kimi_k2"] = _HF_DEFAULTS["deepseek_v3"]  # Kimi-K2 configs name the DeepSeek-V3 class
 
 
 # The deepest model graphir builds: published models have < 200 layers; a config asking for
@@ -78,10 +93,23 @@ class ModelConfig(BaseModel):
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
     shared_expert_gated: bool = True  # Qwen's sigmoid gate on the shared expert; ERNIE / Hunyuan have none
-    router_bias: bool = False  # ERNIE 4.5's e_score_correction_bias (GGUF exp_probs_b): chooses experts
+    router_bias: bool = False  # a per-expert selection bias (GGUF exp_probs_b): ERNIE 4.5 and the sigmoid routers
     norm_topk_prob: bool = True
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    # sigmoid routing (glm4_moe, minimax_m2): top-k of sigmoid + bias within the best groups,
+    # weights sigmoid (renormalised when norm_topk_prob) times routed_scaling_factor
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    use_qk_norm: bool = False  # glm4_moe's per-head Q/K norm switch
+    # multi-head latent attention (deepseek_v3): head_dim is the rotary part qk_rope_head_dim;
+    # the cache holds kv_lora_rank + head_dim per token, shared by every head
+    q_lora_rank: int = 0  # 0: q projected directly from the hidden state
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # checkpoints store the rotary dims as interleaved pairs
     # hybrid recurrent (qwen3_next): per layer "full_attention" or "linear_attention"
     layer_types: tuple[str, ...] = ()
     linear_num_key_heads: int = 0
@@ -129,6 +157,26 @@ class ModelConfig(BaseModel):
             outside = [i for i in self.mlp_only_layers if not 0 <= i < self.n_layer]
             if outside:
                 raise ValueError(f"mlp_only_layers {outside} are outside 0..{self.n_layer - 1}")
+            if self.n_group < 1 or self.n_expert % self.n_group:
+                raise ValueError(f"n_group={self.n_group} must divide n_routed_experts={self.n_expert}")
+            if not 0 < self.topk_group <= self.n_group:
+                raise ValueError(f"topk_group={self.topk_group} must be in 1..n_group={self.n_group}")
+            if self.n_group > 1 and self.n_expert // self.n_group < 2:
+                raise ValueError(f"{self.n_expert} experts in {self.n_group} groups leave fewer than 2 per group")
+            if self.n_expert_used > self.topk_group * (self.n_expert // self.n_group):
+                raise ValueError(f"num_experts_per_tok={self.n_expert_used} exceeds the experts of "
+                                 f"topk_group={self.topk_group} groups")
+        if not (math.isfinite(self.routed_scaling_factor) and self.routed_scaling_factor > 0):
+            raise ValueError(f"routed_scaling_factor={self.routed_scaling_factor} must be finite and positive")
+        if self.arch == "deepseek_v3":
+            mla = {"kv_lora_rank": self.kv_lora_rank, "qk_nope_head_dim": self.qk_nope_head_dim,
+                   "v_head_dim": self.v_head_dim}
+            bad = [f"{k}={v}" for k, v in mla.items() if v <= 0] + (
+                [f"q_lora_rank={self.q_lora_rank}"] if self.q_lora_rank < 0 else [])
+            if bad:
+                raise ValueError(f"multi-head latent attention needs positive sizes: {', '.join(bad)}")
+            if self.attention_bias:
+                raise ValueError("attention_bias=true is not supported for deepseek_v3")
         if self.arch == "qwen3_next":
             if len(self.layer_types) != self.n_layer:
                 raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.n_layer} layers")
@@ -148,7 +196,12 @@ class ModelConfig(BaseModel):
     # ---- derived facts every front end and pass shares -------------------------------------
     @property
     def is_moe(self) -> bool:
-        return self.arch in ("qwen3_moe", "qwen3_next", "ernie4_5_moe", "hunyuan_v1_moe") and self.n_expert > 0
+        return self.arch in ("qwen3_moe", "qwen3_next", "ernie4_5_moe", "hunyuan_v1_moe", *SIGMOID_ROUTED) \
+            and self.n_expert > 0
+
+    @property
+    def sigmoid_router(self) -> bool:
+        return self.arch in SIGMOID_ROUTED
 
     @property
     def out_bias(self) -> bool:
@@ -157,8 +210,10 @@ class ModelConfig(BaseModel):
 
     @property
     def qk_norm(self) -> bool:
-        """Whether attention has per-head RMS norms on Q and K."""
-        return self.arch in ("qwen3", "qwen3_moe", "qwen3_next", "hunyuan_v1_moe")
+        """Whether attention has RMS norms on Q and K (per head; MiniMax-M2's span all heads)."""
+        if self.arch == "glm4_moe":
+            return self.use_qk_norm
+        return self.arch in ("qwen3", "qwen3_moe", "qwen3_next", "hunyuan_v1_moe", "minimax_m2")
 
     @property
     def qk_norm_after_rope(self) -> bool:
@@ -201,6 +256,9 @@ class ModelConfig(BaseModel):
         return ModelConfig(**d)
 
 
+_PARTIAL = {"qwen3_next": 0.25, "glm4_moe": 0.5}  # default partial_rotary_factor per family
+
+
 def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     """ModelConfig from the contents of a transformers config.json."""
     if not isinstance(d, dict):
@@ -223,7 +281,10 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     legacy = dict(_get(d, "rope_scaling", default={}) or {})
     rope_theta = _get(rope, "rope_theta", default=_get(d, "rope_theta", default=10000.0))
     partial = _get(rope, "partial_rotary_factor",
-                   default=_get(d, "partial_rotary_factor", default=0.25 if arch == "qwen3_next" else 1.0))
+                   default=_get(d, "partial_rotary_factor", default=_PARTIAL.get(arch, 1.0)))
+    if arch == "minimax_m2" and "partial_rotary_factor" not in rope and d.get("rotary_dim") is not None:
+        # released MiniMax-M2 configs give the rotary part as rotary_dim (transformers converts it)
+        partial = _real(d, "rotary_dim") / _int(d, "head_dim")
     scaling = {k: v for k, v in {**legacy, **rope}.items()
                if k not in ("rope_theta", "partial_rotary_factor")}
     if scaling.get("rope_type", scaling.get("type", "default")) == "default":
@@ -269,6 +330,10 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
             )
         if arch in ("ernie4_5_moe", "hunyuan_v1_moe"):
             fields.update(config_moe.READERS[arch](d, n_layer, fields))
+        if arch in SIGMOID_ROUTED:
+            fields.update(config_families.sigmoid_moe(d, arch, n_layer))
+            if arch == "deepseek_v3":
+                fields.update(config_families.mla(d))
         if arch == "qwen3_next":
             types = d.get("layer_types")
             if types is None:
@@ -289,7 +354,7 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
         cfg = ModelConfig(**fields)
         # without head_dim, transformers derives it as hidden / heads: a remainder is a typo,
         # not something to truncate (LlamaConfig refuses it; an explicit head_dim defines the model)
-        if "head_dim" not in d and "attention_head_dim" not in d and hidden % n_head:
+        if "head_dim" not in d and "attention_head_dim" not in d and hidden % n_head and arch != "deepseek_v3":
             raise ConfigError(f"hidden_size={hidden} is not a multiple of num_attention_heads={n_head}")
         return cfg
     except ConfigError:

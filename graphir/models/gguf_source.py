@@ -16,10 +16,12 @@ from graphir.models.gguf_header import read_header
 # GGUF general.architecture -> config.json model_type
 GGUF_ARCHES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "qwen3next": "qwen3_next",
                "seed_oss": "seed_oss", "mistral3": "ministral3", "ernie4_5-moe": "ernie4_5_moe",
-               "hunyuan-moe": "hunyuan_v1_moe"}
+               "hunyuan-moe": "hunyuan_v1_moe", "glm4moe": "glm4_moe", "minimax-m2": "minimax_m2",
+               "deepseek2": "deepseek_v3"}
 # architectures (ours) whose GGUF Q/K rows pair RoPE dims interleaved (ggml's "norm" RoPE): the
 # converter permutes llama's and mistral3's, ERNIE's come so from transformers
 PERMUTED_QK = frozenset({"llama", "ministral3", "ernie4_5_moe"})
+SIGMOID_GATING = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
 
 
 def read_gguf(path: Path) -> tuple[ModelConfig, tuple[tuple[str, DType], ...]]:
@@ -59,14 +61,15 @@ def read_gguf(path: Path) -> tuple[ModelConfig, tuple[tuple[str, DType], ...]]:
         "attention_bias": any(n.startswith("blk.") and n.endswith(".attn_q.bias") for n in tensors),
     }
     n_rot = k("rope.dimension_count")
-    if n_rot and head_dim and n_rot != head_dim:
+    if n_rot and head_dim and n_rot != head_dim and arch != "deepseek2":  # MLA: only the rope part rotates
         d["partial_rotary_factor"] = n_rot / head_dim
     scaling = k("rope.scaling.type")
     if scaling and scaling != "none":
         d["rope_scaling"] = {"rope_type": scaling, "factor": k("rope.scaling.factor", 1.0),
                              "original_max_position_embeddings": k("rope.scaling.original_context_length")}
         if scaling == "yarn":
-            d["rope_scaling"].update(beta_fast=k("rope.scaling.yarn_beta_fast"), beta_slow=k("rope.scaling.yarn_beta_slow"))
+            betas = {"beta_fast": k("rope.scaling.yarn_beta_fast"), "beta_slow": k("rope.scaling.yarn_beta_slow")}
+            d["rope_scaling"].update({b: v for b, v in betas.items() if v is not None})  # absent: the YaRN defaults
     if arch == "mistral3":
         # llama.cpp keeps transformers' mscale_all_dim as yarn_log_multiplier (mscale is 1) and
         # llama_4_scaling_beta as attention.temperature_scale
@@ -94,6 +97,10 @@ def read_gguf(path: Path) -> tuple[ModelConfig, tuple[tuple[str, DType], ...]]:
         d.update(num_experts=k("expert_count", 0), moe_topk=k("expert_used_count", 0),
                  moe_intermediate_size=k("expert_feed_forward_length", n_ff),
                  num_shared_expert=k("expert_shared_feed_forward_length", n_ff) // n_ff if n_ff else 0)
+    if arch in ("glm4moe", "minimax-m2", "deepseek2"):
+        d.update(_sigmoid_moe(path, arch, k, tensors))
+    if arch == "deepseek2":
+        d.update(_mla(k, d))
     if arch == "qwen3next":
         nv = k("ssm.time_step_rank")
         d.update(full_attention_interval=k("full_attention_interval", 4), linear_conv_kernel_dim=k("ssm.conv_kernel"),
@@ -106,6 +113,42 @@ def read_gguf(path: Path) -> tuple[ModelConfig, tuple[tuple[str, DType], ...]]:
     cfg = from_hf_dict(d, name=path.stem)
     types = tuple((name, dt) for name, (_, dt) in tensors.items())
     return cfg, types
+
+
+def _sigmoid_moe(path: Path, arch: str, k: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+    """config.json keys of the sigmoid-routed families from llama.cpp's metadata. glm4moe's
+    block_count includes its multi-token-prediction layers (nextn_predict_layers), which the
+    decoder does not run; its shared expert is expert_shared_count experts wide."""
+    gating = k("expert_gating_func", SIGMOID_GATING)
+    if gating != SIGMOID_GATING:
+        raise ConfigError(f"{path}: {arch}.expert_gating_func={gating}; only sigmoid gating "
+                          f"({SIGMOID_GATING}) is supported")
+    d: dict[str, Any] = {"num_experts_per_tok": k("expert_used_count")}
+    if arch == "minimax-m2":
+        return {**d, "num_local_experts": k("expert_count"), "intermediate_size": k("expert_feed_forward_length")}
+    blocks, nextn = k("block_count"), k("nextn_predict_layers", 0) if arch == "glm4moe" else 0
+    return {**d, "num_hidden_layers": blocks - nextn if blocks is not None else None,
+            "n_routed_experts": k("expert_count"), "moe_intermediate_size": k("expert_feed_forward_length"),
+            "n_shared_experts": k("expert_shared_count", 0), "first_k_dense_replace": k("leading_dense_block_count", 0),
+            "routed_scaling_factor": float(k("expert_weights_scale", 1.0)),
+            "norm_topk_prob": bool(k("expert_weights_norm", False)),
+            "n_group": k("expert_group_count", 1), "topk_group": k("expert_group_used_count", 1),
+            "use_qk_norm": any(n.endswith(".attn_q_norm.weight") for n in tensors)}
+
+
+def _mla(k: Any, d: dict[str, Any]) -> dict[str, Any]:
+    """deepseek2's attention keys: key_length is nope + rope, rope.dimension_count the rope part;
+    the file keeps the checkpoint's interleaved rotary rows. YaRN's mscale_all_dim travels as
+    yarn_log_multiplier = 0.1 * mscale_all_dim (llama.cpp assumes mscale equal to it)."""
+    rope, key = k("rope.dimension_count"), k("attention.key_length")
+    out: dict[str, Any] = {"q_lora_rank": k("attention.q_lora_rank"), "kv_lora_rank": k("attention.kv_lora_rank"),
+                           "qk_rope_head_dim": rope, "qk_nope_head_dim": key - rope if key and rope else None,
+                           "v_head_dim": k("attention.value_length"), "rope_interleave": True, "head_dim": rope}
+    mul = k("rope.scaling.yarn_log_multiplier")
+    if "rope_scaling" in d and mul:
+        m = round(float(mul) / 0.1, 6)
+        out["rope_scaling"] = {**d["rope_scaling"], "mscale": m, "mscale_all_dim": m}
+    return out
 
 
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:

@@ -34,7 +34,8 @@ from graphir.models.weights import WeightInfo, reference_weights
 # config.json model_type -> GGUF general.architecture (the inverse of gguf_source.GGUF_ARCHES)
 GGUF_ARCH = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "qwen3_next": "qwen3next",
              "seed_oss": "seed_oss", "ministral3": "mistral3", "ernie4_5_moe": "ernie4_5-moe",
-             "hunyuan_v1_moe": "hunyuan-moe"}
+             "hunyuan_v1_moe": "hunyuan-moe", "glm4_moe": "glm4moe", "minimax_m2": "minimax-m2",
+             "deepseek_v3": "deepseek2"}
 ALIGNMENT = 32
 SIGMA = 0.02  # standard deviation of the random matrices (and the target of the quant scales)
 _POOL_BYTES = 1 << 21  # exact random rows per tensor; larger tensors repeat them at random row offsets
@@ -155,8 +156,19 @@ def metadata(cfg: ModelConfig, *, file_type: str = "f16") -> list[tuple[str, Any
         a("expert_feed_forward_length", cfg.moe_intermediate_size)
         if cfg.arch not in ("ernie4_5_moe", "hunyuan_v1_moe"):  # their converters write none (always normalised)
             a("expert_weights_norm", bool(cfg.norm_topk_prob))
-        if cfg.shared_expert_intermediate_size:
+        if cfg.shared_expert_intermediate_size and cfg.arch != "glm4_moe":
             a("expert_shared_feed_forward_length", cfg.shared_expert_intermediate_size)
+    if cfg.sigmoid_router:
+        a("expert_gating_func", 2)  # sigmoid
+    if cfg.arch in ("glm4_moe", "deepseek_v3"):  # the keys llama.cpp's Glm4Moe / DeepseekV2 converters write
+        a("expert_shared_count", cfg.shared_expert_intermediate_size // cfg.moe_intermediate_size)
+        a("leading_dense_block_count", len(cfg.mlp_only_layers))
+        a("expert_weights_scale", float(cfg.routed_scaling_factor))
+        if cfg.arch == "glm4_moe":
+            a("nextn_predict_layers", 0)  # no multi-token-prediction layer in the file
+        if cfg.n_group > 1:
+            a("expert_group_count", cfg.n_group)
+            a("expert_group_used_count", cfg.topk_group)
     if cfg.arch == "qwen3_next":
         full = cfg.attention_layers
         a("full_attention_interval", (full[0] + 1) if full else cfg.n_layer + 1)
@@ -165,6 +177,8 @@ def metadata(cfg: ModelConfig, *, file_type: str = "f16") -> list[tuple[str, Any
         a("ssm.group_count", cfg.linear_num_key_heads)
         a("ssm.time_step_rank", cfg.linear_num_value_heads)
         a("ssm.inner_size", cfg.linear_num_value_heads * cfg.linear_value_head_dim)
+    if cfg.arch == "deepseek_v3":
+        _mla_keys(cfg, kv, a)
     kv.append(("tokenizer.ggml.model", "none"))  # no vocabulary: {arch}.vocab_size gives the size
     return kv
 
@@ -178,6 +192,17 @@ def _ernie_layers(cfg: ModelConfig, a: Callable[[str, Any], None]) -> None:
     a("leading_dense_block_count", lead)
     a("interleave_moe_layer_step", cfg.decoder_sparse_step)
     a("expert_shared_count", cfg.shared_expert_intermediate_size // cfg.moe_intermediate_size)
+def _mla_keys(cfg: ModelConfig, kv: list[tuple[str, Any]], a: Callable[[str, Any], None]) -> None:
+    """deepseek2's attention keys (replacing the generic key_length / value_length)."""
+    arch = GGUF_ARCH[cfg.arch]
+    sizes = {"attention.key_length": cfg.qk_nope_head_dim + cfg.head_dim, "attention.value_length": cfg.v_head_dim}
+    kv[:] = [(k, sizes.get(k.removeprefix(f"{arch}."), v)) for k, v in kv]
+    if cfg.q_lora_rank:
+        a("attention.q_lora_rank", cfg.q_lora_rank)
+    a("attention.kv_lora_rank", cfg.kv_lora_rank)
+    sc = dict(cfg.rope_scaling)
+    if sc.get("rope_type") == "yarn" and "mscale_all_dim" in sc:
+        a("rope.scaling.yarn_log_multiplier", 0.1 * float(sc["mscale_all_dim"]))
 
 
 # ---- random tensor data -------------------------------------------------------------------
