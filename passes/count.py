@@ -54,9 +54,10 @@ def count_nodes(g: Graph) -> NodeCount:
 # ---- per-region closed forms -----------------------------------------------------------------
 def _attn_nodes(cfg: ModelConfig, merged: bool) -> tuple[int, int]:
     """(nodes per participating device, nodes on the lead only) of one attention block."""
-    gated, qk_norm, bias = cfg.arch == "qwen3_next", cfg.arch != "llama", cfg.attention_bias
+    gated, qk_norm, bias = cfg.arch == "qwen3_next", cfg.arch not in ("llama", "gpt_oss"), cfg.attention_bias
     per = 2 + 6 + 2 + 2 + 6 + 2 + 2  # norm, q/k/v, k/v heads, rope, cache, attention, wo
     per += (6 if bias else 0) + (4 + 2 if gated else 1) + (4 if qk_norm else 0) + (2 if merged else 0)
+    per += 1 if cfg.arch == "gpt_oss" else 0  # the sinks' weight
     return per, (2 if bias else 0)
 
 
@@ -150,11 +151,23 @@ def _ffn(tally: _Tally, cfg: ModelConfig, r: RegionPlan, up: bool, sh: bool, ex:
     S = r.share("shexp").devices if cfg.shared_expert_intermediate_size else ()
     both = [j for j in R if j in S]
     routed, shared = 12 + (2 if ex else 0), 11 + (2 if sh or router else 0)
+    if _biased(cfg):  # router bias everywhere, gate / up biases with their columns, the down bias once
+        routed += 4
+        tally.each(devs, 2)
+        tally.on(r.lead, 2)
+        total = 2 * len(devs) + 2
+    else:
+        total = 0
     tally.each(devs, 2)
     tally.each(R, routed)
     tally.each(S, shared)
     tally.each(both, 1)
-    return 2 * len(devs) + routed * len(R) + shared * len(S) + len(both) + tally.exit(devs, r.lead)
+    return total + 2 * len(devs) + routed * len(R) + shared * len(S) + len(both) + tally.exit(devs, r.lead)
+
+
+def _biased(cfg: ModelConfig) -> bool:
+    """Router and experts with biases (gpt-oss): 8 more nodes per MoE layer (4 weights, 4 adds)."""
+    return cfg.arch == "gpt_oss"
 
 
 def _ends(cfg: ModelConfig, opts: BuildOptions) -> tuple[int, int]:
@@ -170,9 +183,10 @@ def n_tensors(cfg: ModelConfig, layers: Sequence[int]) -> int:
         if cfg.is_recurrent(i):
             total += 8
         else:
-            total += 5 + (4 if cfg.attention_bias else 0) + (2 if cfg.arch != "llama" else 0)
+            total += 5 + (4 if cfg.attention_bias else 0) + (2 if cfg.arch not in ("llama", "gpt_oss") else 0)
+            total += 1 if cfg.arch == "gpt_oss" else 0  # attn_sinks
         if cfg.is_moe_layer(i):
-            total += 5 + (4 if cfg.shared_expert_intermediate_size else 0)
+            total += 5 + (4 if cfg.shared_expert_intermediate_size else 0) + (4 if _biased(cfg) else 0)
         else:
             total += 4
     return total
@@ -241,6 +255,7 @@ def estimate_nodes(cfg: ModelConfig, opts: BuildOptions | None = None, *, merges
             if cfg.is_moe_layer(i):
                 Ns = cfg.shared_expert_intermediate_size
                 k += 2 + 12 + (2 if ex else 0) + ((11 + (2 if sh or router else 0) + 1) if Ns else 0) + 1
+                k += 8 if _biased(cfg) else 0
             else:
                 k += 9 + (2 if up else 0) + 1
             tally.on(d, k)

@@ -59,6 +59,11 @@ WEIGHTS: dict[str, Cut] = {
     "ffn_down_exps.weight": Cut("slice", "exps", 2),
     "ffn_gate_shexp.weight": Cut("slice", "shexp", 0), "ffn_up_shexp.weight": Cut("slice", "shexp", 0),
     "ffn_down_shexp.weight": Cut("slice", "shexp", 1),
+    # gpt-oss: sinks follow their heads; the router bias is replicated like the router; the
+    # experts' gate/up biases follow their columns, the down bias is added once (as wo's)
+    "attn_sinks.weight": Cut("slice", "heads", 0), "ffn_gate_inp.bias": REP,
+    "ffn_gate_exps.bias": Cut("slice", "exps", 1), "ffn_up_exps.bias": Cut("slice", "exps", 1),
+    "ffn_down_exps.bias": LEAD,
 }
 STATES: dict[str, Cut] = {
     "cache_k": Cut("slice", "heads", 1), "cache_v": Cut("slice", "heads", 1),
@@ -284,6 +289,16 @@ class RegionSplit:
                     if "lead" in tags and tags[0 if a else 1] == "lead":
                         raise self._fail(n, "the lead-only bias has no partial to join")
                     loc[j] = a or b  # type: ignore[assignment]
+        elif n.op == Op.ADD_ID and tags[:2] == ["part", "lead"] and tags[2] == "rep":
+            # a bias added once to a partial sum: on the lead device (the others pass theirs on)
+            if self._input(n.inputs[0], self.plan.lead) is None:
+                raise self._fail(n, "the lead device holds no part of the sum to add the bias to")
+            for j in devs:
+                a = self._input(n.inputs[0], j)
+                if a is not None:
+                    loc[j] = a if j != self.plan.lead else self.em.emit(
+                        suffix(n.name, j), Op.ADD_ID, [a, self._input(n.inputs[1], j), self._input(n.inputs[2], j)],
+                        n.attrs, self.devices[j])
         elif n.op in (Op.MUL, Op.MOE_SUM, Op.RESHAPE, Op.CAST):
             if tags[0] != "part" or "part" in tags[1:] or any(t in ("lead", "split") for t in tags):
                 raise self._fail(n, "not linear in the partial sum")

@@ -86,6 +86,20 @@ def swiglu(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     return F.silu(g) * u
 
 
+def swiglu_oai(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU (GptOssExperts._apply_gate): gate clamped above at `limit`, up
+    to [-limit, limit]; gate * sigmoid(alpha * gate) * (up + 1)."""
+    g, u = args
+    limit, alpha = float(node.attr["limit"]), float(node.attr["alpha"])
+    g = g.clamp(max=limit)
+    return g * torch.sigmoid(g * alpha) * (u.clamp(-limit, limit) + 1)
+
+
+def add_id(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    y, b, ids = args  # [T,k,N], [E,N], [T,k] i32: each slot's expert bias
+    return y + b.to(y.dtype)[ids.long()]
+
+
 def cast(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     return _as_spec(node, args[0])
 
@@ -153,6 +167,7 @@ KERNELS: dict[Op, Kernel] = {
     Op.SIGMOID: lambda n, a, c: torch.sigmoid(a[0]),
     Op.SOFTPLUS: lambda n, a, c: F.softplus(a[0]),
     Op.SWIGLU: swiglu,
+    Op.SWIGLU_OAI: swiglu_oai,
     Op.CAST: cast,
     Op.ROPE: rope,
     Op.ATTENTION: attention,
@@ -163,6 +178,7 @@ KERNELS: dict[Op, Kernel] = {
     Op.MOE_TOPK: moe_topk,
     Op.MOE_WEIGHTS: moe_weights,
     Op.MOE_SUM: moe_sum,
+    Op.ADD_ID: add_id,
     Op.RESHAPE: reshape,
     Op.SLICE: slice_,
     Op.COPY: copy,

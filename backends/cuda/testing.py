@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 
 HF_CONFIGS = {"llama": "LlamaConfig", "qwen3": "Qwen3Config", "qwen3_moe": "Qwen3MoeConfig",
-              "qwen3_next": "Qwen3NextConfig"}
+              "qwen3_next": "Qwen3NextConfig", "gpt_oss": "GptOssConfig"}
 
 
 def hf_model(arch: str, seed: int = 0, **config: Any) -> Any:

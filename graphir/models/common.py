@@ -86,11 +86,16 @@ def rope_attrs(cfg: ModelConfig) -> dict[str, object]:
                          ("attention_factor", "attn_factor"), ("beta_fast", "beta_fast"), ("beta_slow", "beta_slow")):
             if sc.get(src) is not None:
                 attrs[dst] = float(sc[src]) if dst != "original_ctx" else int(sc[src])
+        if kind == "yarn" and sc.get("truncate") is False:  # gpt-oss: the ramp's ends not rounded
+            attrs["truncate"] = False
     return attrs
 
 
-def attention(c: Ctx, i: int, x: str, *, qk_norm: bool, gated: bool, norm_offset: float = 0.0) -> str:
-    """Self-attention over the KV cache. x: [T,H] normed input -> [T,H] (before the residual)."""
+def attention(c: Ctx, i: int, x: str, *, qk_norm: bool, gated: bool, norm_offset: float = 0.0,
+              sinks: bool = False) -> str:
+    """Self-attention over the KV cache. x: [T,H] normed input -> [T,H] (before the residual).
+    A sliding layer (cfg.window(i)) attends to its window; `sinks` adds a learnt per-head
+    logit to each softmax row (gpt-oss's attn_sinks)."""
     cfg, p = c.cfg, f"blk.{i}."
     hq, hkv, d, H = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.hidden_size
     bias = cfg.attention_bias
@@ -123,7 +128,8 @@ def attention(c: Ctx, i: int, x: str, *, qk_norm: bool, gated: bool, norm_offset
     v_all = c.op(Op.KV_APPEND, p + "cache_v.next", cv, v)
     c.result(p + "cache_k", k_all)
     c.result(p + "cache_v", v_all)
-    o = c.op(Op.ATTENTION, p + "kqv", q, k_all, v_all, scale=d ** -0.5)  # [T,hq,d]
+    extra = (c.w(p + "attn_sinks", hq),) if sinks else ()
+    o = c.op(Op.ATTENTION, p + "kqv", q, k_all, v_all, *extra, scale=d ** -0.5, window=cfg.window(i))  # [T,hq,d]
     o = c.view(p + "kqv_flat", o, c.T, hq * d)
     if gate is not None:
         o = c.op(Op.MUL, p + "kqv_gated", o, c.op(Op.SIGMOID, p + "attn_gate_sig", gate))
@@ -142,17 +148,27 @@ def ffn(c: Ctx, prefix: str, x: str, n_ff: int, suffix: str = "") -> str:
     return c.op(Op.MATMUL, f"{prefix}ffn_down{suffix}", h, c.w(f"{prefix}ffn_down{suffix}", H, n_ff))
 
 
-def moe(c: Ctx, i: int, x: str) -> str:
-    """Routed experts (+ the sigmoid-gated shared expert where the model has one)."""
+def moe(c: Ctx, i: int, x: str, biased: bool = False) -> str:
+    """Routed experts (+ the sigmoid-gated shared expert where the model has one). `biased`:
+    the router and every expert projection carry a bias (gpt-oss)."""
     cfg, p = c.cfg, f"blk.{i}."
     E, k, N, H = cfg.n_expert, cfg.n_expert_used, cfg.moe_intermediate_size, cfg.hidden_size
     logits = c.op(Op.MATMUL, p + "ffn_gate_inp", x, c.w(p + "ffn_gate_inp", E, H))  # [T,E]
+    if biased:
+        logits = c.op(Op.ADD, p + "ffn_gate_inp_b", logits, c.w(p + "ffn_gate_inp.bias", E))
     ids = c.op(Op.MOE_TOPK, p + "ffn_moe_topk", logits, k=k)  # [T,k]
     wts = c.op(Op.MOE_WEIGHTS, p + "ffn_moe_weights", logits, ids, norm=cfg.norm_topk_prob)  # [T,k]
-    g = c.op(Op.MOE_MATMUL, p + "ffn_gate_exps", x, c.w(p + "ffn_gate_exps", E, N, H), ids)  # [T,k,N]
-    u = c.op(Op.MOE_MATMUL, p + "ffn_up_exps", x, c.w(p + "ffn_up_exps", E, N, H), ids)
-    h = c.op(Op.SWIGLU, p + "ffn_moe_swiglu", g, u)
-    y = c.op(Op.MOE_MATMUL, p + "ffn_down_exps", h, c.w(p + "ffn_down_exps", E, H, N), ids)  # [T,k,H]
+
+    def experts(role: str, h: str, rows: int, cols: int) -> str:  # [T,(k,)cols] -> [T,k,rows]
+        y = c.op(Op.MOE_MATMUL, p + role, h, c.w(p + role, E, rows, cols), ids)
+        return c.op(Op.ADD_ID, p + role + "_b", y, c.w(p + role + ".bias", E, rows), ids) if biased else y
+
+    g, u = experts("ffn_gate_exps", x, N, H), experts("ffn_up_exps", x, N, H)  # [T,k,N]
+    if cfg.swiglu_limit:
+        h = c.op(Op.SWIGLU_OAI, p + "ffn_moe_swiglu", g, u, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
+    else:
+        h = c.op(Op.SWIGLU, p + "ffn_moe_swiglu", g, u)
+    y = experts("ffn_down_exps", h, H, N)  # [T,k,H]
     out = c.op(Op.MOE_SUM, p + "ffn_moe_out", y, wts)  # [T,H]
     if cfg.shared_expert_intermediate_size:
         s = ffn(c, p, x, cfg.shared_expert_intermediate_size, "_shexp")

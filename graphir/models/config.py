@@ -13,12 +13,13 @@ from typing import Any, Literal
 from graphir.errors import GraphirError
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-Arch = Literal["llama", "qwen3", "qwen3_moe", "qwen3_next"]
+Arch = Literal["llama", "qwen3", "qwen3_moe", "qwen3_next", "gpt_oss"]
 
 # model_type in config.json -> our architecture family
 MODEL_TYPES: dict[str, Arch] = {
     "llama": "llama", "mistral": "llama",
     "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "qwen3_next": "qwen3_next",
+    "gpt_oss": "gpt_oss",
 }
 
 
@@ -30,6 +31,17 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3_moe": {"num_key_value_heads": 4, "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768},
     "qwen3_next": {"head_dim": 256, "num_key_value_heads": 2, "num_experts": 512, "num_experts_per_tok": 10,
                    "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512},
+    # GptOssConfig's class defaults (the 120b shape)
+    "gpt_oss": {"head_dim": 64, "num_key_value_heads": 8, "num_local_experts": 128, "num_experts_per_tok": 4,
+                "sliding_window": 128, "rms_norm_eps": 1e-5, "attention_bias": True, "rope_theta": 150000.0,
+                "swiglu_alpha": 1.702, "swiglu_limit": 7.0},
+}
+
+
+# architectures whose layers differ by kind: the kinds their layer_types may name
+LAYER_TYPES: dict[str, tuple[str, ...]] = {
+    "qwen3_next": ("full_attention", "linear_attention"),
+    "gpt_oss": ("full_attention", "sliding_attention"),
 }
 
 
@@ -77,6 +89,12 @@ class ModelConfig(BaseModel):
     linear_key_head_dim: int = 0
     linear_value_head_dim: int = 0
     linear_conv_kernel_dim: int = 0
+    # sliding-window attention: layers whose layer_types entry is "sliding_attention" see the
+    # last `sliding_window` positions only (gpt_oss)
+    sliding_window: int = 0
+    # gpt_oss's clamped SwiGLU of the experts
+    swiglu_alpha: float = 0.0
+    swiglu_limit: float = 0.0
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -115,12 +133,14 @@ class ModelConfig(BaseModel):
             outside = [i for i in self.mlp_only_layers if not 0 <= i < self.n_layer]
             if outside:
                 raise ValueError(f"mlp_only_layers {outside} are outside 0..{self.n_layer - 1}")
-        if self.arch == "qwen3_next":
+        kinds = LAYER_TYPES.get(self.arch)
+        if kinds is not None:
             if len(self.layer_types) != self.n_layer:
                 raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.n_layer} layers")
-            unknown = sorted(set(self.layer_types) - {"full_attention", "linear_attention"})
+            unknown = sorted(set(self.layer_types) - set(kinds))
             if unknown:
                 raise ValueError(f"unknown layer type(s) {', '.join(unknown)}")
+        if self.arch == "qwen3_next":
             lin = (self.linear_num_key_heads, self.linear_num_value_heads, self.linear_key_head_dim,
                    self.linear_value_head_dim, self.linear_conv_kernel_dim)
             if min(lin) <= 0:
@@ -129,12 +149,18 @@ class ModelConfig(BaseModel):
             if self.linear_num_value_heads % self.linear_num_key_heads:
                 raise ValueError(f"linear_num_value_heads={self.linear_num_value_heads} is not a multiple of "
                                  f"linear_num_key_heads={self.linear_num_key_heads}")
+        if self.arch == "gpt_oss":
+            if self.sliding_window < 1 and "sliding_attention" in self.layer_types:
+                raise ValueError(f"sliding_window={self.sliding_window} must be at least 1 with sliding layers")
+            if not (self.swiglu_alpha > 0 and self.swiglu_limit > 0):
+                raise ValueError(f"swiglu_alpha={self.swiglu_alpha} and swiglu_limit={self.swiglu_limit} "
+                                 "must be positive")
         return self
 
     # ---- derived facts every front end and pass shares -------------------------------------
     @property
     def is_moe(self) -> bool:
-        return self.arch in ("qwen3_moe", "qwen3_next") and self.n_expert > 0
+        return self.arch in ("qwen3_moe", "qwen3_next", "gpt_oss") and self.n_expert > 0
 
     @property
     def n_rot(self) -> int:
@@ -146,6 +172,11 @@ class ModelConfig(BaseModel):
 
     def is_recurrent(self, layer: int) -> bool:
         return bool(self.layer_types) and self.layer_types[layer] == "linear_attention"
+
+    def window(self, layer: int) -> int | None:
+        """The attention window of `layer` (None: it attends to the whole context)."""
+        sliding = bool(self.layer_types) and self.layer_types[layer] == "sliding_attention"
+        return self.sliding_window if sliding else None
 
     def is_moe_layer(self, layer: int) -> bool:
         return (self.is_moe and layer not in self.mlp_only_layers
@@ -215,6 +246,16 @@ def _bool(d: dict[str, Any], keys: str | tuple[str, ...], default: Any = _MISSIN
     return v
 
 
+def _layer_types(d: dict[str, Any], n_layer: int, default: Any) -> tuple[str, ...]:
+    """config.json's layer_types, or transformers' default pattern `default(i)` when absent."""
+    types = d.get("layer_types")
+    if types is None:
+        return tuple(default(i) for i in range(n_layer))
+    if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+        raise ConfigError(f"layer_types must be a list of strings, got {types!r}")
+    return tuple(types)
+
+
 def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     """ModelConfig from the contents of a transformers config.json."""
     if not isinstance(d, dict):
@@ -229,6 +270,10 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
         raise ConfigError("mlp_bias=true (biases on the FFN projections) is not supported")
     d = {**{k: v for k, v in _HF_DEFAULTS.get(mt, {}).items() if k != "num_experts" or "num_local_experts" not in d},
          **d}
+    if mt == "gpt_oss" and not d.get("rope_parameters") and not d.get("rope_scaling"):
+        # GptOssConfig's default: YaRN x32 over a 4096-token original context, untruncated ramp
+        d = {**d, "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                   "truncate": False, "original_max_position_embeddings": 4096}}
     rope = dict(_get(d, "rope_parameters", default={}) or {})
     legacy = dict(_get(d, "rope_scaling", default={}) or {})
     rope_theta = _get(rope, "rope_theta", default=_get(d, "rope_theta", default=10000.0))
@@ -269,6 +314,15 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
                 decoder_sparse_step=_int(d, "decoder_sparse_step", 1),
                 mlp_only_layers=tuple(_int({"mlp_only_layers": i}, "mlp_only_layers")
                                       for i in _get(d, "mlp_only_layers", default=[])),
+            )
+        if arch == "gpt_oss":
+            fields.update(
+                n_expert=_int(d, ("num_local_experts", "num_experts")),
+                n_expert_used=_int(d, ("num_experts_per_tok", "experts_per_token")),
+                moe_intermediate_size=_int(d, "intermediate_size"),  # the experts' width
+                sliding_window=_int(d, "sliding_window"),
+                swiglu_alpha=_real(d, "swiglu_alpha"), swiglu_limit=_real(d, "swiglu_limit"),
+                layer_types=_layer_types(d, n_layer, lambda i: "sliding_attention" if (i + 1) % 2 else "full_attention"),
             )
         if arch == "qwen3_next":
             types = d.get("layer_types")

@@ -14,7 +14,8 @@ from graphir.models.config import ConfigError, from_hf_dict
 from graphir.models.gguf_header import read_header
 
 # GGUF general.architecture -> config.json model_type
-GGUF_ARCHES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "qwen3next": "qwen3_next"}
+GGUF_ARCHES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "qwen3next": "qwen3_next",
+               "gpt-oss": "gpt_oss"}
 
 
 def read_gguf(path: Path) -> "ModelSource":
@@ -65,6 +66,14 @@ def read_gguf(path: Path) -> "ModelSource":
                  moe_intermediate_size=k("expert_feed_forward_length", 0),
                  shared_expert_intermediate_size=k("expert_shared_feed_forward_length", 0),
                  norm_topk_prob=bool(k("expert_weights_norm", True)))  # llama.cpp always normalises here
+    if arch == "gpt-oss":
+        # llama.cpp: even layers slide (pattern 2), clamp 7 and alpha 1.702 are built in, the
+        # YaRN ramp is gpt-oss's (betas 32 / 1, untruncated); biases and sinks are in the tensor table
+        d.update(num_local_experts=k("expert_count", 0), num_experts_per_tok=k("expert_used_count", 0),
+                 intermediate_size=k("expert_feed_forward_length", 0), sliding_window=k("attention.sliding_window"),
+                 attention_bias=True)
+        if "rope_scaling" in d:
+            d["rope_scaling"].update(beta_fast=32.0, beta_slow=1.0, truncate=False)
     if arch == "qwen3next":
         nv = k("ssm.time_step_rank")
         d.update(full_attention_interval=k("full_attention_interval", 4), linear_conv_kernel_dim=k("ssm.conv_kernel"),
