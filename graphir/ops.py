@@ -40,6 +40,8 @@ class Op(str, enum.Enum):
     SOFTPLUS = "softplus"
     SWIGLU = "swiglu"
     SWIGLU_OAI = "swiglu_oai"
+    GEGLU = "geglu"
+    SOFTCAP = "softcap"
     CAST = "cast"
     ROPE = "rope"
     ATTENTION = "attention"
@@ -306,7 +308,7 @@ DEFS: dict[Op, OpDef] = {d.op: d for d in (
     OpDef(Op.INPUT, 0, ("role",), (), None, 0),
     OpDef(Op.WEIGHT, 0, (), ("src", "slice_dim", "start", "stop"), None, 0),
     OpDef(Op.STATE_IN, 0, ("state",), ("src", "slice_dim", "start", "stop"), None, 0),
-    OpDef(Op.GET_ROWS, 2, _F, (), _get_rows),
+    OpDef(Op.GET_ROWS, 2, _F, ("scale",), _get_rows),  # scale: rows times a constant (Gemma's sqrt(H))
     OpDef(Op.MATMUL, 2, (), (), _matmul),
     OpDef(Op.MOE_MATMUL, 3, (), (), _moe_matmul),
     OpDef(Op.RMS_NORM, 2, ("eps",), ("offset",), _rms_norm),
@@ -319,6 +321,8 @@ DEFS: dict[Op, OpDef] = {d.op: d for d in (
     OpDef(Op.SWIGLU, 2, (), (), _swiglu),
     # gpt-oss: (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g'), g' = min(g, limit)
     OpDef(Op.SWIGLU_OAI, 2, ("alpha", "limit"), (), _swiglu),
+    OpDef(Op.GEGLU, 2, (), (), _swiglu),  # gelu_tanh(gate) * up (Gemma)
+    OpDef(Op.SOFTCAP, 1, ("cap",), (), _unary),  # cap * tanh(x / cap): logit soft-capping
     OpDef(Op.CAST, 1, _F, (), _cast),
     OpDef(Op.ROPE, 2, ("n_rot", "theta"), ("scaling", "factor", "low_freq_factor", "high_freq_factor",
                                              "original_ctx", "attn_factor", "beta_fast", "beta_slow", "truncate"), _rope),

@@ -23,7 +23,7 @@ from graphir.models.config import ModelConfig
 from passes.devices import parse_devices, parse_ts
 from passes.transfers import devices_of
 from passes.place import layer_devices, pinned_ratios
-from passes.plan import Recurrent, RegionPlan, plan_graph, type_from_scheme
+from passes.plan import LAYER_ONLY, Recurrent, RegionPlan, plan_graph, type_from_scheme
 
 HEADROOM = 0.02  # the budget allows 2% over the formula, for graphs the tests do not cover
 
@@ -53,11 +53,13 @@ def count_nodes(g: Graph) -> NodeCount:
 
 # ---- per-region closed forms -----------------------------------------------------------------
 def _attn_nodes(cfg: ModelConfig, merged: bool) -> tuple[int, int]:
-    """(nodes per participating device, nodes on the lead only) of one attention block."""
+    """(nodes per participating device, nodes on the lead only) of one attention block
+    (gemma3's, never split, with its post-attention norm)."""
     gated, qk_norm, bias = cfg.arch == "qwen3_next", cfg.arch not in ("llama", "gpt_oss"), cfg.attention_bias
     per = 2 + 6 + 2 + 2 + 6 + 2 + 2  # norm, q/k/v, k/v heads, rope, cache, attention, wo
     per += (6 if bias else 0) + (4 + 2 if gated else 1) + (4 if qk_norm else 0) + (2 if merged else 0)
     per += 1 if cfg.arch == "gpt_oss" else 0  # the sinks' weight
+    per += 2 if cfg.arch == "gemma3" else 0  # the norm after attention
     return per, (2 if bias else 0)
 
 
@@ -173,7 +175,7 @@ def _biased(cfg: ModelConfig) -> bool:
 def _ends(cfg: ModelConfig, opts: BuildOptions) -> tuple[int, int]:
     """Nodes before the layers (inputs, embedding) and after (norm, head, logits)."""
     last = 1 if (opts.phase == "pp" and opts.logits == "last") else 0
-    return 4, 2 + last + (0 if cfg.tie_word_embeddings else 1) + 2
+    return 4, 2 + last + (0 if cfg.tie_word_embeddings else 1) + 2 + (1 if cfg.final_logit_softcapping else 0)
 
 
 def n_tensors(cfg: ModelConfig, layers: Sequence[int]) -> int:
@@ -185,6 +187,7 @@ def n_tensors(cfg: ModelConfig, layers: Sequence[int]) -> int:
         else:
             total += 5 + (4 if cfg.attention_bias else 0) + (2 if cfg.arch not in ("llama", "gpt_oss") else 0)
             total += 1 if cfg.arch == "gpt_oss" else 0  # attn_sinks
+            total += 2 if cfg.arch == "gemma3" else 0  # post_attention_norm, post_ffw_norm
         if cfg.is_moe_layer(i):
             total += 5 + (4 if cfg.shared_expert_intermediate_size else 0) + (4 if _biased(cfg) else 0)
         else:
@@ -208,6 +211,8 @@ def estimate_nodes(cfg: ModelConfig, opts: BuildOptions | None = None, *, merges
     """Closed-form node count of build(cfg, opts) after `merges` and the `split` placement
     (None, "layer" or "graph") with the placer's own options; no graph is built."""
     opts = opts or BuildOptions()
+    if split == "graph" and cfg.arch in LAYER_ONLY:  # place_graph places such families by layer
+        split = "layer"
     devs = parse_devices(devices) if isinstance(devices, (int, str)) else tuple(devices)
     ratios = parse_ts(ts, len(devs))
     idx = list(layers if layers is not None else range(cfg.n_layer))
@@ -257,7 +262,7 @@ def estimate_nodes(cfg: ModelConfig, opts: BuildOptions | None = None, *, merges
                 k += 2 + 12 + (2 if ex else 0) + ((11 + (2 if sh or router else 0) + 1) if Ns else 0) + 1
                 k += 8 if _biased(cfg) else 0
             else:
-                k += 9 + (2 if up else 0) + 1
+                k += 9 + (2 if up else 0) + 1 + (2 if cfg.arch == "gemma3" else 0)  # Gemma's post-FFN norm
             tally.on(d, k)
             total += k
     extra = [j for j in sorted(rope) if j != emb]  # positions copied to each device with attention

@@ -31,7 +31,7 @@ from graphir.ops import Op
 
 from passes.devices import PlacementError
 from passes.emit import Emitter, suffix
-from passes.plan import RegionPlan
+from passes.plan import LAYER_ONLY, RegionPlan
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,7 @@ WEIGHTS: dict[str, Cut] = {
     "attn_sinks.weight": Cut("slice", "heads", 0), "ffn_gate_inp.bias": REP,
     "ffn_gate_exps.bias": Cut("slice", "exps", 1), "ffn_up_exps.bias": Cut("slice", "exps", 1),
     "ffn_down_exps.bias": LEAD,
+    "post_ffw_norm.weight": REP,
 }
 STATES: dict[str, Cut] = {
     "cache_k": Cut("slice", "heads", 1), "cache_v": Cut("slice", "heads", 1),
@@ -334,8 +335,9 @@ class RegionSplit:
         self._set(n.name, _REP, {j: n.name for j in have})
 
     def run(self, nodes: Sequence[Node]) -> None:
-        if len(self.plan.devices) == 1:  # nothing to split: the region runs whole on one device
-            dev = self.devices[self.plan.devices[0]]
+        if len(self.plan.devices) == 1 or self.cfg.arch in LAYER_ONLY:
+            # nothing to split, or a family ik_llama.cpp never splits: the region runs whole on one device
+            dev = self.devices[self.plan.devices[0] if len(self.plan.devices) == 1 else self.plan.lead]
             for n in nodes:
                 self.em.add(n.with_(device=dev))
             return

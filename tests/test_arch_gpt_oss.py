@@ -19,9 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends.cuda import mxfp4
-from backends.cuda.cli import make_transform
 from backends.cuda.session import Session, greedy
-from backends.cuda.testing import hf_logits, hf_model, rel_err, save, torch_threads
+from backends.cuda.testing import check_logits, hf_logits, hf_model, placement, rel_err, save, torch_threads
 from graphir.cli import main
 from graphir.models import BuildOptions, build, from_hf_dict
 from graphir.models.config import ConfigError
@@ -107,23 +106,12 @@ def test_graph_carries_window_and_sinks() -> None:
 
 # ---- logits against transformers -------------------------------------------------------------
 
-def check(config: dict, path: Path, prompt: list[int], split: int, seed: int = 0, transform: object = None) -> None:
-    model = hf_model("gpt_oss", seed=seed, **config)
-    src = load_source(save(model, path))
-    whole, gen = greedy(Session(src, None, "cpu", 32, transform=transform), prompt, 4)
-    ref = hf_logits(model, prompt + gen)
-    assert rel_err(whole, ref) < TOL, config
-    s = Session(src, None, "cpu", 32, transform=transform)
-    parts = [s.prefill(prompt[:split]), s.prefill(prompt[split:]), s.decode(gen)]
-    assert rel_err(torch.cat(parts), ref) < TOL, (config, split)
-
-
 @SETTINGS
 @given(config=configs(), prompt=st.lists(st.integers(0, 36), min_size=7, max_size=11), split=st.integers(1, 6),
        seed=st.integers(0, 3))
 def test_matches_transformers(tmp_path_factory: pytest.TempPathFactory, config: dict, prompt: list[int],
                               split: int, seed: int) -> None:
-    check(config, tmp_path_factory.mktemp("oss"), prompt, split, seed)
+    check_logits("gpt_oss", config, tmp_path_factory.mktemp("oss"), prompt, split, seed)
 
 
 SPLITS = [("layer", 2, "1,2"), ("layer", 3, "2,1,1"), ("graph", 2, "1,2"), ("graph", 3, "3,1,2"),
@@ -134,16 +122,9 @@ SPLITS = [("layer", 2, "1,2"), ("layer", 3, "2,1,1"), ("graph", 2, "1,2"), ("gra
 def test_split_matches_transformers(mode: str, n: int, ts: str, tmp_path: Path) -> None:
     config = dict(TINY, num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=4, intermediate_size=64)
     cfg = from_hf_dict(dict(config, model_type="gpt_oss"))
-    devs = tuple(f"cpu:{k}" for k in range(n))
     placed: list = []
-
-    def transform(g):  # type: ignore[no-untyped-def]
-        for t in make_transform(cfg, devs, mode, ts):
-            g = t(g)
-        placed.append(g)
-        return g
-
-    check(config, tmp_path / "ckpt", PROMPT, 4, transform=transform)
+    transform = placement(cfg, tuple(f"cpu:{k}" for k in range(n)), mode, ts, placed)
+    check_logits("gpt_oss", config, tmp_path / "ckpt", PROMPT, 4, transform=transform)
     g = placed[-1]
     assert len(g.device_list()) == n
     if mode == "graph":  # attention and experts split: a reduce after each, sinks cut by heads

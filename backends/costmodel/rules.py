@@ -36,7 +36,7 @@ Rule = Callable[[Node, Sequence[Node], Mapping[str, int]], Work]
 
 # flops per output element of the cheap element-wise ops (exp, rsqrt and the like count a few)
 _VEC_FLOPS = {Op.ADD: 1, Op.MUL: 1, Op.SILU: 4, Op.SIGMOID: 4, Op.SOFTPLUS: 4, Op.SWIGLU: 5,
-              Op.SWIGLU_OAI: 9, Op.ADD_ID: 1, Op.CAST: 1, Op.ROPE: 6, Op.RMS_NORM: 4, Op.RMS_NORM_GATED: 8, Op.CONCAT: 0,
+              Op.SWIGLU_OAI: 9, Op.ADD_ID: 1, Op.GEGLU: 8, Op.SOFTCAP: 4, Op.CAST: 1, Op.ROPE: 6, Op.RMS_NORM: 4, Op.RMS_NORM_GATED: 8, Op.CONCAT: 0,
               Op.GET_ROWS: 0, Op.MOE_WEIGHTS: 4, Op.MOE_SUM: 2}
 
 
@@ -191,7 +191,7 @@ RULES: dict[Op, Rule] = {
     Op.GET_ROWS: _get_rows, Op.MATMUL: _matmul, Op.MOE_MATMUL: _moe_matmul,
     Op.RMS_NORM: _vector, Op.RMS_NORM_GATED: _vector, Op.ADD: _vector, Op.MUL: _vector,
     Op.SILU: _vector, Op.SIGMOID: _vector, Op.SOFTPLUS: _vector, Op.SWIGLU: _vector, Op.CAST: _vector,
-    Op.SWIGLU_OAI: _vector, Op.ADD_ID: _add_id,
+    Op.SWIGLU_OAI: _vector, Op.ADD_ID: _add_id, Op.GEGLU: _vector, Op.SOFTCAP: _vector,
     Op.ROPE: _vector, Op.CONCAT: _vector, Op.MOE_WEIGHTS: _vector, Op.MOE_SUM: _vector,
     Op.ATTENTION: _attention, Op.KV_APPEND: _kv_append, Op.SSM_CONV: _ssm_conv,
     Op.DELTA_NET: _delta_net, Op.MOE_TOPK: _moe_topk,

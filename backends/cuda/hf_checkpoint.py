@@ -75,6 +75,12 @@ _OSS: list[Entry] = [
     ("model.layers.{i}.mlp.experts.down_proj_bias", "blk.{i}.ffn_down_exps.bias", ""),
 ]
 
+_GEMMA: list[Entry] = [
+    ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight", ""),
+    ("model.layers.{i}.pre_feedforward_layernorm.weight", "blk.{i}.ffn_norm.weight", ""),
+    ("model.layers.{i}.post_feedforward_layernorm.weight", "blk.{i}.post_ffw_norm.weight", ""),
+]
+
 TABLES: dict[str, list[Entry]] = {
     "llama": _TOP + _ATTN + _FFN + _FFN_NORM,
     "qwen3": _TOP + _ATTN + _FFN + _FFN_NORM,
@@ -82,6 +88,7 @@ TABLES: dict[str, list[Entry]] = {
     "qwen3_next": _TOP + _ATTN + _FFN + _MOE + _SSM + [
         ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight", "")],
     "gpt_oss": _TOP + _ATTN + _OSS,
+    "gemma3": _TOP + _ATTN + _FFN + _GEMMA,
 }
 
 # tensors a checkpoint may hold that no graph uses (multi-token-prediction heads, rope caches)

@@ -43,7 +43,10 @@ def _weight(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
 
 def get_rows(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     table, ids = args  # [V,H], [n] i32
-    return _as_spec(node, table.index_select(0, ids))
+    rows = table.index_select(0, ids)
+    if "scale" in node.attr:  # the constant rounded to the table's type, the product in it (transformers)
+        rows = rows * torch.tensor(float(node.attr["scale"]), dtype=rows.dtype)
+    return _as_spec(node, rows)
 
 
 def matmul(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
@@ -93,6 +96,16 @@ def swiglu_oai(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     limit, alpha = float(node.attr["limit"]), float(node.attr["alpha"])
     g = g.clamp(max=limit)
     return g * torch.sigmoid(g * alpha) * (u.clamp(-limit, limit) + 1)
+
+
+def geglu(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    g, u = args
+    return F.gelu(g, approximate="tanh") * u
+
+
+def softcap(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    cap = float(node.attr["cap"])
+    return torch.tanh(args[0] / cap) * cap
 
 
 def add_id(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
@@ -168,6 +181,8 @@ KERNELS: dict[Op, Kernel] = {
     Op.SOFTPLUS: lambda n, a, c: F.softplus(a[0]),
     Op.SWIGLU: swiglu,
     Op.SWIGLU_OAI: swiglu_oai,
+    Op.GEGLU: geglu,
+    Op.SOFTCAP: softcap,
     Op.CAST: cast,
     Op.ROPE: rope,
     Op.ATTENTION: attention,

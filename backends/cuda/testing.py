@@ -16,7 +16,8 @@ from typing import Any, Iterator
 import torch
 
 HF_CONFIGS = {"llama": "LlamaConfig", "qwen3": "Qwen3Config", "qwen3_moe": "Qwen3MoeConfig",
-              "qwen3_next": "Qwen3NextConfig", "gpt_oss": "GptOssConfig"}
+              "qwen3_next": "Qwen3NextConfig", "gpt_oss": "GptOssConfig",
+              "gemma3": "Gemma3TextConfig"}
 
 
 def hf_model(arch: str, seed: int = 0, **config: Any) -> Any:
@@ -27,7 +28,7 @@ def hf_model(arch: str, seed: int = 0, **config: Any) -> Any:
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(
         cfg, attn_implementation="eager", experts_implementation="eager").eval()
-    perturb(model, zero_centred=arch == "qwen3_next", seed=seed)
+    perturb(model, zero_centred=arch in ("qwen3_next", "gemma3"), seed=seed)
     return model
 
 
@@ -60,6 +61,37 @@ def save(model: Any, path: Path, **kwargs: Any) -> Path:
 def hf_logits(model: Any, ids: list[int]) -> torch.Tensor:
     """Logits [len(ids), vocab] f32 of the full sequence in one forward (no cache)."""
     return model(torch.tensor([ids])).logits[0].to(torch.float32)
+
+
+def check_logits(arch: str, config: dict[str, Any], path: Path, prompt: list[int], split: int, seed: int = 0,
+                 transform: Any = None, tol: float = 1e-4) -> None:
+    """A random checkpoint of `arch` saved at `path`: the prompt and 4 greedy tokens through
+    Session (whole, then as two prefills and a decode), every logit row against transformers'
+    forward over the full sequence, within `tol` relative."""
+    from backends.cuda.session import Session, greedy
+    from graphir.models.sources import load_source
+
+    model = hf_model(arch, seed=seed, **config)
+    src = load_source(save(model, path))
+    whole, gen = greedy(Session(src, None, "cpu", 32, transform=transform), prompt, 4)
+    ref = hf_logits(model, prompt + gen)
+    assert rel_err(whole, ref) < tol, config
+    s = Session(src, None, "cpu", 32, transform=transform)
+    parts = [s.prefill(prompt[:split]), s.prefill(prompt[split:]), s.decode(gen)]
+    assert rel_err(torch.cat(parts), ref) < tol, (config, split)
+
+
+def placement(cfg: Any, devices: tuple[str, ...], mode: str, ts: str, placed: list[Any]) -> Any:
+    """`graphir eval --split mode --ts ts`'s transform, keeping each placed graph in `placed`."""
+    from backends.cuda.cli import make_transform
+
+    def transform(g: Any) -> Any:
+        for t in make_transform(cfg, devices, mode, ts):
+            g = t(g)
+        placed.append(g)
+        return g
+
+    return transform
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -72,10 +72,13 @@ def embed(c: Ctx) -> str:
     c.b.leaf(Op.INPUT, "tokens", TensorSpec((c.T,), I32), role="tokens")
     c.b.leaf(Op.INPUT, "positions", TensorSpec((c.T,), I32), role="positions")
     table = c.w("token_embd", cfg.vocab_size, cfg.hidden_size)
-    return c.op(Op.GET_ROWS, "inp_embd", table, "tokens", dtype=c.act.name)  # [T,H]
+    # Gemma scales the rows by sqrt(H) (in the table's type, as transformers does)
+    return c.op(Op.GET_ROWS, "inp_embd", table, "tokens", dtype=c.act.name, scale=cfg.embed_scale)  # [T,H]
 
 
-def rope_attrs(cfg: ModelConfig) -> dict[str, object]:
+def rope_attrs(cfg: ModelConfig, layer: int | None = None) -> dict[str, object]:
+    if layer is not None and cfg.rope_local_theta and cfg.window(layer):  # Gemma 3's local RoPE: unscaled
+        return {"n_rot": cfg.n_rot, "theta": cfg.rope_local_theta}
     attrs: dict[str, object] = {"n_rot": cfg.n_rot, "theta": cfg.rope_theta}
     sc = dict(cfg.rope_scaling)
     kind = sc.get("rope_type", sc.get("type"))
@@ -118,7 +121,7 @@ def attention(c: Ctx, i: int, x: str, *, qk_norm: bool, gated: bool, norm_offset
     if qk_norm:
         q = c.norm(p + "attn_q_norm", q, norm_offset)
         k = c.norm(p + "attn_k_norm", k, norm_offset)
-    ra = rope_attrs(cfg)
+    ra = rope_attrs(cfg, i)
     q = c.op(Op.ROPE, p + "q_rope", q, "positions", **ra)
     k = c.op(Op.ROPE, p + "k_rope", k, "positions", **ra)
     kv_t = c.opts.kv_type
@@ -129,7 +132,7 @@ def attention(c: Ctx, i: int, x: str, *, qk_norm: bool, gated: bool, norm_offset
     c.result(p + "cache_k", k_all)
     c.result(p + "cache_v", v_all)
     extra = (c.w(p + "attn_sinks", hq),) if sinks else ()
-    o = c.op(Op.ATTENTION, p + "kqv", q, k_all, v_all, *extra, scale=d ** -0.5, window=cfg.window(i))  # [T,hq,d]
+    o = c.op(Op.ATTENTION, p + "kqv", q, k_all, v_all, *extra, scale=cfg.attn_scale, window=cfg.window(i))  # [T,hq,d]
     o = c.view(p + "kqv_flat", o, c.T, hq * d)
     if gate is not None:
         o = c.op(Op.MUL, p + "kqv_gated", o, c.op(Op.SIGMOID, p + "attn_gate_sig", gate))
@@ -144,7 +147,8 @@ def ffn(c: Ctx, prefix: str, x: str, n_ff: int, suffix: str = "") -> str:
     H = c.cfg.hidden_size
     g = c.op(Op.MATMUL, f"{prefix}ffn_gate{suffix}", x, c.w(f"{prefix}ffn_gate{suffix}", n_ff, H))
     u = c.op(Op.MATMUL, f"{prefix}ffn_up{suffix}", x, c.w(f"{prefix}ffn_up{suffix}", n_ff, H))
-    h = c.op(Op.SWIGLU, f"{prefix}ffn_swiglu{suffix}", g, u)  # [T,n_ff]
+    glu = Op.GEGLU if c.cfg.hidden_act == "gelu_pytorch_tanh" else Op.SWIGLU
+    h = c.op(glu, f"{prefix}ffn_swiglu{suffix}", g, u)  # [T,n_ff]
     return c.op(Op.MATMUL, f"{prefix}ffn_down{suffix}", h, c.w(f"{prefix}ffn_down{suffix}", H, n_ff))
 
 
@@ -180,11 +184,14 @@ def moe(c: Ctx, i: int, x: str, biased: bool = False) -> str:
 
 def head(c: Ctx, x: str) -> None:
     cfg = c.cfg
-    x = c.norm("output_norm", x, 1.0 if cfg.arch == "qwen3_next" else 0.0)
+    x = c.norm("output_norm", x, 1.0 if cfg.zero_centred_norms else 0.0)
     if c.opts.logits == "last" and c.T != 1:
         x = c.cut("output_last", x, 0, "T-1", "T")  # [1,H]
     w = "token_embd.weight" if cfg.tie_word_embeddings else c.w("output", cfg.vocab_size, cfg.hidden_size)
-    c.result("logits", c.op(Op.MATMUL, "result_output", x, w))  # [T,V]
+    y = c.op(Op.MATMUL, "result_output", x, w)  # [T,V]
+    if cfg.final_logit_softcapping:
+        y = c.op(Op.SOFTCAP, "result_softcap", y, cap=cfg.final_logit_softcapping)
+    c.result("logits", y)
 
 
 F32_T = F32  # re-exported for builders that keep recurrent state in f32

@@ -13,13 +13,14 @@ from typing import Any, Literal
 from graphir.errors import GraphirError
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-Arch = Literal["llama", "qwen3", "qwen3_moe", "qwen3_next", "gpt_oss"]
+Arch = Literal["llama", "qwen3", "qwen3_moe", "qwen3_next", "gpt_oss", "gemma3"]
 
 # model_type in config.json -> our architecture family
 MODEL_TYPES: dict[str, Arch] = {
     "llama": "llama", "mistral": "llama",
     "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "qwen3_next": "qwen3_next",
     "gpt_oss": "gpt_oss",
+    "gemma3_text": "gemma3",  # Gemma3ForConditionalGeneration's config nests it as text_config
 }
 
 
@@ -35,6 +36,11 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "gpt_oss": {"head_dim": 64, "num_key_value_heads": 8, "num_local_experts": 128, "num_experts_per_tok": 4,
                 "sliding_window": 128, "rms_norm_eps": 1e-5, "attention_bias": True, "rope_theta": 150000.0,
                 "swiglu_alpha": 1.702, "swiglu_limit": 7.0},
+    # Gemma3TextConfig's class defaults (the published config.json lists only what differs)
+    "gemma3_text": {"vocab_size": 262208, "head_dim": 256, "num_key_value_heads": 4, "query_pre_attn_scalar": 256,
+                    "sliding_window": 4096, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+                    "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh",
+                    "max_position_embeddings": 131072},
 }
 
 
@@ -42,6 +48,7 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
 LAYER_TYPES: dict[str, tuple[str, ...]] = {
     "qwen3_next": ("full_attention", "linear_attention"),
     "gpt_oss": ("full_attention", "sliding_attention"),
+    "gemma3": ("full_attention", "sliding_attention"),
 }
 
 
@@ -95,6 +102,12 @@ class ModelConfig(BaseModel):
     # gpt_oss's clamped SwiGLU of the experts
     swiglu_alpha: float = 0.0
     swiglu_limit: float = 0.0
+    # gemma3: sliding layers' RoPE base (unscaled; 0 = rope_theta), 1/sqrt(query_pre_attn_scalar)
+    # as the attention scale (0 = head_dim), the FFN's activation, cap * tanh(logits / cap)
+    rope_local_theta: float = 0.0
+    query_pre_attn_scalar: float = 0.0
+    hidden_act: Literal["silu", "gelu_pytorch_tanh"] = "silu"
+    final_logit_softcapping: float = 0.0
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -149,9 +162,10 @@ class ModelConfig(BaseModel):
             if self.linear_num_value_heads % self.linear_num_key_heads:
                 raise ValueError(f"linear_num_value_heads={self.linear_num_value_heads} is not a multiple of "
                                  f"linear_num_key_heads={self.linear_num_key_heads}")
-        if self.arch == "gpt_oss":
+        if self.arch in ("gpt_oss", "gemma3"):
             if self.sliding_window < 1 and "sliding_attention" in self.layer_types:
                 raise ValueError(f"sliding_window={self.sliding_window} must be at least 1 with sliding layers")
+        if self.arch == "gpt_oss":
             if not (self.swiglu_alpha > 0 and self.swiglu_limit > 0):
                 raise ValueError(f"swiglu_alpha={self.swiglu_alpha} and swiglu_limit={self.swiglu_limit} "
                                  "must be positive")
@@ -172,6 +186,20 @@ class ModelConfig(BaseModel):
 
     def is_recurrent(self, layer: int) -> bool:
         return bool(self.layer_types) and self.layer_types[layer] == "linear_attention"
+
+    @property
+    def zero_centred_norms(self) -> bool:
+        """RMSNorm weights stored as w with (1 + w) applied (Qwen3-Next, Gemma)."""
+        return self.arch in ("qwen3_next", "gemma3")
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def embed_scale(self) -> float | None:
+        """Gemma multiplies the embedding rows by sqrt(hidden)."""
+        return self.hidden_size ** 0.5 if self.arch == "gemma3" else None
 
     def window(self, layer: int) -> int | None:
         """The attention window of `layer` (None: it attends to the whole context)."""
@@ -262,6 +290,9 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
         raise ConfigError("config.json must hold a JSON object")
     if "text_config" in d and "model_type" not in d.get("text_config", {}):
         d = {**d, **d["text_config"]}
+    elif isinstance(d.get("text_config"), dict) and d["text_config"].get("model_type") in MODEL_TYPES:
+        # a multimodal wrapper (Gemma3ForConditionalGeneration): the decoder is the text model
+        d = {"torch_dtype": _get(d, "torch_dtype", "dtype", default="bfloat16"), **d["text_config"]}
     mt = d.get("model_type")
     if mt not in MODEL_TYPES:
         raise ConfigError(f"unknown model_type {mt!r}; supported: {', '.join(sorted(MODEL_TYPES))}")
@@ -275,6 +306,9 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
         d = {**d, "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                                    "truncate": False, "original_max_position_embeddings": 4096}}
     rope = dict(_get(d, "rope_parameters", default={}) or {})
+    local_rope: dict[str, Any] = {}
+    if isinstance(rope.get("full_attention"), dict):  # 5.x: one set per layer type (Gemma 3)
+        local_rope, rope = dict(rope.get("sliding_attention") or {}), dict(rope["full_attention"])
     legacy = dict(_get(d, "rope_scaling", default={}) or {})
     rope_theta = _get(rope, "rope_theta", default=_get(d, "rope_theta", default=10000.0))
     partial = _get(rope, "partial_rotary_factor",
@@ -324,6 +358,23 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
                 swiglu_alpha=_real(d, "swiglu_alpha"), swiglu_limit=_real(d, "swiglu_limit"),
                 layer_types=_layer_types(d, n_layer, lambda i: "sliding_attention" if (i + 1) % 2 else "full_attention"),
             )
+        if arch == "gemma3":
+            if _get(d, "attn_logit_softcapping") is not None:
+                raise ConfigError("attn_logit_softcapping (Gemma 2's) is not supported")
+            if local_rope.get("rope_type", "default") != "default":
+                raise ConfigError(f"sliding layers' rope_type {local_rope['rope_type']!r}: only default is supported")
+            act = _get(d, "hidden_activation", "hidden_act", default="gelu_pytorch_tanh")
+            if act not in ("gelu_pytorch_tanh", "gelu"):  # transformers runs gelu as the tanh form here
+                raise ConfigError(f"hidden_activation {act!r}: Gemma 3 uses gelu_pytorch_tanh")
+            pattern = _int(d, "sliding_window_pattern", 6)
+            fields.update(
+                sliding_window=_int(d, "sliding_window"), hidden_act="gelu_pytorch_tanh",
+                rope_local_theta=_real({"t": _get(local_rope, "rope_theta", default=_get(d, "rope_local_base_freq"))}, "t"),
+                query_pre_attn_scalar=_real(d, "query_pre_attn_scalar"),
+                final_logit_softcapping=_real({"c": _get(d, "final_logit_softcapping", default=0.0)}, "c"),
+                layer_types=_layer_types(d, n_layer,
+                                         lambda i: "sliding_attention" if (i + 1) % max(pattern, 1) else "full_attention"),
+            )
         if arch == "qwen3_next":
             types = d.get("layer_types")
             if types is None:
@@ -344,7 +395,8 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
         cfg = ModelConfig(**fields)
         # without head_dim, transformers derives it as hidden / heads: a remainder is a typo,
         # not something to truncate (LlamaConfig refuses it; an explicit head_dim defines the model)
-        if "head_dim" not in d and hidden % n_head:
+        # (Gemma3TextConfig refuses a remainder even with an explicit head_dim)
+        if ("head_dim" not in d or arch == "gemma3") and hidden % n_head:
             raise ConfigError(f"hidden_size={hidden} is not a multiple of num_attention_heads={n_head}")
         return cfg
     except ConfigError:

@@ -15,7 +15,7 @@ from graphir.models.gguf_header import read_header
 
 # GGUF general.architecture -> config.json model_type
 GGUF_ARCHES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "qwen3next": "qwen3_next",
-               "gpt-oss": "gpt_oss"}
+               "gpt-oss": "gpt_oss", "gemma3": "gemma3_text"}
 
 
 def read_gguf(path: Path) -> "ModelSource":
@@ -59,8 +59,9 @@ def read_gguf(path: Path) -> "ModelSource":
         d["partial_rotary_factor"] = n_rot / head_dim
     scaling = k("rope.scaling.type")
     if scaling and scaling != "none":
-        d["rope_scaling"] = {"rope_type": scaling, "factor": k("rope.scaling.factor", 1.0),
-                             "original_max_position_embeddings": k("rope.scaling.original_context_length")}
+        d["rope_scaling"] = {"rope_type": scaling, "factor": k("rope.scaling.factor", 1.0)}
+        if k("rope.scaling.original_context_length") is not None:  # YaRN's; linear scaling has none
+            d["rope_scaling"]["original_max_position_embeddings"] = k("rope.scaling.original_context_length")
     if arch in ("qwen3moe", "qwen3next"):
         d.update(num_experts=k("expert_count", 0), num_experts_per_tok=k("expert_used_count", 0),
                  moe_intermediate_size=k("expert_feed_forward_length", 0),
@@ -74,6 +75,11 @@ def read_gguf(path: Path) -> "ModelSource":
                  attention_bias=True)
         if "rope_scaling" in d:
             d["rope_scaling"].update(beta_fast=32.0, beta_slow=1.0, truncate=False)
+    if arch == "gemma3":
+        # llama.cpp's constants: every 6th layer global, local RoPE base 10000, and the attention
+        # scale 1/sqrt(n_embd / n_head) for the 62-layer 27B (its query_pre_attn_scalar), else 1/sqrt(head_dim)
+        d.update(sliding_window=k("attention.sliding_window"), sliding_window_pattern=6, rope_local_base_freq=10000.0,
+                 query_pre_attn_scalar=(n_embd // n_head) if d["num_hidden_layers"] == 62 else head_dim)
     if arch == "qwen3next":
         nv = k("ssm.time_step_rank")
         d.update(full_attention_interval=k("full_attention_interval", 4), linear_conv_kernel_dim=k("ssm.conv_kernel"),

@@ -33,7 +33,7 @@ from graphir.models.weights import WeightInfo, reference_weights
 
 # config.json model_type -> GGUF general.architecture (the inverse of gguf_source.GGUF_ARCHES)
 GGUF_ARCH = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "qwen3_next": "qwen3next",
-             "gpt_oss": "gpt-oss"}
+             "gpt_oss": "gpt-oss", "gemma3": "gemma3"}
 ALIGNMENT = 32
 SIGMA = 0.02  # standard deviation of the random matrices (and the target of the quant scales)
 _POOL_BYTES = 1 << 21  # exact random rows per tensor; larger tensors repeat them at random row offsets
@@ -147,7 +147,7 @@ def metadata(cfg: ModelConfig, *, file_type: str = "f16") -> list[tuple[str, Any
         a("expert_weights_norm", bool(cfg.norm_topk_prob))
         if cfg.shared_expert_intermediate_size:
             a("expert_shared_feed_forward_length", cfg.shared_expert_intermediate_size)
-    if cfg.arch == "gpt_oss":  # the layer pattern (even layers slide) and the clamp are llama.cpp's constants
+    if cfg.arch in ("gpt_oss", "gemma3"):  # the layer patterns (and gpt-oss's clamp) are llama.cpp's constants
         a("attention.sliding_window", cfg.sliding_window)
     if cfg.arch == "qwen3_next":
         full = cfg.attention_layers
