@@ -9,7 +9,6 @@ RoPE bases, so a layer taking the other kind's window or frequencies shows in th
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends.cuda.session import Session, greedy
-from backends.cuda.testing import check_logits, hf_logits, hf_model, placement, rel_err, save, torch_threads
+from backends.cuda.testing import (check_logits, cli_eval, hf_logits, hf_model, hf_params, placement, rel_err, save,
+                                   torch_threads)
 from graphir.cli import main
 from graphir.models import BuildOptions, build, from_hf_dict
 from graphir.models.config import ConfigError
@@ -63,16 +63,6 @@ def configs(draw: st.DrawFn) -> dict:
                 rope_parameters={"full_attention": full,
                                  "sliding_attention": {"rope_type": "default", "rope_theta": draw(st.sampled_from([1e4, 10.0]))}},
                 tie_word_embeddings=draw(st.booleans()))
-
-
-def hf_params(d: dict) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cfg = AutoConfig.for_model(**d)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(cfg).num_parameters()
 
 
 @SETTINGS
@@ -131,18 +121,10 @@ def test_split_matches_transformers(mode: str, n: int, ts: str, tmp_path: Path) 
     assert len(g.device_list()) == min(n, cfg.n_layer) and not g.by_op(Op.ALL_REDUCE)  # whole layers per device
 
 
-def test_cli_eval_matches_transformers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import numpy as np
-
-    model = hf_model("gemma3", **TINY)
-    ckpt = save(model, tmp_path / "ckpt")
-    out = tmp_path / "logits.npy"
-    rc = main(["eval", str(ckpt), "--tokens", ",".join(map(str, PROMPT)), "--decode", "4", "--devices", "cpu,cpu",
-               "--split", "layer", "--ts", "1,3", "--out", str(out)])
-    assert rc == 0, capsys.readouterr().err
-    gen = [int(x) for x in capsys.readouterr().out.strip().split(",")]
-    ref = hf_logits(model, PROMPT + gen)
-    assert rel_err(torch.from_numpy(np.load(out)), ref) < TOL
+def test_cli_eval_graph_split(tmp_path: Path) -> None:
+    err, greedy_agrees = cli_eval("gemma3", TINY, tmp_path, PROMPT, "--devices", "cpu,cpu,cpu", "--split", "graph",
+                                  "--ts", "1,3,1")
+    assert err < TOL and greedy_agrees
 
 
 def test_gguf_matches_transformers(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ greedy decode continues past it (the window moves over the cache).
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,8 @@ from hypothesis import strategies as st
 
 from backends.cuda import mxfp4
 from backends.cuda.session import Session, greedy
-from backends.cuda.testing import check_logits, hf_logits, hf_model, placement, rel_err, save, torch_threads
+from backends.cuda.testing import (check_logits, cli_eval, hf_logits, hf_model, hf_params, placement, rel_err, save,
+                                   torch_threads)
 from graphir.cli import main
 from graphir.models import BuildOptions, build, from_hf_dict
 from graphir.models.config import ConfigError
@@ -59,16 +59,6 @@ def configs(draw: st.DrawFn) -> dict:
 
 
 # ---- parameters ---------------------------------------------------------------------------
-
-def hf_params(d: dict) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cfg = AutoConfig.for_model(**d)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(cfg).num_parameters()
-
 
 @SETTINGS
 @given(d=configs())
@@ -132,17 +122,10 @@ def test_split_matches_transformers(mode: str, n: int, ts: str, tmp_path: Path) 
         assert sum(n.name.startswith("blk.0.attn_sinks.weight") for n in g.nodes) > 1
 
 
-def test_cli_eval_graph_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    model = hf_model("gpt_oss", **TINY)
-    ckpt = save(model, tmp_path / "ckpt")
-    out = tmp_path / "logits.npy"
-    rc = main(["eval", str(ckpt), "--tokens", ",".join(map(str, PROMPT)), "--decode", "4", "--devices", "cpu,cpu,cpu",
-               "--split", "graph", "--ts", "3,1,2", "--out", str(out)])
-    assert rc == 0, capsys.readouterr().err
-    gen = [int(x) for x in capsys.readouterr().out.strip().split(",")]
-    ref = hf_logits(model, PROMPT + gen)
-    assert rel_err(torch.from_numpy(np.load(out)), ref) < TOL
-    assert gen == [int(r.argmax()) for r in ref[len(PROMPT) - 1:-1]]
+def test_cli_eval_graph_split(tmp_path: Path) -> None:
+    err, greedy_agrees = cli_eval("gpt_oss", TINY, tmp_path, PROMPT, "--devices", "cpu,cpu,cpu", "--split", "graph",
+                                  "--ts", "3,1,2")
+    assert err < TOL and greedy_agrees
 
 
 # ---- MXFP4 experts as published ----------------------------------------------------------------

@@ -81,6 +81,43 @@ def check_logits(arch: str, config: dict[str, Any], path: Path, prompt: list[int
     assert rel_err(torch.cat(parts), ref) < tol, (config, split)
 
 
+def hf_params(d: dict[str, Any]) -> int:
+    """transformers' parameter count for config dict `d`, built on the meta device."""
+    import warnings
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = AutoConfig.for_model(**d)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(cfg).num_parameters()
+
+
+def cli_eval(arch: str, config: dict[str, Any], path: Path, prompt: list[int], *extra: str) -> tuple[float, bool]:
+    """`graphir eval` of a random checkpoint of `arch` (prompt, 4 greedy tokens, `extra` options)
+    against transformers: (relative error of all logits, whether the greedy tokens agree)."""
+    import contextlib
+    import io
+
+    import numpy as np
+
+    from graphir.cli import main
+
+    model = hf_model(arch, **config)
+    ckpt = save(model, path / "ckpt")
+    out = path / "logits.npy"
+    argv = ["eval", str(ckpt), "--tokens", ",".join(map(str, prompt)), "--decode", "4", "--out", str(out), *extra]
+    buf = io.StringIO()  # the generated tokens, comma-separated
+    with contextlib.redirect_stdout(buf):
+        rc = main(argv)
+    if rc != 0:
+        raise AssertionError(f"graphir {' '.join(argv)} exited {rc}")
+    gen = [int(x) for x in buf.getvalue().strip().split(",")]
+    ref = hf_logits(model, prompt + gen)
+    return rel_err(torch.from_numpy(np.load(out)), ref), gen == [int(r.argmax()) for r in ref[len(prompt) - 1:-1]]
+
+
 def placement(cfg: Any, devices: tuple[str, ...], mode: str, ts: str, placed: list[Any]) -> Any:
     """`graphir eval --split mode --ts ts`'s transform, keeping each placed graph in `placed`."""
     from backends.cuda.cli import make_transform
