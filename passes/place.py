@@ -16,7 +16,7 @@ from graphir.ops import Op
 
 from passes.devices import PlacementError, parse_devices, parse_ts
 from passes.emit import Emitter
-from passes.plan import LAYER_ONLY, GraphPlan, Recurrent, plan_graph
+from passes.plan import F32_REDUCE, LAYER_ONLY, GraphPlan, Recurrent, plan_graph
 from passes.tp import RegionSplit
 from passes.transfers import eliminate_dead, insert_transfers
 
@@ -135,6 +135,8 @@ def place_graph(g: Graph, cfg: ModelConfig, devices: Sequence[str] | str | int, 
     ratios = parse_ts(ts, len(devs))
     if cfg.arch in LAYER_ONLY:  # as ik_llama.cpp: graph split of this family is layer split
         return place_layer(g, cfg, devs, ts=ratios, head_device=head_device)
+    if cfg.arch in F32_REDUCE and reduce_dtype in (None, "f16"):
+        reduce_dtype = "f32"
     if reduce_dtype not in (None, "f16", "bf16", "f32"):
         raise PlacementError(f"reduce dtype {reduce_dtype!r}: use f16, bf16 or f32")
     pinned = pinned_ratios(devs, ratios, layer_groups) if layer_groups else None

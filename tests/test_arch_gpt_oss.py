@@ -117,8 +117,9 @@ def test_split_matches_transformers(mode: str, n: int, ts: str, tmp_path: Path) 
     check_logits("gpt_oss", config, tmp_path / "ckpt", PROMPT, 4, transform=transform)
     g = placed[-1]
     assert len(g.device_list()) == n
-    if mode == "graph":  # attention and experts split: a reduce after each, sinks cut by heads
+    if mode == "graph":  # attention and experts split: a reduce after each (f32 partials, as ik), sinks cut by heads
         assert len(g.by_op(Op.ALL_REDUCE)) == 2 * cfg.n_layer
+        assert all(r.attr["dtype"] == "f32" for r in g.by_op(Op.ALL_REDUCE))
         assert sum(n.name.startswith("blk.0.attn_sinks.weight") for n in g.nodes) > 1
 
 
