@@ -162,3 +162,17 @@ def test_predict_runs_on_every_rig(rig: str, capsys: pytest.CaptureFixture[str])
                  "--ctx", "16384"]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "## split mode layer" in out and "## split mode graph" in out
+
+
+@pytest.mark.parametrize("split,n", [(None, 1), ("layer", 2), ("graph", 3)])
+def test_node_estimate_is_exact_for_tiny_configs(split: str | None, n: int) -> None:
+    """With the soft-capped head; graph split counts as the layer split it is."""
+    from passes import PassContext, count_nodes, estimate_nodes, run_pipeline
+
+    cfg = from_hf_dict(dict(TINY, model_type="gemma3_text", final_logit_softcapping=30.0))
+    for phase in ("pp", "tg"):
+        opts = BuildOptions(phase=phase)  # type: ignore[arg-type]
+        devs = tuple(f"cuda:{k}" for k in range(n))
+        g = run_pipeline(build(cfg, opts), (f"place_{split}",) if split else (), PassContext(cfg=cfg, devices=devs)).graph
+        assert estimate_nodes(cfg, opts, split=split, devices=devs).exact == count_nodes(g).total
+        assert g.by_op(Op.SOFTCAP) and g.by_op(Op.GEGLU)

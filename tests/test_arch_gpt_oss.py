@@ -285,3 +285,28 @@ def test_predict_runs_on_every_rig(name: str, rig: str, capsys: pytest.CaptureFi
         assert main(argv + ["--allow-overflow"]) == 0
         out = capsys.readouterr().out
     assert "## split mode layer" in out and "## split mode graph" in out
+
+
+def test_mxfp4_type_is_the_published_layout() -> None:
+    """ggml's mxfp4: 32 weights in 17 bytes (an E8M0 exponent and 16 bytes of E2M1 pairs), the
+    same bytes per weight as the checkpoint's blocks [.., G, 16] plus scales [.., G]."""
+    from graphir.dtypes import dtype
+
+    mx = dtype("mxfp4")
+    assert (mx.block_size, mx.type_size, mx.family, mx.bits_per_weight) == (32, 17, "mx", 4.25)
+    blocks, scales = mxfp4.quantize(torch.zeros(2, 3, 64))
+    assert blocks.numel() + scales.numel() == mx.nbytes(2 * 3 * 64, 64)
+
+
+@pytest.mark.parametrize("split,n", [(None, 1), ("layer", 2), ("graph", 3)])
+def test_node_estimate_is_exact_for_tiny_configs(split: str | None, n: int) -> None:
+    from passes import PassContext, count_nodes, estimate_nodes, run_pipeline
+
+    cfg = from_hf_dict(dict(TINY, model_type="gpt_oss", num_attention_heads=6, num_key_value_heads=3))
+    for phase in ("pp", "tg"):
+        opts = BuildOptions(phase=phase)  # type: ignore[arg-type]
+        devs = tuple(f"cuda:{k}" for k in range(n))
+        pipe = ((f"place_{split}",) if split else ()) + ("merge_qkv", "merge_up_gate")
+        g = run_pipeline(build(cfg, opts), pipe, PassContext(cfg=cfg, devices=devs)).graph
+        est = estimate_nodes(cfg, opts, merges=pipe[1:] if split else pipe, split=split, devices=devs)
+        assert est.exact == count_nodes(g).total
