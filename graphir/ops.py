@@ -39,6 +39,9 @@ class Op(str, enum.Enum):
     SIGMOID = "sigmoid"
     SOFTPLUS = "softplus"
     SWIGLU = "swiglu"
+    SWIGLU_OAI = "swiglu_oai"
+    GEGLU = "geglu"
+    SOFTCAP = "softcap"
     CAST = "cast"
     ROPE = "rope"
     ATTN_TEMP = "attn_temp"  # Llama-4 / Mistral-3 per-position query temperature
@@ -54,6 +57,7 @@ class Op(str, enum.Enum):
     MOE_TOPK_BIASED = "moe_topk_biased"
     HEAD_MATMUL = "head_matmul"
     MOE_WEIGHTS_SIGMOID = "moe_weights_sigmoid"
+    ADD_ID = "add_id"
     # views (no kernel)
     RESHAPE = "reshape"
     SLICE = "slice"
@@ -178,13 +182,19 @@ def _attn_temp(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpe
 
 
 def _attention(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
-    q, k, v = ins
+    _need(len(ins) in (3, 4), f"attention takes q, k, v and optionally sinks; got {len(ins)} inputs")
+    q, k, v = ins[:3]
     _need(q.rank == 3 and k.rank == 3 and v.rank == 3, f"attention wants [T,h,d] inputs, got {q} {k} {v}")
     _need(_same(q.shape[2], k.shape[2]), f"attention q {q} and k {k} head dims differ")
     _need(_same(k.shape[0], v.shape[0]) and _same(k.shape[1], v.shape[1]), f"attention k {k} and v {v} differ")
     hq, hkv = q.shape[1], k.shape[1]
     _need(isinstance(hq, int) and isinstance(hkv, int) and hkv > 0 and hq % hkv == 0,
           f"attention needs q heads ({hq}) to be a multiple of kv heads ({hkv})")
+    if len(ins) == 4:  # one sink logit per q head (gpt-oss): an extra softmax column, no value
+        _need(ins[3].rank == 1 and _same(ins[3].shape[0], hq), f"attention sinks must be [{hq}], got {ins[3]}")
+    w = attrs.get("window")
+    _need(w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= 1),
+          f"attention window={w!r} must be an int >= 1 (keys within the last `window` positions)")
     return TensorSpec((q.shape[0], hq, v.shape[2]), q.dtype)
 
 
@@ -312,6 +322,15 @@ def _moe_sum(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
     return TensorSpec((y.shape[0], y.shape[2]), y.dtype)
 
 
+def _add_id(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    y, b, ids = ins
+    _need(y.rank == 3 and b.rank == 2 and ids.rank == 2 and ids.dtype == I32,
+          f"add_id wants y [T,k,N], rows [E,N] and ids i32[T,k], got {y} {b} {ids}")
+    _need(_same(y.shape[2], b.shape[1]) and all(_same(a, c) for a, c in zip(y.shape[:2], ids.shape)),
+          f"add_id y {y}, rows {b} and ids {ids} do not match")
+    return y  # y[t,j] + b[ids[t,j]]: a per-expert bias (ggml_add_id)
+
+
 def _reshape(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
     (x,) = ins
     shape = tuple(D.dim(d) for d in attrs["shape"])
@@ -343,7 +362,7 @@ DEFS: dict[Op, OpDef] = {d.op: d for d in (
     OpDef(Op.INPUT, 0, ("role",), (), None, 0),
     OpDef(Op.WEIGHT, 0, (), ("src", "slice_dim", "start", "stop"), None, 0),
     OpDef(Op.STATE_IN, 0, ("state",), ("src", "slice_dim", "start", "stop"), None, 0),
-    OpDef(Op.GET_ROWS, 2, _F, (), _get_rows),
+    OpDef(Op.GET_ROWS, 2, _F, ("scale",), _get_rows),  # scale: rows times a constant (Gemma's sqrt(H))
     OpDef(Op.MATMUL, 2, (), (), _matmul),
     OpDef(Op.MOE_MATMUL, 3, (), (), _moe_matmul),
     OpDef(Op.RMS_NORM, 2, ("eps",), ("offset",), _rms_norm),
@@ -354,11 +373,15 @@ DEFS: dict[Op, OpDef] = {d.op: d for d in (
     OpDef(Op.SIGMOID, 1, (), (), _unary),
     OpDef(Op.SOFTPLUS, 1, (), (), _unary),
     OpDef(Op.SWIGLU, 2, (), (), _swiglu),
+    # gpt-oss: (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g'), g' = min(g, limit)
+    OpDef(Op.SWIGLU_OAI, 2, ("alpha", "limit"), (), _swiglu),
+    OpDef(Op.GEGLU, 2, (), (), _swiglu),  # gelu_tanh(gate) * up (Gemma)
+    OpDef(Op.SOFTCAP, 1, ("cap",), (), _unary),  # cap * tanh(x / cap): logit soft-capping
     OpDef(Op.CAST, 1, _F, (), _cast),
     OpDef(Op.ROPE, 2, ("n_rot", "theta"), ("scaling", "factor", "low_freq_factor", "high_freq_factor",
-                                             "original_ctx", "attn_factor", "beta_fast", "beta_slow"), _rope),
+                                             "original_ctx", "attn_factor", "beta_fast", "beta_slow", "truncate"), _rope),
     OpDef(Op.ATTN_TEMP, 2, ("beta", "length"), (), _attn_temp),
-    OpDef(Op.ATTENTION, 3, ("scale",), (), _attention),
+    OpDef(Op.ATTENTION, None, ("scale",), ("window",), _attention),  # q, k, v[, sinks]
     OpDef(Op.KV_APPEND, 2, (), (), _kv_append),
     OpDef(Op.CONCAT, None, ("dim",), (), _concat),
     OpDef(Op.SSM_CONV, 2, (), ("act",), _ssm_conv),
@@ -370,6 +393,7 @@ DEFS: dict[Op, OpDef] = {d.op: d for d in (
     OpDef(Op.HEAD_MATMUL, 2, (), (), _head_matmul),
     OpDef(Op.MOE_TOPK_BIASED, 2, ("k",), ("groups", "groups_used"), _moe_topk_biased),  # logits, bias
     OpDef(Op.MOE_WEIGHTS_SIGMOID, 2, ("norm",), ("scale",), _moe_weights_sigmoid),  # logits, ids
+    OpDef(Op.ADD_ID, 3, (), (), _add_id),
     OpDef(Op.RESHAPE, 1, ("shape",), (), _reshape, 0),
     OpDef(Op.SLICE, 1, ("dim", "start", "stop"), (), _slice, 0),
     OpDef(Op.COPY, 1, (), (), _unary),

@@ -28,7 +28,7 @@ from typing import Callable, Mapping
 from graphir.dtypes import DType, dtype, fit_to_row
 
 # tensors never quantised by llama.cpp (kept f32): norms, biases, routers, recurrent params
-_KEEP_F32 = re.compile(r"(_norm|\.bias$|ffn_gate_inp|ssm_a$|ssm_dt|ssm_conv1d|ssm_norm|rope_freqs)")
+_KEEP_F32 = re.compile(r"(_norm|\.bias$|ffn_gate_inp|ssm_a$|ssm_dt|ssm_conv1d|ssm_norm|rope_freqs|attn_sinks)")
 
 # file type -> (base type, output.weight type, token_embd type or None for base)
 FILE_TYPES: dict[str, tuple[str, str, str | None]] = {
@@ -39,7 +39,7 @@ FILE_TYPES: dict[str, tuple[str, str, str | None]] = {
     "Q4_K_M": ("q4_k", "q6_k", None), "Q5_K_S": ("q5_k", "q6_k", None), "Q5_K_M": ("q5_k", "q6_k", None),
     "Q6_K": ("q6_k", "q6_k", None), "IQ2_XXS": ("iq2_xxs", "q5_k", "q2_k"), "IQ2_XS": ("iq2_xs", "q5_k", "q2_k"),
     "IQ3_XXS": ("iq3_xxs", "q5_k", "q4_k"), "IQ4_NL": ("iq4_nl", "q6_k", None), "IQ4_XS": ("iq4_xs", "q6_k", None),
-    "MXFP4": ("mxfp4", "q8_0", "q8_0"),
+    "MXFP4": ("mxfp4", "q8_0", "q8_0"), "MXFP4_MOE": ("mxfp4", "q8_0", "q8_0"),
     # ik_llama.cpp's file types (llama-quantize.cpp): output q5_k below ~3.5 bpw, else q6_k
     "Q6_0": ("q6_0", "q6_k", None), "Q8_KV": ("q8_kv", "q8_kv", None),
     "IQ1_BN": ("iq1_bn", "q6_k", "iq4_nl"), "IQ2_BN": ("iq2_bn", "q6_k", "iq4_nl"),
@@ -116,6 +116,8 @@ def file_type(ftype: str) -> QuantScheme:
             chosen = out_t if shape[-1] % 256 == 0 else dtype("q8_0")
         elif tensor.startswith("token_embd."):
             chosen = embd_t
+        elif key == "MXFP4_MOE":  # llama.cpp: the experts (3-D tensors) MXFP4, every other matrix q8_0
+            chosen = base if len(shape) == 3 else dtype("q8_0")
         elif medium:
             if role in ("attn_v", "ffn_down", "ffn_down_exps", "ffn_down_shexp") and _use_more_bits(i, n_layer):
                 chosen = dtype("q6_k")

@@ -19,12 +19,13 @@ class ModelStats:
     params_total: int
     params_active: int
     weight_bytes: int
-    kv_bytes_per_token: int
+    kv_bytes_per_token: int  # caches of full-attention layers
     recurrent_bytes_per_seq: int
     flops_per_token: int  # one decoded token at `depth`
     depth: int
     quant: str
     kv_type: str
+    window_kv_bytes: int = 0  # caches of sliding-window layers, at their window (per sequence)
 
     def as_dict(self) -> dict[str, int | str]:
         return asdict(self)
@@ -54,8 +55,9 @@ def node_flops(g: Graph, n: Node, env: dict[str, int]) -> int:
     if n.op == Op.ATTENTION:
         t, hq, dv = n.spec.bind(env)
         s, _, d = ins[1].bind(env)
-        # causal: query i sees s - t + i + 1 keys
-        seen = t * (s - t) + t * (t + 1) // 2
+        # causal: query i sees s - t + i + 1 keys (at most `window` of them in a sliding layer)
+        w = n.attr.get("window")
+        seen = t * (s - t) + t * (t + 1) // 2 if w is None else sum(min(s - t + i + 1, int(w)) for i in range(t))
         return 2 * hq * seen * (d + dv)
     if n.op == Op.DELTA_NET:
         t, nk, dk = ins[0].bind(env)
@@ -80,9 +82,26 @@ def graph_stats(g: Graph, depth: int = 0) -> ModelStats:
     active = sum(int(_numel(n) * (moe_frac if _is_routed_expert(n) else 1.0)) for n in weights)
     wbytes = sum(n.spec.nbytes_at({}) for n in weights)
     states = [n for n in g.nodes if n.op == Op.STATE_IN]
-    kv = sum(n.spec.nbytes_at({"KV": 1}) for n in states if "KV" in str(n.spec.shape[0]))
+    win = cache_windows(g)
+    kv = sum(n.spec.nbytes_at({"KV": 1}) for n in states if "KV" in str(n.spec.shape[0]) and n.name not in win)
     rec = sum(n.spec.nbytes_at({}) for n in states if "KV" not in str(n.spec.shape[0]))
     env = {"T": 1, "KV": depth}
     flops = sum(node_flops(g, n, env) for n in g.nodes)
     return ModelStats(total, active, wbytes, kv, rec, flops, depth, str(g.info.get("quant", "")),
-                      str(g.info.get("kv_type", "")))
+                      str(g.info.get("kv_type", "")), sum(g[s].spec.nbytes_at({"KV": w}) for s, w in win.items()))
+
+
+def cache_windows(g: Graph) -> dict[str, int]:
+    """State leaves (by node name) that a sliding-window attention reads -> its window: such a
+    cache needs the window's rows, not the context's."""
+    out: dict[str, int] = {}
+    for n in g.by_op(Op.ATTENTION):
+        if "window" not in n.attr:
+            continue
+        for name in n.inputs[1:3]:
+            src = g[name]
+            while src.inputs and src.op in (Op.COPY, Op.KV_APPEND, Op.RESHAPE, Op.SLICE):
+                src = g[src.inputs[0]]
+            if src.op == Op.STATE_IN:
+                out[src.name] = int(n.attr["window"])
+    return out

@@ -23,7 +23,7 @@ from graphir.models.config import ModelConfig
 from passes.devices import parse_devices, parse_ts
 from passes.transfers import devices_of
 from passes.place import layer_devices, pinned_ratios
-from passes.plan import Recurrent, RegionPlan, plan_graph, type_from_scheme
+from passes.plan import LAYER_ONLY, Recurrent, RegionPlan, plan_graph, type_from_scheme
 
 HEADROOM = 0.02  # the budget allows 2% over the formula, for graphs the tests do not cover
 
@@ -60,13 +60,16 @@ def _mla_nodes(cfg: ModelConfig) -> int:
 
 
 def _attn_nodes(cfg: ModelConfig, merged: bool, split: bool = False) -> tuple[int, int]:
-    """(nodes per participating device, nodes on the lead only) of one attention block."""
+    """(nodes per participating device, nodes on the lead only) of one attention block
+    (gemma3's, never split, with its post-attention norm)."""
     if cfg.arch == "deepseek_v3":
         return _mla_nodes(cfg), 0
     gated, qk_norm, bias = cfg.arch == "qwen3_next", cfg.qk_norm, cfg.attention_bias
     per = 2 + 6 + 2 + 2 + 6 + 2 + 2  # norm, q/k/v, k/v heads, rope, cache, attention, wo
     per += (6 if bias else 0) + (4 + 2 if gated else 1) + (4 if qk_norm else 0) + (2 if merged else 0)
     per += 1 if cfg.attn_temperature_beta else 0  # attn_temp after the query's rope
+    per += 1 if cfg.arch == "gpt_oss" else 0  # the sinks' weight
+    per += 2 if cfg.arch == "gemma3" else 0  # the norm after attention
     if split and cfg.arch == "minimax_m2":
         per += 2  # each device slices its heads out of the whole, normed q and k
     return per, (2 if cfg.out_bias else 0)
@@ -162,11 +165,23 @@ def _ffn(tally: _Tally, cfg: ModelConfig, r: RegionPlan, up: bool, sh: bool, ex:
     S = r.share("shexp").devices if cfg.shared_expert_intermediate_size else ()
     both = [j for j in R if j in S]
     routed, shared = _routed_nodes(cfg) + (2 if ex else 0), _shared_nodes(cfg) + (2 if sh or router else 0)
+    if _biased(cfg):  # router bias everywhere, gate / up biases with their columns, the down bias once
+        routed += 4
+        tally.each(devs, 2)
+        tally.on(r.lead, 2)
+        total = 2 * len(devs) + 2
+    else:
+        total = 0
     tally.each(devs, 2)
     tally.each(R, routed)
     tally.each(S, shared)
     tally.each(both, 1)
-    return 2 * len(devs) + routed * len(R) + shared * len(S) + len(both) + tally.exit(devs, r.lead)
+    return total + 2 * len(devs) + routed * len(R) + shared * len(S) + len(both) + tally.exit(devs, r.lead)
+
+
+def _biased(cfg: ModelConfig) -> bool:
+    """Router and experts with biases (gpt-oss): 8 more nodes per MoE layer (4 weights, 4 adds)."""
+    return cfg.arch == "gpt_oss"
 
 
 def _routed_nodes(cfg: ModelConfig) -> int:
@@ -183,7 +198,7 @@ def _shared_nodes(cfg: ModelConfig) -> int:
 def _ends(cfg: ModelConfig, opts: BuildOptions) -> tuple[int, int]:
     """Nodes before the layers (inputs, embedding) and after (norm, head, logits)."""
     last = 1 if (opts.phase == "pp" and opts.logits == "last") else 0
-    return 4, 2 + last + (0 if cfg.tie_word_embeddings else 1) + 2
+    return 4, 2 + last + (0 if cfg.tie_word_embeddings else 1) + 2 + (1 if cfg.final_logit_softcapping else 0)
 
 
 def n_tensors(cfg: ModelConfig, layers: Sequence[int]) -> int:
@@ -195,9 +210,11 @@ def n_tensors(cfg: ModelConfig, layers: Sequence[int]) -> int:
         else:
             mla = (2 + (2 if cfg.q_lora_rank else 0)) if cfg.arch == "deepseek_v3" else 0  # kv_a norm, k_b, v_b
             total += 5 + (3 if cfg.attention_bias else 0) + (1 if cfg.out_bias else 0) + (2 if cfg.qk_norm else 0) + mla
+            total += 1 if cfg.arch == "gpt_oss" else 0  # attn_sinks
+            total += 2 if cfg.arch == "gemma3" else 0  # post_attention_norm, post_ffw_norm
         if cfg.is_moe_layer(i):
             shared = (4 if cfg.shared_expert_gated else 3) if cfg.shared_expert_intermediate_size else 0
-            total += 5 + shared + (1 if cfg.router_bias else 0)
+            total += 5 + shared + (1 if cfg.router_bias else 0) + (4 if _biased(cfg) else 0)
         else:
             total += 4
     return total
@@ -219,6 +236,8 @@ def estimate_nodes(cfg: ModelConfig, opts: BuildOptions | None = None, *, merges
     """Closed-form node count of build(cfg, opts) after `merges` and the `split` placement
     (None, "layer" or "graph") with the placer's own options; no graph is built."""
     opts = opts or BuildOptions()
+    if split == "graph" and cfg.arch in LAYER_ONLY:  # place_graph places such families by layer
+        split = "layer"
     devs = parse_devices(devices) if isinstance(devices, (int, str)) else tuple(devices)
     ratios = parse_ts(ts, len(devs))
     idx = list(layers if layers is not None else range(cfg.n_layer))
@@ -267,8 +286,9 @@ def estimate_nodes(cfg: ModelConfig, opts: BuildOptions | None = None, *, merges
                 Ns = cfg.shared_expert_intermediate_size
                 k += 2 + _routed_nodes(cfg) + (2 if ex else 0) + 1
                 k += (_shared_nodes(cfg) + (2 if sh or router else 0) + 1) if Ns else 0
+                k += 8 if _biased(cfg) else 0
             else:
-                k += 9 + (2 if up else 0) + 1
+                k += 9 + (2 if up else 0) + 1 + (2 if cfg.arch == "gemma3" else 0)  # Gemma's post-FFN norm
             tally.on(d, k)
             total += k
     extra = [j for j in sorted(rope) if j != emb]  # positions copied to each device with attention

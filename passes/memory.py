@@ -2,7 +2,8 @@
 
 Weights are the weight leaves' storage bytes (quant types by whole blocks; a concat of
 weights is folded at load time and costs nothing extra). The KV cache is every state leaf
-with a `KV` dim bound to the context length; other states (conv, delta-net) are recurrent
+with a `KV` dim bound to the context length (a sliding-window layer's cache to its window plus
+a u-batch, as llama.cpp sizes an SWA cache); other states (conv, delta-net) are recurrent
 state. The compute buffer is the peak of live activations walking the graph in program order
 at the u-batch size (views share their source; `kv_append` writes into the cache in place).
 """
@@ -15,6 +16,7 @@ from typing import Mapping, Sequence
 
 from graphir import dims as D
 from graphir.graph import Graph
+from graphir.stats import cache_windows
 from graphir.ops import LEAVES, VIEWS, Op
 
 from hardware.profiles import gpu_memory
@@ -86,6 +88,14 @@ def _hardware(spec: str) -> tuple[int, ...] | None:
     return gpu_memory(spec)
 
 
+def state_bytes(g: Graph, ctx: int, ubatch: int) -> dict[str, int]:
+    """Bytes of every state leaf at context `ctx` (windowed caches hold window + ubatch rows)."""
+    win = cache_windows(g)
+    env = {"KV": ctx, "T": 1}
+    return {n.name: n.spec.nbytes_at({**env, "KV": min(ctx, win[n.name] + ubatch)} if n.name in win else env)
+            for n in g.nodes if n.op == Op.STATE_IN}
+
+
 def plan_memory(g: Graph, ctx: int = 4096, ubatch: int = 512) -> MemoryPlan:
     env = {"KV": ctx, "T": ubatch if g.info.get("phase", "pp") == "pp" else 1}
     devs = list(devices_of(g)) or ["-"]
@@ -105,6 +115,7 @@ def plan_memory(g: Graph, ctx: int = 4096, ubatch: int = 512) -> MemoryPlan:
             last[owner.get(i, i)] = pos
     live = {d: 0 for d in devs}
     size: dict[str, int] = {}
+    states = state_bytes(g, ctx, ubatch)
     for pos, n in enumerate(g.nodes):
         if n.op == Op.WEIGHT:
             for d in where(n):
@@ -112,7 +123,7 @@ def plan_memory(g: Graph, ctx: int = 4096, ubatch: int = 512) -> MemoryPlan:
         elif n.op == Op.STATE_IN:
             k = 1 if any(D.symbols(x) for x in n.spec.shape) else 2
             for d in where(n):
-                acc[d][k] += n.spec.nbytes_at(env)
+                acc[d][k] += states[n.name]
         elif n.op not in LEAVES and n.op not in VIEWS and n.op not in (Op.OUTPUT, Op.KV_APPEND) \
                 and not (n.op == Op.CONCAT and all(g[i].op == Op.WEIGHT for i in n.inputs)):
             size[n.name] = n.spec.nbytes_at(env)

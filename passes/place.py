@@ -16,7 +16,7 @@ from graphir.models.config import ModelConfig
 from graphir.ops import Op
 
 from passes.devices import PlacementError, parse_devices, parse_ts
-from passes.plan import Recurrent
+from passes.plan import F32_REDUCE, LAYER_ONLY, Recurrent
 from passes.regions import (RegionAssignment, check_reduce_dtype, emit_regions, graph_plan_for, one_hot,
                             place_regions, require_unplaced, sections)
 
@@ -81,6 +81,10 @@ def place_graph(g: Graph, cfg: ModelConfig, devices: Sequence[str] | str | int, 
     require_unplaced(g, "place_graph")
     devs = _devices(devices)
     ratios = parse_ts(ts, len(devs))
+    if cfg.arch in LAYER_ONLY:  # as ik_llama.cpp: graph split of this family is layer split
+        return place_layer(g, cfg, devs, ts=ratios, head_device=head_device)
+    if cfg.arch in F32_REDUCE and reduce_dtype in (None, "f16"):
+        reduce_dtype = "f32"
     pinned = pinned_ratios(devs, ratios, layer_groups) if layer_groups else None
     check_reduce_dtype(reduce_dtype)
     plan = graph_plan_for(g, cfg, devs, ratios, max_gpu=max_gpu, recurrent=recurrent, pinned=pinned)

@@ -31,7 +31,7 @@ from graphir.ops import Op
 
 from passes.devices import PlacementError
 from passes.emit import Emitter, suffix
-from passes.plan import RegionPlan
+from passes.plan import LAYER_ONLY, RegionPlan
 
 
 @dataclass(frozen=True)
@@ -54,17 +54,23 @@ WEIGHTS: dict[str, Cut] = {
     "ssm_a": Cut("slice", "kheads", 0), "ssm_norm.weight": REP, "ssm_out.weight": Cut("slice", "kheads", 1),
     "ffn_gate.weight": Cut("slice", "ff", 0), "ffn_up.weight": Cut("slice", "ff", 0),
     "ffn_down.weight": Cut("slice", "ff", 1),
-    "ffn_gate_inp.weight": REP, "ffn_gate_inp_shexp.weight": REP, "exp_probs_b.bias": REP,
+    "ffn_gate_inp.weight": REP, "ffn_gate_inp_shexp.weight": REP,
+    "exp_probs_b.bias": REP,  # the selection bias of ERNIE's and the sigmoid routers: routing runs on every device
     "ffn_gate_exps.weight": Cut("slice", "exps", 1), "ffn_up_exps.weight": Cut("slice", "exps", 1),
     "ffn_down_exps.weight": Cut("slice", "exps", 2),
     "ffn_gate_shexp.weight": Cut("slice", "shexp", 0), "ffn_up_shexp.weight": Cut("slice", "shexp", 0),
     "ffn_down_shexp.weight": Cut("slice", "shexp", 1),
-    "exp_probs_b.bias": REP,  # a sigmoid router's selection bias: routing runs on every device
     # MLA (ik_llama.cpp's -sm graph for DEEPSEEK2): the latent projections and their norms whole on
     # every device (each writes its own copy of the latent cache), everything per head split
     "attn_q_a.weight": REP, "attn_q_a_norm.weight": REP, "attn_kv_a_mqa.weight": REP, "attn_kv_a_norm.weight": REP,
     "attn_q_b.weight": Cut("slice", "heads", 0), "attn_k_b.weight": Cut("slice", "heads", 0),
     "attn_v_b.weight": Cut("slice", "heads", 0),
+    # gpt-oss: sinks follow their heads; the router bias is replicated like the router; the
+    # experts' gate/up biases follow their columns, the down bias is added once (as wo's)
+    "attn_sinks.weight": Cut("slice", "heads", 0), "ffn_gate_inp.bias": REP,
+    "ffn_gate_exps.bias": Cut("slice", "exps", 1), "ffn_up_exps.bias": Cut("slice", "exps", 1),
+    "ffn_down_exps.bias": LEAD,
+    "post_ffw_norm.weight": REP,
 }
 # MiniMax-M2 norms q and k over all heads before taking them apart: ik_llama.cpp keeps wq and wk
 # whole on every device, computes and norms the full q and k there, then each device takes its
@@ -319,6 +325,16 @@ class RegionSplit:
                     if "lead" in tags and tags[0 if a else 1] == "lead":
                         raise self._fail(n, "the lead-only bias has no partial to join")
                     loc[j] = a or b  # type: ignore[assignment]
+        elif n.op == Op.ADD_ID and tags[:2] == ["part", "lead"] and tags[2] == "rep":
+            # a bias added once to a partial sum: on the lead device (the others pass theirs on)
+            if self._input(n.inputs[0], self.plan.lead) is None:
+                raise self._fail(n, "the lead device holds no part of the sum to add the bias to")
+            for j in devs:
+                a = self._input(n.inputs[0], j)
+                if a is not None:
+                    loc[j] = a if j != self.plan.lead else self.em.emit(
+                        suffix(n.name, j), Op.ADD_ID, [a, self._input(n.inputs[1], j), self._input(n.inputs[2], j)],
+                        n.attrs, self.devices[j])
         elif n.op in (Op.MUL, Op.MOE_SUM, Op.RESHAPE, Op.CAST):
             if tags[0] != "part" or "part" in tags[1:] or any(t in ("lead", "split") for t in tags):
                 raise self._fail(n, "not linear in the partial sum")
@@ -354,8 +370,9 @@ class RegionSplit:
         self._set(n.name, _REP, {j: n.name for j in have})
 
     def run(self, nodes: Sequence[Node]) -> None:
-        if len(self.plan.devices) == 1:  # nothing to split: the region runs whole on one device
-            dev = self.devices[self.plan.devices[0]]
+        if len(self.plan.devices) == 1 or self.cfg.arch in LAYER_ONLY:
+            # nothing to split, or a family ik_llama.cpp never splits: the region runs whole on one device
+            dev = self.devices[self.plan.devices[0] if len(self.plan.devices) == 1 else self.plan.lead]
             for n in nodes:
                 self.em.add(n.with_(device=dev))
             return

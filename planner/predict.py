@@ -30,7 +30,7 @@ from graphir.ops import Op
 from reports.progress import track
 from graphir.quant import QuantScheme, scheme
 from reports.sweep import SweepRow, SweepTable, crossover, sweep_shape
-from passes.memory import enforce_fit, fit_problem
+from passes.memory import enforce_fit, fit_problem, state_bytes
 
 TERM_LABELS = {"compute": "compute", "weights": "weight bytes", "kv": "KV bytes",
                "activations": "activation/state bytes", "comm": "communication", "launch": "launch/sync"}
@@ -97,13 +97,17 @@ class Prediction:
         return sb / sa
 
 
-def memory_per_device(g: Graph, ctx: int) -> tuple[float, ...]:
-    """GB per device of weights and caches (KV at ctx tokens, recurrent state)."""
+def memory_per_device(g: Graph, ctx: int, ubatch: int = 512) -> tuple[float, ...]:
+    """GB per device of weights and caches (KV at ctx tokens, a sliding layer's at its window
+    plus a u-batch; recurrent state)."""
     env = {"T": 1, "KV": ctx}
+    states = state_bytes(g, ctx, ubatch)
     out: dict[str, float] = {d: 0.0 for d in g.device_list()}
     for n in g.nodes:
-        if n.op in (Op.WEIGHT, Op.STATE_IN):
+        if n.op == Op.WEIGHT:
             out[n.devices[0]] += n.spec.nbytes_at(env) / 1e9
+        elif n.op == Op.STATE_IN:
+            out[n.devices[0]] += states[n.name] / 1e9
     return tuple(out.values())
 
 

@@ -11,6 +11,7 @@ import torch
 
 from backends.cuda.testing import hf_logits, rel_err
 from cli.main import main
+from cli.run import make_transform
 
 
 def cli_eval(model: Any, ckpt: Path, prompt: list[int], decode: int, *args: str) -> tuple[float, list[int], list[int]]:
@@ -26,3 +27,14 @@ def cli_eval(model: Any, ckpt: Path, prompt: list[int], decode: int, *args: str)
     generated = [int(r.argmax()) for r in logits[len(prompt) - 1:-1]]
     ref = hf_logits(model, prompt + generated)
     return rel_err(logits, ref), generated, [int(r.argmax()) for r in ref[len(prompt) - 1:-1]]
+
+
+def placement(cfg: Any, devices: tuple[str, ...], mode: str, ts: str, placed: list[Any]) -> Any:
+    """`graphir eval --split mode --ts ts`'s transform, keeping each placed graph in `placed`."""
+    def transform(g: Any) -> Any:
+        for t in make_transform(cfg, devices, mode, ts):
+            g = t(g)
+        placed.append(g)
+        return g
+
+    return transform

@@ -136,6 +136,11 @@ FIXED = {
                        moe_intermediate_size=10, shared_expert_intermediate_size=12, linear_num_key_heads=2,
                        linear_num_value_heads=4, linear_key_head_dim=4, linear_value_head_dim=6,
                        linear_conv_kernel_dim=4, layer_types=["linear_attention", "full_attention", "linear_attention"]),
+    "gpt_oss": dict(vocab_size=40, hidden_size=24, intermediate_size=10, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=3),
+    "gemma3": dict(vocab_size=40, hidden_size=24, intermediate_size=20, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=8, sliding_window=3, query_pre_attn_scalar=12,
+                   sliding_window_pattern=2, final_logit_softcapping=5.0),
 }
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5]
 

@@ -2,7 +2,8 @@
 schedule skeleton (per-device segments between synchronisation points).
 
 Every dim is linear in T and KV, so each node's work is exactly w(KV) = w0 + w1·KV for a fixed
-T: evaluating the rules at KV=0 and KV=1 gives both coefficients. A whole depth sweep is then a
+T: evaluating the rules at KV=0 and KV=1 gives both coefficients. A sliding-window attention
+grows only up to its window: w0 + w1·min(KV, cap), with the cap its rule states. A whole depth sweep is then a
 few numpy expressions (costing.py) and a walk over the few hundred synchronisation events
 (timeline.py), not a walk over thousands of nodes per depth.
 """
@@ -52,6 +53,7 @@ class Priced:
     launches: np.ndarray
     host_nodes: np.ndarray  # [N] graph nodes the executor's host walks for this one (free ones before it)
     mnk: np.ndarray  # [3, N] GEMM shape
+    kv_cap: np.ndarray  # [N] cached tokens past which a node's work stops growing (inf: never)
     wdtype: tuple[str, ...]  # per node ('' if none)
     seg_start: np.ndarray  # first node of each segment (for np.add.reduceat)
     seg_dev: np.ndarray
@@ -65,6 +67,10 @@ class Priced:
     n_snaps: int
     meta: tuple[tuple[str, Any], ...] = ()
     comm_names: tuple[str, ...] = ()  # per comm node, for timeline traces (Gantt charts)
+
+    def kv(self, kv: np.ndarray) -> np.ndarray:
+        """[N, D]: the cache depth each node's work sees at depths `kv` (capped by its window)."""
+        return np.minimum(kv[None, :], self.kv_cap[:, None])
 
     @property
     def n_comm(self) -> int:
@@ -168,7 +174,7 @@ def price(g: Graph, tokens: int | None = None) -> Priced:
         dev=np.array([dix[r[0].device] for r in R], dtype=int),
         kind=np.array([KINDS.index(r[1].kind) for r in R], dtype=int),
         flops=lin("flops"), wbytes=col("wbytes"), kvbytes=lin("kvbytes"), actbytes=lin("actbytes"),
-        launches=col("launches"), mnk=np.stack([col("m"), col("n"), col("k")]),
+        launches=col("launches"), mnk=np.stack([col("m"), col("n"), col("k")]), kv_cap=col("kv_cap"),
         host_nodes=np.array([hosted[i] for i in order], dtype=float),
         wdtype=tuple(r[1].wdtype for r in R), seg_start=np.asarray(seg_start, dtype=int),
         seg_dev=np.array(seg_dev, dtype=int),

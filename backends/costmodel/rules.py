@@ -29,12 +29,14 @@ class Work(NamedTuple):
     comm_numel: float = 0.0  # transfers: elements moved
     comm_elem: float = 0.0  # bytes per element; 0 = the engine picks (all-reduce partial type)
     tokens: int = 0  # transfers: tokens in the batch (decides reduce algorithm and type)
+    kv_cap: float = float("inf")  # cached tokens past which the work stops growing (a sliding window)
 
 
 Rule = Callable[[Node, Sequence[Node], Mapping[str, int]], Work]
 
 # flops per output element of the cheap element-wise ops (exp, rsqrt and the like count a few)
 _VEC_FLOPS = {Op.ADD: 1, Op.MUL: 1, Op.SILU: 4, Op.SIGMOID: 4, Op.SOFTPLUS: 4, Op.SWIGLU: 5,
+              Op.SWIGLU_OAI: 9, Op.ADD_ID: 1, Op.GEGLU: 8, Op.SOFTCAP: 4,
               Op.CAST: 1, Op.ROPE: 6, Op.RMS_NORM: 4, Op.RMS_NORM_GATED: 8, Op.CONCAT: 0,
               Op.GET_ROWS: 0, Op.MOE_WEIGHTS: 4, Op.MOE_SUM: 2, Op.ATTN_TEMP: 1, Op.MOE_WEIGHTS_SIGMOID: 4}
 
@@ -70,6 +72,14 @@ def _get_rows(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
     rows = n.spec.bind(env)[0]
     row_bytes = table.spec.dtype.nbytes(table.spec.bind(env)[-1])
     return Work("vector", wbytes=float(rows * row_bytes), actbytes=_nb(ids, env) + _nb(n, env), launches=1)
+
+
+def _add_id(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
+    y, b, ids = ins  # only the chosen experts' bias rows are read
+    rows = ids.spec.numel_at(env)
+    row_bytes = b.spec.dtype.nbytes(b.spec.bind(env)[-1])
+    return Work("vector", flops=float(n.spec.numel_at(env)), wbytes=float(min(rows, b.spec.bind(env)[0]) * row_bytes),
+                actbytes=_nb(y, env) + _nb(ids, env) + _nb(n, env), launches=1)
 
 
 def _kv_append(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
@@ -119,15 +129,23 @@ def _head_matmul(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
 
 
 def _attention(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
-    q, k, v = ins
+    q, k, v = ins[:3]
     T, hq, d = q.spec.bind(env)
     keys = k.spec.bind(env)[0]  # KV + T: the cache including this batch
     # causal: query i of the batch sees keys - (T - 1 - i); mean keys per query = keys - (T-1)/2
-    flops = 4.0 * hq * d * T * (keys - (T - 1) / 2.0)
+    seen = keys - (T - 1) / 2.0
     # MLA reads its values out of the latent keys (a view of the same cache): count them once
     kv = _nb(k, env) + (0.0 if v.op == Op.SLICE and v.inputs[0] == k.name else _nb(v, env))
+    cap = float("inf")
+    window = n.attr.get("window")
+    if window is not None:  # a sliding layer reads (and keeps) its window, not the context
+        W = int(window)
+        seen = min(seen, float(W))
+        kv *= min(keys, W + T - 1) / max(keys, 1)
+        cap = float(max(W - 1, 0))  # past this many cached tokens the work stops growing
+    flops = 4.0 * hq * d * T * seen
     return Work("attn", flops=flops, kvbytes=kv, actbytes=_nb(q, env) + _nb(n, env), launches=1,
-                m=float(T), n=float(hq), k=float(d), wdtype=k.spec.dtype.name)
+                m=float(T), n=float(hq), k=float(d), wdtype=k.spec.dtype.name, kv_cap=cap)
 
 
 def _delta_net(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
@@ -184,6 +202,7 @@ RULES: dict[Op, Rule] = {
     Op.GET_ROWS: _get_rows, Op.MATMUL: _matmul, Op.MOE_MATMUL: _moe_matmul,
     Op.RMS_NORM: _vector, Op.RMS_NORM_GATED: _vector, Op.ADD: _vector, Op.MUL: _vector,
     Op.SILU: _vector, Op.SIGMOID: _vector, Op.SOFTPLUS: _vector, Op.SWIGLU: _vector, Op.CAST: _vector,
+    Op.SWIGLU_OAI: _vector, Op.ADD_ID: _add_id, Op.GEGLU: _vector, Op.SOFTCAP: _vector,
     Op.ROPE: _vector, Op.ATTN_TEMP: _vector, Op.CONCAT: _vector, Op.MOE_WEIGHTS: _vector, Op.MOE_SUM: _vector,
     Op.ATTENTION: _attention, Op.KV_APPEND: _kv_append, Op.SSM_CONV: _ssm_conv,
     Op.DELTA_NET: _delta_net, Op.MOE_TOPK: _moe_topk, Op.MOE_TOPK_BIAS: _moe_topk,

@@ -140,7 +140,7 @@ def node_costs(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray,
     eng = eng.for_gpu(sysm.gpu)
     rate, eff = _rate_eff(pr, sysm, eng)
     bw = sysm.gpu.mem_bw_GBps * 1e9 * _mem_eff(pr, eng)
-    x = kv[None, :]
+    x = pr.kv(kv)
     flops = pr.flops[0][:, None] + pr.flops[1][:, None] * x
     mv = _mat_vecs(pr, eng)
     flops = np.where(mv[:, None], _gemv_flops(pr, eng, mv)[:, None], flops)
@@ -313,7 +313,7 @@ def evaluate(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray, spans: list[
     total = ends.max(axis=0) + eng.forward_us * 1e-6
     crit = np.stack(bd)[last, :, np.arange(D)].T
     crit[5] += eng.forward_us * 1e-6
-    x = kv[None, :]
+    x = pr.kv(kv)
     work = {
         "flops": (pr.flops[0][:, None] + pr.flops[1][:, None] * x).sum(axis=0),
         "weight_bytes": np.full(D, pr.wbytes.sum()),

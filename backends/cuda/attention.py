@@ -21,6 +21,10 @@ from graphir.graph import Node
 from graphir.ops import Op
 
 
+# the rope attributes that shape the frequencies (what the frequency caches are keyed on)
+ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_ctx", "beta_fast", "beta_slow", "truncate")
+
+
 @lru_cache(maxsize=64)
 def _inv_freq_on(device: torch.device, n_rot: int, theta: float, scaling: str | None,
                  params: tuple[tuple[str, Any], ...]) -> torch.Tensor:
@@ -53,7 +57,8 @@ def _inv_freq(n_rot: int, theta: float, scaling: str | None, params: tuple[tuple
         def corr(rot: float) -> float:  # the dim index that turns `rot` times over the old context
             return (n_rot * math.log(old / (rot * 2 * math.pi))) / (2 * math.log(theta))
 
-        low, high = max(math.floor(corr(fast)), 0), min(math.ceil(corr(slow)), n_rot - 1)
+        lo, hi = (corr(fast), corr(slow)) if p.get("truncate") is False else (math.floor(corr(fast)), math.ceil(corr(slow)))
+        low, high = max(lo, 0), min(hi, n_rot - 1)
         if low == high:
             high += 0.001
         ramp = torch.clamp((torch.arange(n_rot // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
@@ -74,8 +79,7 @@ def _attn_factor(attrs: dict[str, Any]) -> float:
 
 def rope_tables(attrs: dict[str, Any], pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [T, n_rot] in `dtype` for positions `pos` [T]."""
-    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_ctx", "beta_fast", "beta_slow")
-    params = tuple((k, attrs[k]) for k in keys if k in attrs)
+    params = tuple((k, attrs[k]) for k in ROPE_KEYS if k in attrs)
     inv = _inv_freq_on(pos.device, int(attrs["n_rot"]), float(attrs["theta"]), attrs.get("scaling"), params)
     freqs = pos.to(torch.float32)[:, None] * inv[None, :]  # [T, n_rot/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [T, n_rot]
@@ -105,11 +109,23 @@ def attn_temp(node: Node, args: Sequence[torch.Tensor], ctx: ExecContext) -> tor
     p = pos.to(torch.float32)
     scale = 1 + float(node.attr["beta"]) * torch.log(1 + torch.floor(p / int(node.attr["length"])))  # [T]
     return q * scale.to(q.dtype)[:, None, None]
+def query_positions(node: Node, ctx: ExecContext, T: int, S: int, device: torch.device) -> torch.Tensor:
+    """Absolute positions [T] of the queries: S-T+i, or in bucket mode (a fixed-size cache read
+    as its first S rows) the device-side position of the first query plus i."""
+    base = ctx.kvpos[ctx.device_name(node)] if ctx.bucket is not None else S - T  # int64 [1] or int
+    return torch.arange(T, device=device) + base
+
+
+def needs_mask(node: Node, args: Sequence[torch.Tensor]) -> bool:
+    """Sliding-window or sink attention: the fast decode kernels know neither, this one does."""
+    return "window" in node.attr or len(args) > 3
 
 
 def attention(node: Node, args: Sequence[torch.Tensor], ctx: ExecContext) -> torch.Tensor:
-    """Causal attention: query i sits at absolute position S-T+i; q head j reads kv head j // g."""
-    q, k, v = args  # q [T,hq,d], k [S,hkv,d], v [S,hkv,dv]
+    """Causal attention: query i sits at absolute position S-T+i; q head j reads kv head j // g.
+    `window` W: a query at p sees keys p-W+1..p only (transformers' sliding window). Sinks (a
+    4th input, one logit per q head) join each row's softmax as a column without a value."""
+    q, k, v = args[:3]  # q [T,hq,d], k [S,hkv,d], v [S,hkv,dv]
     T, hq, d = q.shape
     S, hkv, dv = v.shape
     g = hq // hkv
@@ -118,12 +134,20 @@ def attention(node: Node, args: Sequence[torch.Tensor], ctx: ExecContext) -> tor
     kh = k.permute(1, 0, 2)[:, None]  # [hkv,1,S,d]
     vh = v.permute(1, 0, 2)[:, None]  # [hkv,1,S,dv]
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * float(node.attr["scale"])  # [hkv,g,T,S]
-    if T > 1:  # a single query (decode) sees every cached key: no mask
-        qpos = torch.arange(T, device=q.device) + (S - T)
-        future = torch.arange(S, device=q.device)[None, :] > qpos[:, None]  # [T,S]
-        scores = scores.masked_fill(future, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs, vh)  # [hkv,g,T,dv]
+    window = node.attr.get("window")
+    if T > 1 or window is not None or ctx.bucket is not None:  # a lone query (decode) sees every cached key
+        qpos = query_positions(node, ctx, T, S, q.device)
+        keys = torch.arange(S, device=q.device)[None, :]
+        hidden = keys > qpos[:, None]  # [T,S]: the future
+        if window is not None:
+            hidden = hidden | (keys <= qpos[:, None] - int(window))
+        scores = scores.masked_fill(hidden, float("-inf"))
+    if len(args) > 3:  # [hq] -> [hkv,g,T,1], one more softmax column per row
+        sink = args[3].to(scores.dtype).reshape(hkv, g, 1, 1).expand(hkv, g, T, 1)
+        probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1, dtype=torch.float32)[..., :S]
+    else:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    out = torch.matmul(probs.to(q.dtype), vh)  # [hkv,g,T,dv]
     return out.permute(2, 0, 1, 3).reshape(T, hq, dv)
 
 

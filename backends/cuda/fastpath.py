@@ -79,8 +79,7 @@ def rope(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     if not fused.usable(x):
         return _ref(Op.ROPE)(node, args, ctx)
     a = node.attr
-    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_ctx", "beta_fast", "beta_slow")
-    params = tuple((k, a[k]) for k in keys if k in a)
+    params = tuple((k, a[k]) for k in ref_attn.ROPE_KEYS if k in a)
     inv = ref_attn._inv_freq_on(x.device, int(a["n_rot"]), float(a["theta"]), a.get("scaling"), params)
     return fused.rope(x, pos, inv, int(a["n_rot"]), ref_attn._attn_factor(dict(a)))
 
@@ -231,6 +230,8 @@ def _lower_right(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, scale: fl
 
 def attention(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     """Scaled-dot-product attention over the cache (flash / efficient kernels on CUDA)."""
+    if ref_attn.needs_mask(node, args):  # window / sinks: the reference kernel (bucket mode included)
+        return ref_attn.attention(node, args, ctx)
     q, k, v = args  # q [T,hq,d], k [S,hkv,d], v [S,hkv,dv]
     T, hq, d = q.shape
     S, hkv, dv = v.shape

@@ -5,7 +5,7 @@ ggml's `ne` order (fastest dimension first): a tensor of ne [H, N] is the torch 
 Two conventions of llama.cpp's converter are undone so that the graph's semantics hold:
 - `llama`, `ministral3` (PERMUTED_QK): Q and K rows are permuted for ggml's interleaved RoPE; the graph uses the
   rotate_half pairing of transformers, so the permutation is inverted.
-- `qwen3_next`: zero-centred norm weights are stored with the 1 added; the graph's norms add
+- `qwen3_next`, `gemma3`: zero-centred norm weights are stored with the 1 added; the graph's norms add
   it themselves (offset 1), so it is subtracted again.
 """
 
@@ -92,6 +92,6 @@ class GGUFWeights:
         if cfg.arch in PERMUTED_QK and info.name.endswith(_ROPED):
             heads = cfg.n_head if ".attn_q." in info.name else cfg.n_kv_head
             w = unpermute_rope(w, heads)
-        if cfg.arch == "qwen3_next" and info.norm_offset == 1.0:
+        if cfg.zero_centred_norms and info.norm_offset == 1.0:
             w = w - 1.0
         return w

@@ -21,6 +21,7 @@ from typing import Callable, Mapping
 import torch
 from safetensors import safe_open
 
+from backends.cuda import mxfp4
 from backends.cuda.gguf_weights import unpermute_rope
 from backends.cuda.mla_weights import TRANSFORMS as MLA_TRANSFORMS, mla_weight
 from backends.cuda.weights import WeightError, WeightInfo
@@ -87,6 +88,28 @@ _MLA: list[Entry] = [
 # per-expert tensor names where a family does not use {gate,up,down}_proj (Mixtral-style w1/w3/w2)
 _EXPERT_PARTS: dict[str, dict[str, str]] = {"minimax_m2": {"gate": "w1", "up": "w3", "down": "w2"}}
 
+# gpt-oss: experts fused as gate_up [E,H,2N] with gate and up interleaved (even / odd columns)
+# and down [E,N,H], both stored [in,out] (or as MXFP4 `_blocks` + `_scales`, [out,in]); biases
+# gate_up_proj_bias [E,2N] interleaved the same way
+_OSS: list[Entry] = [
+    ("model.layers.{i}.self_attn.sinks", "blk.{i}.attn_sinks.weight", ""),
+    ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight", ""),
+    ("model.layers.{i}.mlp.router.weight", "blk.{i}.ffn_gate_inp.weight", ""),
+    ("model.layers.{i}.mlp.router.bias", "blk.{i}.ffn_gate_inp.bias", ""),
+    ("model.layers.{i}.mlp.experts.gate_up_proj", "blk.{i}.ffn_gate_exps.weight", "oss.even"),
+    ("model.layers.{i}.mlp.experts.gate_up_proj", "blk.{i}.ffn_up_exps.weight", "oss.odd"),
+    ("model.layers.{i}.mlp.experts.down_proj", "blk.{i}.ffn_down_exps.weight", "oss.all"),
+    ("model.layers.{i}.mlp.experts.gate_up_proj_bias", "blk.{i}.ffn_gate_exps.bias", "oss.even"),
+    ("model.layers.{i}.mlp.experts.gate_up_proj_bias", "blk.{i}.ffn_up_exps.bias", "oss.odd"),
+    ("model.layers.{i}.mlp.experts.down_proj_bias", "blk.{i}.ffn_down_exps.bias", ""),
+]
+
+_GEMMA: list[Entry] = [
+    ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight", ""),
+    ("model.layers.{i}.pre_feedforward_layernorm.weight", "blk.{i}.ffn_norm.weight", ""),
+    ("model.layers.{i}.post_feedforward_layernorm.weight", "blk.{i}.post_ffw_norm.weight", ""),
+]
+
 TABLES: dict[str, list[Entry]] = {
     "llama": _TOP + _ATTN + _FFN + _FFN_NORM,
     "qwen3": _TOP + _ATTN + _FFN + _FFN_NORM,
@@ -102,6 +125,8 @@ TABLES: dict[str, list[Entry]] = {
     "glm4_moe": _TOP + _ATTN + _FFN + _GLM_MOE + _POST_NORM,
     "minimax_m2": _TOP + _ATTN + _MINIMAX_MOE + _FFN_NORM,
     "deepseek_v3": _TOP + _MLA + _FFN + _GLM_MOE + _FFN_NORM,
+    "gpt_oss": _TOP + _ATTN + _OSS,
+    "gemma3": _TOP + _ATTN + _FFN + _GEMMA,
 }
 TABLES["hunyuan_v1_moe"] = _TOP + [  # its own Q/K norm names first: the first matching rule wins
     ("model.layers.{i}.self_attn.query_layernorm.weight", "blk.{i}.attn_q_norm.weight", ""),
@@ -196,6 +221,8 @@ class HFCheckpoint:
     def names_for(self, info: WeightInfo) -> list[str]:
         """The checkpoint tensors graph weight `info` is made of; WeightError when absent."""
         hf, tf = self._rule(info)
+        if tf.startswith("oss.") and hf not in self.files and hf + "_blocks" in self.files:
+            return [hf + "_blocks", hf + "_scales"]  # MXFP4, as published
         if tf.startswith("experts."):
             return self._expert_plan(hf, tf.split(".")[1], info)[1]
         if hf not in self.files:
@@ -232,8 +259,22 @@ class HFCheckpoint:
         except Exception as e:
             raise WeightError(f"{f}: cannot read tensor {name} ({str(e).splitlines()[0][:100]})") from None
 
+    def _oss(self, info: WeightInfo, hf: str, tf: str) -> torch.Tensor:
+        """A gpt-oss expert tensor as [E,out,in] (bias [E,out]): dequantised from MXFP4 or
+        transposed from [E,in,out], then the gate (even) or up (odd) rows of a fused gate_up."""
+        names = self.names_for(info)
+        if len(names) == 2:
+            t = mxfp4.dequantize(self._read(names[0]), self._read(names[1]))
+        else:
+            t = self._read(names[0])
+            t = t.transpose(1, 2) if t.dim() == 3 else t
+        t = {"even": t[:, 0::2], "odd": t[:, 1::2], "all": t}[tf.split(".")[1]]
+        return self._shaped(t.contiguous(), info, names[0])
+
     def get(self, info: WeightInfo) -> torch.Tensor:
         hf, tf = self._rule(info)
+        if tf.startswith("oss."):
+            return self._oss(info, hf, tf)
         if not tf.startswith("experts."):
             (name,) = self.names_for(info)
             t = self._read(name)

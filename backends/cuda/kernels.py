@@ -43,7 +43,10 @@ def _weight(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
 
 def get_rows(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     table, ids = args  # [V,H], [n] i32
-    return _as_spec(node, table.index_select(0, ids))
+    rows = table.index_select(0, ids)
+    if "scale" in node.attr:  # the constant rounded to the table's type, the product in it (transformers)
+        rows = rows * torch.tensor(float(node.attr["scale"]), dtype=rows.dtype)
+    return _as_spec(node, rows)
 
 
 def matmul(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
@@ -89,6 +92,30 @@ def mul(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
 def swiglu(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     g, u = args
     return F.silu(g) * u
+
+
+def swiglu_oai(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU (GptOssExperts._apply_gate): gate clamped above at `limit`, up
+    to [-limit, limit]; gate * sigmoid(alpha * gate) * (up + 1)."""
+    g, u = args
+    limit, alpha = float(node.attr["limit"]), float(node.attr["alpha"])
+    g = g.clamp(max=limit)
+    return g * torch.sigmoid(g * alpha) * (u.clamp(-limit, limit) + 1)
+
+
+def geglu(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    g, u = args
+    return F.gelu(g, approximate="tanh") * u
+
+
+def softcap(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    cap = float(node.attr["cap"])
+    return torch.tanh(args[0] / cap) * cap
+
+
+def add_id(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    y, b, ids = args  # [T,k,N], [E,N], [T,k] i32: each slot's expert bias
+    return y + b.to(y.dtype)[ids.long()]
 
 
 def cast(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
@@ -158,6 +185,9 @@ KERNELS: dict[Op, Kernel] = {
     Op.SIGMOID: lambda n, a, c: torch.sigmoid(a[0]),
     Op.SOFTPLUS: lambda n, a, c: F.softplus(a[0]),
     Op.SWIGLU: swiglu,
+    Op.SWIGLU_OAI: swiglu_oai,
+    Op.GEGLU: geglu,
+    Op.SOFTCAP: softcap,
     Op.CAST: cast,
     Op.ROPE: rope,
     Op.ATTN_TEMP: attn_temp,
@@ -173,6 +203,7 @@ KERNELS: dict[Op, Kernel] = {
     Op.MOE_TOPK_BIASED: moe_topk_biased,
     Op.HEAD_MATMUL: head_matmul,
     Op.MOE_WEIGHTS_SIGMOID: moe_weights_sigmoid,
+    Op.ADD_ID: add_id,
     Op.RESHAPE: reshape,
     Op.SLICE: slice_,
     Op.COPY: copy,

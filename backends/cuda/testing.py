@@ -18,7 +18,8 @@ import torch
 HF_CONFIGS = {"llama": "LlamaConfig", "qwen3": "Qwen3Config", "qwen3_moe": "Qwen3MoeConfig",
               "qwen3_next": "Qwen3NextConfig", "seed_oss": "SeedOssConfig", "ministral3": "Ministral3Config",
               "ernie4_5_moe": "Ernie4_5_MoeConfig", "hunyuan_v1_moe": "HunYuanMoEV1Config",
-              "glm4_moe": "Glm4MoeConfig", "minimax_m2": "MiniMaxM2Config", "deepseek_v3": "DeepseekV3Config"}
+              "glm4_moe": "Glm4MoeConfig", "minimax_m2": "MiniMaxM2Config", "deepseek_v3": "DeepseekV3Config",
+              "gpt_oss": "GptOssConfig", "gemma3": "Gemma3TextConfig"}
 
 
 def hf_model(arch: str, seed: int = 0, **config: Any) -> Any:
@@ -29,7 +30,7 @@ def hf_model(arch: str, seed: int = 0, **config: Any) -> Any:
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(
         cfg, attn_implementation="eager", experts_implementation="eager").eval()
-    perturb(model, zero_centred=arch == "qwen3_next", seed=seed)
+    perturb(model, zero_centred=arch in ("qwen3_next", "gemma3"), seed=seed)
     return model
 
 
@@ -65,6 +66,37 @@ def save(model: Any, path: Path, **kwargs: Any) -> Path:
 def hf_logits(model: Any, ids: list[int]) -> torch.Tensor:
     """Logits [len(ids), vocab] f32 of the full sequence in one forward (no cache)."""
     return model(torch.tensor([ids])).logits[0].to(torch.float32)
+
+
+def check_logits(arch: str, config: dict[str, Any], path: Path, prompt: list[int], split: int, seed: int = 0,
+                 transform: Any = None, tol: float = 1e-4) -> None:
+    """A random checkpoint of `arch` saved at `path`: the prompt and 4 greedy tokens through
+    Session (whole, then as two prefills and a decode), every logit row against transformers'
+    forward over the full sequence, within `tol` relative."""
+    from backends.cuda.session import Session, greedy
+    from graphir.models.sources import load_source
+
+    model = hf_model(arch, seed=seed, **config)
+    src = load_source(save(model, path))
+    whole, gen = greedy(Session(src, None, "cpu", 32, transform=transform), prompt, 4)
+    ref = hf_logits(model, prompt + gen)
+    assert rel_err(whole, ref) < tol, config
+    s = Session(src, None, "cpu", 32, transform=transform)
+    parts = [s.prefill(prompt[:split]), s.prefill(prompt[split:]), s.decode(gen)]
+    assert rel_err(torch.cat(parts), ref) < tol, (config, split)
+
+
+def hf_params(d: dict[str, Any]) -> int:
+    """transformers' parameter count for config dict `d`, built on the meta device."""
+    import warnings
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = AutoConfig.for_model(**d)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(cfg).num_parameters()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -73,10 +73,13 @@ def embed(c: Ctx) -> str:
     c.b.leaf(Op.INPUT, "tokens", TensorSpec((c.T,), I32), role="tokens")
     c.b.leaf(Op.INPUT, "positions", TensorSpec((c.T,), I32), role="positions")
     table = c.w("token_embd", cfg.vocab_size, cfg.hidden_size)
-    return c.op(Op.GET_ROWS, "inp_embd", table, "tokens", dtype=c.act.name)  # [T,H]
+    # Gemma scales the rows by sqrt(H) (in the table's type, as transformers does)
+    return c.op(Op.GET_ROWS, "inp_embd", table, "tokens", dtype=c.act.name, scale=cfg.embed_scale)  # [T,H]
 
 
-def rope_attrs(cfg: ModelConfig) -> dict[str, object]:
+def rope_attrs(cfg: ModelConfig, layer: int | None = None) -> dict[str, object]:
+    if layer is not None and cfg.rope_local_theta and cfg.window(layer):  # Gemma 3's local RoPE: unscaled
+        return {"n_rot": cfg.n_rot, "theta": cfg.rope_local_theta}
     attrs: dict[str, object] = {"n_rot": cfg.n_rot, "theta": cfg.rope_theta}
     sc = dict(cfg.rope_scaling)
     kind = sc.get("rope_type", sc.get("type"))
@@ -92,6 +95,8 @@ def rope_attrs(cfg: ModelConfig) -> dict[str, object]:
             # transformers' YaRN: get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
             f = float(sc.get("factor") or 1.0)
             attrs["attn_factor"] = _yarn_mscale(f, float(ms)) / _yarn_mscale(f, float(ms_all))
+        if kind == "yarn" and sc.get("truncate") is False:  # gpt-oss: the ramp's ends not rounded
+            attrs["truncate"] = False
     return attrs
 
 
@@ -99,10 +104,13 @@ def _yarn_mscale(factor: float, mscale: float) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def attention(c: Ctx, i: int, x: str, *, qk_norm: bool | str, gated: bool, norm_offset: float = 0.0) -> str:
+def attention(c: Ctx, i: int, x: str, *, qk_norm: bool | str, gated: bool, norm_offset: float = 0.0,
+              sinks: bool = False) -> str:
     """Self-attention over the KV cache. x: [T,H] normed input -> [T,H] (before the residual).
     qk_norm True norms each head of q and k (Hunyuan after RoPE, the others before); "all"
-    (MiniMax-M2) one norm over all heads of q and one over all of k."""
+    (MiniMax-M2) one norm over all heads of q and one over all of k. A sliding layer
+    (cfg.window(i)) attends to its window; `sinks` adds a learnt per-head logit to each softmax
+    row (gpt-oss's attn_sinks)."""
     cfg, p = c.cfg, f"blk.{i}."
     hq, hkv, d, H = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.hidden_size
     bias = cfg.attention_bias
@@ -129,7 +137,7 @@ def attention(c: Ctx, i: int, x: str, *, qk_norm: bool | str, gated: bool, norm_
     if qk_norm is True and not late:
         q = c.norm(p + "attn_q_norm", q, norm_offset)
         k = c.norm(p + "attn_k_norm", k, norm_offset)
-    ra = rope_attrs(cfg)
+    ra = rope_attrs(cfg, i)
     q = c.op(Op.ROPE, p + "q_rope", q, "positions", **ra)
     k = c.op(Op.ROPE, p + "k_rope", k, "positions", **ra)
     if qk_norm is True and late:  # Hunyuan: the norms see the rotated heads
@@ -145,7 +153,8 @@ def attention(c: Ctx, i: int, x: str, *, qk_norm: bool | str, gated: bool, norm_
     v_all = c.op(Op.KV_APPEND, p + "cache_v.next", cv, v)
     c.result(p + "cache_k", k_all)
     c.result(p + "cache_v", v_all)
-    o = c.op(Op.ATTENTION, p + "kqv", q, k_all, v_all, scale=d ** -0.5)  # [T,hq,d]
+    extra = (c.w(p + "attn_sinks", hq),) if sinks else ()
+    o = c.op(Op.ATTENTION, p + "kqv", q, k_all, v_all, *extra, scale=cfg.attn_scale, window=cfg.window(i))  # [T,hq,d]
     o = c.view(p + "kqv_flat", o, c.T, hq * d)
     if gate is not None:
         o = c.op(Op.MUL, p + "kqv_gated", o, c.op(Op.SIGMOID, p + "attn_gate_sig", gate))
@@ -160,7 +169,8 @@ def ffn(c: Ctx, prefix: str, x: str, n_ff: int, suffix: str = "") -> str:
     H = c.cfg.hidden_size
     g = c.op(Op.MATMUL, f"{prefix}ffn_gate{suffix}", x, c.w(f"{prefix}ffn_gate{suffix}", n_ff, H))
     u = c.op(Op.MATMUL, f"{prefix}ffn_up{suffix}", x, c.w(f"{prefix}ffn_up{suffix}", n_ff, H))
-    h = c.op(Op.SWIGLU, f"{prefix}ffn_swiglu{suffix}", g, u)  # [T,n_ff]
+    glu = Op.GEGLU if c.cfg.hidden_act == "gelu_pytorch_tanh" else Op.SWIGLU
+    h = c.op(glu, f"{prefix}ffn_swiglu{suffix}", g, u)  # [T,n_ff]
     return c.op(Op.MATMUL, f"{prefix}ffn_down{suffix}", h, c.w(f"{prefix}ffn_down{suffix}", H, n_ff))
 
 
@@ -178,10 +188,10 @@ def decoder_layer(c: Ctx, i: int, x: str, *, qk_norm: bool, ffn_norm: str = "ffn
 
 def route(c: Ctx, p: str, logits: str) -> tuple[str, str]:
     """Expert ids [T,k] i32 and weights [T,k] f32 from router logits [T,E]. Softmax routers
-    (Qwen) take the top-k probabilities, ERNIE's after adding a correction bias to choose;
-    sigmoid routers (GLM-4.5, MiniMax-M2, DeepSeek-V3) choose by sigmoid + a per-expert bias
-    (GGUF exp_probs_b) within the best groups and weigh by the sigmoid alone, renormalised and
-    scaled by routed_scaling_factor."""
+    (Qwen, gpt-oss) take the top-k probabilities, ERNIE's after adding a correction bias to
+    choose; sigmoid routers (GLM-4.5, MiniMax-M2, DeepSeek-V3) choose by sigmoid + a per-expert
+    bias (GGUF exp_probs_b) within the best groups and weigh by the sigmoid alone, renormalised
+    and scaled by routed_scaling_factor."""
     cfg, k = c.cfg, c.cfg.n_expert_used
     if cfg.sigmoid_router:
         bias = c.w(p + "exp_probs_b.bias", cfg.n_expert)
@@ -196,17 +206,27 @@ def route(c: Ctx, p: str, logits: str) -> tuple[str, str]:
     return ids, c.op(Op.MOE_WEIGHTS, p + "ffn_moe_weights", logits, ids, norm=cfg.norm_topk_prob)
 
 
-def moe(c: Ctx, i: int, x: str) -> str:
+def moe(c: Ctx, i: int, x: str, biased: bool = False) -> str:
     """Routed experts (+ the shared expert where the model has one: sigmoid-gated for Qwen,
-    plainly added for ERNIE, Hunyuan, GLM and DeepSeek)."""
+    plainly added for ERNIE, Hunyuan, GLM and DeepSeek). `biased`: the router and every expert
+    projection carry a bias (gpt-oss)."""
     cfg, p = c.cfg, f"blk.{i}."
     E, N, H = cfg.n_expert, cfg.moe_intermediate_size, cfg.hidden_size
     logits = c.op(Op.MATMUL, p + "ffn_gate_inp", x, c.w(p + "ffn_gate_inp", E, H))  # [T,E]
+    if biased:
+        logits = c.op(Op.ADD, p + "ffn_gate_inp_b", logits, c.w(p + "ffn_gate_inp.bias", E))
     ids, wts = route(c, p, logits)  # [T,k], [T,k]
-    g = c.op(Op.MOE_MATMUL, p + "ffn_gate_exps", x, c.w(p + "ffn_gate_exps", E, N, H), ids)  # [T,k,N]
-    u = c.op(Op.MOE_MATMUL, p + "ffn_up_exps", x, c.w(p + "ffn_up_exps", E, N, H), ids)
-    h = c.op(Op.SWIGLU, p + "ffn_moe_swiglu", g, u)
-    y = c.op(Op.MOE_MATMUL, p + "ffn_down_exps", h, c.w(p + "ffn_down_exps", E, H, N), ids)  # [T,k,H]
+
+    def experts(role: str, h: str, rows: int, cols: int) -> str:  # [T,(k,)cols] -> [T,k,rows]
+        y = c.op(Op.MOE_MATMUL, p + role, h, c.w(p + role, E, rows, cols), ids)
+        return c.op(Op.ADD_ID, p + role + "_b", y, c.w(p + role + ".bias", E, rows), ids) if biased else y
+
+    g, u = experts("ffn_gate_exps", x, N, H), experts("ffn_up_exps", x, N, H)  # [T,k,N]
+    if cfg.swiglu_limit:
+        h = c.op(Op.SWIGLU_OAI, p + "ffn_moe_swiglu", g, u, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
+    else:
+        h = c.op(Op.SWIGLU, p + "ffn_moe_swiglu", g, u)
+    y = experts("ffn_down_exps", h, H, N)  # [T,k,H]
     out = c.op(Op.MOE_SUM, p + "ffn_moe_out", y, wts)  # [T,H]
     if cfg.shared_expert_intermediate_size:
         s = ffn(c, p, x, cfg.shared_expert_intermediate_size, "_shexp")
@@ -219,11 +239,14 @@ def moe(c: Ctx, i: int, x: str) -> str:
 
 def head(c: Ctx, x: str) -> None:
     cfg = c.cfg
-    x = c.norm("output_norm", x, 1.0 if cfg.arch == "qwen3_next" else 0.0)
+    x = c.norm("output_norm", x, 1.0 if cfg.zero_centred_norms else 0.0)
     if c.opts.logits == "last" and c.T != 1:
         x = c.cut("output_last", x, 0, "T-1", "T")  # [1,H]
     w = "token_embd.weight" if cfg.tie_word_embeddings else c.w("output", cfg.vocab_size, cfg.hidden_size)
-    c.result("logits", c.op(Op.MATMUL, "result_output", x, w))  # [T,V]
+    y = c.op(Op.MATMUL, "result_output", x, w)  # [T,V]
+    if cfg.final_logit_softcapping:
+        y = c.op(Op.SOFTCAP, "result_softcap", y, cap=cfg.final_logit_softcapping)
+    c.result("logits", y)
 
 
 F32_T = F32  # re-exported for builders that keep recurrent state in f32

@@ -15,7 +15,7 @@ from graphir.models.config_keys import ConfigError, _bool, _get, _int, _real  # 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 Arch = Literal["llama", "qwen3", "qwen3_moe", "qwen3_next", "seed_oss", "ministral3", "ernie4_5_moe", "hunyuan_v1_moe",
-               "glm4_moe", "minimax_m2", "deepseek_v3"]
+               "glm4_moe", "minimax_m2", "deepseek_v3", "gpt_oss", "gemma3"]
 
 # model_type in config.json -> our architecture family
 MODEL_TYPES: dict[str, Arch] = {
@@ -24,6 +24,8 @@ MODEL_TYPES: dict[str, Arch] = {
     "seed_oss": "seed_oss", "ministral3": "ministral3", "ernie4_5_moe": "ernie4_5_moe",
     "hunyuan_v1_moe": "hunyuan_v1_moe", "glm4_moe": "glm4_moe", "minimax_m2": "minimax_m2",
     "deepseek_v3": "deepseek_v3", "kimi_k2": "deepseek_v3",  # Kimi-K2 ships DeepseekV3ForCausalLM
+    "gpt_oss": "gpt_oss",
+    "gemma3_text": "gemma3",  # Gemma3ForConditionalGeneration's config nests it as text_config
 }
 # families whose router scores experts with a sigmoid plus a selection-only bias (DeepSeek-V3 style)
 SIGMOID_ROUTED = ("glm4_moe", "minimax_m2", "deepseek_v3")
@@ -54,6 +56,23 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
                     "qk_nope_head_dim": 128, "v_head_dim": 128, "rope_interleave": True},
     "minimax_m2": {"head_dim": 128, "num_key_value_heads": 8, "num_local_experts": 256, "num_experts_per_tok": 8,
                    "rope_theta": 5000000.0, "max_position_embeddings": 196608},
+    # GptOssConfig's class defaults (the 120b shape)
+    "gpt_oss": {"head_dim": 64, "num_key_value_heads": 8, "num_local_experts": 128, "num_experts_per_tok": 4,
+                "sliding_window": 128, "rms_norm_eps": 1e-5, "attention_bias": True, "rope_theta": 150000.0,
+                "swiglu_alpha": 1.702, "swiglu_limit": 7.0},
+    # Gemma3TextConfig's class defaults (the published config.json lists only what differs)
+    "gemma3_text": {"vocab_size": 262208, "head_dim": 256, "num_key_value_heads": 4, "query_pre_attn_scalar": 256,
+                    "sliding_window": 4096, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+                    "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh",
+                    "max_position_embeddings": 131072},
+}
+
+
+# architectures whose layers differ by kind: the kinds their layer_types may name
+LAYER_TYPES: dict[str, tuple[str, ...]] = {
+    "qwen3_next": ("full_attention", "linear_attention"),
+    "gpt_oss": ("full_attention", "sliding_attention"),
+    "gemma3": ("full_attention", "sliding_attention"),
 }
 _HF_DEFAULTS["kimi_k2"] = _HF_DEFAULTS["deepseek_v3"]  # Kimi-K2 configs name the DeepSeek-V3 class
 
@@ -117,6 +136,18 @@ class ModelConfig(BaseModel):
     linear_key_head_dim: int = 0
     linear_value_head_dim: int = 0
     linear_conv_kernel_dim: int = 0
+    # sliding-window attention: layers whose layer_types entry is "sliding_attention" see the
+    # last `sliding_window` positions only (gpt_oss)
+    sliding_window: int = 0
+    # gpt_oss's clamped SwiGLU of the experts
+    swiglu_alpha: float = 0.0
+    swiglu_limit: float = 0.0
+    # gemma3: sliding layers' RoPE base (unscaled; 0 = rope_theta), 1/sqrt(query_pre_attn_scalar)
+    # as the attention scale (0 = head_dim), the FFN's activation, cap * tanh(logits / cap)
+    rope_local_theta: float = 0.0
+    query_pre_attn_scalar: float = 0.0
+    hidden_act: Literal["silu", "gelu_pytorch_tanh"] = "silu"
+    final_logit_softcapping: float = 0.0
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -177,12 +208,14 @@ class ModelConfig(BaseModel):
                 raise ValueError(f"multi-head latent attention needs positive sizes: {', '.join(bad)}")
             if self.attention_bias:
                 raise ValueError("attention_bias=true is not supported for deepseek_v3")
-        if self.arch == "qwen3_next":
+        kinds = LAYER_TYPES.get(self.arch)
+        if kinds is not None:
             if len(self.layer_types) != self.n_layer:
                 raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.n_layer} layers")
-            unknown = sorted(set(self.layer_types) - {"full_attention", "linear_attention"})
+            unknown = sorted(set(self.layer_types) - set(kinds))
             if unknown:
                 raise ValueError(f"unknown layer type(s) {', '.join(unknown)}")
+        if self.arch == "qwen3_next":
             lin = (self.linear_num_key_heads, self.linear_num_value_heads, self.linear_key_head_dim,
                    self.linear_value_head_dim, self.linear_conv_kernel_dim)
             if min(lin) <= 0:
@@ -191,12 +224,19 @@ class ModelConfig(BaseModel):
             if self.linear_num_value_heads % self.linear_num_key_heads:
                 raise ValueError(f"linear_num_value_heads={self.linear_num_value_heads} is not a multiple of "
                                  f"linear_num_key_heads={self.linear_num_key_heads}")
+        if self.arch in ("gpt_oss", "gemma3"):
+            if self.sliding_window < 1 and "sliding_attention" in self.layer_types:
+                raise ValueError(f"sliding_window={self.sliding_window} must be at least 1 with sliding layers")
+        if self.arch == "gpt_oss":
+            if not (self.swiglu_alpha > 0 and self.swiglu_limit > 0):
+                raise ValueError(f"swiglu_alpha={self.swiglu_alpha} and swiglu_limit={self.swiglu_limit} "
+                                 "must be positive")
         return self
 
     # ---- derived facts every front end and pass shares -------------------------------------
     @property
     def is_moe(self) -> bool:
-        return self.arch in ("qwen3_moe", "qwen3_next", "ernie4_5_moe", "hunyuan_v1_moe", *SIGMOID_ROUTED) \
+        return self.arch in ("qwen3_moe", "qwen3_next", "ernie4_5_moe", "hunyuan_v1_moe", "gpt_oss", *SIGMOID_ROUTED) \
             and self.n_expert > 0
 
     @property
@@ -213,7 +253,7 @@ class ModelConfig(BaseModel):
         """Whether attention has RMS norms on Q and K (per head; MiniMax-M2's span all heads)."""
         if self.arch == "glm4_moe":
             return self.use_qk_norm
-        return self.arch in ("qwen3", "qwen3_moe", "qwen3_next", "hunyuan_v1_moe", "minimax_m2")
+        return self.arch in ("qwen3", "qwen3_moe", "qwen3_next", "hunyuan_v1_moe", "minimax_m2", "gemma3")
 
     @property
     def qk_norm_after_rope(self) -> bool:
@@ -230,6 +270,25 @@ class ModelConfig(BaseModel):
 
     def is_recurrent(self, layer: int) -> bool:
         return bool(self.layer_types) and self.layer_types[layer] == "linear_attention"
+
+    @property
+    def zero_centred_norms(self) -> bool:
+        """RMSNorm weights stored as w with (1 + w) applied (Qwen3-Next, Gemma)."""
+        return self.arch in ("qwen3_next", "gemma3")
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def embed_scale(self) -> float | None:
+        """Gemma multiplies the embedding rows by sqrt(hidden)."""
+        return self.hidden_size ** 0.5 if self.arch == "gemma3" else None
+
+    def window(self, layer: int) -> int | None:
+        """The attention window of `layer` (None: it attends to the whole context)."""
+        sliding = bool(self.layer_types) and self.layer_types[layer] == "sliding_attention"
+        return self.sliding_window if sliding else None
 
     def is_moe_layer(self, layer: int) -> bool:
         return (self.is_moe and layer not in self.mlp_only_layers
@@ -259,12 +318,25 @@ class ModelConfig(BaseModel):
 _PARTIAL = {"qwen3_next": 0.25, "glm4_moe": 0.5}  # default partial_rotary_factor per family
 
 
+def _layer_types(d: dict[str, Any], n_layer: int, default: Any) -> tuple[str, ...]:
+    """config.json's layer_types, or transformers' default pattern `default(i)` when absent."""
+    types = d.get("layer_types")
+    if types is None:
+        return tuple(default(i) for i in range(n_layer))
+    if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+        raise ConfigError(f"layer_types must be a list of strings, got {types!r}")
+    return tuple(types)
+
+
 def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     """ModelConfig from the contents of a transformers config.json."""
     if not isinstance(d, dict):
         raise ConfigError("config.json must hold a JSON object")
     if "text_config" in d and "model_type" not in d.get("text_config", {}):
         d = {**d, **d["text_config"]}
+    elif isinstance(d.get("text_config"), dict) and d["text_config"].get("model_type") in MODEL_TYPES:
+        # a multimodal wrapper (Gemma3ForConditionalGeneration): the decoder is the text model
+        d = {"torch_dtype": _get(d, "torch_dtype", "dtype", default="bfloat16"), **d["text_config"]}
     mt = d.get("model_type")
     if mt not in MODEL_TYPES:
         raise ConfigError(f"unknown model_type {mt!r}; supported: {', '.join(sorted(MODEL_TYPES))}")
@@ -277,7 +349,14 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
         raise ConfigError("mlp_bias / use_bias = true (biases on the FFN projections) is not supported")
     d = {**{k: v for k, v in _HF_DEFAULTS.get(mt, {}).items() if k != "num_experts" or "num_local_experts" not in d},
          **d}
+    if mt == "gpt_oss" and not d.get("rope_parameters") and not d.get("rope_scaling"):
+        # GptOssConfig's default: YaRN x32 over a 4096-token original context, untruncated ramp
+        d = {**d, "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                   "truncate": False, "original_max_position_embeddings": 4096}}
     rope = dict(_get(d, "rope_parameters", default={}) or {})
+    local_rope: dict[str, Any] = {}
+    if isinstance(rope.get("full_attention"), dict):  # 5.x: one set per layer type (Gemma 3)
+        local_rope, rope = dict(rope.get("sliding_attention") or {}), dict(rope["full_attention"])
     legacy = dict(_get(d, "rope_scaling", default={}) or {})
     rope_theta = _get(rope, "rope_theta", default=_get(d, "rope_theta", default=10000.0))
     partial = _get(rope, "partial_rotary_factor",
@@ -334,6 +413,32 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
             fields.update(config_families.sigmoid_moe(d, arch, n_layer))
             if arch == "deepseek_v3":
                 fields.update(config_families.mla(d))
+        if arch == "gpt_oss":
+            fields.update(
+                n_expert=_int(d, ("num_local_experts", "num_experts")),
+                n_expert_used=_int(d, ("num_experts_per_tok", "experts_per_token")),
+                moe_intermediate_size=_int(d, "intermediate_size"),  # the experts' width
+                sliding_window=_int(d, "sliding_window"),
+                swiglu_alpha=_real(d, "swiglu_alpha"), swiglu_limit=_real(d, "swiglu_limit"),
+                layer_types=_layer_types(d, n_layer, lambda i: "sliding_attention" if (i + 1) % 2 else "full_attention"),
+            )
+        if arch == "gemma3":
+            if _get(d, "attn_logit_softcapping") is not None:
+                raise ConfigError("attn_logit_softcapping (Gemma 2's) is not supported")
+            if local_rope.get("rope_type", "default") != "default":
+                raise ConfigError(f"sliding layers' rope_type {local_rope['rope_type']!r}: only default is supported")
+            act = _get(d, "hidden_activation", "hidden_act", default="gelu_pytorch_tanh")
+            if act not in ("gelu_pytorch_tanh", "gelu"):  # transformers runs gelu as the tanh form here
+                raise ConfigError(f"hidden_activation {act!r}: Gemma 3 uses gelu_pytorch_tanh")
+            pattern = _int(d, "sliding_window_pattern", 6)
+            fields.update(
+                sliding_window=_int(d, "sliding_window"), hidden_act="gelu_pytorch_tanh",
+                rope_local_theta=_real({"t": _get(local_rope, "rope_theta", default=_get(d, "rope_local_base_freq"))}, "t"),
+                query_pre_attn_scalar=_real(d, "query_pre_attn_scalar"),
+                final_logit_softcapping=_real({"c": _get(d, "final_logit_softcapping", default=0.0)}, "c"),
+                layer_types=_layer_types(d, n_layer,
+                                         lambda i: "sliding_attention" if (i + 1) % max(pattern, 1) else "full_attention"),
+            )
         if arch == "qwen3_next":
             types = d.get("layer_types")
             if types is None:
@@ -354,7 +459,9 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
         cfg = ModelConfig(**fields)
         # without head_dim, transformers derives it as hidden / heads: a remainder is a typo,
         # not something to truncate (LlamaConfig refuses it; an explicit head_dim defines the model)
-        if "head_dim" not in d and "attention_head_dim" not in d and hidden % n_head and arch != "deepseek_v3":
+        # (Gemma3TextConfig refuses a remainder even with an explicit head_dim; MLA's heads are no slice of it)
+        if ("head_dim" not in d and "attention_head_dim" not in d or arch == "gemma3") and hidden % n_head \
+                and arch != "deepseek_v3":
             raise ConfigError(f"hidden_size={hidden} is not a multiple of num_attention_heads={n_head}")
         return cfg
     except ConfigError:

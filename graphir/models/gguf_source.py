@@ -17,7 +17,7 @@ from graphir.models.gguf_header import read_header
 GGUF_ARCHES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "qwen3next": "qwen3_next",
                "seed_oss": "seed_oss", "mistral3": "ministral3", "ernie4_5-moe": "ernie4_5_moe",
                "hunyuan-moe": "hunyuan_v1_moe", "glm4moe": "glm4_moe", "minimax-m2": "minimax_m2",
-               "deepseek2": "deepseek_v3"}
+               "deepseek2": "deepseek_v3", "gpt-oss": "gpt_oss", "gemma3": "gemma3_text"}
 # architectures (ours) whose GGUF Q/K rows pair RoPE dims interleaved (ggml's "norm" RoPE): the
 # converter permutes llama's and mistral3's, ERNIE's come so from transformers
 PERMUTED_QK = frozenset({"llama", "ministral3", "ernie4_5_moe"})
@@ -65,8 +65,9 @@ def read_gguf(path: Path) -> tuple[ModelConfig, tuple[tuple[str, DType], ...]]:
         d["partial_rotary_factor"] = n_rot / head_dim
     scaling = k("rope.scaling.type")
     if scaling and scaling != "none":
-        d["rope_scaling"] = {"rope_type": scaling, "factor": k("rope.scaling.factor", 1.0),
-                             "original_max_position_embeddings": k("rope.scaling.original_context_length")}
+        d["rope_scaling"] = {"rope_type": scaling, "factor": k("rope.scaling.factor", 1.0)}
+        if k("rope.scaling.original_context_length") is not None:  # YaRN's; linear scaling has none
+            d["rope_scaling"]["original_max_position_embeddings"] = k("rope.scaling.original_context_length")
         if scaling == "yarn":
             betas = {"beta_fast": k("rope.scaling.yarn_beta_fast"), "beta_slow": k("rope.scaling.yarn_beta_slow")}
             d["rope_scaling"].update({b: v for b, v in betas.items() if v is not None})  # absent: the YaRN defaults
@@ -101,6 +102,19 @@ def read_gguf(path: Path) -> tuple[ModelConfig, tuple[tuple[str, DType], ...]]:
         d.update(_sigmoid_moe(path, arch, k, tensors))
     if arch == "deepseek2":
         d.update(_mla(k, d))
+    if arch == "gpt-oss":
+        # llama.cpp: even layers slide (pattern 2), clamp 7 and alpha 1.702 are built in, the
+        # YaRN ramp is gpt-oss's (betas 32 / 1, untruncated); biases and sinks are in the tensor table
+        d.update(num_local_experts=k("expert_count", 0), num_experts_per_tok=k("expert_used_count", 0),
+                 intermediate_size=k("expert_feed_forward_length", 0), sliding_window=k("attention.sliding_window"),
+                 attention_bias=True)
+        if "rope_scaling" in d:
+            d["rope_scaling"].update(beta_fast=32.0, beta_slow=1.0, truncate=False)
+    if arch == "gemma3":
+        # llama.cpp's constants: every 6th layer global, local RoPE base 10000, and the attention
+        # scale 1/sqrt(n_embd / n_head) for the 62-layer 27B (its query_pre_attn_scalar), else 1/sqrt(head_dim)
+        d.update(sliding_window=k("attention.sliding_window"), sliding_window_pattern=6, rope_local_base_freq=10000.0,
+                 query_pre_attn_scalar=(n_embd // n_head) if d["num_hidden_layers"] == 62 else head_dim)
     if arch == "qwen3next":
         nv = k("ssm.time_step_rank")
         d.update(full_attention_interval=k("full_attention_interval", 4), linear_conv_kernel_dim=k("ssm.conv_kernel"),

@@ -35,7 +35,7 @@ from graphir.models.weights import WeightInfo, reference_weights
 GGUF_ARCH = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "qwen3_next": "qwen3next",
              "seed_oss": "seed_oss", "ministral3": "mistral3", "ernie4_5_moe": "ernie4_5-moe",
              "hunyuan_v1_moe": "hunyuan-moe", "glm4_moe": "glm4moe", "minimax_m2": "minimax-m2",
-             "deepseek_v3": "deepseek2"}
+             "deepseek_v3": "deepseek2", "gpt_oss": "gpt-oss", "gemma3": "gemma3"}
 ALIGNMENT = 32
 SIGMA = 0.02  # standard deviation of the random matrices (and the target of the quant scales)
 _POOL_BYTES = 1 << 21  # exact random rows per tensor; larger tensors repeat them at random row offsets
@@ -83,10 +83,12 @@ TYPES: dict[str, StorageType] = {t.name: t for t in (
     StorageType("q6_k", ((208, SIGMA / 1400.0),)),  # ql, qh, int8 scales[16], then d at the end
     StorageType("iq4_nl", ((0, SIGMA / 68.0),)),  # d, 16 bytes of indices into kvalues_iq4nl
     StorageType("iq4_xs", ((0, SIGMA / 1300.0),)),  # d, scales_h, scales_l[4], qs[128]
+    # e (an E8M0 exponent byte), qs[16] E2M1 pairs: random bytes, the exponent set below
+    StorageType("mxfp4"),
     # ik_llama.cpp: an f32 row scale, then blocks of scales[8] ((s & 254) - 127) and qs[128]
     StorageType("iq4_ks", row_scale=SIGMA / 5000.0),
 )}
-_FLOAT32 = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "ssm_conv1d.weight")  # never quantised
+_FLOAT32 = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "ssm_conv1d.weight", ".bias")  # never quantised
 
 
 def storage_type(name: str) -> StorageType:
@@ -169,6 +171,8 @@ def metadata(cfg: ModelConfig, *, file_type: str = "f16") -> list[tuple[str, Any
         if cfg.n_group > 1:
             a("expert_group_count", cfg.n_group)
             a("expert_group_used_count", cfg.topk_group)
+    if cfg.arch in ("gpt_oss", "gemma3"):  # the layer patterns (and gpt-oss's clamp) are llama.cpp's constants
+        a("attention.sliding_window", cfg.sliding_window)
     if cfg.arch == "qwen3_next":
         full = cfg.attention_layers
         a("full_attention_interval", (full[0] + 1) if full else cfg.n_layer + 1)
@@ -235,6 +239,8 @@ def _encode_floats(x: np.ndarray, t: StorageType) -> bytes:
 def _random_blocks(n_blocks: int, t: StorageType, rng: np.random.Generator) -> np.ndarray:
     """[n_blocks, size] random bytes with the f16 scale fields set to small finite values."""
     b = rng.integers(0, 256, size=(n_blocks, t.size), dtype=np.uint8)
+    if t.name == "mxfp4":  # 2^(e-128) times E2M1 values up to 6: e = 120 gives |w| <= 0.023
+        b[:, 0] = 120
     for off, scale in t.scales:
         d = (scale * (0.75 + 0.5 * rng.random(n_blocks))).astype("<f2")
         b[:, off:off + 2] = d.view(np.uint8).reshape(n_blocks, 2)
