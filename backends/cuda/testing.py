@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 
 HF_CONFIGS = {"llama": "LlamaConfig", "qwen3": "Qwen3Config", "qwen3_moe": "Qwen3MoeConfig",
-              "qwen3_next": "Qwen3NextConfig"}
+              "qwen3_next": "Qwen3NextConfig", "qwen3_5": "Qwen3_5TextConfig", "qwen3_5_moe": "Qwen3_5MoeTextConfig"}
 
 
 def hf_model(arch: str, seed: int = 0, **config: Any) -> Any:
@@ -27,7 +27,7 @@ def hf_model(arch: str, seed: int = 0, **config: Any) -> Any:
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(
         cfg, attn_implementation="eager", experts_implementation="eager").eval()
-    perturb(model, zero_centred=arch == "qwen3_next", seed=seed)
+    perturb(model, zero_centred=arch in ("qwen3_next", "qwen3_5", "qwen3_5_moe"), seed=seed)
     return model
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from types import ModuleType
 
 from graphir.graph import Graph
-from graphir.models import llama, qwen3, qwen3_moe, qwen3_next
+from graphir.models import llama, qwen3, qwen3_5, qwen3_moe, qwen3_next
 from graphir.models.common import BuildOptions, Ctx, embed, head
 from graphir.models.config import ConfigError, ModelConfig, from_hf_dict
 
-ARCHES: dict[str, ModuleType] = {"llama": llama, "qwen3": qwen3, "qwen3_moe": qwen3_moe, "qwen3_next": qwen3_next}
+ARCHES: dict[str, ModuleType] = {"llama": llama, "qwen3": qwen3, "qwen3_moe": qwen3_moe, "qwen3_next": qwen3_next,
+                                 "qwen3_5": qwen3_5, "qwen3_5_moe": qwen3_5}
 
 __all__ = ["ARCHES", "BuildOptions", "ConfigError", "ModelConfig", "build", "from_hf_dict"]
 

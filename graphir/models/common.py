@@ -164,7 +164,7 @@ def moe(c: Ctx, i: int, x: str) -> str:
 
 def head(c: Ctx, x: str) -> None:
     cfg = c.cfg
-    x = c.norm("output_norm", x, 1.0 if cfg.arch == "qwen3_next" else 0.0)
+    x = c.norm("output_norm", x, 1.0 if cfg.is_hybrid else 0.0)
     if c.opts.logits == "last" and c.T != 1:
         x = c.cut("output_last", x, 0, "T-1", "T")  # [1,H]
     w = "token_embd.weight" if cfg.tie_word_embeddings else c.w("output", cfg.vocab_size, cfg.hidden_size)

@@ -13,12 +13,16 @@ from typing import Any, Literal
 from graphir.errors import GraphirError
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-Arch = Literal["llama", "qwen3", "qwen3_moe", "qwen3_next"]
+Arch = Literal["llama", "qwen3", "qwen3_moe", "qwen3_next", "qwen3_5", "qwen3_5_moe"]
+# Qwen3-Next-style hybrids: gated delta-net + gated attention, zero-centred norms
+HYBRID = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
 
 # model_type in config.json -> our architecture family
 MODEL_TYPES: dict[str, Arch] = {
     "llama": "llama", "mistral": "llama",
     "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "qwen3_next": "qwen3_next",
+    # Qwen3.5 ships as a vision-language wrapper; its text_config carries the *_text type
+    "qwen3_5": "qwen3_5", "qwen3_5_text": "qwen3_5", "qwen3_5_moe": "qwen3_5_moe", "qwen3_5_moe_text": "qwen3_5_moe",
 }
 
 
@@ -30,7 +34,12 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3_moe": {"num_key_value_heads": 4, "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768},
     "qwen3_next": {"head_dim": 256, "num_key_value_heads": 2, "num_experts": 512, "num_experts_per_tok": 10,
                    "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512},
+    # Qwen3_5TextConfig / Qwen3_5MoeTextConfig (transformers 5.x) over Qwen3NextConfig's linear-attention defaults
+    "qwen3_5_text": {"head_dim": 256, "num_key_value_heads": 4},
+    "qwen3_5_moe_text": {"head_dim": 256, "num_key_value_heads": 2, "num_experts": 256, "num_experts_per_tok": 8,
+                         "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512},
 }
+_HF_DEFAULTS["qwen3_5"], _HF_DEFAULTS["qwen3_5_moe"] = _HF_DEFAULTS["qwen3_5_text"], _HF_DEFAULTS["qwen3_5_moe_text"]
 
 
 # The deepest model graphir builds: published models have < 200 layers; a config asking for
@@ -115,7 +124,7 @@ class ModelConfig(BaseModel):
             outside = [i for i in self.mlp_only_layers if not 0 <= i < self.n_layer]
             if outside:
                 raise ValueError(f"mlp_only_layers {outside} are outside 0..{self.n_layer - 1}")
-        if self.arch == "qwen3_next":
+        if self.is_hybrid:
             if len(self.layer_types) != self.n_layer:
                 raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.n_layer} layers")
             unknown = sorted(set(self.layer_types) - {"full_attention", "linear_attention"})
@@ -134,7 +143,12 @@ class ModelConfig(BaseModel):
     # ---- derived facts every front end and pass shares -------------------------------------
     @property
     def is_moe(self) -> bool:
-        return self.arch in ("qwen3_moe", "qwen3_next") and self.n_expert > 0
+        return self.arch in ("qwen3_moe", "qwen3_next", "qwen3_5_moe") and self.n_expert > 0
+
+    @property
+    def is_hybrid(self) -> bool:
+        """Qwen3-Next style: delta-net and gated attention layers, zero-centred (1 + w) norms."""
+        return self.arch in HYBRID
 
     @property
     def n_rot(self) -> int:
@@ -219,8 +233,10 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     """ModelConfig from the contents of a transformers config.json."""
     if not isinstance(d, dict):
         raise ConfigError("config.json must hold a JSON object")
-    if "text_config" in d and "model_type" not in d.get("text_config", {}):
-        d = {**d, **d["text_config"]}
+    text = d.get("text_config")
+    if isinstance(text, dict):  # a multimodal wrapper: the decoder is the text tower, the vision tower is ignored
+        outer = {k: v for k, v in d.items() if k not in ("text_config", "vision_config")}
+        d = {**outer, **text} if "model_type" in text else {**d, **text}
     mt = d.get("model_type")
     if mt not in MODEL_TYPES:
         raise ConfigError(f"unknown model_type {mt!r}; supported: {', '.join(sorted(MODEL_TYPES))}")
@@ -233,9 +249,11 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     legacy = dict(_get(d, "rope_scaling", default={}) or {})
     rope_theta = _get(rope, "rope_theta", default=_get(d, "rope_theta", default=10000.0))
     partial = _get(rope, "partial_rotary_factor",
-                   default=_get(d, "partial_rotary_factor", default=0.25 if arch == "qwen3_next" else 1.0))
+                   default=_get(d, "partial_rotary_factor", default=0.25 if arch in HYBRID else 1.0))
+    # Qwen3.5's multimodal RoPE: for text every position stream is the token index, so the
+    # interleaved sections rotate exactly as plain RoPE does; the section keys change nothing
     scaling = {k: v for k, v in {**legacy, **rope}.items()
-               if k not in ("rope_theta", "partial_rotary_factor")}
+               if k not in ("rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved")}
     if scaling.get("rope_type", scaling.get("type", "default")) == "default":
         scaling = {}
     try:
@@ -244,6 +262,8 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
             raise ConfigError(f"num_hidden_layers={n_layer} exceeds the maximum of {MAX_LAYERS} layers")
         n_head = _int(d, "num_attention_heads")
         hidden = _int(d, "hidden_size")
+        if arch == "qwen3_5_moe" and "intermediate_size" not in d:  # every layer is MoE: the key is absent
+            d = {**d, "intermediate_size": _int(d, "moe_intermediate_size")}
         fields: dict[str, Any] = dict(
             arch=arch, name=name, vocab_size=_int(d, "vocab_size"), hidden_size=hidden, n_layer=n_layer,
             n_head=n_head, n_kv_head=_int(d, "num_key_value_heads", n_head),
@@ -257,6 +277,11 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
             max_position_embeddings=_int(d, "max_position_embeddings", 4096),
             torch_dtype=str(_get(d, "torch_dtype", "dtype", default="bfloat16")),
         )
+        if arch == "qwen3_5_moe":  # MoE in every layer, top-k always renormalised (Qwen3VLMoe's router)
+            fields.update(n_expert=_int(d, "num_experts"), n_expert_used=_int(d, "num_experts_per_tok"),
+                          moe_intermediate_size=_int(d, "moe_intermediate_size"),
+                          shared_expert_intermediate_size=_int(d, "shared_expert_intermediate_size"),
+                          norm_topk_prob=True)
         if arch in ("qwen3_moe", "qwen3_next"):
             fields.update(
                 n_expert=_int(d, ("num_experts", "num_local_experts"), 0),
@@ -270,7 +295,7 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
                 mlp_only_layers=tuple(_int({"mlp_only_layers": i}, "mlp_only_layers")
                                       for i in _get(d, "mlp_only_layers", default=[])),
             )
-        if arch == "qwen3_next":
+        if arch in HYBRID:
             types = d.get("layer_types")
             if types is None:
                 interval = _int(d, "full_attention_interval", 4)

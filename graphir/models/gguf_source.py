@@ -14,7 +14,8 @@ from graphir.models.config import ConfigError, from_hf_dict
 from graphir.models.gguf_header import read_header
 
 # GGUF general.architecture -> config.json model_type
-GGUF_ARCHES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "qwen3next": "qwen3_next"}
+GGUF_ARCHES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "qwen3next": "qwen3_next",
+               "qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe"}
 
 
 def read_gguf(path: Path) -> "ModelSource":
@@ -60,12 +61,12 @@ def read_gguf(path: Path) -> "ModelSource":
     if scaling and scaling != "none":
         d["rope_scaling"] = {"rope_type": scaling, "factor": k("rope.scaling.factor", 1.0),
                              "original_max_position_embeddings": k("rope.scaling.original_context_length")}
-    if arch in ("qwen3moe", "qwen3next"):
+    if arch in ("qwen3moe", "qwen3next", "qwen35moe"):
         d.update(num_experts=k("expert_count", 0), num_experts_per_tok=k("expert_used_count", 0),
                  moe_intermediate_size=k("expert_feed_forward_length", 0),
                  shared_expert_intermediate_size=k("expert_shared_feed_forward_length", 0),
                  norm_topk_prob=bool(k("expert_weights_norm", True)))  # llama.cpp always normalises here
-    if arch == "qwen3next":
+    if arch in ("qwen3next", "qwen35", "qwen35moe"):
         nv = k("ssm.time_step_rank")
         d.update(full_attention_interval=k("full_attention_interval", 4), linear_conv_kernel_dim=k("ssm.conv_kernel"),
                  linear_key_head_dim=k("ssm.state_size"), linear_num_key_heads=k("ssm.group_count"),

@@ -32,7 +32,8 @@ from graphir.models.config import ConfigError, ModelConfig
 from graphir.models.weights import WeightInfo, reference_weights
 
 # config.json model_type -> GGUF general.architecture (the inverse of gguf_source.GGUF_ARCHES)
-GGUF_ARCH = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "qwen3_next": "qwen3next"}
+GGUF_ARCH = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "qwen3_next": "qwen3next",
+             "qwen3_5": "qwen35", "qwen3_5_moe": "qwen35moe"}
 ALIGNMENT = 32
 SIGMA = 0.02  # standard deviation of the random matrices (and the target of the quant scales)
 _POOL_BYTES = 1 << 21  # exact random rows per tensor; larger tensors repeat them at random row offsets
@@ -144,7 +145,13 @@ def metadata(cfg: ModelConfig, *, file_type: str = "f16") -> list[tuple[str, Any
         a("expert_weights_norm", bool(cfg.norm_topk_prob))
         if cfg.shared_expert_intermediate_size:
             a("expert_shared_feed_forward_length", cfg.shared_expert_intermediate_size)
-    if cfg.arch == "qwen3_next":
+    if cfg.arch in ("qwen3_5", "qwen3_5_moe"):
+        # multimodal RoPE sections [t, h, w, 0] (Qwen3.5: [11, 11, 10, 0]); ik_llama.cpp requires the key.
+        # For text all streams carry the token index, so any split of the rotary pairs rotates alike
+        half = cfg.n_rot // 2
+        t = half * 11 // 32
+        a("rope.dimension_sections", [t, t, half - 2 * t, 0])
+    if cfg.is_hybrid:
         full = cfg.attention_layers
         a("full_attention_interval", (full[0] + 1) if full else cfg.n_layer + 1)
         a("ssm.conv_kernel", cfg.linear_conv_kernel_dim)
@@ -251,6 +258,8 @@ def _kv(key: str, v: Any) -> bytes:
         return _s(key) + struct.pack("<II", 4, v)
     if isinstance(v, float):
         return _s(key) + struct.pack("<If", 6, v)
+    if isinstance(v, list):  # an array of int32, as llama.cpp's converter writes rope.dimension_sections
+        return _s(key) + struct.pack("<IIQ", 9, 5, len(v)) + struct.pack(f"<{len(v)}i", *v)
     return _s(key) + struct.pack("<I", 8) + _s(str(v))
 
 

@@ -1,0 +1,187 @@
+"""Qwen3.5 (dense `qwen3_5` and MoE `qwen3_5_moe`) against transformers, the oracle.
+
+Random tiny transformers models (Qwen3_5ForCausalLM / Qwen3_5MoeForCausalLM) are saved with
+`save_pretrained`; graphir runs the checkpoint unplaced, layer split and graph split over 2-4
+CPU devices with uneven ratios (the delta-net split by key-head groups, as ik_llama.cpp does for
+Qwen3.5), prefill in two pieces plus greedy decode, and every logit row must equal
+transformers' forward over the same tokens (f32: 1e-4 relative).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from backends.cuda.session import Session, greedy
+from backends.cuda.testing import hf_logits, hf_model, rel_err, save, torch_threads
+from graphir.models import from_hf_dict
+from graphir.models.sources import load_source
+
+passes = pytest.importorskip("passes")
+TOL = 1e-4
+SETTINGS = settings(max_examples=12, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+DENSE = dict(vocab_size=40, hidden_size=24, intermediate_size=30, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+             linear_key_head_dim=4, linear_value_head_dim=6, linear_conv_kernel_dim=4,
+             layer_types=["linear_attention", "full_attention", "linear_attention"])
+MOE = dict({k: v for k, v in DENSE.items() if k != "intermediate_size"}, num_experts=4, num_experts_per_tok=2,
+           moe_intermediate_size=10, shared_expert_intermediate_size=12)
+FIXED = {"qwen3_5": DENSE, "qwen3_5_moe": MOE}
+PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+@st.composite
+def configs(draw: st.DrawFn, moe: bool) -> dict:
+    kv = draw(st.integers(1, 2))
+    nk = draw(st.integers(1, 3))
+    n = draw(st.integers(2, 4))
+    interval = draw(st.sampled_from([2, 3]))
+    types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n)]
+    types[-1] = "full_attention"  # transformers' cache needs one attention layer
+    c = dict(vocab_size=37, hidden_size=draw(st.sampled_from([16, 24])), num_hidden_layers=n,
+             num_attention_heads=kv * draw(st.integers(1, 2)), num_key_value_heads=kv,
+             head_dim=draw(st.sampled_from([4, 8])), linear_num_key_heads=nk,
+             linear_num_value_heads=nk * draw(st.integers(1, 3)), linear_key_head_dim=draw(st.sampled_from([4, 6])),
+             linear_value_head_dim=draw(st.sampled_from([3, 5])), linear_conv_kernel_dim=draw(st.sampled_from([2, 4])),
+             tie_word_embeddings=draw(st.booleans()), layer_types=types,
+             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                              "mrope_section": [1, 1, 0], "mrope_interleaved": True})
+    if moe:
+        e = draw(st.integers(3, 5))
+        c.update(num_experts=e, num_experts_per_tok=draw(st.integers(1, 2)), moe_intermediate_size=draw(st.sampled_from([6, 8])),
+                 shared_expert_intermediate_size=draw(st.sampled_from([5, 8])))
+    else:
+        c["intermediate_size"] = draw(st.sampled_from([12, 20]))
+    return c
+
+
+def _check(arch: str, config: dict, path: Path, prompt: list[int], split: int, seed: int) -> None:
+    model = hf_model(arch, seed=seed, **config)
+    src = load_source(save(model, path))
+    whole, gen = greedy(Session(src, None, "cpu", 32), prompt, 4)
+    ref = hf_logits(model, prompt + gen)
+    assert rel_err(whole, ref) < TOL, config
+    s = Session(src, None, "cpu", 32)
+    parts = [s.prefill(prompt[:split]), s.prefill(prompt[split:]), s.decode(gen)]
+    assert rel_err(torch.cat(parts), ref) < TOL, (split, config)
+
+
+@SETTINGS
+@given(config=configs(moe=False), prompt=st.lists(st.integers(0, 36), min_size=7, max_size=10),
+       split=st.integers(1, 6), seed=st.integers(0, 3))
+def test_qwen3_5_matches_transformers(tmp_path_factory, config, prompt, split, seed) -> None:
+    _check("qwen3_5", config, tmp_path_factory.mktemp("q35"), prompt, split, seed)
+
+
+@SETTINGS
+@given(config=configs(moe=True), prompt=st.lists(st.integers(0, 36), min_size=7, max_size=10),
+       split=st.integers(1, 6), seed=st.integers(0, 3))
+def test_qwen3_5_moe_matches_transformers(tmp_path_factory, config, prompt, split, seed) -> None:
+    _check("qwen3_5_moe", config, tmp_path_factory.mktemp("q35m"), prompt, split, seed)
+
+
+PLACEMENTS = [  # (devices, ts, pipeline, options)
+    (2, (2, 1), ("place_layer", "insert_transfers"), {}),
+    (3, (1, 2, 2), ("place_layer", "insert_transfers"), {}),
+    (2, (3, 1), ("place_graph", "insert_transfers"), {"recurrent": "split"}),
+    (2, (1, 1), ("place_graph", "insert_transfers"), {}),  # delta-net whole on one device
+    (4, (2, 1, 1, 1), ("place_graph", "insert_transfers"), {"recurrent": "split"}),
+    (4, (1, 3, 2, 2), ("place_graph", "insert_transfers", "merge_siblings", "merge_qkv", "merge_up_gate",
+                       "contiguous_heads", "fuse_delta_net_gates"), {"recurrent": "split"}),
+]
+
+
+@pytest.mark.parametrize("n,ts,pipeline,options", PLACEMENTS,
+                         ids=lambda p: "+".join(p) if isinstance(p, tuple) and isinstance(p[0], str) else str(p))
+@pytest.mark.parametrize("arch", sorted(FIXED))
+def test_placed_matches_transformers(arch: str, n: int, ts: tuple, pipeline: tuple, options: dict,
+                                     tmp_path: Path) -> None:
+    config = dict(FIXED[arch], linear_num_key_heads=4, linear_num_value_heads=8, num_attention_heads=8,
+                  num_key_value_heads=4, num_hidden_layers=5, layer_types=["linear_attention", "full_attention"] * 2
+                  + ["linear_attention"])
+    model = hf_model(arch, seed=2, **config)
+    src = load_source(save(model, tmp_path / "ckpt"))
+    devs = tuple(f"cpu:{k}" for k in range(n))
+    pctx = passes.PassContext(cfg=src.cfg, devices=devs, ts=tuple(float(t) for t in ts), **options)
+    s = Session(src, None, "cpu:0", 32, transform=lambda g: passes.run_pipeline(g, pipeline, pctx).graph)
+    _, gen = greedy(Session(src, None, "cpu", 32), PROMPT, 3)
+    got = torch.cat([s.prefill(PROMPT[:4]), s.prefill(PROMPT[4:]), s.decode(gen)])
+    assert rel_err(got, hf_logits(model, PROMPT + gen)) < TOL
+    used = s.graphs["tg"].device_list()
+    assert len(used) == n, used  # every device holds a part
+    if options.get("recurrent") == "split" and "place_graph" in pipeline:  # the delta-net's pieces on every device
+        pieces = [s.weights[k] for k in s.weights if k.startswith("blk.0.attn_qkv.weight#")]
+        assert len(pieces) >= 2 and sum(p.shape[0] for p in pieces) == src.cfg.conv_dim
+
+
+def test_wrapped_config_reads_text_tower() -> None:
+    """A Qwen3.5 config.json is a vision-language wrapper: the text tower is the model."""
+    d = {"model_type": "qwen3_5_moe", "tie_word_embeddings": False, "vision_config": {"depth": 27, "hidden_size": 1152},
+         "text_config": dict(MOE, model_type="qwen3_5_moe_text",
+                             rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
+                                              "mrope_section": [11, 11, 10], "mrope_interleaved": True})}
+    cfg = from_hf_dict(d)
+    assert cfg.arch == "qwen3_5_moe" and cfg.hidden_size == 24 and cfg.rope_theta == 1e7
+    assert cfg.rope_scaling == () and cfg.n_rot == 2 and cfg.norm_topk_prob
+    assert all(cfg.is_moe_layer(i) for i in range(cfg.n_layer)) and cfg.recurrent_layers == (0, 2)
+
+
+# ---- GGUF as llama.cpp's converter lays it out ----------------------------------------------
+
+def _llama_cpp_layout(cfg, ckpt: Path) -> dict:
+    """Graph-named tensors as the converter stores them: zero-centred norms with the 1 added,
+    value heads tiled."""
+    from backends.cuda.gguf_weights import v_head_order
+    from backends.cuda.hf_checkpoint import HFCheckpoint
+    from backends.cuda.weights import reference_weights
+
+    src = HFCheckpoint(ckpt, cfg)
+    out = {}
+    for name, info in reference_weights(cfg).items():
+        t = src.get(info).to(torch.float32)
+        if info.norm_offset == 1.0:
+            t = t + 1.0
+        out[name] = v_head_order(t, cfg, name, to_gguf=True)
+    return out
+
+
+@pytest.mark.parametrize("arch", sorted(FIXED))
+def test_gguf_matches_transformers(arch: str, tmp_path: Path) -> None:
+    import numpy as np
+
+    from graphir.models import gguf_writer
+    from graphir.models.gguf_header import read_header
+
+    model = hf_model(arch, seed=3, **FIXED[arch])
+    st_src = load_source(save(model, tmp_path / "ckpt"))
+    cfg = st_src.cfg
+    tensors = _llama_cpp_layout(cfg, tmp_path / "ckpt")
+    from backends.cuda.gguf_weights import v_head_order
+    z = tensors["blk.0.attn_gate.weight"]
+    assert not torch.equal(z, v_head_order(z, cfg, "blk.0.attn_gate.weight", to_gguf=False))  # the order matters here
+    arrays = {k: v.numpy() for k, v in tensors.items()}
+    path = tmp_path / "m.gguf"
+    gguf_writer.write_specs(path, cfg, gguf_writer.tensor_specs(cfg), types={k: "f32" for k in arrays}, arrays=arrays)
+    meta = read_header(path).metadata
+    gguf_arch = {"qwen3_5": "qwen35", "qwen3_5_moe": "qwen35moe"}[arch]
+    assert meta["general.architecture"] == gguf_arch and meta[f"{gguf_arch}.ssm.group_count"] == 2
+    assert len(meta[f"{gguf_arch}.rope.dimension_sections"]) == 4
+    g_src = load_source(path)
+    ignored = {"name", "max_position_embeddings", "torch_dtype"}
+    assert g_src.kind == "gguf" and g_src.cfg.model_dump(exclude=ignored) == cfg.model_dump(exclude=ignored)
+    _, gen = greedy(Session(st_src, None, "cpu", 32), PROMPT, 3)
+    s = Session(g_src, None, "cpu", 32)
+    got = torch.cat([s.prefill(PROMPT), s.decode(gen)])
+    assert rel_err(got, hf_logits(model, PROMPT + gen)) < TOL
+    assert np.isfinite(got.numpy()).all()
