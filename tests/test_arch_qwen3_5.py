@@ -289,3 +289,21 @@ def test_bf16_agrees_with_f32(arch: str, tmp_path: Path) -> None:
         assert got.dtype == torch.float32 and torch.isfinite(got).all()
         ours.append(rel_err(got, ref))
     assert sum(ours) / 3 < max(0.03, 1.5 * sum(theirs) / 3), (ours, theirs)
+
+
+def test_delta_net_granules_follow_tiled_value_heads() -> None:
+    """ik_llama.cpp cuts Qwen3.5's ssm_out per value head (dv columns, tiled in its files): with
+    256-wide blocks and dv = 128, key heads go to devices in pairs, whatever the value heads per
+    key head (3 for the 27B, 4 for the MoE models)."""
+    from graphir.models.sources import load_preset
+    from graphir.quant import scheme
+    from passes.plan import plan_graph, type_from_scheme
+
+    for name in ("qwen3.5-27b", "qwen3.5-122b-a10b"):
+        cfg = load_preset(name)
+        plan = plan_graph(cfg, ("cuda:0", "cuda:1", "cuda:2"), type_from_scheme(cfg, scheme("Q4_K_M")),
+                          ts=(1.0, 1.0, 1.0), recurrent="split")
+        for i, mixer, _ in plan.layers:
+            if cfg.is_recurrent(i):
+                ranges = [r for r in mixer.share("kheads").ranges if r]
+                assert len(ranges) == 3 and all(a % 2 == 0 and b % 2 == 0 for a, b in ranges), (name, ranges)
