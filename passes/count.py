@@ -122,9 +122,12 @@ def _merges(cfg: ModelConfig, opts: BuildOptions, i: int, merges: Sequence[str]
             up = t("ffn_gate", N, H) == t("ffn_up", N, H)
     ssm = router = False
     if "merge_siblings" in merges:
-        if cfg.is_recurrent(i) and not _separate_projections(cfg):
-            nk, nv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
-            rows = 2 * nk * cfg.linear_key_head_dim + 2 * nv * cfg.linear_value_head_dim
+        nk, nv, dv = cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_value_head_dim
+        if cfg.is_recurrent(i) and _separate_projections(cfg):
+            ssm = len({t("attn_qkv", cfg.conv_dim, H), t("attn_gate", nv * dv, H), t("ssm_beta", nv, H),
+                       t("ssm_alpha", nv, H)}) == 1
+        elif cfg.is_recurrent(i):
+            rows = 2 * nk * cfg.linear_key_head_dim + 2 * nv * dv
             ssm = t("ssm_in", rows, H) == t("ssm_ba", 2 * nv, H)
         Ns = cfg.shared_expert_intermediate_size
         if cfg.is_moe_layer(i) and Ns:

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from backends.cuda.session import Session, greedy
 from backends.cuda.testing import hf_logits, hf_model, rel_err, save, torch_threads
 from graphir.models import from_hf_dict
+from graphir.ops import Op
 from graphir.models.sources import load_source
 
 passes = pytest.importorskip("passes")
@@ -120,9 +121,29 @@ def test_placed_matches_transformers(arch: str, n: int, ts: tuple, pipeline: tup
     assert rel_err(got, hf_logits(model, PROMPT + gen)) < TOL
     used = s.graphs["tg"].device_list()
     assert len(used) == n, used  # every device holds a part
-    if options.get("recurrent") == "split" and "place_graph" in pipeline:  # the delta-net's pieces on every device
+    if "merge_siblings" in pipeline:  # the four delta-net projections became one matmul per device
+        assert [x for x in s.graphs["tg"].nodes if ".ssm_in_qkvzba" in x.name and x.op.value == "matmul"]
+    if options.get("recurrent") == "split" and "place_graph" in pipeline and "merge_siblings" not in pipeline:  # the delta-net's pieces on every device
         pieces = [s.weights[k] for k in s.weights if k.startswith("blk.0.attn_qkv.weight#")]
         assert len(pieces) >= 2 and sum(p.shape[0] for p in pieces) == src.cfg.conv_dim
+
+
+CUDA_DEFAULT = ("fold_shared_expert", "merge_siblings", "merge_qkv", "merge_up_gate", "contiguous_heads",
+                "fuse_delta_net_gates")  # graphir run's passes
+
+
+@pytest.mark.parametrize("arch", sorted(FIXED))
+def test_run_passes_match_transformers(arch: str, tmp_path: Path) -> None:
+    model = hf_model(arch, seed=4, **FIXED[arch])
+    src = load_source(save(model, tmp_path / "ckpt"))
+    pctx = passes.PassContext(cfg=src.cfg, devices=("cpu",))
+    s = Session(src, None, "cpu", 32, transform=lambda g: passes.run_pipeline(g, CUDA_DEFAULT, pctx).graph)
+    _, gen = greedy(Session(src, None, "cpu", 32), PROMPT, 3)
+    got = torch.cat([s.prefill(PROMPT[:4]), s.prefill(PROMPT[4:]), s.decode(gen)])
+    assert rel_err(got, hf_logits(model, PROMPT + gen)) < TOL
+    g = s.graphs["tg"]
+    assert [n for n in g.nodes if n.name == "blk.0.ssm_in_qkvzba"]
+    assert all(n.attr.get("raw_gates") for n in g.by_op(Op.DELTA_NET)) and g.by_op(Op.DELTA_NET)
 
 
 def test_wrapped_config_reads_text_tower() -> None:
