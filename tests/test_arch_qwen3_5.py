@@ -328,3 +328,19 @@ def test_delta_net_granules_follow_tiled_value_heads() -> None:
             if cfg.is_recurrent(i):
                 ranges = [r for r in mixer.share("kheads").ranges if r]
                 assert len(ranges) == 3 and all(a % 2 == 0 and b % 2 == 0 for a, b in ranges), (name, ranges)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"text_config": "qwen3_5_moe_text"}, "text_config must be a JSON object"),
+    ({"num_experts": 0}, "every qwen3_5_moe layer is MoE"),
+    ({"linear_num_value_heads": 5}, "not a multiple of linear_num_key_heads"),
+    ({"layer_types": ["linear_attention"]}, "layer_types has 1 entries for 3 layers"),
+    ({"num_experts_per_tok": 9}, "num_experts_per_tok=9"),
+])
+def test_bad_configs_are_refused_in_one_line(change: dict, message: str) -> None:
+    from graphir.models.config import ConfigError
+
+    d = dict(MOE, model_type="qwen3_5_moe_text", **change)
+    with pytest.raises(ConfigError, match=message) as e:
+        from_hf_dict(d)
+    assert "\n" not in str(e.value)

@@ -113,6 +113,8 @@ class ModelConfig(BaseModel):
         if n_rot <= 0 or n_rot % 2 or n_rot > self.head_dim:
             raise ValueError(f"rotary dims {n_rot} (head_dim={self.head_dim} x partial_rotary_factor="
                              f"{self.partial_rotary_factor}) must be even and within the head")
+        if self.arch == "qwen3_5_moe" and self.n_expert <= 0:
+            raise ValueError(f"num_experts={self.n_expert} must be positive: every qwen3_5_moe layer is MoE")
         if self.is_moe:
             if not 0 < self.n_expert_used <= self.n_expert:
                 raise ValueError(f"num_experts_per_tok={self.n_expert_used} must be in 1..num_experts="
@@ -234,6 +236,8 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     if not isinstance(d, dict):
         raise ConfigError("config.json must hold a JSON object")
     text = d.get("text_config")
+    if text is not None and not isinstance(text, dict):
+        raise ConfigError(f"text_config must be a JSON object, got {type(text).__name__}")
     if isinstance(text, dict):  # a multimodal wrapper: the decoder is the text tower, the vision tower is ignored
         outer = {k: v for k, v in d.items() if k not in ("text_config", "vision_config")}
         d = {**outer, **text} if "model_type" in text else {**d, **text}

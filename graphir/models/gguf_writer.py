@@ -2,7 +2,7 @@
 
 The tensor table is the graph's weight leaves (the same names and shapes the GGUF reader
 checks against llama.cpp's table), stored in ggml's `ne` order. Metadata carries the keys
-llama.cpp / ik_llama.cpp read for the four architectures, and `tokenizer.ggml.model = none`
+llama.cpp / ik_llama.cpp read for each architecture, and `tokenizer.ggml.model = none`
 with `{arch}.vocab_size`, so no vocabulary is needed: engines that only time (llama-sweep-bench
 draws random token ids) load the file as is.
 
