@@ -344,3 +344,29 @@ def test_bad_configs_are_refused_in_one_line(change: dict, message: str) -> None
     with pytest.raises(ConfigError, match=message) as e:
         from_hf_dict(d)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("arch", sorted(FIXED))
+def test_vision_language_checkpoint_runs_its_text_tower(arch: str, tmp_path: Path) -> None:
+    """The published layout: Qwen3_5(Moe)ForConditionalGeneration, config.json with text_config and
+    vision_config, decoder under model.language_model.*, a vision tower under model.visual.*
+    (skipped). Logits of a text prompt equal the full model's."""
+    import transformers
+
+    from backends.cuda.testing import perturb
+
+    names = {"qwen3_5": ("Qwen3_5Config", "Qwen3_5ForConditionalGeneration", "qwen3_5_text"),
+             "qwen3_5_moe": ("Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration", "qwen3_5_moe_text")}[arch]
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=FIXED[arch]["hidden_size"],
+                  patch_size=4, spatial_merge_size=1, temporal_patch_size=2, num_position_embeddings=16)
+    cfg = getattr(transformers, names[0])(text_config=dict(FIXED[arch], model_type=names[2]), vision_config=vision)
+    torch.manual_seed(0)
+    model = getattr(transformers, names[1])._from_config(cfg, attn_implementation="eager",
+                                                         experts_implementation="eager").eval()
+    perturb(model, zero_centred=True)
+    src = load_source(save(model, tmp_path / "vlm"))
+    assert src.cfg.arch == arch
+    whole, gen = greedy(Session(src, None, "cpu", 32), PROMPT, 3)
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([PROMPT + gen])).logits[0].float()
+    assert rel_err(whole, ref) < TOL
