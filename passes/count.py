@@ -64,7 +64,7 @@ def _attn_nodes(cfg: ModelConfig, merged: bool, split: bool = False) -> tuple[in
     (gemma3's, never split, with its post-attention norm)."""
     if cfg.arch == "deepseek_v3":
         return _mla_nodes(cfg), 0
-    gated, qk_norm, bias = cfg.arch == "qwen3_next", cfg.qk_norm, cfg.attention_bias
+    gated, qk_norm, bias = cfg.is_hybrid, cfg.qk_norm, cfg.attention_bias
     per = 2 + 6 + 2 + 2 + 6 + 2 + 2  # norm, q/k/v, k/v heads, rope, cache, attention, wo
     per += (6 if bias else 0) + (4 + 2 if gated else 1) + (4 if qk_norm else 0) + (2 if merged else 0)
     per += 1 if cfg.attn_temperature_beta else 0  # attn_temp after the query's rope
@@ -75,10 +75,19 @@ def _attn_nodes(cfg: ModelConfig, merged: bool, split: bool = False) -> tuple[in
     return per, (2 if cfg.out_bias else 0)
 
 
-def _delta_nodes(opts: BuildOptions, split: bool) -> int:
-    # 49 nodes; split adds per device the conv state and weight as three pieces plus a concat,
-    # and three sliced results instead of one (+11)
-    return 49 + (1 if opts.act_dtype != "f32" else 0) + (11 if split else 0)
+def _separate_projections(cfg: ModelConfig) -> bool:
+    """Qwen3.5's delta-net: four input projections instead of Qwen3-Next's grouped two."""
+    return cfg.arch in ("qwen3_5", "qwen3_5_moe")
+
+
+def _delta_nodes(cfg: ModelConfig, opts: BuildOptions, split: bool) -> int:
+    # 49 nodes (Qwen3.5: 39, its projections need no per-head slicing); a non-f32 activation
+    # type adds two casts (the decay in, the output back); split adds per device the conv state
+    # and weight as three pieces plus a concat, and three sliced results instead of one (+11),
+    # and for Qwen3.5 the [q | k | v] projection weight as three pieces plus a concat (+3)
+    sep = _separate_projections(cfg)
+    base = 39 if sep else 49
+    return base + (2 if opts.act_dtype != "f32" else 0) + ((14 if sep else 11) if split else 0)
 
 
 def _exit(p: int) -> int:
@@ -115,7 +124,7 @@ def _merges(cfg: ModelConfig, opts: BuildOptions, i: int, merges: Sequence[str]
 
     qkv = up = sh = ex = False
     if "merge_qkv" in merges and not cfg.is_recurrent(i) and cfg.arch != "deepseek_v3":  # MLA has no q/k/v trio
-        rows = cfg.n_head * cfg.head_dim * (2 if cfg.arch == "qwen3_next" else 1)
+        rows = cfg.n_head * cfg.head_dim * (2 if cfg.is_hybrid else 1)
         kv = cfg.n_kv_head * cfg.head_dim
         qkv = t("attn_q", rows, H) == t("attn_k", kv, H)
     if "merge_up_gate" in merges:
@@ -128,9 +137,12 @@ def _merges(cfg: ModelConfig, opts: BuildOptions, i: int, merges: Sequence[str]
             up = t("ffn_gate", N, H) == t("ffn_up", N, H)
     ssm = router = False
     if "merge_siblings" in merges:
-        if cfg.is_recurrent(i):
-            nk, nv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
-            rows = 2 * nk * cfg.linear_key_head_dim + 2 * nv * cfg.linear_value_head_dim
+        nk, nv, dv = cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_value_head_dim
+        if cfg.is_recurrent(i) and _separate_projections(cfg):
+            ssm = len({t("attn_qkv", cfg.conv_dim, H), t("attn_gate", nv * dv, H), t("ssm_beta", nv, H),
+                       t("ssm_alpha", nv, H)}) == 1
+        elif cfg.is_recurrent(i):
+            rows = 2 * nk * cfg.linear_key_head_dim + 2 * nv * dv
             ssm = t("ssm_in", rows, H) == t("ssm_ba", 2 * nv, H)
         Ns = cfg.shared_expert_intermediate_size
         if cfg.is_moe_layer(i) and Ns and cfg.shared_expert_gated:
@@ -149,7 +161,7 @@ def _mixer(tally: _Tally, cfg: ModelConfig, opts: BuildOptions, i: int, r: Regio
     if r.kind == "attn":
         per, lead = _attn_nodes(cfg, qkv, len(devs) > 1)
     else:
-        per, lead = _delta_nodes(opts, len(devs) > 1) + (2 if ssm else 0), 0
+        per, lead = _delta_nodes(cfg, opts, len(devs) > 1) + (2 if ssm else 0), 0
     tally.each(devs, per)
     tally.on(r.lead, lead)
     return per * len(devs) + lead + tally.exit(devs, r.lead)
@@ -206,7 +218,7 @@ def n_tensors(cfg: ModelConfig, layers: Sequence[int]) -> int:
     total = 2 + (0 if cfg.tie_word_embeddings else 1)
     for i in layers:
         if cfg.is_recurrent(i):
-            total += 8
+            total += 8 + (2 if _separate_projections(cfg) else 0)
         else:
             mla = (2 + (2 if cfg.q_lora_rank else 0)) if cfg.arch == "deepseek_v3" else 0  # kv_a norm, k_b, v_b
             total += 5 + (3 if cfg.attention_bias else 0) + (1 if cfg.out_bias else 0) + (2 if cfg.qk_norm else 0) + mla
@@ -222,8 +234,8 @@ def n_tensors(cfg: ModelConfig, layers: Sequence[int]) -> int:
 
 def heuristic_budget(cfg: ModelConfig, n_tokens: int, n_tens: int, n_graph_devices: int = 1) -> int:
     """ik_llama.cpp's max-nodes budget (REFERENCE §3): max(40·tokens, 32·tensors·devices) for
-    Qwen3-Next since PR 1296, the constant 65536 for the others since PR 1306."""
-    if cfg.arch == "qwen3_next":
+    Qwen3-Next / Qwen3.5-MoE since PR 1296, the constant 65536 for the others since PR 1306."""
+    if cfg.arch in ("qwen3_next", "qwen3_5_moe"):
         return max(40 * n_tokens, 32 * n_tens * max(1, n_graph_devices))
     return 65536
 
@@ -277,7 +289,7 @@ def estimate_nodes(cfg: ModelConfig, opts: BuildOptions | None = None, *, merges
                 copies += 1
             holders = {d}
             if cfg.is_recurrent(i):
-                k = _delta_nodes(opts, False) + 1 + (2 if ssm else 0)
+                k = _delta_nodes(cfg, opts, False) + 1 + (2 if ssm else 0)
             else:
                 per, lead = _attn_nodes(cfg, qkv)
                 k = per + lead + 1

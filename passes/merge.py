@@ -44,13 +44,14 @@ UP_GATE = (
     MergeRule(Op.MATMUL, ("ffn_gate_shexp", "ffn_up_shexp"), "ffn_gate_up_shexp"),
     MergeRule(Op.MOE_MATMUL, ("ffn_gate_exps", "ffn_up_exps"), "ffn_gate_up_exps"),
 )
-# matmuls of one activation that no other merge joins: a delta-net layer's two input
-# projections, and the router with the shared expert's gate, up and sigmoid gate (four
+# matmuls of one activation that no other merge joins: a delta-net layer's input projections
+# (two in Qwen3-Next, four in Qwen3.5), and the router with the shared expert's gate, up and sigmoid gate (four
 # matmuls of the post-attention norm). In a decode step each is a launch reading a few MB;
 # one launch reads them all at the HBM rate. After fold_shared_expert only the router and
 # the shared gate's logit are left as matmuls there: the pair merges instead.
 SIBLINGS = (
     MergeRule(Op.MATMUL, ("ssm_in", "ssm_ba"), "ssm_in_ba"),
+    MergeRule(Op.MATMUL, ("attn_qkv", "attn_gate", "ssm_b", "ssm_alpha"), "ssm_in_qkvzba"),
     MergeRule(Op.MATMUL, ("ffn_gate_inp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_gate_inp_shexp"), "ffn_router_shexp"),
     # only where the shared expert was folded (moe_topk {shared}): unfolded graphs merge as before
     MergeRule(Op.MATMUL, ("ffn_gate_inp", "ffn_gate_inp_shexp"), "ffn_router_shgate",

@@ -127,7 +127,10 @@ def plan_graph(cfg: ModelConfig, devices: Sequence[str], wtype: WeightType, *, t
                 mixer = RegionPlan("delta", (("kheads", _share(nk, nk, nk, ratios, debt("single"))),))
             else:
                 blk = wtype(p + "ssm_out.weight", (H, nv * dv)).block_size
-                u = _unit_heads((nv // nk) * dv, blk)
+                # ik_llama.cpp's granule: a key head's value heads are adjacent ssm_out columns in
+                # Qwen3-Next's files, but tiled (dv columns apart) in Qwen3.5's, so each must align
+                tiled = cfg.arch in ("qwen3_5", "qwen3_5_moe")
+                u = _unit_heads(dv if tiled else (nv // nk) * dv, blk)
                 mixer = RegionPlan("delta", (("kheads", _share(nk, u, nk, ratios, debt("kheads"))),))
         else:
             hkv, d = cfg.n_kv_head, cfg.head_dim

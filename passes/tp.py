@@ -52,6 +52,10 @@ WEIGHTS: dict[str, Cut] = {
     "ssm_in.weight": Cut("slice", "kheads", 0), "ssm_ba.weight": Cut("slice", "kheads", 0),
     "ssm_conv1d.weight": Cut("conv", "kheads", 0), "ssm_dt.bias": Cut("slice", "kheads", 0),
     "ssm_a": Cut("slice", "kheads", 0), "ssm_norm.weight": REP, "ssm_out.weight": Cut("slice", "kheads", 1),
+    # Qwen3.5's separate delta-net projections: attn_qkv rows are [q | k | v] of all heads, cut
+    # like the conv channels; z, beta and alpha rows follow the value heads (grouped per key head)
+    "attn_qkv.weight": Cut("conv", "kheads", 0), "attn_gate.weight": Cut("slice", "kheads", 0),
+    "ssm_beta.weight": Cut("slice", "kheads", 0), "ssm_alpha.weight": Cut("slice", "kheads", 0),
     "ffn_gate.weight": Cut("slice", "ff", 0), "ffn_up.weight": Cut("slice", "ff", 0),
     "ffn_down.weight": Cut("slice", "ff", 1),
     "ffn_gate_inp.weight": REP, "ffn_gate_inp_shexp.weight": REP,

@@ -5,8 +5,11 @@ ggml's `ne` order (fastest dimension first): a tensor of ne [H, N] is the torch 
 Two conventions of llama.cpp's converter are undone so that the graph's semantics hold:
 - `llama`, `ministral3` (PERMUTED_QK): Q and K rows are permuted for ggml's interleaved RoPE; the graph uses the
   rotate_half pairing of transformers, so the permutation is inverted.
-- `qwen3_next`, `gemma3`: zero-centred norm weights are stored with the 1 added; the graph's norms add
-  it themselves (offset 1), so it is subtracted again.
+- `qwen3_next`, `qwen3_5*`, `gemma3`: zero-centred norm weights are stored with the 1 added; the
+  graph's norms add it themselves (offset 1), so it is subtracted again.
+- `qwen3_5*`: the delta-net's value heads are stored tiled (head p reads key head p % nk, so
+  ggml can broadcast q and k with a plain repeat); the graph keeps transformers' grouped order
+  (head h reads key head h // r), so the order is restored (`v_head_order`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,37 @@ def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 _ROPED = ("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")
+
+
+def v_head_blocks(cfg: ModelConfig, name: str) -> tuple[int, int, int] | None:
+    """(dim, offset, width) of the value-head blocks of a Qwen3.5 delta-net tensor, else None."""
+    if cfg.arch not in ("qwen3_5", "qwen3_5_moe"):
+        return None
+    dv, qk = cfg.linear_value_head_dim, 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim
+    for suffix, where in ((".attn_qkv.weight", (0, qk, dv)), (".ssm_conv1d.weight", (0, qk, dv)),
+                          (".attn_gate.weight", (0, 0, dv)), (".ssm_out.weight", (1, 0, dv)),
+                          (".ssm_beta.weight", (0, 0, 1)), (".ssm_alpha.weight", (0, 0, 1)),
+                          (".ssm_a", (0, 0, 1)), (".ssm_dt.bias", (0, 0, 1))):
+        if name.endswith(suffix):
+            return where
+    return None
+
+
+def v_head_order(w: torch.Tensor, cfg: ModelConfig, name: str, to_gguf: bool) -> torch.Tensor:
+    """Value heads between transformers' grouped order (h = k·r + j) and llama.cpp's tiled one
+    (p = j·nk + k): `to_gguf` as the converter stores them, else back. Other tensors pass."""
+    where = v_head_blocks(cfg, name)
+    if where is None:
+        return w
+    dim, off, width = where
+    nk, nv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    tiled = torch.arange(nv).reshape(nk, nv // nk).T.reshape(-1)  # gguf[p] = hf[tiled[p]]
+    perm = tiled if to_gguf else torch.argsort(tiled)
+    head = w.narrow(dim, off, nv * width)
+    shape = head.shape[:dim] + (nv, width) + head.shape[dim + 1:]
+    moved = head.reshape(shape).index_select(dim, perm).reshape(head.shape)
+    return torch.cat([w.narrow(dim, 0, off), moved, w.narrow(dim, off + nv * width, w.shape[dim] - off - nv * width)],
+                     dim)
 
 
 def _check_readable(path: Path) -> None:
@@ -94,4 +128,4 @@ class GGUFWeights:
             w = unpermute_rope(w, heads)
         if cfg.zero_centred_norms and info.norm_offset == 1.0:
             w = w - 1.0
-        return w
+        return v_head_order(w, cfg, info.name, to_gguf=False)

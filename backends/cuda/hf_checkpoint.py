@@ -59,6 +59,14 @@ _SSM: list[Entry] = [
     ("model.layers.{i}.linear_attn.norm.weight", "blk.{i}.ssm_norm.weight", ""),
     ("model.layers.{i}.linear_attn.out_proj.weight", "blk.{i}.ssm_out.weight", ""),
 ]
+# Qwen3.5: the delta-net's four separate input projections (the rest of _SSM as Qwen3-Next)
+_SSM35: list[Entry] = [
+    ("model.layers.{i}.linear_attn.in_proj_qkv.weight", "blk.{i}.attn_qkv.weight", ""),
+    ("model.layers.{i}.linear_attn.in_proj_z.weight", "blk.{i}.attn_gate.weight", ""),
+    ("model.layers.{i}.linear_attn.in_proj_b.weight", "blk.{i}.ssm_beta.weight", ""),
+    ("model.layers.{i}.linear_attn.in_proj_a.weight", "blk.{i}.ssm_alpha.weight", ""),
+] + _SSM[2:]
+_POST_NORM: list[Entry] = [("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight", "")]
 _FFN_NORM: list[Entry] = [("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight", "")]
 _POST_NORM: list[Entry] = [
     ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight", "")]
@@ -127,6 +135,8 @@ TABLES: dict[str, list[Entry]] = {
     "deepseek_v3": _TOP + _MLA + _FFN + _GLM_MOE + _FFN_NORM,
     "gpt_oss": _TOP + _ATTN + _OSS,
     "gemma3": _TOP + _ATTN + _FFN + _GEMMA,
+    "qwen3_5": _TOP + _ATTN + _FFN + _SSM35 + _POST_NORM,
+    "qwen3_5_moe": _TOP + _ATTN + _MOE + _SSM35 + _POST_NORM,
 }
 TABLES["hunyuan_v1_moe"] = _TOP + [  # its own Q/K norm names first: the first matching rule wins
     ("model.layers.{i}.self_attn.query_layernorm.weight", "blk.{i}.attn_q_norm.weight", ""),
@@ -139,8 +149,9 @@ TABLES["hunyuan_v1_moe"] = _TOP + [  # its own Q/K norm names first: the first m
 INTERLEAVED_ROPE = frozenset({"ernie4_5_moe"})
 _ROPED = ("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")
 
-# tensors a checkpoint may hold that no graph uses (multi-token-prediction heads, rope caches)
-_IGNORED = re.compile(r"(^mtp\.|rotary_emb\.inv_freq$)")
+# tensors a checkpoint may hold that no graph uses (multi-token-prediction heads, rope caches,
+# the vision tower of a multimodal wrapper such as Qwen3.5's)
+_IGNORED = re.compile(r"(^mtp\.|rotary_emb\.inv_freq$|^(model\.)?visual\.)")
 
 _TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "": lambda t: t,

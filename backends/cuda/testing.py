@@ -19,7 +19,8 @@ HF_CONFIGS = {"llama": "LlamaConfig", "qwen3": "Qwen3Config", "qwen3_moe": "Qwen
               "qwen3_next": "Qwen3NextConfig", "seed_oss": "SeedOssConfig", "ministral3": "Ministral3Config",
               "ernie4_5_moe": "Ernie4_5_MoeConfig", "hunyuan_v1_moe": "HunYuanMoEV1Config",
               "glm4_moe": "Glm4MoeConfig", "minimax_m2": "MiniMaxM2Config", "deepseek_v3": "DeepseekV3Config",
-              "gpt_oss": "GptOssConfig", "gemma3": "Gemma3TextConfig"}
+              "gpt_oss": "GptOssConfig", "gemma3": "Gemma3TextConfig",
+              "qwen3_5": "Qwen3_5TextConfig", "qwen3_5_moe": "Qwen3_5MoeTextConfig"}
 
 
 def hf_model(arch: str, seed: int = 0, **config: Any) -> Any:
@@ -30,7 +31,7 @@ def hf_model(arch: str, seed: int = 0, **config: Any) -> Any:
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(
         cfg, attn_implementation="eager", experts_implementation="eager").eval()
-    perturb(model, zero_centred=arch in ("qwen3_next", "gemma3"), seed=seed)
+    perturb(model, zero_centred=arch in ("qwen3_next", "qwen3_5", "qwen3_5_moe", "gemma3"), seed=seed)
     return model
 
 

@@ -15,7 +15,9 @@ from graphir.models.config_keys import ConfigError, _bool, _get, _int, _real  # 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 Arch = Literal["llama", "qwen3", "qwen3_moe", "qwen3_next", "seed_oss", "ministral3", "ernie4_5_moe", "hunyuan_v1_moe",
-               "glm4_moe", "minimax_m2", "deepseek_v3", "gpt_oss", "gemma3"]
+               "glm4_moe", "minimax_m2", "deepseek_v3", "gpt_oss", "gemma3", "qwen3_5", "qwen3_5_moe"]
+# Qwen3-Next-style hybrids: gated delta-net + gated attention, zero-centred norms
+HYBRID = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
 
 # model_type in config.json -> our architecture family
 MODEL_TYPES: dict[str, Arch] = {
@@ -26,6 +28,8 @@ MODEL_TYPES: dict[str, Arch] = {
     "deepseek_v3": "deepseek_v3", "kimi_k2": "deepseek_v3",  # Kimi-K2 ships DeepseekV3ForCausalLM
     "gpt_oss": "gpt_oss",
     "gemma3_text": "gemma3",  # Gemma3ForConditionalGeneration's config nests it as text_config
+    # Qwen3.5 ships as a vision-language wrapper; its text_config carries the *_text type
+    "qwen3_5": "qwen3_5", "qwen3_5_text": "qwen3_5", "qwen3_5_moe": "qwen3_5_moe", "qwen3_5_moe_text": "qwen3_5_moe",
 }
 # families whose router scores experts with a sigmoid plus a selection-only bias (DeepSeek-V3 style)
 SIGMOID_ROUTED = ("glm4_moe", "minimax_m2", "deepseek_v3")
@@ -65,12 +69,17 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
                     "sliding_window": 4096, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
                     "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh",
                     "max_position_embeddings": 131072},
+    # Qwen3_5TextConfig / Qwen3_5MoeTextConfig (transformers 5.x) over Qwen3NextConfig's linear-attention defaults
+    "qwen3_5_text": {"head_dim": 256, "num_key_value_heads": 4},
+    "qwen3_5_moe_text": {"head_dim": 256, "num_key_value_heads": 2, "num_experts": 256, "num_experts_per_tok": 8,
+                         "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512},
 }
+_HF_DEFAULTS["qwen3_5"], _HF_DEFAULTS["qwen3_5_moe"] = _HF_DEFAULTS["qwen3_5_text"], _HF_DEFAULTS["qwen3_5_moe_text"]
 
 
 # architectures whose layers differ by kind: the kinds their layer_types may name
 LAYER_TYPES: dict[str, tuple[str, ...]] = {
-    "qwen3_next": ("full_attention", "linear_attention"),
+    **{a: ("full_attention", "linear_attention") for a in HYBRID},
     "gpt_oss": ("full_attention", "sliding_attention"),
     "gemma3": ("full_attention", "sliding_attention"),
 }
@@ -177,6 +186,8 @@ class ModelConfig(BaseModel):
         if n_rot <= 0 or n_rot % 2 or n_rot > self.head_dim:
             raise ValueError(f"rotary dims {n_rot} (head_dim={self.head_dim} x partial_rotary_factor="
                              f"{self.partial_rotary_factor}) must be even and within the head")
+        if self.arch == "qwen3_5_moe" and self.n_expert <= 0:
+            raise ValueError(f"num_experts={self.n_expert} must be positive: every qwen3_5_moe layer is MoE")
         if self.is_moe:
             if not 0 < self.n_expert_used <= self.n_expert:
                 raise ValueError(f"num_experts_per_tok={self.n_expert_used} must be in 1..num_experts="
@@ -215,7 +226,7 @@ class ModelConfig(BaseModel):
             unknown = sorted(set(self.layer_types) - set(kinds))
             if unknown:
                 raise ValueError(f"unknown layer type(s) {', '.join(unknown)}")
-        if self.arch == "qwen3_next":
+        if self.is_hybrid:
             lin = (self.linear_num_key_heads, self.linear_num_value_heads, self.linear_key_head_dim,
                    self.linear_value_head_dim, self.linear_conv_kernel_dim)
             if min(lin) <= 0:
@@ -236,8 +247,8 @@ class ModelConfig(BaseModel):
     # ---- derived facts every front end and pass shares -------------------------------------
     @property
     def is_moe(self) -> bool:
-        return self.arch in ("qwen3_moe", "qwen3_next", "ernie4_5_moe", "hunyuan_v1_moe", "gpt_oss", *SIGMOID_ROUTED) \
-            and self.n_expert > 0
+        moe = ("qwen3_moe", "qwen3_next", "qwen3_5_moe", "ernie4_5_moe", "hunyuan_v1_moe", "gpt_oss", *SIGMOID_ROUTED)
+        return self.arch in moe and self.n_expert > 0
 
     @property
     def sigmoid_router(self) -> bool:
@@ -253,12 +264,17 @@ class ModelConfig(BaseModel):
         """Whether attention has RMS norms on Q and K (per head; MiniMax-M2's span all heads)."""
         if self.arch == "glm4_moe":
             return self.use_qk_norm
-        return self.arch in ("qwen3", "qwen3_moe", "qwen3_next", "hunyuan_v1_moe", "minimax_m2", "gemma3")
+        return self.arch in ("qwen3", "qwen3_moe", *HYBRID, "hunyuan_v1_moe", "minimax_m2", "gemma3")
 
     @property
     def qk_norm_after_rope(self) -> bool:
         """Hunyuan normalises the rotated Q and K (the others normalise before RoPE)."""
         return self.arch == "hunyuan_v1_moe"
+
+    @property
+    def is_hybrid(self) -> bool:
+        """Qwen3-Next style: delta-net and gated attention layers, zero-centred (1 + w) norms."""
+        return self.arch in HYBRID
 
     @property
     def n_rot(self) -> int:
@@ -273,8 +289,8 @@ class ModelConfig(BaseModel):
 
     @property
     def zero_centred_norms(self) -> bool:
-        """RMSNorm weights stored as w with (1 + w) applied (Qwen3-Next, Gemma)."""
-        return self.arch in ("qwen3_next", "gemma3")
+        """RMSNorm weights stored as w with (1 + w) applied (the Qwen3-Next hybrids, Gemma)."""
+        return self.is_hybrid or self.arch == "gemma3"
 
     @property
     def attn_scale(self) -> float:
@@ -315,7 +331,7 @@ class ModelConfig(BaseModel):
         return ModelConfig(**d)
 
 
-_PARTIAL = {"qwen3_next": 0.25, "glm4_moe": 0.5}  # default partial_rotary_factor per family
+_PARTIAL = {"qwen3_next": 0.25, "qwen3_5": 0.25, "qwen3_5_moe": 0.25, "glm4_moe": 0.5}  # default partial_rotary_factor
 
 
 def _layer_types(d: dict[str, Any], n_layer: int, default: Any) -> tuple[str, ...]:
@@ -332,11 +348,12 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     """ModelConfig from the contents of a transformers config.json."""
     if not isinstance(d, dict):
         raise ConfigError("config.json must hold a JSON object")
-    if "text_config" in d and "model_type" not in d.get("text_config", {}):
-        d = {**d, **d["text_config"]}
-    elif isinstance(d.get("text_config"), dict) and d["text_config"].get("model_type") in MODEL_TYPES:
-        # a multimodal wrapper (Gemma3ForConditionalGeneration): the decoder is the text model
-        d = {"torch_dtype": _get(d, "torch_dtype", "dtype", default="bfloat16"), **d["text_config"]}
+    text = d.get("text_config")
+    if text is not None and not isinstance(text, dict):
+        raise ConfigError(f"text_config must be a JSON object, got {type(text).__name__}")
+    if isinstance(text, dict):  # a multimodal wrapper: the decoder is the text tower, the vision tower is ignored
+        outer = {k: v for k, v in d.items() if k not in ("text_config", "vision_config")}
+        d = {**outer, **text} if "model_type" in text else {**d, **text}
     mt = d.get("model_type")
     if mt not in MODEL_TYPES:
         raise ConfigError(f"unknown model_type {mt!r}; supported: {', '.join(sorted(MODEL_TYPES))}")
@@ -364,8 +381,10 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     if arch == "minimax_m2" and "partial_rotary_factor" not in rope and d.get("rotary_dim") is not None:
         # released MiniMax-M2 configs give the rotary part as rotary_dim (transformers converts it)
         partial = _real(d, "rotary_dim") / _int(d, "head_dim")
+    # Qwen3.5's multimodal RoPE: for text every position stream is the token index, so the
+    # interleaved sections rotate exactly as plain RoPE does; the section keys change nothing
     scaling = {k: v for k, v in {**legacy, **rope}.items()
-               if k not in ("rope_theta", "partial_rotary_factor")}
+               if k not in ("rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved")}
     if scaling.get("rope_type", scaling.get("type", "default")) == "default":
         scaling = {}
     try:
@@ -374,6 +393,8 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
             raise ConfigError(f"num_hidden_layers={n_layer} exceeds the maximum of {MAX_LAYERS} layers")
         n_head = _int(d, "num_attention_heads")
         hidden = _int(d, "hidden_size")
+        if arch == "qwen3_5_moe" and "intermediate_size" not in d:  # every layer is MoE: the key is absent
+            d = {**d, "intermediate_size": _int(d, "moe_intermediate_size")}
         fields: dict[str, Any] = dict(
             arch=arch, name=name, vocab_size=_int(d, "vocab_size"), hidden_size=hidden, n_layer=n_layer,
             n_head=n_head, n_kv_head=_int(d, "num_key_value_heads", n_head),
@@ -394,6 +415,11 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
             if beta:  # the divisor is the pre-YaRN context, as transformers reads it
                 fields.update(attn_temperature_beta=_real(scaling, "llama_4_scaling_beta"),
                               attn_temperature_len=_int(scaling, "original_max_position_embeddings"))
+        if arch == "qwen3_5_moe":  # MoE in every layer, top-k always renormalised (Qwen3VLMoe's router)
+            fields.update(n_expert=_int(d, "num_experts"), n_expert_used=_int(d, "num_experts_per_tok"),
+                          moe_intermediate_size=_int(d, "moe_intermediate_size"),
+                          shared_expert_intermediate_size=_int(d, "shared_expert_intermediate_size"),
+                          norm_topk_prob=True)
         if arch in ("qwen3_moe", "qwen3_next"):
             fields.update(
                 n_expert=_int(d, ("num_experts", "num_local_experts"), 0),
@@ -439,7 +465,7 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
                 layer_types=_layer_types(d, n_layer,
                                          lambda i: "sliding_attention" if (i + 1) % max(pattern, 1) else "full_attention"),
             )
-        if arch == "qwen3_next":
+        if arch in HYBRID:
             types = d.get("layer_types")
             if types is None:
                 interval = _int(d, "full_attention_interval", 4)

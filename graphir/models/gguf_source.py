@@ -17,7 +17,8 @@ from graphir.models.gguf_header import read_header
 GGUF_ARCHES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "qwen3next": "qwen3_next",
                "seed_oss": "seed_oss", "mistral3": "ministral3", "ernie4_5-moe": "ernie4_5_moe",
                "hunyuan-moe": "hunyuan_v1_moe", "glm4moe": "glm4_moe", "minimax-m2": "minimax_m2",
-               "deepseek2": "deepseek_v3", "gpt-oss": "gpt_oss", "gemma3": "gemma3_text"}
+               "deepseek2": "deepseek_v3", "gpt-oss": "gpt_oss", "gemma3": "gemma3_text",
+               "qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe"}
 # architectures (ours) whose GGUF Q/K rows pair RoPE dims interleaved (ggml's "norm" RoPE): the
 # converter permutes llama's and mistral3's, ERNIE's come so from transformers
 PERMUTED_QK = frozenset({"llama", "ministral3", "ernie4_5_moe"})
@@ -82,7 +83,7 @@ def read_gguf(path: Path) -> tuple[ModelConfig, tuple[tuple[str, DType], ...]]:
             sc["llama_4_scaling_beta"] = temp
     if arch == "seed_oss":
         d["attention_out_bias"] = any(n.startswith("blk.") and n.endswith(".attn_output.bias") for n in tensors)
-    if arch in ("qwen3moe", "qwen3next"):
+    if arch in ("qwen3moe", "qwen3next", "qwen35moe"):
         d.update(num_experts=k("expert_count", 0), num_experts_per_tok=k("expert_used_count", 0),
                  moe_intermediate_size=k("expert_feed_forward_length", 0),
                  shared_expert_intermediate_size=k("expert_shared_feed_forward_length", 0),
@@ -115,7 +116,7 @@ def read_gguf(path: Path) -> tuple[ModelConfig, tuple[tuple[str, DType], ...]]:
         # scale 1/sqrt(n_embd / n_head) for the 62-layer 27B (its query_pre_attn_scalar), else 1/sqrt(head_dim)
         d.update(sliding_window=k("attention.sliding_window"), sliding_window_pattern=6, rope_local_base_freq=10000.0,
                  query_pre_attn_scalar=(n_embd // n_head) if d["num_hidden_layers"] == 62 else head_dim)
-    if arch == "qwen3next":
+    if arch in ("qwen3next", "qwen35", "qwen35moe"):
         nv = k("ssm.time_step_rank")
         d.update(full_attention_interval=k("full_attention_interval", 4), linear_conv_kernel_dim=k("ssm.conv_kernel"),
                  linear_key_head_dim=k("ssm.state_size"), linear_num_key_heads=k("ssm.group_count"),

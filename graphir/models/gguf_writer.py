@@ -2,7 +2,7 @@
 
 The tensor table is the graph's weight leaves (the same names and shapes the GGUF reader
 checks against llama.cpp's table), stored in ggml's `ne` order. Metadata carries the keys
-llama.cpp / ik_llama.cpp read for the four architectures, and `tokenizer.ggml.model = none`
+llama.cpp / ik_llama.cpp read for each architecture, and `tokenizer.ggml.model = none`
 with `{arch}.vocab_size`, so no vocabulary is needed: engines that only time (llama-sweep-bench
 draws random token ids) load the file as is.
 
@@ -35,7 +35,8 @@ from graphir.models.weights import WeightInfo, reference_weights
 GGUF_ARCH = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "qwen3_next": "qwen3next",
              "seed_oss": "seed_oss", "ministral3": "mistral3", "ernie4_5_moe": "ernie4_5-moe",
              "hunyuan_v1_moe": "hunyuan-moe", "glm4_moe": "glm4moe", "minimax_m2": "minimax-m2",
-             "deepseek_v3": "deepseek2", "gpt_oss": "gpt-oss", "gemma3": "gemma3"}
+             "deepseek_v3": "deepseek2", "gpt_oss": "gpt-oss", "gemma3": "gemma3",
+             "qwen3_5": "qwen35", "qwen3_5_moe": "qwen35moe"}
 ALIGNMENT = 32
 SIGMA = 0.02  # standard deviation of the random matrices (and the target of the quant scales)
 _POOL_BYTES = 1 << 21  # exact random rows per tensor; larger tensors repeat them at random row offsets
@@ -173,7 +174,13 @@ def metadata(cfg: ModelConfig, *, file_type: str = "f16") -> list[tuple[str, Any
             a("expert_group_used_count", cfg.topk_group)
     if cfg.arch in ("gpt_oss", "gemma3"):  # the layer patterns (and gpt-oss's clamp) are llama.cpp's constants
         a("attention.sliding_window", cfg.sliding_window)
-    if cfg.arch == "qwen3_next":
+    if cfg.arch in ("qwen3_5", "qwen3_5_moe"):
+        # multimodal RoPE sections [t, h, w, 0] (Qwen3.5: [11, 11, 10, 0]); ik_llama.cpp requires the key.
+        # For text all streams carry the token index, so any split of the rotary pairs rotates alike
+        half = cfg.n_rot // 2
+        t = half * 11 // 32
+        a("rope.dimension_sections", [t, t, half - 2 * t, 0])
+    if cfg.is_hybrid:
         full = cfg.attention_layers
         a("full_attention_interval", (full[0] + 1) if full else cfg.n_layer + 1)
         a("ssm.conv_kernel", cfg.linear_conv_kernel_dim)
@@ -306,6 +313,8 @@ def _kv(key: str, v: Any) -> bytes:
         return _s(key) + struct.pack("<II", 4, v)
     if isinstance(v, float):
         return _s(key) + struct.pack("<If", 6, v)
+    if isinstance(v, list):  # an array of int32, as llama.cpp's converter writes rope.dimension_sections
+        return _s(key) + struct.pack("<IIQ", 9, 5, len(v)) + struct.pack(f"<{len(v)}i", *v)
     return _s(key) + struct.pack("<I", 8) + _s(str(v))
 
 

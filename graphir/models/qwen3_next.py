@@ -7,6 +7,8 @@ follows transformers' layout: the qkvz projection is grouped per key head as
 
 from __future__ import annotations
 
+from typing import Callable
+
 from graphir.dtypes import F32
 from graphir.models.common import Ctx, attention, ffn, moe
 from graphir.ops import Op
@@ -16,8 +18,8 @@ def delta_net(c: Ctx, i: int, x: str) -> str:
     """Gated delta-net: x [T,H] normed -> [T,H]; threads conv and recurrent state."""
     cfg, p, T = c.cfg, f"blk.{i}.", c.T
     H, nk, nv = cfg.hidden_size, cfg.linear_num_key_heads, cfg.linear_num_value_heads
-    dk, dv, K = cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.linear_conv_kernel_dim
-    r, C = nv // nk, cfg.conv_dim
+    dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    r = nv // nk
     group = 2 * dk + 2 * r * dv
     qkvz = c.view(p + "qkvz_heads", c.op(Op.MATMUL, p + "ssm_in", x, c.w(p + "ssm_in", nk * group, H)),
                   T, nk, group)  # [T,nk,group]
@@ -29,6 +31,16 @@ def delta_net(c: Ctx, i: int, x: str) -> str:
     b = c.view(p + "ssm_b", c.cut(p + "ssm_b_heads", ba, 2, 0, r), T, nv)  # [T,nv]
     a = c.view(p + "ssm_alpha", c.cut(p + "ssm_a_heads", ba, 2, r, 2 * r), T, nv)
     mixed = c.op(Op.CONCAT, p + "conv_x", q, k, v, dim=1)  # [T,C]
+    return delta_core(c, i, mixed, z, b, a)
+
+
+def delta_core(c: Ctx, i: int, mixed: str, z: str, b: str, a: str) -> str:
+    """The delta-net after its input projections: mixed [T,C] = [q | k | v] (all heads), z
+    [T,nv,dv] the output gate, b and a [T,nv] the beta and decay logits -> [T,H]."""
+    cfg, p, T = c.cfg, f"blk.{i}.", c.T
+    H, nk, nv = cfg.hidden_size, cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    dk, dv, K = cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.linear_conv_kernel_dim
+    C = cfg.conv_dim
     conv_state = c.state(p + "conv_state", (K - 1, C), c.act)
     conv_in = c.op(Op.CONCAT, p + "conv_in", conv_state, mixed, dim=0)  # [K-1+T,C]
     c.result(p + "conv_state", c.cut(p + "conv_state.next", conv_in, 0, T, f"T+{K - 1}" if T == "T" else T + K - 1))
@@ -53,11 +65,12 @@ def delta_net(c: Ctx, i: int, x: str) -> str:
     return c.op(Op.MATMUL, p + "ssm_out", o, c.w(p + "ssm_out", H, nv * dv))
 
 
-def layer(c: Ctx, i: int, x: str) -> str:
+def layer(c: Ctx, i: int, x: str, mixer: Callable[[Ctx, int, str], str] = delta_net) -> str:
+    """One hybrid layer; `mixer` builds the delta-net (Qwen3.5 projects its inputs apart)."""
     p = f"blk.{i}."
     h = c.norm(p + "attn_norm", x, 1.0)
     if c.cfg.is_recurrent(i):
-        a = delta_net(c, i, h)
+        a = mixer(c, i, h)
     else:
         a = attention(c, i, h, qk_norm=True, gated=True, norm_offset=1.0)
     x = c.op(Op.ADD, p + "attn_residual", x, a)  # [T,H]
