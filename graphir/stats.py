@@ -45,9 +45,9 @@ def node_flops(g: Graph, n: Node, env: dict[str, int]) -> int:
         rows = ins[0].numel_at(env) // max(1, ins[0].bind(env)[-1])
         out, k = ins[1].bind(env)
         return 2 * rows * out * k
-    if n.op == Op.MOE_MATMUL:
+    if n.op in (Op.MOE_MATMUL, Op.SWIGLU_MOE_MATMUL):  # the weight is the input before the ids
         t, kk, out = n.spec.bind(env)
-        return 2 * t * kk * out * ins[1].bind(env)[2]
+        return 2 * t * kk * out * ins[-2].bind(env)[2]
     if n.op == Op.ATTENTION:
         t, hq, dv = n.spec.bind(env)
         s, _, d = ins[1].bind(env)
@@ -59,9 +59,9 @@ def node_flops(g: Graph, n: Node, env: dict[str, int]) -> int:
         _, nv, dv = ins[2].bind(env)
         # per token and value head: decay, k^T S, update, q^T S (each ~2*dk*dv)
         return 8 * t * nv * dk * dv
-    if n.op == Op.SSM_CONV:
+    if n.op in (Op.SSM_CONV, Op.SSM_CONV_STEP):  # the weight [C,K] last
         t, c = n.spec.bind(env)
-        return 2 * t * c * ins[1].bind(env)[1]
+        return 2 * t * c * ins[-1].bind(env)[1]
     return 0
 
 

@@ -348,7 +348,10 @@ OVERRIDES: dict[Op, Kernel] = {
     Op.ALL_REDUCE: all_reduce,
 }
 
-CUDA_KERNELS: dict[Op, Kernel] = {**KERNELS, **OVERRIDES}
+# the fused ops' fast forms (their module reads this one's kernels when called)
+from backends.cuda.fastpath_fused import FUSED  # noqa: E402
+
+CUDA_KERNELS: dict[Op, Kernel] = {**KERNELS, **OVERRIDES, **FUSED}
 
 
 def diagnostics() -> dict[str, object]:

@@ -83,7 +83,7 @@ class DecodeStep:
         if self.inplace:
             self.kernels[Op.DELTA_NET] = self._delta_net
         # the fused kernels where step_rewrites' patterns hold, and the schedule they read
-        self.fusions = Fusions(g, _schedule(g, self._is_position, s.devices[0]), s.state, s.weights, s.kernels)
+        self.fusions = Fusions(g, decode_schedule(g, s.devices[0]), s.state, s.weights, s.kernels)
         self.schedule = self.fusions.schedule
         self.kernels.update(self.fusions.kernels())
         self.last_use = _last_use(self.schedule)
@@ -92,8 +92,7 @@ class DecodeStep:
 
     # ---- kernels this runner changes ----------------------------------------------------------
     def _is_position(self, n: Node) -> bool:
-        src = self.g[n.inputs[0]] if n.op == Op.COPY else None
-        return src is not None and src.op == Op.INPUT and src.attr.get("role") == "positions"
+        return is_position_copy(self.g, n)
 
     def _copy(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
         if self._is_position(node):
@@ -321,9 +320,20 @@ def _runs(plan: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     return out
 
 
+def is_position_copy(g: Any, n: Node) -> bool:
+    """A copy of the token positions: every device counts positions itself (not a boundary)."""
+    src = g[n.inputs[0]] if n.op == Op.COPY else None
+    return src is not None and src.op == Op.INPUT and src.attr.get("role") == "positions"
+
+
+def decode_schedule(g: Any, default: str) -> list[tuple]:
+    """[("seg", device, nodes) | ("bnd", node)]: what a decode step runs, in order (every node
+    of `g` once): per stretch between boundaries, one segment per device in order of first
+    appearance; leaves join the segment of their device."""
+    return _schedule(g, lambda n: is_position_copy(g, n), default)
+
+
 def _schedule(g: Any, is_position: Any, default: str) -> list[tuple]:
-    """[("seg", device, nodes) | ("bnd", node)]: per stretch between boundaries, one segment per
-    device in order of first appearance; leaves join the segment of their device."""
     out: list[tuple] = []
     stretch: dict[str, list[Node]] = {}
 
