@@ -1,5 +1,5 @@
 """The MoE fast paths (fast_moe.py and the MoE rules of fastpath.py) against the reference
-kernels: the router's top-k + routing-weights kernel, moe_sum, the decode GEMV and the
+kernels: the router's top-k + routing-weights kernel (moe_topk_weights), moe_sum, the decode GEMV and the
 prefill path with its per-call routing cache.
 
 Runs on a GPU, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1); skips where
@@ -80,42 +80,29 @@ def test_topk_and_weights_match_reference(T: int, E: int, k: int, dtype: torch.d
     want_w = KERNELS[Op.MOE_WEIGHTS](wnode, [logits.cpu(), want_ids], ctx_for())
     assert w.dtype == torch.float32
     torch.testing.assert_close(w.cpu(), want_w, rtol=1e-6, atol=1e-7)
-    # without the top-k kernel's weights in the cache: the selected-softmax kernel
-    w2 = CUDA_KERNELS[Op.MOE_WEIGHTS](wnode, [logits, ids], ctx_for())
-    torch.testing.assert_close(w2.cpu(), want_w, rtol=1e-6, atol=1e-7)
 
 
-def test_weights_cache_is_keyed_by_ids_and_logits() -> None:
-    logits = distinct_logits(3, 8, torch.float32)
-    other = distinct_logits(3, 8, torch.float32, seed=1)
+@pytest.mark.parametrize("T", [1, 40])
+@pytest.mark.parametrize("m", [0, 1])
+def test_fused_topk_weights_equal_the_two_nodes(T: int, m: int) -> None:
+    """moe_topk_weights (passes/fuse.py): the ids and routing weights of one launch are those
+    of the reference top-k and moe_weights {norm} nodes it replaces."""
+    E, k = 32, 4
+    logits = distinct_logits(T, E, torch.float32, seed=T + m)
+    gate = rand(T, 1, seed=3)
+    node = Node("f", Op.MOE_TOPK_WEIGHTS, ("logits", "gate")[:1 + (m > 0)],
+                TensorSpec((T, k + m), "i32"), tuple({"k": k, **({"shared": m} if m else {})}.items()),
+                outs=(TensorSpec((T, k + m), "f32"),))
+    args = [logits, gate][:1 + (m > 0)]
+    ids, w = CUDA_KERNELS[Op.MOE_TOPK_WEIGHTS](node, args, ctx_for())
+    want_ids, want_w = KERNELS[Op.MOE_TOPK_WEIGHTS](node, [a.cpu() for a in args], ctx_for())
+    assert torch.equal(ids.cpu(), want_ids)
+    torch.testing.assert_close(w.cpu(), want_w, rtol=1e-6, atol=1e-7)
+    # and the top-k node alone still gives its ids, with nothing handed on in the context
     ctx = ctx_for()
-    ids = CUDA_KERNELS[Op.MOE_TOPK](mk("ids", Op.MOE_TOPK, ("logits",), k=2), [logits], ctx)
-    # the same ids over other logits must not take the cached weights
-    wnode = mk("w", Op.MOE_WEIGHTS, ("other", "ids"), norm=True)
-    got = CUDA_KERNELS[Op.MOE_WEIGHTS](wnode, [other, ids], ctx)
-    want = KERNELS[Op.MOE_WEIGHTS](wnode, [other.cpu(), ids.cpu()], ctx_for())
-    torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-7)
-    # norm=false keeps the reference (softmax over all experts, not renormalised)
-    wnode = mk("w", Op.MOE_WEIGHTS, ("logits", "ids"), norm=False)
-    got = CUDA_KERNELS[Op.MOE_WEIGHTS](wnode, [logits, ids], ctx)
-    torch.testing.assert_close(got.cpu(), KERNELS[Op.MOE_WEIGHTS](wnode, [logits.cpu(), ids.cpu()], ctx_for()))
-
-
-def test_weights_cache_never_stale() -> None:
-    # a decode step's context lives across steps: each step's weights must be its own
-    topk, wnode = mk("ids", Op.MOE_TOPK, ("logits",), k=2), mk("w", Op.MOE_WEIGHTS, ("logits", "ids"), norm=True)
-    ctx = ctx_for()
-    for seed in range(3):
-        logits = distinct_logits(1, 8, torch.float32, seed=seed)
-        ids = CUDA_KERNELS[Op.MOE_TOPK](topk, [logits], ctx)
-        got = CUDA_KERNELS[Op.MOE_WEIGHTS](wnode, [logits, ids], ctx)
-        want = KERNELS[Op.MOE_WEIGHTS](wnode, [logits.cpu(), ids.cpu()], ctx_for())
-        torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-7)
-    # ids from elsewhere under the same name do not take the cached weights
-    other = random_ids(1, 2, 8, seed=9)
-    got = CUDA_KERNELS[Op.MOE_WEIGHTS](wnode, [logits, other], ctx)
-    torch.testing.assert_close(got.cpu(), KERNELS[Op.MOE_WEIGHTS](wnode, [logits.cpu(), other.cpu()], ctx_for()),
-                               rtol=1e-6, atol=1e-7)
+    plain = CUDA_KERNELS[Op.MOE_TOPK](mk("ids", Op.MOE_TOPK, ("logits",), k=k, **({"shared": m} if m else {})),
+                                      [logits], ctx)
+    assert torch.equal(plain.cpu(), want_ids) and not ctx.cache
 
 
 def test_topk_strided_logits() -> None:
@@ -146,7 +133,6 @@ def test_shared_topk_and_weights_match_reference(T: int, m: int, dtype: torch.dt
     assert ids.dtype == torch.int32 and ids.shape == (T, k + m)
     assert torch.equal(ids.cpu(), want_ids)
     assert torch.equal(ids[:, k:].cpu(), torch.arange(E, E + m, dtype=torch.int32).expand(T, m))
-    assert not [key for key in ctx.cache if key[0] == "moe_topk_weights"]  # no weights without the gate
     w = CUDA_KERNELS[Op.MOE_WEIGHTS](wnode, [logits, ids, gate], ctx)
     want = KERNELS[Op.MOE_WEIGHTS](wnode, [logits.cpu(), want_ids, gate.cpu()], ctx_for())
     assert w.dtype == torch.float32 and w.shape == (T, k + m)

@@ -113,25 +113,12 @@ def delta_net(node: Node, args: Args, ctx: ExecContext, state_out: torch.Tensor 
 
 # ---- MoE --------------------------------------------------------------------------------------
 
-def _topk_weights_key(ids_name: str, logits_name: str, device: torch.device) -> tuple:
-    # the routing weights the top-k kernel computed beside the ids, for moe_weights(logits, ids)
-    return ("moe_topk_weights", ids_name, logits_name, device)
-
-
 def moe_topk(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     (logits,) = args  # softmax is monotonic: the top-k of the logits are the top-k of the probabilities
     k, m = int(node.attr["k"]), int(node.attr.get("shared", 0))
-    key = _topk_weights_key(node.name, node.inputs[0], logits.device)
     if fast_moe.topk_ok(logits, k + m):
-        # one launch for ids and the norm weights; moe_weights over the same logits and ids takes them
-        # (with shared slots there are none: their weights need the shared gate)
-        ids, wts = fast_moe.topk_softmax(logits, k, m)
-        if wts is None:
-            ctx.cache.pop(key, None)
-        else:
-            ctx.cache[key] = (ids, wts)
-        return ids
-    ctx.cache.pop(key, None)
+        # ids alone: a top-k whose routing weights are wanted too is a moe_topk_weights node (passes/fuse.py)
+        return fast_moe.topk_softmax(logits, k, m)[0]
     ids = torch.topk(logits, k, dim=-1).indices.to(torch.int32)
     if m:
         ids = torch.cat([ids, shared_ids(ids.shape[0], logits.shape[1], m, ids.device)], dim=1)  # [T,k+m]
@@ -148,9 +135,6 @@ def moe_weights(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
             return fast_moe.selected_softmax(logits, ids, args[2], m)
         return _ref(Op.MOE_WEIGHTS)(node, args, ctx)
     # softmax over all experts, renormalised over the chosen ones == softmax over the chosen logits
-    done = ctx.cache.get(_topk_weights_key(node.inputs[1], node.inputs[0], ids.device))
-    if done is not None and done[0] is ids:  # this call's ids (a decode step's context outlives a step)
-        return done[1]
     if fast_moe.topk_ok(logits, ids.shape[1]) and ids.shape[0] == logits.shape[0]:
         return fast_moe.selected_softmax(logits, ids)
     return torch.softmax(logits.gather(1, ids.long()).to(torch.float32), dim=-1)

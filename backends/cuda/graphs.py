@@ -17,6 +17,11 @@ token positions are not boundaries: every device has its own position counter.
 
 Without CUDA (or with `capture=False`) the same schedule runs eagerly, which is what tests on
 logical CPU devices check.
+
+The step runs the graph as the session's passes made it, every node once: kernel fusions and
+in-place state updates are nodes of that graph (passes/fuse.py, in the graphir-cuda pipeline),
+so the cost model prices what the step runs. The step swaps only how attention and kv_append
+address the bucket, where copies and outputs write, and never adds a node.
 """
 
 from __future__ import annotations
@@ -29,8 +34,6 @@ import torch
 from backends.cuda import fastpath
 from backends.cuda.devices import torch_device
 from backends.cuda.interp import ExecContext, ExecError, Replicas, _read
-from backends.cuda.step_fusions import Fusions
-from backends.cuda.step_rewrites import inplace_states
 from graphir.graph import Node
 from graphir.ops import LEAVES, Op
 
@@ -78,14 +81,8 @@ class DecodeStep:
         self.kernels[Op.KV_APPEND] = fastpath.kv_append
         self.kernels[Op.OUTPUT] = self._output
         self.kernels[Op.COPY] = self._copy
-        self.inplace = inplace_states(g)  # delta_net node -> the state key it may update in place
-        self.updated: set[str] = set()  # state keys a kernel already wrote this step
-        if self.inplace:
-            self.kernels[Op.DELTA_NET] = self._delta_net
-        # the fused kernels where step_rewrites' patterns hold, and the schedule they read
-        self.fusions = Fusions(g, decode_schedule(g, s.devices[0]), s.state, s.weights, s.kernels)
-        self.schedule = self.fusions.schedule
-        self.kernels.update(self.fusions.kernels())
+        # the graph as the passes made it: fusions and in-place state updates are nodes of it
+        self.schedule = decode_schedule(g, s.devices[0])
         self.last_use = _last_use(self.schedule)
         self.logits: torch.Tensor | None = None
         self._buffers: dict[str, torch.Tensor] = {}
@@ -99,22 +96,12 @@ class DecodeStep:
             return self.pos32[node.devices[0]]  # every device counts positions itself
         return self.s.kernels[Op.COPY](node, args, ctx)
 
-    def _delta_net(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
-        key = self.inplace.get(node.name)
-        q, state = args[0], args[5]
-        if key is None or not fastpath.delta_net_in_place(q, state) or state is not self.s.state.get(key):
-            return self.s.kernels[Op.DELTA_NET](node, args, ctx)
-        # the recurrent kernel writes the new state over the old one (its only reader), so the
-        # state's output needs no copy: 2 MB and a launch less per layer and token
-        self.updated.add(key)
-        return fastpath.delta_net(node, args, ctx, state_out=state)
-
     def _output(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
         key = str(node.attr["key"])
-        if key in self.updated:
-            return args[0]  # its rows in the packed result were not written: never read them
-        if key in self.s.state:
-            self.s.state[key].copy_(args[0])  # in place, inside the step (and its graph)
+        state = self.s.state.get(key)
+        if state is not None:
+            if args[0].data_ptr() != state.data_ptr():  # an in_place node wrote it there already
+                state.copy_(args[0])  # in place, inside the step (and its graph)
         elif key == "logits":
             self.logits = args[0]
         return args[0]
