@@ -65,6 +65,8 @@ class Op(str, enum.Enum):
     CAST_RMS_NORM_GATED = "cast_rms_norm_gated"
     SWIGLU_MOE_MATMUL = "swiglu_moe_matmul"
     SSM_CONV_STEP = "ssm_conv_step"
+    MOE_ROUTE = "moe_route"
+    MOE_MATMUL_ROUTED = "moe_matmul_routed"
 
 
 Results = tuple[TensorSpec, ...]
@@ -298,8 +300,9 @@ def _all_reduce(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSp
 
 
 # the fused ops' rules live beside this table (they read the rules above when called)
-from graphir.ops_fused import (_add_rms_norm, _cast_rms_norm_gated, _moe_sum_add_rms_norm,  # noqa: E402
-                               _moe_topk_weights, _result, _ssm_conv_step, _swiglu_moe_matmul)
+from graphir.ops_fused import (_add_rms_norm, _cast_rms_norm_gated, _moe_matmul_routed,  # noqa: E402
+                               _moe_route, _moe_sum_add_rms_norm, _moe_topk_weights, _result, _ssm_conv_step,
+                               _swiglu_moe_matmul)
 
 _F = ("dtype",)
 _NORM = ("eps",), ("offset",)
@@ -341,6 +344,8 @@ DEFS: dict[Op, OpDef] = {d.op: d for d in (
     OpDef(Op.CAST_RMS_NORM_GATED, 3, ("eps", "dtype"), (), _cast_rms_norm_gated),
     OpDef(Op.SWIGLU_MOE_MATMUL, 4, (), (), _swiglu_moe_matmul),
     OpDef(Op.SSM_CONV_STEP, 3, (), ("act", "in_place"), _ssm_conv_step),
+    OpDef(Op.MOE_ROUTE, 1, ("experts",), (), _moe_route),
+    OpDef(Op.MOE_MATMUL_ROUTED, 5, (), (), _moe_matmul_routed),
 )}
 
 LEAVES = frozenset({Op.INPUT, Op.WEIGHT, Op.STATE_IN})

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 from graphir import dims as D
 from graphir import ops as _o
-from graphir.dtypes import F32
+from graphir.dtypes import F32, I32, I64
 from graphir.spec import TensorSpec
 
 Results = tuple[TensorSpec, ...]
@@ -77,3 +77,18 @@ def _ssm_conv_step(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> Resul
           f"ssm_conv_step state {s} must hold K-1 rows of the weight {w}")
     joined = TensorSpec((D.add(s.shape[0], x.shape[0]), x.shape[1]), x.dtype)
     return _o._ssm_conv([joined, w], {}), s
+
+
+def _moe_route(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> Results:
+    (ids,) = ins  # the slots of ids [T,k] sorted by expert: (slot order i64 [T*k], group ends i32 [E])
+    E = attrs["experts"]
+    _need(ids.rank == 2 and ids.dtype == I32, f"moe_route ids must be i32[T,k], got {ids}")
+    _need(isinstance(E, int) and not isinstance(E, bool) and E >= 1, f"moe_route experts={E!r} must be an int >= 1")
+    return TensorSpec((ids.numel(),), I64), TensorSpec((E,), I32)
+
+
+def _moe_matmul_routed(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+    x, w, ids, order, ends = ins  # moe_matmul(x, w, ids) reading the route every matmul of ids shares
+    _need((order, ends) == _moe_route([ids], {"experts": w.shape[0]}),
+          f"moe_matmul_routed route {order}, {ends} is not that of ids {ids} over the {w.shape[0]} experts")
+    return _o._moe_matmul([x, w, ids], attrs)

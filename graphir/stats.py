@@ -45,9 +45,10 @@ def node_flops(g: Graph, n: Node, env: dict[str, int]) -> int:
         rows = ins[0].numel_at(env) // max(1, ins[0].bind(env)[-1])
         out, k = ins[1].bind(env)
         return 2 * rows * out * k
-    if n.op in (Op.MOE_MATMUL, Op.SWIGLU_MOE_MATMUL):  # the weight is the input before the ids
+    if n.op in (Op.MOE_MATMUL, Op.SWIGLU_MOE_MATMUL, Op.MOE_MATMUL_ROUTED):
         t, kk, out = n.spec.bind(env)
-        return 2 * t * kk * out * ins[-2].bind(env)[2]
+        w = ins[2] if n.op == Op.MOE_MATMUL_ROUTED else ins[-2]  # the weight: the input before the ids
+        return 2 * t * kk * out * w.bind(env)[2]
     if n.op == Op.ATTENTION:
         t, hq, dv = n.spec.bind(env)
         s, _, d = ins[1].bind(env)

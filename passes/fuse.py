@@ -11,7 +11,8 @@ Decode-only fusions (`phase="tg"`) are those whose kernels are written for one t
 residual add with the next norm, the expert sum with both, a cast rounded by the gated norm
 as it loads, the swiglu applied by the expert GEMV, the router top-k writing the shared
 expert's weight, and conv / delta-net state updated in place. The top-k writing the routing
-weights (no shared expert) runs in both phases.
+weights (no shared expert) runs in both phases; the expert route shared by a layer's expert
+matmuls (one sort of the slots by expert) is a prefill one.
 """
 
 from __future__ import annotations
@@ -36,14 +37,21 @@ class Rewrite:
     g: Graph
     at: dict[str, list[Node]] = field(default_factory=dict)
     drop: set[str] = field(default_factory=set)
-    def fused(self, name: str, op: Op, inputs: tuple[str, ...], attrs: dict[str, Any], like: Node) -> Node:
-        """A node of `op` with its specs inferred from the inputs (results of nodes of g)."""
-        specs = infer_results(op, [self.g[i].results for i in inputs], attrs)
-        return Node(name, op, inputs, specs[0], tuple(attrs.items()), like.device, specs[1:])
+    made: dict[str, Node] = field(default_factory=dict)  # new nodes, by name
 
-    def result(self, of: Node, k: int, like: Node) -> Node:
-        """`like`'s value as result k of fused node `of` (same name, same spec)."""
-        return Node(like.name, Op.RESULT, (of.name,), of.results[k], (("index", k),), like.device)
+    def fused(self, name: str, op: Op, inputs: tuple[str, ...], attrs: dict[str, Any], like: Node) -> Node:
+        """A node of `op` on `like`'s device, its specs inferred from the inputs (nodes of g or made here)."""
+        specs = infer_results(op, [(self.made.get(i) or self.g[i]).results for i in inputs], attrs)
+        return self._made(Node(name, op, inputs, specs[0], tuple(attrs.items()), like.device, specs[1:]))
+
+    def result(self, of: Node, k: int, like: Node | None = None, name: str = "") -> Node:
+        """Result k of fused node `of`, as `like`'s value (its name and spec) or a new `name`."""
+        return self._made(Node(like.name if like else name, Op.RESULT, (of.name,), of.results[k], (("index", k),),
+                               of.device))
+
+    def _made(self, n: Node) -> Node:
+        self.made[n.name] = n
+        return n
 
     def apply(self) -> Graph:
         if not self.at and not self.drop:
@@ -246,6 +254,28 @@ def delta_net_in_place(g: Graph) -> Graph:
     return rw.apply()
 
 
+def share_moe_route(g: Graph) -> Graph:
+    """Prefill: the expert matmuls over one ids read one moe_route (slots sorted by expert once).
+
+    The gate/up and down matmuls of a layer group the same slots by expert; moe_route sorts
+    them once, before the first of them, and each becomes a moe_matmul_routed reading it."""
+    if phase(g) != "pp":
+        return g
+    rw = Rewrite(g)
+    groups: dict[tuple[str, int, str | None], list[Node]] = {}
+    for mm in g.by_op(Op.MOE_MATMUL):
+        groups.setdefault((mm.inputs[2], int(g[mm.inputs[1]].spec.shape[0]), mm.device), []).append(mm)
+    for (ids, E, _), mms in groups.items():
+        route = rw.fused(_name(g, ids + ".route"), Op.MOE_ROUTE, (ids,), {"experts": E}, mms[0])
+        views = [rw.result(route, k, name=_name(g, f"{route.name}.{part}")) for k, part in enumerate(("order", "ends"))]
+        first, *rest = mms
+        rw.at[first.name] = [route, *views, rw.fused(first.name, Op.MOE_MATMUL_ROUTED,
+                                                     (*first.inputs, *(v.name for v in views)), {}, first)]
+        for mm in rest:
+            rw.at[mm.name] = [rw.fused(mm.name, Op.MOE_MATMUL_ROUTED, (*mm.inputs, *(v.name for v in views)), {}, mm)]
+    return rw.apply()
+
+
 # the engine's order: routing first (the sum fusion reads the weights' new producer by name)
 FUSIONS: tuple[str, ...] = ("fuse_topk_weights", "fuse_swiglu_gemv", "fuse_cast_norm", "fuse_add_rms_norm",
-                            "conv_in_place", "delta_net_in_place")
+                            "conv_in_place", "delta_net_in_place", "share_moe_route")

@@ -169,6 +169,17 @@ def _swiglu_moe_matmul(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> 
     return base._replace(flops=base.flops + 5.0 * g.spec.numel_at(env), actbytes=base.actbytes + _nb(u, env))
 
 
+def _moe_route(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
+    # a stable sort of the slots by expert and a search for each expert's group end
+    return Work("vector", flops=float(8 * ins[0].spec.numel_at(env)), actbytes=_nb(ins[0], env) + _out(n, env),
+                launches=2)
+
+
+def _moe_matmul_routed(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
+    base = _moe_matmul(n, ins[:3], env)  # plus the route it reads instead of sorting the slots itself
+    return base._replace(actbytes=base.actbytes + _nb(ins[3], env) + _nb(ins[4], env))
+
+
 def _ssm_conv_step(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
     s, x, w = ins  # reads the state and the new row, writes the output and the shifted state
     C, K = w.spec.bind(env)
@@ -211,7 +222,7 @@ RULES: dict[Op, Rule] = {
     Op.COPY: _copy, Op.ALL_REDUCE: _all_reduce,
     Op.RESULT: _free, Op.ADD_RMS_NORM: _vector, Op.MOE_SUM_ADD_RMS_NORM: _moe_sum_add_rms_norm,
     Op.MOE_TOPK_WEIGHTS: _moe_topk, Op.CAST_RMS_NORM_GATED: _vector, Op.SWIGLU_MOE_MATMUL: _swiglu_moe_matmul,
-    Op.SSM_CONV_STEP: _ssm_conv_step,
+    Op.SSM_CONV_STEP: _ssm_conv_step, Op.MOE_ROUTE: _moe_route, Op.MOE_MATMUL_ROUTED: _moe_matmul_routed,
 }
 
 

@@ -140,26 +140,12 @@ def moe_weights(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     return torch.softmax(logits.gather(1, ids.long()).to(torch.float32), dim=-1)
 
 
-def _moe_route(node: Node, ids: torch.Tensor, n_experts: int, ctx: ExecContext) -> fast_moe.Route:
-    # the gate/up and down matmuls of a layer read the same ids: sort the slots once per call
-    key = ("moe_route", node.inputs[2], ids.device, n_experts)
-    got = ctx.cache.get(key)
-    if got is not None and got[0] is ids:  # the same value, not a stale one of an earlier call
-        r = got[1]
-    else:
-        r = fast_moe.route(ids, n_experts)
-        ctx.cache[key] = (ids, r)
-    if ctx.graph.users.get(node.inputs[2], ())[-1:] == (node.name,):
-        del ctx.cache[key]  # the ids' last reader: the routing is not kept to the end of the call
-    return r
-
-
 def moe_matmul(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     x, w, ids = args
     if not (x.is_cuda or fused.usable(x)):
         return _ref(Op.MOE_MATMUL)(node, args, ctx)
-    r = _moe_route(node, ids, w.shape[0], ctx) if ids.numel() > fast_moe.DECODE_SLOTS else None
-    return fast_moe.moe_matmul(x, w, ids, r)
+    # a prefill's matmuls of one layer share their route as a moe_route node (passes/fuse.py)
+    return fast_moe.moe_matmul(x, w, ids)
 
 
 def moe_sum(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:

@@ -92,6 +92,19 @@ def delta_net(node: Node, args: Args, ctx: ExecContext) -> Any:
     return packed[:T], state
 
 
+def moe_route(node: Node, args: Args, ctx: ExecContext) -> Any:
+    (ids,) = args  # sorted on the device, no host synchronisation (a 16-bit key where it fits)
+    r = fast_moe.route(ids, int(node.attr["experts"]))
+    return r.order, r.ends
+
+
+def moe_matmul_routed(node: Node, args: Args, ctx: ExecContext) -> Any:
+    x, w, ids, order, ends = args  # the grouped GEMM reads the layer's one route; a few slots take the GEMV
+    if not (x.is_cuda or fused.usable(x)):
+        return KERNELS[Op.MOE_MATMUL_ROUTED](node, args, ctx)
+    return fast_moe.moe_matmul(x, w, ids, fast_moe.Route(order, ends))
+
+
 FUSED: dict[Op, Kernel] = {
     Op.ADD_RMS_NORM: add_rms_norm,
     Op.MOE_SUM_ADD_RMS_NORM: moe_sum_add_rms_norm,
@@ -100,4 +113,6 @@ FUSED: dict[Op, Kernel] = {
     Op.SWIGLU_MOE_MATMUL: swiglu_moe_matmul,
     Op.SSM_CONV_STEP: ssm_conv_step,
     Op.DELTA_NET: delta_net,
+    Op.MOE_ROUTE: moe_route,
+    Op.MOE_MATMUL_ROUTED: moe_matmul_routed,
 }

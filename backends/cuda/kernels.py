@@ -191,6 +191,18 @@ def ssm_conv_step(node: Node, args: Args, ctx: ExecContext) -> tuple[torch.Tenso
     return y, nxt
 
 
+def moe_route(node: Node, args: Args, ctx: ExecContext) -> tuple[torch.Tensor, torch.Tensor]:
+    (ids,) = args  # [T,k] -> slots sorted by expert (stable) i64 [T*k], where each group ends i32 [E]
+    flat = ids.reshape(-1)
+    sorted_ids, order = torch.sort(flat, stable=True)
+    experts = torch.arange(int(node.attr["experts"]), dtype=flat.dtype, device=flat.device)
+    return order, torch.searchsorted(sorted_ids, experts, right=True, out_int32=True)
+
+
+def moe_matmul_routed(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    return moe_matmul(node, args[:3], ctx)  # the route only saves a sort: the values are the ids'
+
+
 def delta_net_(node: Node, args: Args, ctx: ExecContext) -> Any:
     packed = delta_net(node, args, ctx)  # [T+dk,nv,dv] f32
     if not node.attr.get("in_place"):
@@ -237,4 +249,6 @@ KERNELS: dict[Op, Kernel] = {
     Op.CAST_RMS_NORM_GATED: cast_rms_norm_gated,
     Op.SWIGLU_MOE_MATMUL: swiglu_moe_matmul,
     Op.SSM_CONV_STEP: ssm_conv_step,
+    Op.MOE_ROUTE: moe_route,
+    Op.MOE_MATMUL_ROUTED: moe_matmul_routed,
 }
