@@ -286,7 +286,7 @@ def _pieces(nodes: Sequence[Node], size: int) -> list[list[Node]]:
             out.append([])
             work = 0
         out[-1].append(n)
-        work += n.op not in LEAVES and n.op != Op.SLICE
+        work += _launches(n)
     if len(out) > 1 and not _works(out[-1]):  # a tail of views alone would capture an empty graph
         out[-2].extend(out.pop())
     return out
@@ -343,8 +343,14 @@ def _schedule(g: Any, is_position: Any, default: str) -> list[tuple]:
 
 
 def _works(nodes: Sequence[Node]) -> bool:
-    """Whether a segment launches anything (leaves and slices are views: an empty graph)."""
-    return any(n.op not in LEAVES and n.op != Op.SLICE for n in nodes)
+    """Whether a segment launches anything (leaves, slices and result views alone: an empty graph)."""
+    return any(_launches(n) for n in nodes)
+
+
+def _launches(n: Node) -> bool:
+    """Whether a node may launch a kernel here: not a leaf, a slice or a result view (a
+    reshape may copy, an output copies a state back)."""
+    return n.op not in LEAVES and n.op not in (Op.SLICE, Op.RESULT)
 
 
 def _last_use(schedule: Sequence[tuple]) -> dict[str, str]:
