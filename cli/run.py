@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
+from backends.cuda.pipeline import ENGINE_PASSES
 from cli import options as O
 from cli.common import output_path
 from graphir.errors import GraphirError
@@ -19,7 +20,7 @@ from graphir.errors import GraphirError
 RANDOM_HELP = ("run on seeded random weights (a checkpoint directory without readable weights is "
                "an error otherwise; a preset or config.json has none and always runs random)")
 OVERFLOW_HELP = "go on when the estimate says the host's or GPUs' memory is too small (a warning)"
-DEFAULT_PASSES = "fold_shared_expert,merge_siblings,merge_qkv,merge_up_gate,contiguous_heads,fuse_delta_net_gates"
+DEFAULT_PASSES = ",".join(ENGINE_PASSES)  # the engine pipeline (backends/cuda/pipeline.py)
 
 
 def parse_tokens(spec: str) -> list[int]:

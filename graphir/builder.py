@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from graphir.graph import Graph, GraphError, Node
-from graphir.ops import LEAVES, Op, ShapeError, infer
+from graphir.ops import LEAVES, Op, ShapeError, infer_results
 from graphir.spec import TensorSpec
 
 
@@ -45,10 +45,11 @@ class Builder:
             missing = [i for i in inputs if i not in self._index]
             if missing:
                 raise ShapeError(f"unknown input(s) {', '.join('%' + m for m in missing)}")
-            spec = infer(op, [self._index[i].spec for i in inputs], attrs)
+            specs = infer_results(op, [self._index[i].results for i in inputs], attrs)
         except ShapeError as e:
             raise GraphError(f"%{name} ({op.value}): {e}") from None
-        return self.add(Node(name, op, tuple(inputs), spec, tuple(attrs.items()), device or self.device))
+        return self.add(Node(name, op, tuple(inputs), specs[0], tuple(attrs.items()), device or self.device,
+                             specs[1:]))
 
     def graph(self, **meta: Any) -> Graph:
         return Graph(tuple(self._nodes), tuple(meta.items()))

@@ -13,7 +13,7 @@ from functools import cached_property
 from typing import Any, Container, Iterable, Iterator, Mapping
 
 from graphir.errors import GraphirError
-from graphir.ops import CONST_OPS, LEAVES, Op, ShapeError, check_attrs, infer
+from graphir.ops import CONST_OPS, LEAVES, Op, ShapeError, check_attrs, infer_results
 from graphir.spec import TensorSpec
 
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.#\-]*")
@@ -47,11 +47,20 @@ class Node:
     spec: TensorSpec
     attrs: tuple[tuple[str, AttrValue], ...] = ()
     device: str | None = None  # "cuda:0"; a collective lists its group: "cuda:0,cuda:1"
+    # a fused op with several results: the specs of results 1.. (`spec` is result 0); such a
+    # node is read only through `result {index}` views
+    outs: tuple[TensorSpec, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "op", Op(self.op))
         object.__setattr__(self, "inputs", tuple(self.inputs))
         object.__setattr__(self, "attrs", freeze_attrs(self.attrs))
+        object.__setattr__(self, "outs", tuple(self.outs))
+
+    @property
+    def results(self) -> tuple[TensorSpec, ...]:
+        """Every result's spec, result 0 first (one for all but a few fused ops)."""
+        return (self.spec,) + self.outs
 
     @cached_property
     def attr(self) -> dict[str, AttrValue]:
@@ -69,7 +78,7 @@ class Node:
 
     def with_(self, **changes: Any) -> "Node":
         fields = {"name": self.name, "op": self.op, "inputs": self.inputs, "spec": self.spec,
-                  "attrs": self.attrs, "device": self.device}
+                  "attrs": self.attrs, "device": self.device, "outs": self.outs}
         fields.update(changes)
         return Node(**fields)
 
@@ -169,9 +178,11 @@ def constants(g: Graph) -> set[str]:
 
 def verify(g: Graph) -> None:
     """Re-check every invariant: unique names, topological order, op arity and attrs, specs
-    recomputed from inputs, and, for placed graphs, that no node reads a value from a device
-    it is not on (only copies and collectives cross devices)."""
+    recomputed from inputs, nodes with several results read only through `result` views, no
+    value read after a node overwrote it in place, and, for placed graphs, that no node reads
+    a value from a device it is not on (only copies and collectives cross devices)."""
     seen: dict[str, Node] = {}
+    overwritten: dict[str, str] = {}  # state value -> the in-place node that wrote over it
     placed = any(n.device for n in g.nodes)
     for n in g.nodes:
         if not NAME_RE.fullmatch(n.name):
@@ -181,20 +192,42 @@ def verify(g: Graph) -> None:
         for i in n.inputs:
             if i not in seen:
                 raise GraphError(f"%{n.name}: input %{i} is not defined before it")
+            if i in overwritten:
+                raise GraphError(f"%{n.name} reads %{i} after %{overwritten[i]} wrote over it in place")
+            if seen[i].outs and n.op != Op.RESULT:
+                raise GraphError(f"%{n.name} reads %{i}, which has several results: read one through a result node")
         try:
             if n.op in LEAVES:
-                if n.inputs:
-                    raise ShapeError(f"{n.op.value} takes no inputs")
+                if n.inputs or n.outs:
+                    raise ShapeError(f"{n.op.value} takes no inputs and has one result")
                 check_attrs(n.op, n.attr)
             else:
-                got = infer(n.op, [seen[i].spec for i in n.inputs], n.attr)
-                if got != n.spec:
-                    raise ShapeError(f"spec {n.spec} but its inputs give {got}")
+                got = infer_results(n.op, [seen[i].results for i in n.inputs], n.attr)
+                if got != n.results:
+                    have = ", ".join(map(str, n.results))
+                    raise ShapeError(f"spec {have} but its inputs give {', '.join(map(str, got))}")
         except ShapeError as e:
             raise GraphError(f"%{n.name} ({n.op.value}): {e}") from None
+        if n.attr.get("in_place"):
+            _verify_in_place(n, seen, overwritten)
         if placed:
             _verify_device(n, seen)
         seen[n.name] = n
+
+
+# the input an in-place op writes its new state over
+IN_PLACE_INPUT = {Op.DELTA_NET: 5, Op.SSM_CONV_STEP: 0}
+
+
+def _verify_in_place(n: Node, seen: Mapping[str, Node], overwritten: dict[str, str]) -> None:
+    """An in-place node writes over a state leaf: nothing may read that leaf after it."""
+    k = IN_PLACE_INPUT.get(n.op)
+    if k is None or len(n.inputs) <= k:
+        raise GraphError(f"%{n.name} ({n.op.value}): in_place is not an attribute of this op")
+    src = seen[n.inputs[k]]
+    if src.op != Op.STATE_IN:
+        raise GraphError(f"%{n.name}: in_place writes over %{src.name}, which is not a state_in")
+    overwritten[src.name] = n.name
 
 
 def _verify_device(n: Node, seen: Mapping[str, Node]) -> None:

@@ -66,9 +66,21 @@ class Op(str, enum.Enum):
     ALL_REDUCE = "all_reduce"
     # graph results
     OUTPUT = "output"
+    # fusions (passes/fuse*.py) and the view that picks one result of a node with several
+    RESULT = "result"
+    ADD_RMS_NORM = "add_rms_norm"
+    MOE_SUM_ADD_RMS_NORM = "moe_sum_add_rms_norm"
+    MOE_TOPK_WEIGHTS = "moe_topk_weights"
+    CAST_RMS_NORM_GATED = "cast_rms_norm_gated"
+    SWIGLU_MOE_MATMUL = "swiglu_moe_matmul"
+    SSM_CONV_STEP = "ssm_conv_step"
+    MOE_ROUTE = "moe_route"
+    MOE_MATMUL_ROUTED = "moe_matmul_routed"
 
 
-Rule = Callable[[Sequence[TensorSpec], Mapping[str, Any]], TensorSpec]
+Results = tuple[TensorSpec, ...]
+# a rule returns the node's spec, or for an op with several results the tuple of their specs
+Rule = Callable[[Sequence[TensorSpec], Mapping[str, Any]], "TensorSpec | Results"]
 
 
 @dataclass(frozen=True)
@@ -224,7 +236,7 @@ def _ssm_conv(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec
     return TensorSpec((D.sub(x.shape[0], D.sub(w.shape[1], 1)), x.shape[1]), x.dtype)
 
 
-def _delta_net(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+def _delta_net(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec | Results:
     raw = bool(attrs.get("raw_gates", False))
     _need(len(ins) == (8 if raw else 6), f"delta_net takes {8 if raw else 6} inputs"
           f"{' with raw_gates' if raw else ''}, got {len(ins)}")
@@ -239,6 +251,9 @@ def _delta_net(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpe
     _need(s.shape == (dk, nv, dv), f"delta_net state must be [{dk},{nv},{dv}], got {s}")
     if raw:  # g = softplus(f32(alpha) + dt_bias) * a, beta = sigmoid(b): per value head
         _need(all(x.shape == (nv,) for x in ins[6:]), f"delta_net dt_bias {ins[6]} and a {ins[7]} must be [{nv}]")
+    if attrs.get("in_place"):  # two results: the output rows, and the state written over input 5
+        _need(s.dtype == F32, f"delta_net in_place needs an f32 state, got {s}")
+        return TensorSpec((T, nv, dv), F32), s
     # packed result: rows [0,T) are the output, rows [T,T+dk) the new state (ggml does the same)
     return TensorSpec((D.add(T, dk), nv, dv), F32)
 
@@ -357,7 +372,13 @@ def _all_reduce(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSp
     return first
 
 
+# the fused ops' rules live beside this table (they read the rules above when called)
+from graphir.ops_fused import (_add_rms_norm, _cast_rms_norm_gated, _moe_matmul_routed,  # noqa: E402
+                               _moe_route, _moe_sum_add_rms_norm, _moe_topk_weights, _result, _ssm_conv_step,
+                               _swiglu_moe_matmul)
+
 _F = ("dtype",)
+_NORM = ("eps",), ("offset",)
 DEFS: dict[Op, OpDef] = {d.op: d for d in (
     OpDef(Op.INPUT, 0, ("role",), (), None, 0),
     OpDef(Op.WEIGHT, 0, (), ("src", "slice_dim", "start", "stop"), None, 0),
@@ -385,7 +406,7 @@ DEFS: dict[Op, OpDef] = {d.op: d for d in (
     OpDef(Op.KV_APPEND, 2, (), (), _kv_append),
     OpDef(Op.CONCAT, None, ("dim",), (), _concat),
     OpDef(Op.SSM_CONV, 2, (), ("act",), _ssm_conv),
-    OpDef(Op.DELTA_NET, None, (), ("qk_l2norm", "raw_gates"), _delta_net),
+    OpDef(Op.DELTA_NET, None, (), ("qk_l2norm", "raw_gates", "in_place"), _delta_net),
     OpDef(Op.MOE_TOPK, 1, ("k",), ("shared",), _moe_topk),
     OpDef(Op.MOE_TOPK_BIAS, 2, ("k",), (), _moe_topk_bias),
     OpDef(Op.MOE_WEIGHTS, None, ("norm",), ("shared",), _moe_weights),  # logits, ids[, shared gate]
@@ -399,6 +420,15 @@ DEFS: dict[Op, OpDef] = {d.op: d for d in (
     OpDef(Op.COPY, 1, (), (), _unary),
     OpDef(Op.ALL_REDUCE, None, (), ("dtype",), _all_reduce),
     OpDef(Op.OUTPUT, 1, ("key",), (), _unary, 0),
+    OpDef(Op.RESULT, None, ("index",), (), _result, 0),
+    OpDef(Op.ADD_RMS_NORM, 3, *_NORM, _add_rms_norm),
+    OpDef(Op.MOE_SUM_ADD_RMS_NORM, 4, *_NORM, _moe_sum_add_rms_norm),
+    OpDef(Op.MOE_TOPK_WEIGHTS, None, ("k",), ("shared",), _moe_topk_weights),  # logits[, shared gate]
+    OpDef(Op.CAST_RMS_NORM_GATED, 3, ("eps", "dtype"), (), _cast_rms_norm_gated),
+    OpDef(Op.SWIGLU_MOE_MATMUL, 4, (), (), _swiglu_moe_matmul),
+    OpDef(Op.SSM_CONV_STEP, 3, (), ("act", "in_place"), _ssm_conv_step),
+    OpDef(Op.MOE_ROUTE, 1, ("experts",), (), _moe_route),
+    OpDef(Op.MOE_MATMUL_ROUTED, 5, (), (), _moe_matmul_routed),
 )}
 
 LEAVES = frozenset({Op.INPUT, Op.WEIGHT, Op.STATE_IN})
@@ -421,8 +451,20 @@ def check_attrs(op: Op, attrs: Mapping[str, Any]) -> None:
 _INFERRED: dict[tuple[Any, ...], TensorSpec] = {}  # rules are pure: layers repeat the same shapes
 
 
-def infer(op: Op, ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
-    """The output spec of `op` on inputs `ins`; raises ShapeError naming what is wrong.
+def infer_results(op: Op, ins: Sequence[Results], attrs: Mapping[str, Any]) -> Results:
+    """The specs of every result of `op`, given every input's results (most ops have one).
+    A `result` node picks one result of its single input; any other op reads result 0."""
+    if op == Op.RESULT:
+        _need(len(ins) == 1, f"result takes 1 input, got {len(ins)}")
+        got = infer(op, ins[0], attrs)
+    else:
+        got = infer(op, [r[0] for r in ins], attrs)
+    return got if isinstance(got, tuple) else (got,)
+
+
+def infer(op: Op, ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> Any:
+    """The output spec of `op` on inputs `ins` (a tuple of specs for an op with several
+    results: see infer_results); raises ShapeError naming what is wrong.
     Memoised on (op, input specs, attrs): building, verifying and placing a 48-layer model
     then costs a dict lookup per node instead of re-parsing symbolic dims."""
     try:
@@ -440,7 +482,7 @@ def infer(op: Op, ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> Tensor
     return got
 
 
-def _infer(op: Op, ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
+def _infer(op: Op, ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec | Results:
     d = DEFS[op]
     check_attrs(op, attrs)
     if d.rule is None:

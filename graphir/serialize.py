@@ -26,6 +26,8 @@ def node_to_dict(n: Node) -> dict[str, Any]:
         d["attrs"] = [[k, _jsonable(v)] for k, v in n.attrs]
     if n.device:
         d["device"] = n.device
+    if n.outs:  # results 1.. of a fused op with several
+        d["results"] = [{"dtype": r.dtype.name, "shape": list(r.shape)} for r in n.outs]
     return d
 
 
@@ -40,7 +42,8 @@ def from_json(text: str) -> Graph:
     if not isinstance(doc, dict) or doc.get("format") != "graphir":
         raise ValueError("not a graphir JSON document")
     nodes = [Node(d["name"], Op(d["op"]), tuple(d["inputs"]), TensorSpec(tuple(d["shape"]), d["dtype"]),
-                  tuple((k, _tupled(v)) for k, v in d.get("attrs", [])), d.get("device"))
+                  tuple((k, _tupled(v)) for k, v in d.get("attrs", [])), d.get("device"),
+                  tuple(TensorSpec(tuple(r["shape"]), r["dtype"]) for r in d.get("results", [])))
              for d in doc["nodes"]]
     return Graph(tuple(nodes), tuple((k, _tupled(v)) for k, v in doc.get("meta", [])))
 
@@ -51,7 +54,7 @@ def to_networkx(g: Graph) -> Any:
 
     G = nx.MultiDiGraph(**dict(g.meta))
     for n in g.nodes:
-        G.add_node(n.name, op=n.op.value, spec=str(n.spec), device=n.device, layer=n.layer,
+        G.add_node(n.name, op=n.op.value, spec=", ".join(map(str, n.results)), device=n.device, layer=n.layer,
                    attrs=dict(n.attrs))
         for pos, i in enumerate(n.inputs):
             G.add_edge(i, n.name, index=pos, spec=str(g[i].spec))
@@ -70,7 +73,8 @@ def to_dot(g: Graph, weights: bool = False) -> str:
             continue
         shape = _LEAF_STYLE.get(n.op, "box")
         dev = f"\\n@{n.device}" if n.device else ""
-        lines.append(f'  "{n.name}" [shape={shape}, label="{n.name}\\n{n.op.value} {n.spec}{dev}"];')
+        specs = ", ".join(map(str, n.results))
+        lines.append(f'  "{n.name}" [shape={shape}, label="{n.name}\\n{n.op.value} {specs}{dev}"];')
     for n in g.nodes:
         for i in n.inputs:
             if i in shown and n.name in shown:

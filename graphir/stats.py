@@ -46,9 +46,10 @@ def node_flops(g: Graph, n: Node, env: dict[str, int]) -> int:
         rows = ins[0].numel_at(env) // max(1, ins[0].bind(env)[-1])
         out, k = ins[1].bind(env)
         return 2 * rows * out * k
-    if n.op == Op.MOE_MATMUL:
+    if n.op in (Op.MOE_MATMUL, Op.SWIGLU_MOE_MATMUL, Op.MOE_MATMUL_ROUTED):
         t, kk, out = n.spec.bind(env)
-        return 2 * t * kk * out * ins[1].bind(env)[2]
+        w = ins[2] if n.op == Op.MOE_MATMUL_ROUTED else ins[-2]  # the weight: the input before the ids
+        return 2 * t * kk * out * w.bind(env)[2]
     if n.op == Op.HEAD_MATMUL:  # one [out,in] matrix per head
         t, h, out = n.spec.bind(env)
         return 2 * t * h * out * ins[1].bind(env)[2]
@@ -64,9 +65,9 @@ def node_flops(g: Graph, n: Node, env: dict[str, int]) -> int:
         _, nv, dv = ins[2].bind(env)
         # per token and value head: decay, k^T S, update, q^T S (each ~2*dk*dv)
         return 8 * t * nv * dk * dv
-    if n.op == Op.SSM_CONV:
+    if n.op in (Op.SSM_CONV, Op.SSM_CONV_STEP):  # the weight [C,K] last
         t, c = n.spec.bind(env)
-        return 2 * t * c * ins[1].bind(env)[1]
+        return 2 * t * c * ins[-1].bind(env)[1]
     return 0
 
 

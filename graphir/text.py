@@ -52,7 +52,8 @@ def format_node(n: Node) -> str:
     dev = f" @{n.device}" if n.device else ""
     args = ", ".join("%" + i for i in n.inputs)
     tail = f" {_attrs(n.attrs)}" if n.attrs else ""
-    return f"%{n.name} : {n.spec}{dev} = {n.op.value}({args}){tail}"
+    specs = ", ".join(str(r) for r in n.results)
+    return f"%{n.name} : {specs}{dev} = {n.op.value}({args}){tail}"
 
 
 def to_text(g: Graph) -> str:
@@ -62,10 +63,12 @@ def to_text(g: Graph) -> str:
 
 # ---- parsing -------------------------------------------------------------------------------
 
+_SPEC = r"\w+\[[^\]]*\]"
 _NODE = re.compile(
-    r"%(?P<name>\S+) : (?P<dtype>\w+)\[(?P<shape>[^\]]*)\]"
+    rf"%(?P<name>\S+) : (?P<specs>{_SPEC}(?:, {_SPEC})*)"
     r"(?: @(?P<dev>\S+))? = (?P<op>\w+)\((?P<args>[^)]*)\)(?: (?P<attrs>\{.*\}))?$"
 )
+_ONE_SPEC = re.compile(r"(?P<dtype>\w+)\[(?P<shape>[^\]]*)\]")
 _TOKEN = re.compile(r'\s*(?:(?P<str>"(?:[^"\\]|\\.)*")|(?P<num>-?(?:(?:inf|nan)(?!\w)|[0-9][0-9eE.+\-]*))'
                     r'|(?P<word>[A-Za-z_]\w*)|(?P<punct>[{}\[\],=]))')
 
@@ -158,13 +161,16 @@ def parse_node(line: str) -> Node:
         op = Op(m.group("op"))
     except ValueError:
         raise ParseError(f"unknown op {m.group('op')!r}") from None
-    shape = tuple(s.strip() for s in m.group("shape").split(",")) if m.group("shape").strip() else ()
+    specs = []  # one per result: a fused op with several lists them all
+    for sm in _ONE_SPEC.finditer(m.group("specs")):
+        shape = tuple(x.strip() for x in sm.group("shape").split(",")) if sm.group("shape").strip() else ()
+        specs.append(TensorSpec(shape, sm.group("dtype")))
     raw = [a.strip() for a in m.group("args").split(",") if a.strip()]
     if any(len(a) < 2 or a[0] != "%" for a in raw):
         raise ParseError(f"bad argument list {m.group('args')!r} (arguments are %names)")
     args = tuple(a[1:] for a in raw)
-    return Node(m.group("name"), op, args, TensorSpec(shape, m.group("dtype")),
-                _parse_attrs(m.group("attrs")), m.group("dev"))
+    return Node(m.group("name"), op, args, specs[0], _parse_attrs(m.group("attrs")), m.group("dev"),
+                tuple(specs[1:]))
 
 
 def from_text(text: str) -> Graph:

@@ -8,6 +8,7 @@ from graphir.graph import Graph
 
 from passes.registry import PassContext, register_pass
 from passes.memory import check_fit, plan_memory
+from passes import fuse as _fuse
 from passes.gates import fuse_delta_net_gates as _fuse_delta_net_gates
 from passes.heads import contiguous_heads as _contiguous_heads
 from passes.merge import merge_qkv as _merge_qkv
@@ -93,3 +94,9 @@ def check_memory(g: Graph, ctx: PassContext) -> Graph:
     if ctx.mem is not None:
         check_fit(plan_memory(g, ctx.ctx_len, ctx.ubatch), ctx.mem)
     return g
+
+
+# ---- kernel fusions (passes/fuse.py): decode-only ones leave a prefill graph as it is --------
+
+for _name in _fuse.FUSIONS:
+    register_pass(_name)(getattr(_fuse, _name))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from graphir.graph import Graph, GraphError, Node, freeze_attrs
-from graphir.ops import Op, ShapeError, infer
+from graphir.ops import Op, ShapeError, infer_results
 from graphir.spec import TensorSpec
 
 
@@ -32,10 +32,10 @@ class Emitter:
         # a node's own attrs are already frozen and sorted: skip re-freezing them
         fa = attrs if isinstance(attrs, tuple) else freeze_attrs(attrs)
         try:
-            spec = infer(op, [self.index[i].spec for i in inputs], dict(fa))
+            specs = infer_results(op, [self.index[i].results for i in inputs], dict(fa))
         except ShapeError as e:
             raise GraphError(f"%{name} ({op.value}): {e}") from None
-        return self.add(Node(name, op, tuple(inputs), spec, fa, device))
+        return self.add(Node(name, op, tuple(inputs), specs[0], fa, device, specs[1:]))
 
     def leaf(self, name: str, op: Op, spec: TensorSpec, attrs: Mapping[str, Any], device: str | None) -> str:
         return self.add(Node(name, op, (), spec, freeze_attrs(attrs), device))

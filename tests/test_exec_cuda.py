@@ -24,7 +24,9 @@ from backends.cuda.testing import patch_triton_interpreter, rel_err
 from graphir.builder import Builder
 from graphir.models import from_hf_dict
 from graphir.ops import Op
+from passes import fuse
 from passes import contiguous_heads, fold_shared_expert, fuse_delta_net_gates, merge_qkv, merge_siblings, merge_up_gate, place_graph, place_layer
+from tiny_models import CONFIGS  # qwen3_moe normalises its routing weights: the top-k kernel writes them
 
 CUDA = torch.cuda.is_available()
 GPUS = torch.cuda.device_count() if CUDA else 0
@@ -34,17 +36,6 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 DEV = "cuda:0" if CUDA else "cpu"
 if not CUDA:
     patch_triton_interpreter()
-
-BASE = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16)
-CONFIGS = {
-    "qwen3_next": dict(BASE, model_type="qwen3_next", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-                       shared_expert_intermediate_size=32, linear_num_key_heads=2, linear_num_value_heads=4,
-                       linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
-                       full_attention_interval=2),
-    "llama": dict(BASE, model_type="llama", attention_bias=True),
-    "qwen3_moe": dict(BASE, model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32),
-}
 
 
 def rand(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
@@ -312,7 +303,8 @@ def test_decode_attention_two_launches(hq: int, hkv: int, d: int, S: int, pos: i
 P1, P2 = list(range(1, 9)), [(7 * i) % 64 for i in range(70)]
 
 
-FUSIONS = [merge_siblings, merge_qkv, merge_up_gate, contiguous_heads, fuse_delta_net_gates]  # graphir run's, less the fold
+MERGES = [merge_siblings, merge_qkv, merge_up_gate, contiguous_heads, fuse_delta_net_gates]  # graphir run's, less the fold
+FUSIONS = MERGES + [getattr(fuse, name) for name in fuse.FUSIONS]  # and the kernel fusions after them
 
 
 def _transform(cfg, split: str | None, devs: tuple[str, ...]):
@@ -374,37 +366,50 @@ def test_decode_step_equals_decode(arch: str) -> None:
     assert s.n_past == len(P1) + len(P2) + 3
 
 
+def _fused(tg) -> dict[Op, int]:
+    return {op: len(tg.by_op(op)) for op in (Op.ADD_RMS_NORM, Op.MOE_SUM_ADD_RMS_NORM, Op.MOE_SUM, Op.MOE_TOPK_WEIGHTS,
+                                             Op.SWIGLU_MOE_MATMUL, Op.CAST_RMS_NORM_GATED, Op.SSM_CONV_STEP)}
+
+
 @pytest.mark.skipif(DEV != "cpu", reason="logical CPU devices stand in for two GPUs (Triton's interpreter)")
 @pytest.mark.parametrize("split", ["layer", "graph"])
-def test_decode_step_rewrites_on_two_devices(split: str) -> None:
-    """The run-time rewrites (in-place state, add+norm) and the passes on a placed graph: two
-    logical devices, recurrent split (the conv state in three pieces: no in-place conv there)."""
+def test_decode_step_runs_the_fused_graph_on_two_devices(split: str) -> None:
+    """The fusion passes (in-place state, add+norm, the MoE ones) on a placed graph, against the
+    unfused graph's decode: two logical devices, recurrent split (the conv state in three
+    pieces: no in-place conv there)."""
     cfg = from_hf_dict(CONFIGS["qwen3_next"])
     devs = ("cpu:0", "cpu:1")
     placed = _transform(cfg, split, devs)  # the placement, then FUSIONS; the fold goes first of
     transform = [placed[0], fold_shared_expert, *placed[1:]]  # those, as in graphir run's passes
     s = Session(cfg, "random", devs, 128, kernels=CUDA_KERNELS, transform=transform)
-    want = _decode_then_restart(s, [3, 4])
-    step = DecodeStep(s, 64, capture=False)
-    assert step.fusions.add_norms and step.inplace
-    if split == "layer":  # whole MoE layers on each device: the MoE rewrites apply
-        n_moe = len(s.executed["tg"].by_op(Op.MOE_SUM))
-        assert len(step.fusions.topk_weights) == len(step.fusions.swiglus) == n_moe
+    want = _decode_then_restart(Session(cfg, "random", devs, 128, kernels=CUDA_KERNELS,
+                                        transform=[placed[0], fold_shared_expert, *MERGES]), [3, 4])
+    s.prefill(P1)
+    tg = s.executed["tg"]
+    n = _fused(tg)
+    assert split == "graph" or n[Op.ADD_RMS_NORM] + n[Op.MOE_SUM_ADD_RMS_NORM]  # graph: adds feed all-reduces
+    assert any(d.attr.get("in_place") for d in tg.by_op(Op.DELTA_NET))
+    if split == "layer":  # whole MoE layers on each device: the MoE fusions apply
+        n_moe = n[Op.MOE_SUM] + n[Op.MOE_SUM_ADD_RMS_NORM]
+        assert n[Op.MOE_TOPK_WEIGHTS] == n[Op.SWIGLU_MOE_MATMUL] == n_moe
         # but the last layer on cpu:0 ends in a norm on cpu:1: its sum and add stay apart
-        assert len(step.fusions.moe_sums) == n_moe - 1
+        assert n[Op.MOE_SUM_ADD_RMS_NORM] == n_moe - 1
+    step = DecodeStep(s, 64, capture=False)
     assert rel_err(_step_rows(step, (3, 4)), want) < 1e-5
 
 
 def test_decode_step_bf16_fusions_equal_decode() -> None:
     """bf16: the casts a gated norm folds in (f32 delta-net output -> bf16) and the add+norm
-    pairs, against the session's own decode (bf16 rounding, and the Triton interpreter
+    pairs, against the unfused graph's decode (bf16 rounding, and the Triton interpreter
     truncates where a GPU rounds to nearest)."""
     cfg = from_hf_dict(CONFIGS["qwen3_next"])
-    s = Session(cfg, "random", DEV, 128, dtype="bf16", kernels=CUDA_KERNELS,
-                transform=FUSIONS)
-    want = _decode_then_restart(s, [3, 4])
+    s = Session(cfg, "random", DEV, 128, dtype="bf16", kernels=CUDA_KERNELS, transform=FUSIONS)
+    want = _decode_then_restart(Session(cfg, "random", DEV, 128, dtype="bf16", kernels=CUDA_KERNELS,
+                                        transform=MERGES), [3, 4])
+    s.prefill(P1)
+    n = _fused(s.executed["tg"])
+    assert n[Op.CAST_RMS_NORM_GATED] and n[Op.ADD_RMS_NORM]
     step = DecodeStep(s, 64, capture=None)
-    assert step.fusions.cast_norms and step.fusions.add_norms
     assert rel_err(_step_rows(step, (3, 4)), want) < 3e-2
 
 
@@ -415,33 +420,36 @@ def test_decode_step_moe_fusions_equal_decode(dtype: str, tol: float) -> None:
     add and the next norm are one kernel; bf16 also takes the two-launch decode attention."""
     cfg = from_hf_dict(CONFIGS["qwen3_next"])
     s = Session(cfg, "random", DEV, 128, dtype=dtype, kernels=CUDA_KERNELS, transform=[fold_shared_expert, *FUSIONS])
-    want = _decode_then_restart(s, [3, 4])
+    want = _decode_then_restart(Session(cfg, "random", DEV, 128, dtype=dtype, kernels=CUDA_KERNELS,
+                                        transform=[fold_shared_expert, *MERGES]), [3, 4])
+    s.prefill(P1)
+    n = _fused(s.executed["tg"])
+    n_moe = n[Op.MOE_SUM_ADD_RMS_NORM]
+    assert n_moe and n[Op.MOE_TOPK_WEIGHTS] == n[Op.SWIGLU_MOE_MATMUL] == n_moe and not n[Op.MOE_SUM]
     step = DecodeStep(s, 64, capture=None)
-    n_moe = len(s.executed["tg"].by_op(Op.MOE_SUM))
-    assert n_moe and len(step.fusions.topk_weights) == len(step.fusions.swiglus) == len(step.fusions.moe_sums) == n_moe
     assert rel_err(_step_rows(step, (3, 4)), want) < tol
-    assert not step.fusions.ahead  # every value made ahead was taken by its node
 
 
 def test_decode_step_updates_delta_net_state_in_place() -> None:
     cfg = from_hf_dict(CONFIGS["qwen3_next"])
-    s = Session(cfg, "random", DEV, 128, kernels=CUDA_KERNELS)
+    state_passes = [fuse.conv_in_place, fuse.delta_net_in_place, fuse.fuse_add_rms_norm]
+    s = Session(cfg, "random", DEV, 128, kernels=CUDA_KERNELS, transform=state_passes)
     s.prefill(P1)
+    tg = s.executed["tg"]
+    n_dn = len(tg.by_op(Op.DELTA_NET))
+    assert n_dn and all(d.attr.get("in_place") for d in tg.by_op(Op.DELTA_NET))  # every state qualifies
+    n = _fused(tg)
+    assert n[Op.SSM_CONV_STEP] == n_dn  # and every conv state shifts in place
+    assert n[Op.ADD_RMS_NORM] + n[Op.MOE_SUM_ADD_RMS_NORM] >= 2 * cfg.n_layer - 1  # add + the next norm
+    homes = {k: v.data_ptr() for k, v in s.state.items()}
     step = DecodeStep(s, 64, capture=False)
-    n_dn = len(s.executed["tg"].by_op(Op.DELTA_NET))
-    assert n_dn and len(step.inplace) == n_dn  # every delta-net layer's state qualifies
-    assert len(step.fusions.conv_inplace) == n_dn  # and every conv state shifts in place
-    assert len(step.fusions.add_norms) >= 2 * cfg.n_layer - 1  # residual add + the next norm: one launch
     step.step(3)
-    assert len(step.updated) == n_dn  # and the token-serial kernel wrote each in place
-    after = {k: s.state[k].clone() for k in step.updated}
-    s2 = Session(cfg, "random", DEV, 128, kernels=CUDA_KERNELS)
+    assert {k: v.data_ptr() for k, v in s.state.items()} == homes  # written where a captured step reads them
+    s2 = Session(cfg, "random", DEV, 128, kernels=CUDA_KERNELS)  # unfused: state copied back from the packed result
     s2.prefill(P1)
-    s2.decode([3])  # the session's own step: state copied back from the packed result
-    for k, v in after.items():
-        assert rel_err(v, s2.state[k]) < 1e-6, k
-    convs = [str(g[c[0]].attr["state"]) for g in [s.executed["tg"]] for c in step.fusions.conv_inplace.values()]
-    for k in convs:
+    s2.decode([3])
+    assert s.state.keys() == s2.state.keys()
+    for k in s.state:
         assert rel_err(s.state[k], s2.state[k]) < 1e-6, k
 
 

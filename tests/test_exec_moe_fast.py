@@ -1,6 +1,6 @@
 """The MoE fast paths (fast_moe.py and the MoE rules of fastpath.py) against the reference
-kernels: the router's top-k + routing-weights kernel, moe_sum, the decode GEMV and the
-prefill path with its per-call routing cache.
+kernels: the router's top-k + routing-weights kernel (moe_topk_weights), moe_sum, the decode GEMV and the
+prefill path with the route its matmuls share (moe_route).
 
 Runs on a GPU, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1); skips where
 neither is available. On the CPU the prefill path takes the padded-bmm fallback
@@ -80,42 +80,29 @@ def test_topk_and_weights_match_reference(T: int, E: int, k: int, dtype: torch.d
     want_w = KERNELS[Op.MOE_WEIGHTS](wnode, [logits.cpu(), want_ids], ctx_for())
     assert w.dtype == torch.float32
     torch.testing.assert_close(w.cpu(), want_w, rtol=1e-6, atol=1e-7)
-    # without the top-k kernel's weights in the cache: the selected-softmax kernel
-    w2 = CUDA_KERNELS[Op.MOE_WEIGHTS](wnode, [logits, ids], ctx_for())
-    torch.testing.assert_close(w2.cpu(), want_w, rtol=1e-6, atol=1e-7)
 
 
-def test_weights_cache_is_keyed_by_ids_and_logits() -> None:
-    logits = distinct_logits(3, 8, torch.float32)
-    other = distinct_logits(3, 8, torch.float32, seed=1)
+@pytest.mark.parametrize("T", [1, 40])
+@pytest.mark.parametrize("m", [0, 1])
+def test_fused_topk_weights_equal_the_two_nodes(T: int, m: int) -> None:
+    """moe_topk_weights (passes/fuse.py): the ids and routing weights of one launch are those
+    of the reference top-k and moe_weights {norm} nodes it replaces."""
+    E, k = 32, 4
+    logits = distinct_logits(T, E, torch.float32, seed=T + m)
+    gate = rand(T, 1, seed=3)
+    node = Node("f", Op.MOE_TOPK_WEIGHTS, ("logits", "gate")[:1 + (m > 0)],
+                TensorSpec((T, k + m), "i32"), tuple({"k": k, **({"shared": m} if m else {})}.items()),
+                outs=(TensorSpec((T, k + m), "f32"),))
+    args = [logits, gate][:1 + (m > 0)]
+    ids, w = CUDA_KERNELS[Op.MOE_TOPK_WEIGHTS](node, args, ctx_for())
+    want_ids, want_w = KERNELS[Op.MOE_TOPK_WEIGHTS](node, [a.cpu() for a in args], ctx_for())
+    assert torch.equal(ids.cpu(), want_ids)
+    torch.testing.assert_close(w.cpu(), want_w, rtol=1e-6, atol=1e-7)
+    # and the top-k node alone still gives its ids, with nothing handed on in the context
     ctx = ctx_for()
-    ids = CUDA_KERNELS[Op.MOE_TOPK](mk("ids", Op.MOE_TOPK, ("logits",), k=2), [logits], ctx)
-    # the same ids over other logits must not take the cached weights
-    wnode = mk("w", Op.MOE_WEIGHTS, ("other", "ids"), norm=True)
-    got = CUDA_KERNELS[Op.MOE_WEIGHTS](wnode, [other, ids], ctx)
-    want = KERNELS[Op.MOE_WEIGHTS](wnode, [other.cpu(), ids.cpu()], ctx_for())
-    torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-7)
-    # norm=false keeps the reference (softmax over all experts, not renormalised)
-    wnode = mk("w", Op.MOE_WEIGHTS, ("logits", "ids"), norm=False)
-    got = CUDA_KERNELS[Op.MOE_WEIGHTS](wnode, [logits, ids], ctx)
-    torch.testing.assert_close(got.cpu(), KERNELS[Op.MOE_WEIGHTS](wnode, [logits.cpu(), ids.cpu()], ctx_for()))
-
-
-def test_weights_cache_never_stale() -> None:
-    # a decode step's context lives across steps: each step's weights must be its own
-    topk, wnode = mk("ids", Op.MOE_TOPK, ("logits",), k=2), mk("w", Op.MOE_WEIGHTS, ("logits", "ids"), norm=True)
-    ctx = ctx_for()
-    for seed in range(3):
-        logits = distinct_logits(1, 8, torch.float32, seed=seed)
-        ids = CUDA_KERNELS[Op.MOE_TOPK](topk, [logits], ctx)
-        got = CUDA_KERNELS[Op.MOE_WEIGHTS](wnode, [logits, ids], ctx)
-        want = KERNELS[Op.MOE_WEIGHTS](wnode, [logits.cpu(), ids.cpu()], ctx_for())
-        torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-7)
-    # ids from elsewhere under the same name do not take the cached weights
-    other = random_ids(1, 2, 8, seed=9)
-    got = CUDA_KERNELS[Op.MOE_WEIGHTS](wnode, [logits, other], ctx)
-    torch.testing.assert_close(got.cpu(), KERNELS[Op.MOE_WEIGHTS](wnode, [logits.cpu(), other.cpu()], ctx_for()),
-                               rtol=1e-6, atol=1e-7)
+    plain = CUDA_KERNELS[Op.MOE_TOPK](mk("ids", Op.MOE_TOPK, ("logits",), k=k, **({"shared": m} if m else {})),
+                                      [logits], ctx)
+    assert torch.equal(plain.cpu(), want_ids) and not ctx.cache
 
 
 def test_topk_strided_logits() -> None:
@@ -146,7 +133,6 @@ def test_shared_topk_and_weights_match_reference(T: int, m: int, dtype: torch.dt
     assert ids.dtype == torch.int32 and ids.shape == (T, k + m)
     assert torch.equal(ids.cpu(), want_ids)
     assert torch.equal(ids[:, k:].cpu(), torch.arange(E, E + m, dtype=torch.int32).expand(T, m))
-    assert not [key for key in ctx.cache if key[0] == "moe_topk_weights"]  # no weights without the gate
     w = CUDA_KERNELS[Op.MOE_WEIGHTS](wnode, [logits, ids, gate], ctx)
     want = KERNELS[Op.MOE_WEIGHTS](wnode, [logits.cpu(), want_ids, gate.cpu()], ctx_for())
     assert w.dtype == torch.float32 and w.shape == (T, k + m)
@@ -323,33 +309,33 @@ def test_prefill_shared_route(E: int, k: int, dtype: torch.dtype, tol: float) ->
     x = rand(T, H, dtype=dtype)
     w_up, w_down = rand(E, 2 * N, H, dtype=dtype, seed=1), rand(E, H, N, dtype=dtype, seed=2)
     ids = random_ids(T, k, E, seed=3)
-    up = mk("up", Op.MOE_MATMUL, ("x", "w_up", "ids"))
-    down = mk("down", Op.MOE_MATMUL, ("h", "w_down", "ids"))
+    up = mk("up", Op.MOE_MATMUL_ROUTED, ("x", "w_up", "ids", "order", "ends"))
+    down = mk("down", Op.MOE_MATMUL_ROUTED, ("h", "w_down", "ids", "order", "ends"))
     ctx = ctx_for()
-    g = CUDA_KERNELS[Op.MOE_MATMUL](up, [x, w_up, ids], ctx)  # [T,k,2N]
+    order, ends = CUDA_KERNELS[Op.MOE_ROUTE](mk("route", Op.MOE_ROUTE, ("ids",), experts=E), [ids], ctx)
+    want_route = KERNELS[Op.MOE_ROUTE](mk("route", Op.MOE_ROUTE, ("ids",), experts=E), [ids.cpu()], ctx_for())
+    assert torch.equal(order.cpu(), want_route[0]) and torch.equal(ends.cpu(), want_route[1])
+    g = CUDA_KERNELS[Op.MOE_MATMUL_ROUTED](up, [x, w_up, ids, order, ends], ctx)  # [T,k,2N]
     h = g[..., :N] * g[..., N:]  # a strided [T,k,N] per-slot input
-    y = CUDA_KERNELS[Op.MOE_MATMUL](down, [h, w_down, ids], ctx)  # [T,k,H]
-    routes = [key for key in ctx.cache if key[0] == "moe_route"]
-    assert len(routes) == 1  # both matmuls share the ids node's routing
+    y = CUDA_KERNELS[Op.MOE_MATMUL_ROUTED](down, [h, w_down, ids, order, ends], ctx)  # [T,k,H]
+    assert not ctx.cache  # the route is a value of the graph, not something kept in the context
     assert g.dtype == dtype and y.dtype == dtype and y.shape == (T, k, H)
     # the same as routing afresh in each call
     assert torch.equal(g, fast_moe.moe_grouped(x, w_up, ids))
     assert torch.equal(y, fast_moe.moe_grouped(h, w_down, ids))
     # and as the reference kernel (f32)
     ref = KERNELS[Op.MOE_MATMUL]
-    want_g = ref(up, [x.float().cpu(), w_up.float().cpu(), ids.cpu()], ctx_for())
-    want_y = ref(down, [h.float().cpu(), w_down.float().cpu(), ids.cpu()], ctx_for())
+    plain_up, plain_down = mk("up", Op.MOE_MATMUL, ("x", "w_up", "ids")), mk("down", Op.MOE_MATMUL, ("h", "w_down", "ids"))
+    want_g = ref(plain_up, [x.float().cpu(), w_up.float().cpu(), ids.cpu()], ctx_for())
+    want_y = ref(plain_down, [h.float().cpu(), w_down.float().cpu(), ids.cpu()], ctx_for())
     assert rel_err(g.cpu(), want_g) < tol
     assert rel_err(y.cpu(), want_y) < tol
-    # new ids under the same node name (a context kept across calls) are routed afresh
-    ids2 = random_ids(T, k, E, seed=4)
-    got = CUDA_KERNELS[Op.MOE_MATMUL](up, [x, w_up, ids2], ctx)
-    assert rel_err(got.cpu(), ref(up, [x.float().cpu(), w_up.float().cpu(), ids2.cpu()], ctx_for())) < tol
 
 
 def test_prefill_graph_routes_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Through run_graph: two moe_matmuls over one ids node route once and free the routing."""
+    """Through run_graph: after share_moe_route, two moe_matmuls over one ids node read one route."""
     from graphir.builder import Builder
+    from passes.fuse import share_moe_route
 
     E, k, T, H, N = 8, 2, 50, 32, 24
     vals = {"x": rand(T, H), "w_up": rand(E, N, H, seed=1), "w_down": rand(E, H, N, seed=2),
@@ -360,7 +346,8 @@ def test_prefill_graph_routes_once(monkeypatch: pytest.MonkeyPatch) -> None:
     up = b.emit(Op.MOE_MATMUL, "up", names["x"], names["w_up"], names["ids"])
     down = b.emit(Op.MOE_MATMUL, "down", up, names["w_down"], names["ids"])
     b.emit(Op.OUTPUT, "y.out", down, key="y")
-    g = b.graph()
+    g = share_moe_route(b.graph(phase="pp"))
+    assert len(g.by_op(Op.MOE_ROUTE)) == 1 and len(g.by_op(Op.MOE_MATMUL_ROUTED)) == 2
     calls = []
     real = fast_moe.route
     monkeypatch.setattr(fast_moe, "route", lambda ids, n: calls.append(n) or real(ids, n))
@@ -369,7 +356,6 @@ def test_prefill_graph_routes_once(monkeypatch: pytest.MonkeyPatch) -> None:
     ctx = ExecContext(g, {}, vals, {}, {}, DEV)
     got = run_graph(g, ctx, CUDA_KERNELS)["y"]
     assert calls == [E]
-    assert not [key for key in ctx.cache if key[0] == "moe_route"]  # freed after its last reader
     cpu = {n: v.cpu() for n, v in vals.items()}
     want = run_graph(g, ExecContext(g, {}, cpu, {}, {}), KERNELS)["y"]
     assert rel_err(got.cpu(), want) < 1e-5

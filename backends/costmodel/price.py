@@ -94,6 +94,15 @@ def _tokens(g: Graph, tokens: int | None) -> int:
     return int(tokens)
 
 
+def _made_by(g: Graph, name: str) -> Node:
+    """The node that made value `name`, as rules see their inputs: a `result` view is its fused
+    producer with that result's spec (a matmul's ids still name the top-k that chose them)."""
+    n = g[name]
+    if n.op != Op.RESULT:
+        return n
+    return g[n.inputs[0]].with_(spec=n.spec, outs=())
+
+
 def price(g: Graph, tokens: int | None = None) -> Priced:
     """Price placed graph `g` with T bound to `tokens` (1 for a tg graph)."""
     T = _tokens(g, tokens)
@@ -134,7 +143,7 @@ def price(g: Graph, tokens: int | None = None) -> Priced:
         if n.op in LEAVES or n.op in VIEWS or n.op == Op.OUTPUT or n.name in const:
             skipped += 1
             continue
-        ins = [g[i] for i in n.inputs]
+        ins = [_made_by(g, i) for i in n.inputs]
         if n.op in (Op.COPY, Op.ALL_REDUCE):
             group = tuple(dix[d] for d in n.devices)
             for d in group:

@@ -38,11 +38,17 @@ Rule = Callable[[Node, Sequence[Node], Mapping[str, int]], Work]
 _VEC_FLOPS = {Op.ADD: 1, Op.MUL: 1, Op.SILU: 4, Op.SIGMOID: 4, Op.SOFTPLUS: 4, Op.SWIGLU: 5,
               Op.SWIGLU_OAI: 9, Op.ADD_ID: 1, Op.GEGLU: 8, Op.SOFTCAP: 4,
               Op.CAST: 1, Op.ROPE: 6, Op.RMS_NORM: 4, Op.RMS_NORM_GATED: 8, Op.CONCAT: 0,
-              Op.GET_ROWS: 0, Op.MOE_WEIGHTS: 4, Op.MOE_SUM: 2, Op.ATTN_TEMP: 1, Op.MOE_WEIGHTS_SIGMOID: 4}
+              Op.GET_ROWS: 0, Op.MOE_WEIGHTS: 4, Op.MOE_SUM: 2, Op.ATTN_TEMP: 1, Op.MOE_WEIGHTS_SIGMOID: 4,
+              Op.ADD_RMS_NORM: 5, Op.CAST_RMS_NORM_GATED: 9}
 
 
 def _nb(n: Node, env: Mapping[str, int]) -> float:
     return float(n.spec.nbytes_at(env))
+
+
+def _out(n: Node, env: Mapping[str, int]) -> float:
+    """Bytes a node writes: every result (a fused op may have several)."""
+    return sum(float(r.nbytes_at(env)) for r in n.results)
 
 
 def _split_bytes(ins: Sequence[Node], env: Mapping[str, int]) -> tuple[float, float]:
@@ -63,7 +69,7 @@ def _free(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
 def _vector(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
     w, a = _split_bytes(ins, env)
     out = n.spec.numel_at(env)
-    return Work("vector", flops=float(_VEC_FLOPS.get(n.op, 2) * out), wbytes=w, actbytes=a + _nb(n, env),
+    return Work("vector", flops=float(_VEC_FLOPS.get(n.op, 2) * out), wbytes=w, actbytes=a + _out(n, env),
                 launches=DEFS[n.op].launches)
 
 
@@ -112,7 +118,7 @@ def _moe_matmul(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
     E, out_f, in_f = w.spec.bind(env)
     T, k = ids.spec.bind(env)
     # a folded shared expert (moe_topk {shared=m}) is m slots every token reads, not routed ones
-    m = int(ids.attr.get("shared", 0)) if ids.op == Op.MOE_TOPK else 0
+    m = int(ids.attr.get("shared", 0)) if ids.op in (Op.MOE_TOPK, Op.MOE_TOPK_WEIGHTS) else 0
     used = m + distinct_experts(E - m, k - m, T)  # in TG only the k routed experts' slices are read
     wb = _nb(w, env) * used / E
     ab = _nb(x, env) * (k if x.spec.rank == 2 else 1) + _nb(n, env) + _nb(ids, env)  # gathered rows
@@ -155,7 +161,8 @@ def _delta_net(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
     # per token and value head: decay + S^T k (2 dk dv), rank-1 update (2 dk dv), output S q (2 dk dv)
     flops = 6.0 * T * nv * dk * dv
     reads = sum(_nb(i, env) for i in (q, k, v, g, beta))
-    return Work("recurrent", flops=flops, actbytes=reads + _nb(s, env) + _nb(n, env),  # out holds the new state
+    # the result holds the new state (packed, or in_place: the second result, over the old one)
+    return Work("recurrent", flops=flops, actbytes=reads + _nb(s, env) + _out(n, env),
                 launches=1, m=float(T), n=float(nv), k=float(dk))
 
 
@@ -168,9 +175,46 @@ def _ssm_conv(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
 
 
 def _moe_topk(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
-    logits = ins[0]  # moe_topk_bias(ed) also reads a selection bias [E] (biased: after a sigmoid)
+    logits = ins[0]  # moe_topk_bias(ed) also read a selection bias [E] (biased: after a sigmoid), a second
+    # pass over the logits; moe_topk_weights also writes the chosen weights (and reads the shared gate)
+    passes = 2.0 if n.op in (Op.MOE_TOPK_BIAS, Op.MOE_TOPK_BIASED) else 1.0
     wb, ab = _split_bytes(ins, env)
-    return Work("vector", flops=4.0 * len(ins) * logits.spec.numel_at(env), wbytes=wb, actbytes=ab + _nb(n, env),
+    return Work("vector", flops=4.0 * passes * logits.spec.numel_at(env), wbytes=wb, actbytes=ab + _out(n, env),
+                launches=1)
+
+
+# ---- fused ops: the work of the nodes they replace, without the round trips between them ----
+
+def _moe_sum_add_rms_norm(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
+    a, y, wk, w = ins
+    T, k, H = y.spec.bind(env)
+    reads = _nb(a, env) + _nb(y, env) + _nb(wk, env)
+    return Work("vector", flops=float(2 * T * k * H + 5 * T * H), wbytes=_nb(w, env), actbytes=reads + _out(n, env),
+                launches=1)
+
+
+def _swiglu_moe_matmul(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
+    g, u, w, ids = ins  # the expert matmul of swiglu(g, u): reads both halves instead of a made x
+    base = _moe_matmul(n, [g, w, ids], env)
+    return base._replace(flops=base.flops + 5.0 * g.spec.numel_at(env), actbytes=base.actbytes + _nb(u, env))
+
+
+def _moe_route(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
+    # a stable sort of the slots by expert and a search for each expert's group end
+    return Work("vector", flops=float(8 * ins[0].spec.numel_at(env)), actbytes=_nb(ins[0], env) + _out(n, env),
+                launches=2)
+
+
+def _moe_matmul_routed(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
+    base = _moe_matmul(n, ins[:3], env)  # plus the route it reads instead of sorting the slots itself
+    return base._replace(actbytes=base.actbytes + _nb(ins[3], env) + _nb(ins[4], env))
+
+
+def _ssm_conv_step(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
+    s, x, w = ins  # reads the state and the new row, writes the output and the shifted state
+    C, K = w.spec.bind(env)
+    T = n.spec.bind(env)[0]
+    return Work("vector", flops=2.0 * T * C * K, wbytes=_nb(w, env), actbytes=_nb(s, env) + _nb(x, env) + _out(n, env),
                 launches=1)
 
 
@@ -208,6 +252,9 @@ RULES: dict[Op, Rule] = {
     Op.DELTA_NET: _delta_net, Op.MOE_TOPK: _moe_topk, Op.MOE_TOPK_BIAS: _moe_topk,
     Op.MOE_TOPK_BIASED: _moe_topk, Op.MOE_WEIGHTS_SIGMOID: _vector, Op.HEAD_MATMUL: _head_matmul,
     Op.COPY: _copy, Op.ALL_REDUCE: _all_reduce,
+    Op.RESULT: _free, Op.ADD_RMS_NORM: _vector, Op.MOE_SUM_ADD_RMS_NORM: _moe_sum_add_rms_norm,
+    Op.MOE_TOPK_WEIGHTS: _moe_topk, Op.CAST_RMS_NORM_GATED: _vector, Op.SWIGLU_MOE_MATMUL: _swiglu_moe_matmul,
+    Op.SSM_CONV_STEP: _ssm_conv_step, Op.MOE_ROUTE: _moe_route, Op.MOE_MATMUL_ROUTED: _moe_matmul_routed,
 }
 
 

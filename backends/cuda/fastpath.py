@@ -112,25 +112,12 @@ def delta_net(node: Node, args: Args, ctx: ExecContext, state_out: torch.Tensor 
 
 # ---- MoE --------------------------------------------------------------------------------------
 
-def _topk_weights_key(ids_name: str, logits_name: str, device: torch.device) -> tuple:
-    # the routing weights the top-k kernel computed beside the ids, for moe_weights(logits, ids)
-    return ("moe_topk_weights", ids_name, logits_name, device)
-
-
 def moe_topk(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     (logits,) = args  # softmax is monotonic: the top-k of the logits are the top-k of the probabilities
     k, m = int(node.attr["k"]), int(node.attr.get("shared", 0))
-    key = _topk_weights_key(node.name, node.inputs[0], logits.device)
     if fast_moe.topk_ok(logits, k + m):
-        # one launch for ids and the norm weights; moe_weights over the same logits and ids takes them
-        # (with shared slots there are none: their weights need the shared gate)
-        ids, wts = fast_moe.topk_softmax(logits, k, m)
-        if wts is None:
-            ctx.cache.pop(key, None)
-        else:
-            ctx.cache[key] = (ids, wts)
-        return ids
-    ctx.cache.pop(key, None)
+        # ids alone: a top-k whose routing weights are wanted too is a moe_topk_weights node (passes/fuse.py)
+        return fast_moe.topk_softmax(logits, k, m)[0]
     ids = torch.topk(logits, k, dim=-1).indices.to(torch.int32)
     if m:
         ids = torch.cat([ids, shared_ids(ids.shape[0], logits.shape[1], m, ids.device)], dim=1)  # [T,k+m]
@@ -147,34 +134,17 @@ def moe_weights(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
             return fast_moe.selected_softmax(logits, ids, args[2], m)
         return _ref(Op.MOE_WEIGHTS)(node, args, ctx)
     # softmax over all experts, renormalised over the chosen ones == softmax over the chosen logits
-    done = ctx.cache.get(_topk_weights_key(node.inputs[1], node.inputs[0], ids.device))
-    if done is not None and done[0] is ids:  # this call's ids (a decode step's context outlives a step)
-        return done[1]
     if fast_moe.topk_ok(logits, ids.shape[1]) and ids.shape[0] == logits.shape[0]:
         return fast_moe.selected_softmax(logits, ids)
     return torch.softmax(logits.gather(1, ids.long()).to(torch.float32), dim=-1)
-
-
-def _moe_route(node: Node, ids: torch.Tensor, n_experts: int, ctx: ExecContext) -> fast_moe.Route:
-    # the gate/up and down matmuls of a layer read the same ids: sort the slots once per call
-    key = ("moe_route", node.inputs[2], ids.device, n_experts)
-    got = ctx.cache.get(key)
-    if got is not None and got[0] is ids:  # the same value, not a stale one of an earlier call
-        r = got[1]
-    else:
-        r = fast_moe.route(ids, n_experts)
-        ctx.cache[key] = (ids, r)
-    if ctx.graph.users.get(node.inputs[2], ())[-1:] == (node.name,):
-        del ctx.cache[key]  # the ids' last reader: the routing is not kept to the end of the call
-    return r
 
 
 def moe_matmul(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     x, w, ids = args
     if not (x.is_cuda or fused.usable(x)):
         return _ref(Op.MOE_MATMUL)(node, args, ctx)
-    r = _moe_route(node, ids, w.shape[0], ctx) if ids.numel() > fast_moe.DECODE_SLOTS else None
-    return fast_moe.moe_matmul(x, w, ids, r)
+    # a prefill's matmuls of one layer share their route as a moe_route node (passes/fuse.py)
+    return fast_moe.moe_matmul(x, w, ids)
 
 
 def moe_sum(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
@@ -349,7 +319,10 @@ OVERRIDES: dict[Op, Kernel] = {
     Op.ALL_REDUCE: all_reduce,
 }
 
-CUDA_KERNELS: dict[Op, Kernel] = {**KERNELS, **OVERRIDES}
+# the fused ops' fast forms (their module reads this one's kernels when called)
+from backends.cuda.fastpath_fused import FUSED  # noqa: E402
+
+CUDA_KERNELS: dict[Op, Kernel] = {**KERNELS, **OVERRIDES, **FUSED}
 
 
 def diagnostics() -> dict[str, object]:

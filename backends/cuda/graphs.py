@@ -17,6 +17,11 @@ token positions are not boundaries: every device has its own position counter.
 
 Without CUDA (or with `capture=False`) the same schedule runs eagerly, which is what tests on
 logical CPU devices check.
+
+The step runs the graph as the session's passes made it, every node once: kernel fusions and
+in-place state updates are nodes of that graph (passes/fuse.py, in the graphir-cuda pipeline),
+so the cost model prices what the step runs. The step swaps only how attention and kv_append
+address the bucket, where copies and outputs write, and never adds a node.
 """
 
 from __future__ import annotations
@@ -29,8 +34,6 @@ import torch
 from backends.cuda import fastpath
 from backends.cuda.devices import torch_device
 from backends.cuda.interp import ExecContext, ExecError, Replicas, _read
-from backends.cuda.step_fusions import Fusions
-from backends.cuda.step_rewrites import inplace_states
 from graphir.graph import Node
 from graphir.ops import LEAVES, Op
 
@@ -78,44 +81,27 @@ class DecodeStep:
         self.kernels[Op.KV_APPEND] = fastpath.kv_append
         self.kernels[Op.OUTPUT] = self._output
         self.kernels[Op.COPY] = self._copy
-        self.inplace = inplace_states(g)  # delta_net node -> the state key it may update in place
-        self.updated: set[str] = set()  # state keys a kernel already wrote this step
-        if self.inplace:
-            self.kernels[Op.DELTA_NET] = self._delta_net
-        # the fused kernels where step_rewrites' patterns hold, and the schedule they read
-        self.fusions = Fusions(g, _schedule(g, self._is_position, s.devices[0]), s.state, s.weights, s.kernels)
-        self.schedule = self.fusions.schedule
-        self.kernels.update(self.fusions.kernels())
+        # the graph as the passes made it: fusions and in-place state updates are nodes of it
+        self.schedule = decode_schedule(g, s.devices[0])
         self.last_use = _last_use(self.schedule)
         self.logits: torch.Tensor | None = None
         self._buffers: dict[str, torch.Tensor] = {}
 
     # ---- kernels this runner changes ----------------------------------------------------------
     def _is_position(self, n: Node) -> bool:
-        src = self.g[n.inputs[0]] if n.op == Op.COPY else None
-        return src is not None and src.op == Op.INPUT and src.attr.get("role") == "positions"
+        return is_position_copy(self.g, n)
 
     def _copy(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
         if self._is_position(node):
             return self.pos32[node.devices[0]]  # every device counts positions itself
         return self.s.kernels[Op.COPY](node, args, ctx)
 
-    def _delta_net(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
-        key = self.inplace.get(node.name)
-        q, state = args[0], args[5]
-        if key is None or not fastpath.delta_net_in_place(q, state) or state is not self.s.state.get(key):
-            return self.s.kernels[Op.DELTA_NET](node, args, ctx)
-        # the recurrent kernel writes the new state over the old one (its only reader), so the
-        # state's output needs no copy: 2 MB and a launch less per layer and token
-        self.updated.add(key)
-        return fastpath.delta_net(node, args, ctx, state_out=state)
-
     def _output(self, node: Node, args: Sequence[Any], ctx: ExecContext) -> Any:
         key = str(node.attr["key"])
-        if key in self.updated:
-            return args[0]  # its rows in the packed result were not written: never read them
-        if key in self.s.state:
-            self.s.state[key].copy_(args[0])  # in place, inside the step (and its graph)
+        state = self.s.state.get(key)
+        if state is not None:
+            if args[0].data_ptr() != state.data_ptr():  # an in_place node wrote it there already
+                state.copy_(args[0])  # in place, inside the step (and its graph)
         elif key == "logits":
             self.logits = args[0]
         return args[0]
@@ -300,7 +286,7 @@ def _pieces(nodes: Sequence[Node], size: int) -> list[list[Node]]:
             out.append([])
             work = 0
         out[-1].append(n)
-        work += n.op not in LEAVES and n.op != Op.SLICE
+        work += _launches(n)
     if len(out) > 1 and not _works(out[-1]):  # a tail of views alone would capture an empty graph
         out[-2].extend(out.pop())
     return out
@@ -321,9 +307,20 @@ def _runs(plan: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     return out
 
 
+def is_position_copy(g: Any, n: Node) -> bool:
+    """A copy of the token positions: every device counts positions itself (not a boundary)."""
+    src = g[n.inputs[0]] if n.op == Op.COPY else None
+    return src is not None and src.op == Op.INPUT and src.attr.get("role") == "positions"
+
+
+def decode_schedule(g: Any, default: str) -> list[tuple]:
+    """[("seg", device, nodes) | ("bnd", node)]: what a decode step runs, in order (every node
+    of `g` once): per stretch between boundaries, one segment per device in order of first
+    appearance; leaves join the segment of their device."""
+    return _schedule(g, lambda n: is_position_copy(g, n), default)
+
+
 def _schedule(g: Any, is_position: Any, default: str) -> list[tuple]:
-    """[("seg", device, nodes) | ("bnd", node)]: per stretch between boundaries, one segment per
-    device in order of first appearance; leaves join the segment of their device."""
     out: list[tuple] = []
     stretch: dict[str, list[Node]] = {}
 
@@ -346,8 +343,14 @@ def _schedule(g: Any, is_position: Any, default: str) -> list[tuple]:
 
 
 def _works(nodes: Sequence[Node]) -> bool:
-    """Whether a segment launches anything (leaves and slices are views: an empty graph)."""
-    return any(n.op not in LEAVES and n.op != Op.SLICE for n in nodes)
+    """Whether a segment launches anything (leaves, slices and result views alone: an empty graph)."""
+    return any(_launches(n) for n in nodes)
+
+
+def _launches(n: Node) -> bool:
+    """Whether a node may launch a kernel here: not a leaf, a slice or a result view (a
+    reshape may copy, an output copies a state back)."""
+    return n.op not in LEAVES and n.op not in (Op.SLICE, Op.RESULT)
 
 
 def _last_use(schedule: Sequence[tuple]) -> dict[str, str]:

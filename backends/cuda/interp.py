@@ -88,13 +88,24 @@ def _check(node: Node, out: Any, ctx: ExecContext, weight_like: bool) -> None:
     """Results must match the spec the IR promised (catches kernel bugs at the node). Weights
     are held in the compute type while their spec names the storage type (bf16, q4_k, ...),
     so weights and views or copies of them are checked for shape only."""
+    if node.outs:  # an op with several results: a tuple, one tensor per result
+        if not isinstance(out, tuple) or len(out) != len(node.results):
+            raise ExecError(f"%{node.name} ({node.op.value}) produced {type(out).__name__}, not its "
+                            f"{len(node.results)} results")
+        for t, spec in zip(out, node.results):
+            _check_one(node, t, spec.bind(ctx.symbols), torch_dtype(spec.dtype), spec.dtype.name)
+        return
     vals = out.values() if isinstance(out, Replicas) else (out,)
-    want_shape = ctx.shape(node)
     want_dt = None if weight_like else torch_dtype(node.spec.dtype)
     for t in vals:
-        if tuple(t.shape) != want_shape or (want_dt is not None and t.dtype != want_dt):
-            raise ExecError(f"%{node.name} ({node.op.value}) produced {describe(t)}, its spec is "
-                            f"{node.spec.dtype.name}[{','.join(map(str, want_shape))}]")
+        _check_one(node, t, ctx.shape(node), want_dt, node.spec.dtype.name)
+
+
+def _check_one(node: Node, t: torch.Tensor, want_shape: tuple[int, ...], want_dt: torch.dtype | None,
+               spec_dt: str) -> None:
+    if tuple(t.shape) != want_shape or (want_dt is not None and t.dtype != want_dt):
+        raise ExecError(f"%{node.name} ({node.op.value}) produced {describe(t)}, its spec is "
+                        f"{spec_dt}[{','.join(map(str, want_shape))}]")
 
 
 def run_graph(graph: Graph, ctx: ExecContext, kernels: Mapping[Op, Kernel],

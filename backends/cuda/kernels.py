@@ -8,7 +8,7 @@ Norms follow transformers' cast orders (see rms_norm).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -170,6 +170,80 @@ def output(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     return args[0]
 
 
+# ---- fused ops (passes/fuse.py): the values of the nodes each one replaces -------------------
+# A kernel of an op with several results returns a tuple; `result` views pick from it.
+
+def result(node: Node, args: Sequence[tuple[torch.Tensor, ...]], ctx: ExecContext) -> torch.Tensor:
+    return args[0][int(node.attr["index"])]
+
+
+def _as(node: Node, op: Op, attrs: dict | None = None, k: int = 0) -> Node:
+    """The node as one of the ops it fuses (its attributes, its k-th result's spec), for their kernels."""
+    return Node(node.name, op, node.inputs, node.results[k], node.attrs if attrs is None else attrs, node.device)
+
+
+def add_rms_norm(node: Node, args: Args, ctx: ExecContext) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b, w = args  # [T,D] twice, [D]
+    s = _as_spec(node, a + b)
+    return s, rms_norm(_as(node, Op.RMS_NORM, k=1), [s, w], ctx)
+
+
+def moe_sum_add_rms_norm(node: Node, args: Args, ctx: ExecContext) -> tuple[torch.Tensor, torch.Tensor]:
+    a, y, wk, w = args  # [T,H], [T,k,H], [T,k] f32, [H]
+    s = _as_spec(node, a + moe_sum(node, [y, wk], ctx))
+    return s, rms_norm(_as(node, Op.RMS_NORM, k=1), [s, w], ctx)
+
+
+def moe_topk_weights(node: Node, args: Args, ctx: ExecContext) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = args[0]  # [T,E] (and the shared gate [T,1] with shared=m)
+    ids = moe_topk(node, args[:1], ctx)  # [T,k(+m)]
+    wts = moe_weights(_as(node, Op.MOE_WEIGHTS, {"norm": True, "shared": node.attr.get("shared")}, 1),
+                      [logits, ids, *args[1:]], ctx)
+    return ids, wts
+
+
+def cast_rms_norm_gated(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    x, z, w = args  # x wider than the result type: rounded to it first
+    return rms_norm_gated(node, [x.to(torch_dtype(node.attr["dtype"])), z, w], ctx)
+
+
+def swiglu_moe_matmul(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    g, u, w, ids = args  # [T,k,F] twice, [E,N,F], [T,k]
+    return moe_matmul(node, [F.silu(g) * u, w, ids], ctx)
+
+
+def ssm_conv_step(node: Node, args: Args, ctx: ExecContext) -> tuple[torch.Tensor, torch.Tensor]:
+    state, x, w = args  # [K-1,C], [T,C], [C,K]
+    joined = torch.cat([state, x.to(state.dtype)], dim=0)  # [K-1+T,C]
+    y = ssm_conv(node, [joined, w], ctx)
+    nxt = joined[x.shape[0]:]
+    if node.attr.get("in_place"):
+        state.copy_(nxt)  # the next state in the state's own memory
+        nxt = state
+    return y, nxt
+
+
+def moe_route(node: Node, args: Args, ctx: ExecContext) -> tuple[torch.Tensor, torch.Tensor]:
+    (ids,) = args  # [T,k] -> slots sorted by expert (stable) i64 [T*k], where each group ends i32 [E]
+    flat = ids.reshape(-1)
+    sorted_ids, order = torch.sort(flat, stable=True)
+    experts = torch.arange(int(node.attr["experts"]), dtype=flat.dtype, device=flat.device)
+    return order, torch.searchsorted(sorted_ids, experts, right=True, out_int32=True)
+
+
+def moe_matmul_routed(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    return moe_matmul(node, args[:3], ctx)  # the route only saves a sort: the values are the ids'
+
+
+def delta_net_(node: Node, args: Args, ctx: ExecContext) -> Any:
+    packed = delta_net(node, args, ctx)  # [T+dk,nv,dv] f32
+    if not node.attr.get("in_place"):
+        return packed
+    T, state = args[0].shape[0], args[5]
+    state.copy_(packed[T:])  # in_place: the new state over the old; the output rows apart
+    return packed[:T], state
+
+
 KERNELS: dict[Op, Kernel] = {
     Op.INPUT: _fed,
     Op.WEIGHT: _weight,
@@ -195,7 +269,7 @@ KERNELS: dict[Op, Kernel] = {
     Op.KV_APPEND: kv_append,
     Op.CONCAT: concat,
     Op.SSM_CONV: ssm_conv,
-    Op.DELTA_NET: delta_net,
+    Op.DELTA_NET: delta_net_,
     Op.MOE_TOPK: moe_topk,
     Op.MOE_TOPK_BIAS: moe_topk_bias,
     Op.MOE_WEIGHTS: moe_weights,
@@ -209,4 +283,13 @@ KERNELS: dict[Op, Kernel] = {
     Op.COPY: copy,
     Op.ALL_REDUCE: all_reduce,
     Op.OUTPUT: output,
+    Op.RESULT: result,
+    Op.ADD_RMS_NORM: add_rms_norm,
+    Op.MOE_SUM_ADD_RMS_NORM: moe_sum_add_rms_norm,
+    Op.MOE_TOPK_WEIGHTS: moe_topk_weights,
+    Op.CAST_RMS_NORM_GATED: cast_rms_norm_gated,
+    Op.SWIGLU_MOE_MATMUL: swiglu_moe_matmul,
+    Op.SSM_CONV_STEP: ssm_conv_step,
+    Op.MOE_ROUTE: moe_route,
+    Op.MOE_MATMUL_ROUTED: moe_matmul_routed,
 }

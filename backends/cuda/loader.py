@@ -15,7 +15,7 @@ full tensor on the device of its first piece.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Container, Mapping
 
 import torch
 
@@ -23,7 +23,7 @@ from backends.cuda.devices import torch_device
 from backends.cuda.fold import align_rows
 from backends.cuda.interp import ExecContext, Kernel
 from backends.cuda.weights import WeightError, WeightInfo, WeightSource, assemble, source_names
-from graphir.graph import Graph, Node, is_constant
+from graphir.graph import Graph, Node, constants, is_constant
 from graphir.ops import Op
 
 
@@ -152,7 +152,15 @@ def load_folded(graphs: Mapping[str, Graph], reference: Mapping[str, WeightInfo]
     return weights, executed
 
 
-def _as_leaves(g: Graph, weights: Mapping[str, torch.Tensor]) -> Graph:
+def executed_graph(g: Graph) -> Graph:
+    """The graph `load_folded` makes of `g`, from its structure alone: constants a computing
+    node reads are weight leaves, the other constants gone (what the executor walks)."""
+    const = constants(g)
+    read = {i for n in g.nodes if n.name not in const for i in n.inputs}
+    return _as_leaves(g, read)
+
+
+def _as_leaves(g: Graph, weights: Container[str]) -> Graph:
     """Folded constants become weight leaves; constants nobody reads any more drop out."""
     const: set[str] = set()
     out: list[Node] = []

@@ -210,7 +210,7 @@ class Session:
                 buf, n = self.buffers[key], val.shape[0]
                 if not (val.device == buf.device and val.data_ptr() == buf.data_ptr()):
                     buf[:n].copy_(val)  # kv_append could not write in place (e.g. a copied cache)
-            elif key in self.state:
+            elif key in self.state and val.data_ptr() != self.state[key].data_ptr():
                 self.state[key].copy_(val)  # in place: the tensor a captured step reads stays the same
 
     def snapshot(self) -> tuple[int, dict[str, torch.Tensor]]:
