@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from graphir import dims as D
-from graphir import ops as _o
+from graphir import op_shapes as _o
 from graphir.dtypes import F32, I32, I64
 from graphir.spec import TensorSpec
 

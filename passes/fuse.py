@@ -4,7 +4,7 @@ Each pass finds its pattern in the graph and emits the fused node (graphir/ops_f
 their rules) where the first node of the pattern was; the values the pattern made keep their
 names, now `result` views of the fused node (or the fused node itself when it has one
 result), so readers elsewhere are untouched. A weight leaf the fused node reads is moved up
-to it. The graphir-cuda engine lists these passes (backends/cuda/cli.py DEFAULT_PASSES and its
+to it. The graphir-cuda engine lists these passes (cli/run.py DEFAULT_PASSES and its
 engine profile), so the graph the executor runs is the graph the cost model prices.
 
 Decode-only fusions (`phase="tg"`) are those whose kernels are written for one token: the

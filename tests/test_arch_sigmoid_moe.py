@@ -287,7 +287,7 @@ def test_cuda_rule_table_falls_back_for_the_new_ops(d: dict) -> None:
     """The CUDA table (fast-path overrides, eager kernels for ops it does not know: the biased
     top-k, sigmoid weights, head_matmul) gives the reference table's logits; on CPU tensors the
     overrides take their fallbacks, so this checks the wiring, not the GPU kernels."""
-    from backends.cuda.fastpath import CUDA_KERNELS
+    from backends.cuda.rule_table import CUDA_KERNELS
 
     cfg = from_hf_dict(d)
     ref, gen = greedy(Session(cfg, "random", "cpu", 16, seed=3), PROMPT, 3)

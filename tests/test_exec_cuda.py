@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from backends.cuda import decode_attention, fast_moe, fused, gemv
 from backends.cuda import triton_deltanet as tdn
-from backends.cuda.fastpath import CUDA_KERNELS, attention as fast_attention
+from backends.cuda.fastpath import attention as fast_attention
+from backends.cuda.rule_table import CUDA_KERNELS
 from backends.cuda.graphs import DecodeStep
 from backends.cuda.interp import ExecContext
 from backends.cuda.kernels import KERNELS

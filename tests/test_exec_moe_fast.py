@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from backends.cuda import fast_moe, fused
-from backends.cuda.fastpath import CUDA_KERNELS
+from backends.cuda.rule_table import CUDA_KERNELS
 from backends.cuda.interp import ExecContext
 from backends.cuda.kernels import KERNELS
 from backends.cuda.testing import patch_triton_interpreter, rel_err

@@ -12,10 +12,11 @@ from collections import Counter
 import pytest
 import torch
 
-from backends.costmodel.placement import PlaceOptions, engine_graph, place
+from passes.manager import engine_graph
+from planner.placement import PlaceOptions, place
 from backends.costmodel.price import price
 from backends.costmodel.profiles import load_engine
-from backends.cuda.cli import DEFAULT_PASSES, make_transform
+from cli.run import DEFAULT_PASSES, make_transform
 from backends.cuda.graphs import DecodeStep, decode_schedule
 from backends.cuda.loader import executed_graph
 from backends.cuda.pipeline import ENGINE_PASSES, MERGES

@@ -55,7 +55,7 @@ class RankSession(Session):
 
     # the full placed graphs are kept in self.graphs; the executed ones are this rank's part
     def _select(self, graphs: dict[str, Graph]) -> dict[str, Graph]:
-        from backends.cuda.fastpath import kernels_for
+        from backends.cuda.rule_table import kernels_for
 
         self.kernels = kernels_for([self.local])
         out = {}

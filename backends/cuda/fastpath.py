@@ -1,6 +1,6 @@
-"""The CUDA rule table: KERNELS with fast-path overrides, chosen per device type.
+"""The fast forms of the plain ops on CUDA: `OVERRIDES` (rule_table.py lays them over KERNELS).
 
-`CUDA_KERNELS = KERNELS | OVERRIDES`. Each override runs its fast form on CUDA tensors (or on
+Each override runs its fast form on CUDA tensors (or on
 the CPU under Triton's interpreter, for tests) and falls back to the reference kernel
 otherwise, so mixed placements (a `cpu` device beside `cuda:N`) still run. None of them
 reads a value back to the host: no `.item()`, `nonzero`, `bincount` or `.tolist()` on the
@@ -14,7 +14,7 @@ Shapes then stay fixed while the cache grows, which is what a captured decode st
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -319,11 +319,6 @@ OVERRIDES: dict[Op, Kernel] = {
     Op.ALL_REDUCE: all_reduce,
 }
 
-# the fused ops' fast forms (their module reads this one's kernels when called)
-from backends.cuda.fastpath_fused import FUSED  # noqa: E402
-
-CUDA_KERNELS: dict[Op, Kernel] = {**KERNELS, **OVERRIDES, **FUSED}
-
 
 def diagnostics() -> dict[str, object]:
     """Which fast paths fell back in this process (for benchmark records)."""
@@ -336,8 +331,3 @@ def diagnostics() -> dict[str, object]:
             "moe_gemv": {f"{n}x{k} slots {s} {dt}{' swiglu' if gated else ''}": ",".join(map(str, c))
                          for (n, k, s, dt, _, gated), c in sorted(fast_moe.GEMV_CHOICE.items())},
             "topk_warps": {f"T {t} E {e} k {k}+{m}": w for (t, e, k, m, _, _), w in sorted(fast_moe.TOPK_WARPS.items())}}
-
-
-def kernels_for(devices: Sequence[str]) -> Mapping[Op, Kernel]:
-    """The rule table for a device list: the CUDA table when any device is a GPU."""
-    return CUDA_KERNELS if any(d.startswith("cuda") for d in devices) else KERNELS

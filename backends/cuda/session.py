@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from backends.cuda.devices import parse_devices, torch_device, torch_dtype
-from backends.cuda.fastpath import kernels_for
+from backends.cuda.rule_table import kernels_for
 from backends.cuda.interp import ExecContext, Kernel, Replicas, RunStats, run_graph
 from backends.cuda.loader import load_folded
 from backends.cuda.streams import DeviceStreams
