@@ -16,7 +16,7 @@ stage (so a run cut short keeps what it finished). Stages:
   c_auto qwen3-32b on 2 GPUs, auto only
   d      every GPU of the machine (4 or 8): Qwen3-Next and llama-3-70b, layer, graph (all GPUs and
          two per layer), auto
-  tests  pytest tests/test_exec_cuda.py (the CUDA paths against the reference kernels)
+  tests  pytest tests/backends/cuda/test_exec_cuda.py (the CUDA paths against the reference kernels)
 bench/bench_gpu_report.py turns results.json into the markdown and CSV files.
 """
 
@@ -437,8 +437,8 @@ def host(res: dict[str, Any], out: Path) -> None:
 
 
 def tests(res: dict[str, Any], out: Path) -> None:
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_exec_cuda.py",
-                        "tests/test_exec_moe_fast.py"],
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/backends/cuda/test_exec_cuda.py",
+                        "tests/backends/cuda/test_exec_moe_fast.py"],
                        capture_output=True, text=True, timeout=300)
     tail = (p.stdout + p.stderr)[-6000:]
     sys.stdout.write(tail)

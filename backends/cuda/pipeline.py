@@ -1,7 +1,7 @@
 """The graphir-cuda engine's passes, run after placement on both phases' graphs: weight
 merges, then the kernel fusions (passes/fuse.py). The executor runs the graph they make and
 the cost model's graphir-cuda profile lists the same passes, so what is priced is what runs
-(tests/test_fusion_pipeline.py checks node for node)."""
+(tests/passes/test_fusion_pipeline.py checks node for node)."""
 
 from __future__ import annotations
 
