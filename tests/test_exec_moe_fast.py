@@ -1,4 +1,4 @@
-"""The MoE fast paths (fast_moe.py and the MoE rules of fastpath.py) against the reference
+"""The MoE fast paths (fast_moe.py, moe_router.py and the MoE rules of fastpath.py) against the reference
 kernels: the router's top-k + routing-weights kernel (moe_topk_weights), moe_sum, the decode GEMV and the
 prefill path with the route its matmuls share (moe_route).
 
