@@ -21,8 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere in the checkout
 
+from backends.cuda import deltanet_prefill  # noqa: E402
 from backends.cuda import triton_deltanet as tdn  # noqa: E402
+from backends.cuda.choices import KernelChoices  # noqa: E402
 from backends.cuda.recurrent import chunk_terms  # noqa: E402
+
+CHOICES = KernelChoices()  # what this run of the benchmark measured, kept across its calls
 
 
 def ms_per_call(fn: Callable[[], object], iters: int) -> float:
@@ -72,7 +76,7 @@ def main() -> int:
         ("recurrent (token-serial)", lambda: tdn.delta_net(q, k, v, g, beta, s)),
         ("old chunked (torch terms, ieee)",
          lambda: tdn.delta_net_chunked(q, k, v, g, beta, s, config=(32, 8, "ieee", 1), prep="torch")),
-        ("new chunked (default)", lambda: tdn.delta_net_chunked(q, k, v, g, beta, s)),
+        ("new chunked (default)", lambda: tdn.delta_net_chunked(q, k, v, g, beta, s, choices=CHOICES)),
     ]
     for cfg in tdn.CONFIGS:
         rows.append((f"  fused terms + tile {cfg}",
@@ -96,8 +100,8 @@ def main() -> int:
             print(f"{name:48s} {ms_per_call(fn2, a.iters):8.3f} ms")
         except Exception as e:
             print(f"{name:48s} failed: {str(e).splitlines()[0][:120]}")
-    print("calibrate() (ms):", tdn.calibrate(dev, a.nk, a.nv, a.dk, a.dv, T=a.T))
-    print("chosen:", {key: val for key, val in tdn.PREFILL.items()})
+    print("calibrate() (ms):", deltanet_prefill.calibrate(dev, a.nk, a.nv, a.dk, a.dv, T=a.T, choices=CHOICES))
+    print("chosen:", dict(CHOICES.deltanet_prefill))
     return 0
 
 

@@ -332,7 +332,6 @@ def prof(res: dict[str, Any], out: Path) -> None:
     s = Session(NEXT, None, DEVS[:1], 8192, dtype="bf16", transform=_transform(cfg, None), layers=range(0, 8),
                 pp_logits="last")
     found: dict[str, Any] = {"calibrate_ms": calibrate(s, 2048)}
-    from backends.cuda.fastpath import diagnostics
     warm_up(s, 2048, 16, True, torch.Generator().manual_seed(0))
     sync = s.streams.synchronize_all
 
@@ -387,7 +386,7 @@ def prof(res: dict[str, Any], out: Path) -> None:
     found["tg_host_ms_per_step"] = sorted(host)[len(host) // 2] * 1e3
     log(f"prof: host time of one captured step call {found['tg_host_ms_per_step']:.3f} ms")
     step.close()
-    found["fast_paths"] = diagnostics()
+    found["fast_paths"] = s.choices.diagnostics()
     log(f"prof: fast paths {found['fast_paths']}")
     log(f"prof: calibrate {found['calibrate_ms']}, captured TG ms/token "
         f"{found['tg_ms_per_token_wait_True']:.3f} (wait each), {found['tg_ms_per_token_wait_False']:.3f} (no wait)")

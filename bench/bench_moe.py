@@ -26,11 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from backends.cuda.choices import KernelChoices  # noqa: E402
 from backends.cuda.fused import tl, triton  # noqa: E402
 
 DEV = "cuda:0"
 E, K_TOP, H, I = 512, 10, 2048, 512
 T_PREFILL = 2048
+CHOICES = KernelChoices()  # what this run of the benchmark measured, kept across its calls
 
 
 def gpu_us(fn: Callable[[], object], iters: int, graph: bool) -> float:
@@ -144,7 +146,7 @@ def rand_ids(T: int, sets: int, dev: torch.device) -> list[torch.Tensor]:
 
 
 def decode(iters: int, sweep: bool) -> None:
-    from backends.cuda import fast_moe
+    from backends.cuda import fast_moe, moe_router
 
     dev = torch.device(DEV)
     bf = torch.bfloat16
@@ -153,17 +155,17 @@ def decode(iters: int, sweep: bool) -> None:
     ids = old_topk(logits, K_TOP)
     t_topk = gpu_us(lambda: old_topk(logits, K_TOP), iters, True)
     t_w = gpu_us(lambda: old_weights(logits, ids), iters, True)
-    t_new = gpu_us(lambda: fast_moe.topk_softmax(logits, K_TOP), iters, True)
+    t_new = gpu_us(lambda: moe_router.topk_softmax(logits, K_TOP, choices=CHOICES), iters, True)
     row("router top-k", t_topk, t_new, "(new: ids and norm weights in one launch)")
-    row("routing weights (norm)", t_w, gpu_us(lambda: fast_moe.selected_softmax(logits, ids), iters, True),
+    row("routing weights (norm)", t_w, gpu_us(lambda: moe_router.selected_softmax(logits, ids), iters, True),
         "(new: only when top-k's weights are not at hand)")
     row("top-k + weights", t_topk + t_w, t_new)
-    new_ids, new_w = fast_moe.topk_softmax(logits, K_TOP)
+    new_ids, new_w = moe_router.topk_softmax(logits, K_TOP, choices=CHOICES)
     assert torch.equal(new_ids, ids), "top-k differs from torch.topk"
     y = torch.randn(1, K_TOP, H, device=dev, dtype=bf)
     wts = torch.rand(1, K_TOP, device=dev)
     row("moe_sum [1,10,2048]", gpu_us(lambda: old_sum(y, wts), iters, True),
-        gpu_us(lambda: fast_moe.moe_sum(y, wts), iters, True))
+        gpu_us(lambda: moe_router.moe_sum(y, wts), iters, True))
 
     sets = rand_ids(1, 16, dev)
     shapes = {"gemv gate_up [E,1024,2048]": (torch.randn(1, H, device=dev, dtype=bf), (E, 2 * I, H)),
@@ -180,10 +182,10 @@ def decode(iters: int, sweep: bool) -> None:
             return f
 
         t_old = gpu_us(call(old_gemv), iters, True)
-        t_new = gpu_us(call(fast_moe.moe_gemv), iters, True)
+        t_new = gpu_us(call(fast_moe.moe_gemv, None, None, CHOICES), iters, True)
         row(name, t_old, t_new, f"{mb:.0f} MB: {mb / t_new:.2f} TB/s new, config {fast_moe.gemv_config(N, K)}")
         ref = old_gemv(x, w, sets[0]).float()
-        err = float((fast_moe.moe_gemv(x, w, sets[0]).float() - ref).abs().max() / ref.abs().max())
+        err = float((fast_moe.moe_gemv(x, w, sets[0], choices=CHOICES).float() - ref).abs().max() / ref.abs().max())
         assert err < 2e-2, f"gemv differs from the old kernel: {err}"
         if sweep:
             got = []
@@ -200,7 +202,7 @@ def decode(iters: int, sweep: bool) -> None:
 
 
 def prefill(iters: int) -> None:
-    from backends.cuda import fast_moe
+    from backends.cuda import fast_moe, moe_router
 
     dev = torch.device(DEV)
     bf = torch.bfloat16
@@ -222,17 +224,17 @@ def prefill(iters: int) -> None:
 
     def new_layer() -> None:
         r = fast_moe.route(ids, E)
-        fast_moe.moe_grouped(x, w_gu, ids, r)
-        fast_moe.moe_grouped(h, w_dn, ids, r)
+        fast_moe.moe_grouped(x, w_gu, ids, r, CHOICES)
+        fast_moe.moe_grouped(h, w_dn, ids, r, CHOICES)
 
     row("layer: gate_up + down", gpu_us(old_layer, iters, False), gpu_us(new_layer, iters, False))
     r = fast_moe.route(ids, E)
     row("gate_up alone (route shared)", gpu_us(lambda: old_grouped(x, w_gu, ids), iters, False),
-        gpu_us(lambda: fast_moe.moe_grouped(x, w_gu, ids, r), iters, False))
+        gpu_us(lambda: fast_moe.moe_grouped(x, w_gu, ids, r, CHOICES), iters, False))
     row("down alone (route shared)", gpu_us(lambda: old_grouped(h, w_dn, ids), iters, False),
-        gpu_us(lambda: fast_moe.moe_grouped(h, w_dn, ids, r), iters, False))
-    for name, a, b in (("gate_up", old_grouped(x, w_gu, ids), fast_moe.moe_grouped(x, w_gu, ids, r)),
-                       ("down", old_grouped(h, w_dn, ids), fast_moe.moe_grouped(h, w_dn, ids, r))):
+        gpu_us(lambda: fast_moe.moe_grouped(h, w_dn, ids, r, CHOICES), iters, False))
+    for name, a, b in (("gate_up", old_grouped(x, w_gu, ids), fast_moe.moe_grouped(x, w_gu, ids, r, CHOICES)),
+                       ("down", old_grouped(h, w_dn, ids), fast_moe.moe_grouped(h, w_dn, ids, r, CHOICES))):
         err = float((a.float() - b.float()).abs().max() / a.float().abs().max())
         assert err < 1e-2, f"prefill {name} differs from the old path: {err}"
 
@@ -253,11 +255,11 @@ def prefill(iters: int) -> None:
                                              iters, False),
         gpu_us(lambda: fast_moe._rows(x, order, K_TOP, bf, scatter=False), iters, False))
     row("top-k [2048,512]", gpu_us(lambda: old_topk(logits, K_TOP), iters, False),
-        gpu_us(lambda: fast_moe.topk_softmax(logits, K_TOP), iters, False))
+        gpu_us(lambda: moe_router.topk_softmax(logits, K_TOP, choices=CHOICES), iters, False))
     y = torch.randn(T, K_TOP, H, device=dev, dtype=bf)
     wts = torch.rand(T, K_TOP, device=dev)
     row("moe_sum [2048,10,2048]", gpu_us(lambda: old_sum(y, wts), iters, False),
-        gpu_us(lambda: fast_moe.moe_sum(y, wts), iters, False))
+        gpu_us(lambda: moe_router.moe_sum(y, wts), iters, False))
 
 
 def main() -> None:

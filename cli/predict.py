@@ -15,7 +15,8 @@ from cli import options as O
 from cli.common import default_split, output_path, plot_path
 from graphir.errors import GraphirError
 from graphir.fileio import write_output
-from reports.sweep import SweepTable, TableError, compare as compare_tables, parse_table, read_table
+from reports.sweep import SweepTable, TableError, parse_table, read_table
+from reports.sweep_compare import compare as compare_tables
 
 
 if TYPE_CHECKING:

@@ -205,14 +205,13 @@ def run_sweep(model: str, *, devices: str = "cuda:0", split: str | None = None, 
         label = f"graph-{recurrent}"  # how delta-net layers were placed
     rows = sweep(session, ubatch=ubatch, tg=tg, ctx=ctx, split=label, graphs=graphs, seed=seed,
                  progress=lambda r: say(f"N_KV {r.n_kv:>6}: S_PP {r.s_pp_tps:10.2f} t/s  S_TG {r.s_tg_tps:8.2f} t/s"))
-    from backends.cuda.fastpath import diagnostics
     from planner.auto_report import explain
     from planner.placement import searched_plan
 
     meta = {"model": source.cfg.name or model, **head, "devices": list(devs), "split": label, "dtype": dtype,
             "ubatch": ubatch, "tg": tg, "ctx": ctx, "layers": layers or "all", "passes": passes or "none",
             "cuda_graphs": graphs, "load_s": round(load_s, 3), "delta_net_prefill_ms": cal,
-            "nodes": {k: len(g.nodes) for k, g in session.executed.items()}, "fast_paths": diagnostics()}
+            "nodes": {k: len(g.nodes) for k, g in session.executed.items()}, "fast_paths": session.choices.diagnostics()}
     plan = searched_plan(transform)
     if plan is not None:
         meta["auto_plan"] = explain(plan)

@@ -29,7 +29,8 @@ from graphir.models.sources import ModelSource, load_source, weight_scheme, weig
 from graphir.ops import Op
 from reports.progress import track
 from graphir.quant import QuantScheme, scheme
-from reports.sweep import SweepRow, SweepTable, crossover, sweep_shape
+from reports.sweep import SweepRow, SweepTable, sweep_shape
+from reports.sweep_compare import crossover
 from passes.memory import enforce_fit, fit_problem, state_bytes
 
 TERM_LABELS = {"compute": "compute", "weights": "weight bytes", "kv": "KV bytes",
@@ -88,7 +89,7 @@ class Prediction:
         return SweepTable(tuple(r for m in self.modes.values() for r in m.rows), self.model)
 
     def crossover(self, metric: str, a: str = "layer", b: str = "graph") -> float | None:
-        """First depth where mode b's speed reaches mode a's (reports.sweep.crossover)."""
+        """First depth where mode b's speed reaches mode a's (reports.sweep_compare.crossover)."""
         return crossover(self.modes[a].table(), self.modes[b].table(), metric)  # type: ignore[arg-type]
 
     def speedup(self, metric: str, a: str = "layer", b: str = "graph") -> np.ndarray:

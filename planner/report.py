@@ -12,7 +12,8 @@ import numpy as np
 from planner.predict import TERM_LABELS, ModePrediction, Prediction
 from backends.costmodel.timeline import TERMS
 from graphir.fileio import write_atomic as atomic_write
-from reports.sweep import Comparison, SweepTable, crossover, format_markdown, write_csv
+from reports.sweep import SweepTable, format_markdown, write_csv
+from reports.sweep_compare import Comparison, crossover
 from passes.memory import GIB
 
 

@@ -22,7 +22,8 @@ from backends.costmodel.profiles import FITTABLE, RATIOS, Engine, known_param
 from hardware.profiles import ProfileError, System
 from backends.costmodel.timeline import evaluate
 from reports.progress import track
-from reports.sweep import SweepTable, error_stats
+from reports.sweep import SweepTable
+from reports.sweep_compare import error_stats
 
 PRIOR_WEIGHT = 0.05  # residual weight of log(param / start): a factor e costs as much as 5% error
 ROBUST_SCALE = 0.03  # soft-L1 loss: errors beyond ~3% count linearly, so a warm-up row cannot steer

@@ -111,7 +111,8 @@ class RankSession(Session):
         sym = {"T": len(ids), "KV": self.n_past}
         self.last_stats = RunStats()
         with self.streams:
-            ctx = ExecContext(g, sym, self._feeds(g, ids, sym), self.weights, self.buffers, self.local)
+            ctx = ExecContext(g, sym, self._feeds(g, ids, sym), self.weights, self.buffers, self.local,
+                              choices=self.choices)
             res = self._walk(g, full, ctx)
             self._store(res)
         self.outputs = res

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from backends.cuda import attention as ref_attn
-from backends.cuda import decode_attention, fused
+from backends.cuda import decode_attention, deltanet_prefill, fused
 from backends.cuda import gemv
 from backends.cuda import triton_deltanet as tdn
 from backends.cuda.devices import torch_device, torch_dtype
-from backends.cuda import fast_moe
+from backends.cuda import fast_moe, moe_router
 from backends.cuda.interp import ExecContext, Kernel, Replicas
 from backends.cuda.kernels import KERNELS, _as_spec
 from backends.cuda.moe import shared_ids
@@ -45,10 +45,10 @@ def matmul(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     base = getattr(w, "aligned_base", None)
     if base is not None and base.dtype == x.dtype:
         # a merged weight folded with zero rows for alignment (fold.py): multiply by all of them
-        y = gemv.matmul(x, base) if gemv.applies(x, base) else F.linear(x, base)
+        y = gemv.matmul(x, base, ctx.choices) if gemv.applies(x, base) else F.linear(x, base)
         return y[..., :w.shape[0]]
     if gemv.applies(x, w):  # one row (a decode step): the measured-faster of cuBLAS and a GEMV
-        return gemv.matmul(x, w)
+        return gemv.matmul(x, w, ctx.choices)
     return _ref(Op.MATMUL)(node, args, ctx)
 
 
@@ -107,7 +107,7 @@ def delta_net(node: Node, args: Args, ctx: ExecContext, state_out: torch.Tensor 
         raw = (args[6], args[7]) if node.attr.get("raw_gates") else None
         return tdn.delta_net(*args[:6], l2, state_out=state_out, raw=raw)
     q, k, v, g, beta, state = recurrent.gates_of(node, args)
-    return tdn.prefill(q, k, v, g, beta, state, l2)
+    return deltanet_prefill.prefill(q, k, v, g, beta, state, l2, ctx.choices)
 
 
 # ---- MoE --------------------------------------------------------------------------------------
@@ -115,9 +115,9 @@ def delta_net(node: Node, args: Args, ctx: ExecContext, state_out: torch.Tensor 
 def moe_topk(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     (logits,) = args  # softmax is monotonic: the top-k of the logits are the top-k of the probabilities
     k, m = int(node.attr["k"]), int(node.attr.get("shared", 0))
-    if fast_moe.topk_ok(logits, k + m):
+    if moe_router.topk_ok(logits, k + m):
         # ids alone: a top-k whose routing weights are wanted too is a moe_topk_weights node (passes/fuse.py)
-        return fast_moe.topk_softmax(logits, k, m)[0]
+        return moe_router.topk_softmax(logits, k, m, choices=ctx.choices)[0]
     ids = torch.topk(logits, k, dim=-1).indices.to(torch.int32)
     if m:
         ids = torch.cat([ids, shared_ids(ids.shape[0], logits.shape[1], m, ids.device)], dim=1)  # [T,k+m]
@@ -130,12 +130,12 @@ def moe_weights(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     if not node.attr.get("norm"):
         return _ref(Op.MOE_WEIGHTS)(node, args, ctx)
     if m:  # k softmax weights and the shared gate's sigmoid in one launch
-        if fast_moe.topk_ok(logits, ids.shape[1]) and ids.shape[0] == logits.shape[0]:
-            return fast_moe.selected_softmax(logits, ids, args[2], m)
+        if moe_router.topk_ok(logits, ids.shape[1]) and ids.shape[0] == logits.shape[0]:
+            return moe_router.selected_softmax(logits, ids, args[2], m)
         return _ref(Op.MOE_WEIGHTS)(node, args, ctx)
     # softmax over all experts, renormalised over the chosen ones == softmax over the chosen logits
-    if fast_moe.topk_ok(logits, ids.shape[1]) and ids.shape[0] == logits.shape[0]:
-        return fast_moe.selected_softmax(logits, ids)
+    if moe_router.topk_ok(logits, ids.shape[1]) and ids.shape[0] == logits.shape[0]:
+        return moe_router.selected_softmax(logits, ids)
     return torch.softmax(logits.gather(1, ids.long()).to(torch.float32), dim=-1)
 
 
@@ -144,14 +144,14 @@ def moe_matmul(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     if not (x.is_cuda or fused.usable(x)):
         return _ref(Op.MOE_MATMUL)(node, args, ctx)
     # a prefill's matmuls of one layer share their route as a moe_route node (passes/fuse.py)
-    return fast_moe.moe_matmul(x, w, ids)
+    return fast_moe.moe_matmul(x, w, ids, choices=ctx.choices)
 
 
 def moe_sum(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     y, w = args  # [T,k,H], [T,k] f32
     # one launch for a decode step; a prefill's batched product is faster (measured on an H200)
-    if fused.usable(y) and 0 < y.shape[0] <= 64 and y.shape[1] <= fast_moe.TOPK_MAX_K:
-        return fast_moe.moe_sum(y, w)
+    if fused.usable(y) and 0 < y.shape[0] <= 64 and y.shape[1] <= moe_router.TOPK_MAX_K:
+        return moe_router.moe_sum(y, w)
     return torch.bmm(w.to(y.dtype).unsqueeze(1), y).squeeze(1)  # one batched product instead of mul + sum
 
 
@@ -165,9 +165,6 @@ def _key_index(ctx: ExecContext, device: torch.device, n: int) -> torch.Tensor:
     return t
 
 
-_FLASH_LOWER_RIGHT: dict[str, bool] = {}  # checked once per process against an explicit mask
-
-
 def _explicit(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, scale: float,
               mask: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
@@ -179,20 +176,20 @@ def _lower_right(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, scale: fl
     dev = qh.device
     mask = _key_index(ctx, dev, S)[None, :] <= (S - T + _key_index(ctx, dev, T))[:, None]  # [T,S]
     if qh.is_cuda and qh.dtype in (torch.float16, torch.bfloat16) and qh.shape[-1] <= 256:
-        ok = _FLASH_LOWER_RIGHT.get("ok")
+        ok = ctx.choices.flash_lower_right  # checked once per session against an explicit mask
         if ok is not False:
             try:
                 # the flash kernel's causal flag means lower-right alignment when S > T; GQA native
                 out = torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, vh, 0.0, True, False,
                                                                          scale=scale)[0]
             except RuntimeError:
-                _FLASH_LOWER_RIGHT["ok"] = False
+                ctx.choices.flash_lower_right = False
                 out = None
             if out is not None:
                 if ok is None:  # first use: prove it once against the explicit mask
                     ref = _explicit(qh, kh, vh, scale, mask[None, None])
                     good = bool(((out.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max() + 1e-3))
-                    _FLASH_LOWER_RIGHT["ok"] = good
+                    ctx.choices.flash_lower_right = good
                     return out if good else ref
                 return out
     return _explicit(qh, kh, vh, scale, mask[None, None])
@@ -256,9 +253,6 @@ def copy(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     return args[0].to(ctx.device(node), non_blocking=True)
 
 
-_NCCL_BROKEN: list[str] = []
-
-
 def _nccl_ok(parts: Sequence[torch.Tensor], devs: Sequence[torch.device]) -> bool:
     if len(set(devs)) != len(devs) or not all(d.type == "cuda" for d in devs):
         return False
@@ -275,7 +269,7 @@ def all_reduce(node: Node, args: Args, ctx: ExecContext) -> Replicas:
     distinct GPU; else the reference (peer copies, summed on every device)."""
     devs = [torch_device(d) for d in node.devices]
     parts_dev = [p.device for p in args]
-    if _NCCL_BROKEN or not _nccl_ok(args, devs) or parts_dev != devs:
+    if ctx.choices.nccl_failed or not _nccl_ok(args, devs) or parts_dev != devs:
         return _ref(Op.ALL_REDUCE)(node, args, ctx)
     import torch.cuda.nccl as nccl
 
@@ -293,7 +287,7 @@ def all_reduce(node: Node, args: Args, ctx: ExecContext) -> Replicas:
     try:
         nccl.all_reduce(bufs)  # in place, on each device's current stream
     except RuntimeError as e:  # no usable NCCL here: peer copies from now on
-        _NCCL_BROKEN.append(str(e).splitlines()[0] if str(e) else "RuntimeError")
+        ctx.choices.nccl_failed.append(str(e).splitlines()[0] if str(e) else "RuntimeError")
         return _ref(Op.ALL_REDUCE)(node, args, ctx)
     out = Replicas()
     for name, b in zip(node.devices, bufs):
@@ -318,16 +312,3 @@ OVERRIDES: dict[Op, Kernel] = {
     Op.COPY: copy,
     Op.ALL_REDUCE: all_reduce,
 }
-
-
-def diagnostics() -> dict[str, object]:
-    """Which fast paths fell back in this process (for benchmark records)."""
-    from backends.cuda import fast_moe
-
-    return {"grouped_mm_failed": list(fast_moe._GROUPED_BROKEN), "nccl_failed": list(_NCCL_BROKEN),
-            "flash_lower_right": _FLASH_LOWER_RIGHT.get("ok"),
-            "delta_net_prefill": {k: v for k, v in tdn.PREFILL.items()},
-            "gemv": {f"{n}x{k} {dt}": c for (n, k, dt, _), c in sorted(gemv.CHOICE.items())},
-            "moe_gemv": {f"{n}x{k} slots {s} {dt}{' swiglu' if gated else ''}": ",".join(map(str, c))
-                         for (n, k, s, dt, _, gated), c in sorted(fast_moe.GEMV_CHOICE.items())},
-            "topk_warps": {f"T {t} E {e} k {k}+{m}": w for (t, e, k, m, _, _), w in sorted(fast_moe.TOPK_WARPS.items())}}

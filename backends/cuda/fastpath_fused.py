@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from backends.cuda import fast_moe, fastpath, fused
+from backends.cuda import fast_moe, fastpath, fused, moe_router
 from backends.cuda.devices import torch_dtype
 from backends.cuda.interp import ExecContext, Kernel
 from backends.cuda.kernels import KERNELS
@@ -37,7 +37,7 @@ def moe_sum_add_rms_norm(node: Node, args: Args, ctx: ExecContext) -> Any:
     a, y, wk, w = args  # [T,H], [T,k,H], [T,k] f32, [H]: sum, add and norm in one launch
     if fused.usable(a) and a.dim() == 2 and y.dim() == 3 and a.shape == (y.shape[0], y.shape[2]) \
             and a.dtype == y.dtype:
-        return fast_moe.moe_add_rms_norm(a, y, wk, w, *_norm_args(node))
+        return moe_router.moe_add_rms_norm(a, y, wk, w, *_norm_args(node))
     return KERNELS[Op.MOE_SUM_ADD_RMS_NORM](node, args, ctx)
 
 
@@ -45,8 +45,8 @@ def moe_topk_weights(node: Node, args: Args, ctx: ExecContext) -> Any:
     logits = args[0]  # [T,E] (and the shared gate [T,1]): ids and routing weights in one launch
     k, m = int(node.attr["k"]), int(node.attr.get("shared", 0))
     gate = args[1] if m else None
-    if fast_moe.topk_ok(logits, k + m) and (gate is None or gate.shape == (logits.shape[0], 1)):
-        ids, wts = fast_moe.topk_softmax(logits, k, m, gate)
+    if moe_router.topk_ok(logits, k + m) and (gate is None or gate.shape == (logits.shape[0], 1)):
+        ids, wts = moe_router.topk_softmax(logits, k, m, gate, ctx.choices)
         if wts is not None:
             return ids, wts
     return KERNELS[Op.MOE_TOPK_WEIGHTS](node, args, ctx)
@@ -63,7 +63,7 @@ def swiglu_moe_matmul(node: Node, args: Args, ctx: ExecContext) -> Any:
     g, u, w, ids = args  # [T,k,F] twice, [E,N,F], [T,k]: the GEMV applies swiglu as it loads
     if (fused.usable(g) and g.dim() == 3 and g.shape == u.shape and g.dtype == u.dtype
             and ids.numel() <= fast_moe.DECODE_SLOTS and ids.shape == g.shape[:2]):
-        return fast_moe.moe_gemv(g, w, ids, up=u)
+        return fast_moe.moe_gemv(g, w, ids, up=u, choices=ctx.choices)
     x = fastpath.swiglu(node, [g, u], ctx)
     return fastpath.moe_matmul(node, [x, w, ids], ctx)
 
@@ -102,7 +102,7 @@ def moe_matmul_routed(node: Node, args: Args, ctx: ExecContext) -> Any:
     x, w, ids, order, ends = args  # the grouped GEMM reads the layer's one route; a few slots take the GEMV
     if not (x.is_cuda or fused.usable(x)):
         return KERNELS[Op.MOE_MATMUL_ROUTED](node, args, ctx)
-    return fast_moe.moe_matmul(x, w, ids, fast_moe.Route(order, ends))
+    return fast_moe.moe_matmul(x, w, ids, fast_moe.Route(order, ends), ctx.choices)
 
 
 FUSED: dict[Op, Kernel] = {

@@ -11,8 +11,8 @@ program issues its loads at once.
 
 Which is faster depends on the shape and the GPU, so it is measured, not guessed: the first
 call of each (N, K, dtype, device) outside a CUDA-graph capture times cuBLAS and each tile
-configuration and keeps the fastest if it beats cuBLAS by a clear margin (`CHOICE`, recorded
-for benchmark logs). The launches are queued behind a GPU sleep, so the timing is the GPU's
+configuration and keeps the fastest if it beats cuBLAS by a clear margin (KernelChoices.gemv,
+recorded in run metadata). The launches are queued behind a GPU sleep, so the timing is the GPU's
 (kernels queued back to back, as in a captured step), not the Python launcher's; an L2-sized
 write between calls makes each read its weight from HBM, as a decode step does. Calls inside
 a capture before any measurement use cuBLAS.
@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from backends.cuda.choices import KernelChoices, or_fresh
 from backends.cuda.fused import on, tl, triton, usable
 
 # (BN rows per program, BK columns per tile, warps[, pipeline stages]): tall-thin tiles for short N,
@@ -33,7 +34,6 @@ CONFIGS: tuple[tuple[int, ...], ...] = ((2, 2048, 4), (4, 2048, 4), (4, 1024, 4)
                                         (8, 512, 4), (16, 256, 4), (8, 2048, 8), (16, 512, 8),
                                         # a fourth entry: software-pipelined loads (stages)
                                         (4, 512, 4, 3), (8, 256, 4, 3), (16, 256, 8, 3), (2, 1024, 4, 3))
-CHOICE: dict[tuple[int, int, str, str], str] = {}  # (N, K, dtype, device) -> "cublas" or "BN,BK,warps"
 REPS = 20
 MARGIN = 0.9  # the GEMV replaces cuBLAS only when it takes at most 90% of cuBLAS's time
 
@@ -119,21 +119,23 @@ def fastest(candidates: dict[str, Callable[[], torch.Tensor]], default: str, dev
     return best if times[best] <= MARGIN * times[default] else default
 
 
-def _choose(x: torch.Tensor, w: torch.Tensor, key: tuple[int, int, str, str]) -> str:
+def _choose(x: torch.Tensor, w: torch.Tensor, key: tuple[int, int, str, str], chosen: dict) -> str:
     cands: dict[str, Callable[[], torch.Tensor]] = {"cublas": lambda: F.linear(x, w)}
     cands.update({",".join(map(str, c)): (lambda c=c: _triton(x, w, c)) for c in CONFIGS})
-    CHOICE[key] = fastest(cands, "cublas", x.device)
-    return CHOICE[key]
+    chosen[key] = fastest(cands, "cublas", x.device)
+    return chosen[key]
 
 
-def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [1,K] @ w[N,K]^T -> [1,N]: the measured-faster of cuBLAS and the Triton GEMV."""
+def matmul(x: torch.Tensor, w: torch.Tensor, choices: KernelChoices | None = None) -> torch.Tensor:
+    """x [1,K] @ w[N,K]^T -> [1,N]: the measured-faster of cuBLAS and the Triton GEMV
+    (measured once per shape and session: `choices.gemv`)."""
+    chosen = or_fresh(choices).gemv
     key = (w.shape[0], w.shape[1], str(w.dtype), str(w.device))
-    best = CHOICE.get(key)
+    best = chosen.get(key)
     if best is None:
         if torch.cuda.is_current_stream_capturing():
             return F.linear(x, w)
-        best = _choose(x, w, key)
+        best = _choose(x, w, key, chosen)
     if best == "cublas":
         return F.linear(x, w)
     return _triton(x, w, tuple(int(v) for v in best.split(",")))

@@ -74,7 +74,7 @@ class DecodeStep:
                 key = str(n.attr["state"])
                 feeds[n.name] = s.buffers[key][:bucket - 1] if key in s.buffers else s.state[key]
         self.ctx = ExecContext(g, {"T": 1, "KV": bucket - 1}, feeds, s.weights, s.buffers, s.devices[0],
-                               bucket=bucket, kvpos=self.kvpos)
+                               bucket=bucket, kvpos=self.kvpos, choices=s.choices)
         self.kernels = dict(s.kernels)
         # bucket mode lives in the fast rules (which also run on the CPU)
         self.kernels[Op.ATTENTION] = fastpath.attention

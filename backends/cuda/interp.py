@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from backends.cuda.choices import KernelChoices
 from backends.cuda.devices import describe, torch_device, torch_dtype
 from graphir import dims as D
 from graphir.errors import GraphirError
@@ -49,6 +50,8 @@ class ExecContext:
     bucket: int | None = None
     kvpos: Mapping[str, torch.Tensor] = field(default_factory=dict)
     cache: dict[Any, Any] = field(default_factory=dict)  # per-call constants kernels keep (index ranges)
+    # the session's timed and fallible kernel choices (choices.py); a fresh one outside a session
+    choices: KernelChoices = field(default_factory=KernelChoices)
     _shapes: dict[Any, tuple[int, ...]] = field(default_factory=dict, repr=False)
 
     def bind(self, d: D.Dim) -> int:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from backends.cuda.choices import KernelChoices
 from backends.cuda.devices import parse_devices, torch_device, torch_dtype
 from backends.cuda.rule_table import kernels_for
 from backends.cuda.interp import ExecContext, Kernel, Replicas, RunStats, run_graph
@@ -99,6 +100,7 @@ class Session:
             raise GraphirError(f"context length must be positive, got {ctx}")
         self.ctx = int(ctx)
         self.kernels = kernels if kernels is not None else kernels_for(self.devices)
+        self.choices = KernelChoices()  # what the timed fast paths choose, once per session (run metadata)
         passes = [transform] if callable(transform) else list(transform or ())
         quant = weight_scheme(self.source, None)
         self.graphs: dict[str, Graph] = {}
@@ -193,7 +195,8 @@ class Session:
         sym = {"T": len(ids), "KV": self.n_past}
         self.last_stats = RunStats()
         with self.streams:
-            ctx = ExecContext(g, sym, self._feeds(g, ids, sym), self.weights, self.buffers, self.devices[0])
+            ctx = ExecContext(g, sym, self._feeds(g, ids, sym), self.weights, self.buffers, self.devices[0],
+                              choices=self.choices)
             res = run_graph(g, ctx, self.kernels, self.last_stats, check=self.check_specs)
             self._store(res)
         self.outputs = res

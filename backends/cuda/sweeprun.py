@@ -37,11 +37,12 @@ def calibrate(session: Any, ubatch: int) -> dict[str, float]:
     devs = [d for d in session.used_devices() if d.startswith("cuda")]
     if not dn or not devs or ubatch <= 64:
         return {}
-    from backends.cuda import triton_deltanet as tdn
+    from backends.cuda.deltanet_prefill import calibrate as time_prefill
 
     g = session.executed["pp"]
     q, v = g[dn[0].inputs[0]].spec.shape, g[dn[0].inputs[2]].spec.shape
-    return tdn.calibrate(torch.device(devs[0]), int(q[1]), int(v[1]), int(q[2]), int(v[2]), T=ubatch)
+    return time_prefill(torch.device(devs[0]), int(q[1]), int(v[1]), int(q[2]), int(v[2]), T=ubatch,
+                        choices=session.choices)
 
 
 def warm_up(session: Any, ubatch: int, tg: int, graphs: bool, gen: torch.Generator) -> None:

@@ -13,7 +13,7 @@ the unit lower-triangular 64×64 system is inverted in registers, 16-row diagona
 forward substitution and the rest with four products), then `_chunk_state_fwd` carries the
 state across the chunks with tensor-core products (T/64 dependent steps instead of T).
 Whatever does not compile on a GPU falls back: tf32 tiles to exact f32 ones, the fused terms
-to the torch ones. `calibrate` times both forms once on the device and `prefill` uses the faster.
+to the torch ones. Which form a prefill uses is chosen by timing in deltanet_prefill.py.
 
 Semantics match transformers' torch_recurrent_gated_delta_rule: q and k l2-normalised
 (eps 1e-6), q scaled by dk**-0.5, key heads shared by `nv // nk` consecutive value heads,
@@ -23,10 +23,11 @@ rows [0,T) the outputs, rows [T, T+dk) the new state laid out [dk, nv, dv].
 
 from __future__ import annotations
 
-import functools
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
+
+from backends.cuda.choices import KernelChoices, or_fresh
 
 if TYPE_CHECKING:
     from backends.cuda.recurrent import ChunkTerms
@@ -253,8 +254,8 @@ PRECISIONS = ("tf32", "bf16", "ieee")  # preference: tf32 ~ bf16 in speed on an 
 PREP_WARPS = (8, 4)  # intra-chunk kernel: [C,dk] f32 tiles of q, k and k·beta live together
 
 
-def _note(what: object, e: Exception) -> None:
-    errs = PREFILL.setdefault("errors", [])
+def note_failure(chosen: dict, what: object, e: Exception) -> None:
+    errs = chosen.setdefault("errors", [])
     if len(errs) < 8:
         errs.append(f"{what}: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}")
 
@@ -293,43 +294,46 @@ def chunk_terms_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torc
 
 
 def _terms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-           qk_l2norm: bool, chunk: int, precision: str, prep: str | None) -> ChunkTerms:
+           qk_l2norm: bool, chunk: int, precision: str, prep: str | None, chosen: dict) -> ChunkTerms:
     """The intra-chunk terms: the fused kernel, else (it does not compile here, or prep="torch")
     the batched torch ops of recurrent.chunk_terms."""
     from backends.cuda.recurrent import ChunkTerms, chunk_terms
 
-    if prep == "fused" or (prep is None and PREFILL.get("prep") != "torch" and _fusable(chunk, q.shape[2])):
-        warps = [PREFILL["prep_warps"]] if PREFILL.get("prep_warps") else list(PREP_WARPS)
+    if prep == "fused" or (prep is None and chosen.get("prep") != "torch" and _fusable(chunk, q.shape[2])):
+        warps = [chosen["prep_warps"]] if chosen.get("prep_warps") else list(PREP_WARPS)
         for wp in warps:
             try:
                 terms = chunk_terms_fused(q, k, v, g, beta, qk_l2norm, chunk, precision, wp)
             except Exception as e:  # shared memory, registers, or a shape it does not take
-                _note(("prep", wp, precision), e)
+                note_failure(chosen, ("prep", wp, precision), e)
                 continue
-            PREFILL["prep_warps"] = wp
+            chosen["prep_warps"] = wp
             return terms
         if prep == "fused":
             raise RuntimeError("the fused intra-chunk kernel does not compile here")
-        PREFILL["prep"] = "torch"  # it does not compile on this GPU: do not retry on every call
+        chosen["prep"] = "torch"  # it does not compile on this GPU: do not retry on every call
     return ChunkTerms(*(x.contiguous() for x in chunk_terms(q, k, v, g, beta, qk_l2norm, chunk)))  # kd [C,dk]
 
 
 def delta_net_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                       state: torch.Tensor, qk_l2norm: bool = True, chunk: int = 64,
-                      config: tuple[int, int, str, int] | None = None, prep: str | None = None) -> torch.Tensor:
+                      config: tuple[int, int, str, int] | None = None, prep: str | None = None,
+                      choices: KernelChoices | None = None) -> torch.Tensor:
     """Same contract as `delta_net`: packed f32 [T+dk, nv, dv]; dk a power of two >= 16.
     `config` (BV, warps, operands, stages): default the first of CONFIGS that compiled here.
-    `prep`: "fused" or "torch" forces how the intra-chunk terms are made (default: fused if it compiles)."""
+    `prep`: "fused" or "torch" forces how the intra-chunk terms are made (default: fused if it compiles).
+    What compiled is kept in `choices.deltanet_prefill`."""
+    chosen = or_fresh(choices).deltanet_prefill
     T, dk, (nv, dv) = q.shape[0], q.shape[2], v.shape[1:]
     out = torch.empty((T + dk, nv, dv), dtype=torch.float32, device=q.device)
     s0 = state.contiguous().to(torch.float32)
-    tries = [config] if config else ([PREFILL["config"]] if PREFILL.get("config") else list(CONFIGS))
+    tries = [config] if config else ([chosen["config"]] if chosen.get("config") else list(CONFIGS))
     terms: dict[str, ChunkTerms] = {}  # by intra-chunk precision, shared by the tiles tried
     err: Exception | None = None
     for bv, warps, ops, stages in tries:
         pp = "ieee" if ops == "ieee" else "tf32"
         if pp not in terms:
-            terms[pp] = _terms(q, k, v, g, beta, qk_l2norm, chunk, pp, prep)
+            terms[pp] = _terms(q, k, v, g, beta, qk_l2norm, chunk, pp, prep, chosen)
         u, w, attn, qd, kd, last = terms[pp]
         BV = min(bv, triton.next_power_of_2(dv))
         try:
@@ -340,80 +344,9 @@ def delta_net_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torc
                     num_warps=warps, num_stages=stages)
         except Exception as e:  # out of shared memory or registers for this tile: the next one
             err = e
-            _note((bv, warps, ops, stages), e)
+            note_failure(chosen, (bv, warps, ops, stages), e)
             continue
         if config is None:
-            PREFILL["config"] = (bv, warps, ops, stages)
+            chosen["config"] = (bv, warps, ops, stages)
         return out
     raise RuntimeError(f"no chunked delta-net tile compiles here: {err}")
-
-
-PREFILL: dict = {"impl": "chunked"}  # set by calibrate(); chunked until measured otherwise
-
-
-def calibrate(device: torch.device, nk: int, nv: int, dk: int, dv: int, T: int = 2048) -> dict[str, float]:
-    """Time the token-serial and the chunked prefill once on `device` (ms) and keep the faster;
-    the chunked form with each tile of CONFIGS that compiles and agrees with the token-serial
-    kernel (relative L2 error < 2e-2), keeping the fastest tile (PREFILL["tile_ms"] lists them)."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    q, k = (torch.randn(T, nk, dk, device=device, generator=gen) for _ in range(2))
-    v = torch.randn(T, nv, dv, device=device, generator=gen)
-    g = -torch.rand(T, nv, device=device, generator=gen)
-    beta = torch.rand(T, nv, device=device, generator=gen)
-    s = torch.zeros(dk, nv, dv, device=device)
-
-    def timed(fn: Callable[..., torch.Tensor]) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(3):
-            fn(q, k, v, g, beta, s)
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 3
-
-    times: dict[str, float] = {}
-    ref: torch.Tensor | None = None
-    try:
-        ref = delta_net(q, k, v, g, beta, s)  # compile
-        times["recurrent"] = timed(delta_net)
-    except Exception as e:  # e.g. no registers for this tile: the chunked form only
-        PREFILL.setdefault("errors", []).append(f"recurrent: {str(e).splitlines()[0][:200]}")
-    tiles: dict[tuple[int, int, str, int], float] = {}
-    errs: dict[tuple[int, int, str, int], float] = {}
-    for cfg in CONFIGS:
-        fn = functools.partial(delta_net_chunked, config=cfg)
-        try:
-            out = fn(q, k, v, g, beta, s)  # compile
-        except Exception as e:  # a tile that does not fit this GPU's shared memory: the others
-            _note(("chunked", cfg), e)
-            continue
-        if ref is not None:  # the chunked form must agree before it is used
-            errs[cfg] = float((out - ref).norm() / ref.norm())
-            if not errs[cfg] < 2e-2:
-                continue
-        tiles[cfg] = timed(fn)
-    if tiles:
-        # the operand precision is fixed by preference, not by timing, so that every process
-        # (and every run) computes the same numbers; only the tile shape within it is timed
-        first = next(p for p in PRECISIONS if any(c[2] == p for c in tiles))
-        best = min((c for c in tiles if c[2] == first), key=lambda c: tiles[c])
-        PREFILL["config"] = best
-        PREFILL["tile_ms"] = {str(c): round(t, 4) for c, t in tiles.items()}
-        if best in errs:
-            PREFILL["chunked_rel_err"] = errs[best]
-        times["chunked"] = tiles[best]
-    PREFILL["impl"] = min(times, key=lambda n: times[n])
-    return times
-
-
-def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-            state: torch.Tensor, qk_l2norm: bool = True) -> torch.Tensor:
-    dk = q.shape[2]
-    # the chunked tiles multiply in tf32 or bf16 (errors ~1e-3): right for a 16-bit model; an
-    # f32 model asked for f32 results, which the token-serial kernel gives exactly
-    if PREFILL["impl"] == "chunked" and dk >= 16 and dk & (dk - 1) == 0 and q.dtype != torch.float32:
-        try:
-            return delta_net_chunked(q, k, v, g, beta, state, qk_l2norm)
-        except Exception:  # compile failure on this GPU: the token-serial kernel from now on
-            PREFILL["impl"] = "recurrent"
-    return delta_net(q, k, v, g, beta, state, qk_l2norm)

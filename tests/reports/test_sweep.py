@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reports.sweep import (
-    SweepRow, SweepTable, TableError, compare, crossover, error_stats, format_markdown,
-    parse_table, read_table, to_json, to_jsonl, write_csv,
+    SweepRow, SweepTable, TableError, format_markdown, parse_table, read_table, to_json, to_jsonl, write_csv,
 )
+from reports.sweep_compare import compare, crossover, error_stats
 
 DATA = Path(__file__).resolve().parents[2] / "backends" / "costmodel" / "data" / "measured"
 STEM = "qwen3next_80b_iq4xs_q8kv_2x3090_"

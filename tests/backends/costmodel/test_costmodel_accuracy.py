@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from planner.predict import Workload, predict
-from reports.sweep import compare, crossover, read_table
+from reports.sweep import read_table
+from reports.sweep_compare import compare, crossover
 
 DATA = Path(__file__).resolve().parents[3] / "backends" / "costmodel" / "data" / "measured"
 FILES = {s: DATA / f"qwen3next_80b_iq4xs_q8kv_2x3090_{s}.csv" for s in ("layer", "graph")}

@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backends.cuda import decode_attention, fast_moe, fused, gemv
+from backends.cuda import decode_attention, deltanet_prefill, fast_moe, fused, gemv
 from backends.cuda import triton_deltanet as tdn
 from backends.cuda.fastpath import attention as fast_attention
+from backends.cuda.choices import KernelChoices
 from backends.cuda.rule_table import CUDA_KERNELS
 from backends.cuda.graphs import DecodeStep
 from backends.cuda.interp import ExecContext
@@ -72,8 +73,10 @@ def test_gemv_tiles_match_linear(shape: tuple[int, int]) -> None:
 def test_gemv_choice_is_recorded_and_used() -> None:
     x, w = rand(1, 4096, dtype=torch.bfloat16), rand(2048, 4096, dtype=torch.bfloat16, seed=1)
     n = node(Op.MATMUL)
-    got = CUDA_KERNELS[Op.MATMUL](n, [x, w], ctx_for())
-    assert (2048, 4096, str(torch.bfloat16), str(w.device)) in gemv.CHOICE
+    ctx = ctx_for()
+    got = CUDA_KERNELS[Op.MATMUL](n, [x, w], ctx)
+    assert (2048, 4096, str(torch.bfloat16), str(w.device)) in ctx.choices.gemv  # the context's, not a global
+    assert "2048x4096 torch.bfloat16" in ctx.choices.diagnostics()["gemv"]
     assert rel_err(got.float(), F.linear(x.float(), w.float())) < 1e-2
 
 
@@ -235,12 +238,13 @@ def test_delta_net_chunked_falls_back_when_the_fused_terms_fail(monkeypatch: pyt
         raise RuntimeError("out of resources: shared memory")
 
     monkeypatch.setattr(tdn, "chunk_terms_fused", broken)
-    monkeypatch.setattr(tdn, "PREFILL", {"impl": "chunked"})
     q, k, v, g, beta, s = _delta_inputs(70)
     o, S = delta_rule_recurrent(*(x.cpu() for x in (q, k, v, g, beta)), s.cpu().permute(1, 0, 2))
-    got = tdn.prefill(q, k, v, g, beta, s)
+    choices = KernelChoices()
+    got = deltanet_prefill.prefill(q, k, v, g, beta, s, choices=choices)
     assert rel_err(got.cpu(), torch.cat((o, S.permute(1, 0, 2)))) < _chunked_tol(tdn.CONFIGS[0][2])
-    assert tdn.PREFILL["prep"] == "torch" and tdn.PREFILL["impl"] == "chunked" and tdn.PREFILL["errors"]
+    chosen = choices.deltanet_prefill
+    assert chosen["prep"] == "torch" and chosen["impl"] == "chunked" and chosen["errors"]
 
 
 def _attn_graph(T: int, S: int, hq: int, hkv: int, d: int):

@@ -1,4 +1,4 @@
-"""The MoE fast paths (fast_moe.py and the MoE rules of fastpath.py) against the reference
+"""The MoE fast paths (fast_moe.py, moe_router.py and the MoE rules of fastpath.py) against the reference
 kernels: the router's top-k + routing-weights kernel (moe_topk_weights), moe_sum, the decode GEMV and the
 prefill path with the route its matmuls share (moe_route).
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends.cuda import fast_moe, fused
+from backends.cuda import fast_moe, fused, moe_router
 from backends.cuda.rule_table import CUDA_KERNELS
 from backends.cuda.interp import ExecContext
 from backends.cuda.kernels import KERNELS
@@ -71,7 +71,7 @@ def test_topk_and_weights_match_reference(T: int, E: int, k: int, dtype: torch.d
     logits = distinct_logits(T, E, dtype, seed=T + E + k)
     topk, wnode = mk("ids", Op.MOE_TOPK, ("logits",), k=k), mk("w", Op.MOE_WEIGHTS, ("logits", "ids"), norm=True)
     ctx = ctx_for()
-    assert fast_moe.topk_ok(logits, k)
+    assert moe_router.topk_ok(logits, k)
     ids = CUDA_KERNELS[Op.MOE_TOPK](topk, [logits], ctx)
     want_ids = KERNELS[Op.MOE_TOPK](topk, [logits.cpu()], ctx_for())
     assert ids.dtype == torch.int32 and ids.shape == (T, k)
@@ -166,11 +166,11 @@ def test_topk_with_gate_writes_the_shared_weights(T: int, dtype: torch.dtype) ->
     E, k, m = 32, 10, 1
     wide = distinct_logits(T, E + 1, dtype, seed=7)
     logits, gate = wide[:, :E], wide[:, E:]
-    ids, w = fast_moe.topk_softmax(logits, k, m, gate)
-    want_ids, none = fast_moe.topk_softmax(logits, k, m)
+    ids, w = moe_router.topk_softmax(logits, k, m, gate)
+    want_ids, none = moe_router.topk_softmax(logits, k, m)
     assert none is None and torch.equal(ids, want_ids)
     assert w is not None and w.shape == (T, k + m) and w.dtype == torch.float32
-    assert torch.equal(w, fast_moe.selected_softmax(logits, want_ids, gate, m))
+    assert torch.equal(w, moe_router.selected_softmax(logits, want_ids, gate, m))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -195,12 +195,12 @@ def test_moe_add_rms_norm_is_sum_add_norm(T: int, k: int, H: int, offset: float,
     """The layer end of a decode step in one launch: moe_sum, the residual add, the norm."""
     a, y = rand(T, H, dtype=dtype, seed=1), rand(T, k, H, dtype=dtype, seed=2)
     wk, w = torch.rand(T, k, generator=gen(3)).to(DEV), rand(H, dtype=dtype, seed=4)
-    total, normed = fast_moe.moe_add_rms_norm(a, y, wk, w, 1e-6, offset)
-    want_total, want_normed = fused.add_rms_norm(a, fast_moe.moe_sum(y, wk), w, 1e-6, offset)
+    total, normed = moe_router.moe_add_rms_norm(a, y, wk, w, 1e-6, offset)
+    want_total, want_normed = fused.add_rms_norm(a, moe_router.moe_sum(y, wk), w, 1e-6, offset)
     assert total.dtype == normed.dtype == dtype
     assert _close(total, want_total) and _close(normed, want_normed)
     with pytest.raises(ValueError, match="moe_add_rms_norm wants"):
-        fast_moe.moe_add_rms_norm(a[:, :-1], y, wk, w, 1e-6, offset)
+        moe_router.moe_add_rms_norm(a[:, :-1], y, wk, w, 1e-6, offset)
 
 
 def test_shared_weights_strided_gate() -> None:

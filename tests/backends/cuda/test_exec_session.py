@@ -109,3 +109,24 @@ def test_decode_pieces_start_short_and_cover_every_node() -> None:
     pieces = _pieces(nodes, 64)
     assert [len(p) for p in pieces[:4]] == [8, 16, 32, 64]  # the GPU starts after a short launch
     assert [n for p in pieces for n in p] == nodes
+
+
+def test_each_session_hands_its_own_kernel_choices_to_the_kernels() -> None:
+    """Timed kernel choices belong to the session (ExecContext.choices), not to the process:
+    every kernel of a call sees its session's object, and two sessions do not share one."""
+    from backends.cuda.kernels import KERNELS
+    from graphir.ops import Op
+
+    seen: list[object] = []
+
+    def matmul(node, args, ctx):  # the reference kernel, noting whose choices it was handed
+        seen.append(ctx.choices)
+        return KERNELS[Op.MATMUL](node, args, ctx)
+
+    table = {**KERNELS, Op.MATMUL: matmul}
+    a, b = (Session(from_hf_dict(LLAMA), "random", "cpu", 16, kernels=table) for _ in range(2))
+    a.prefill(PROMPT)
+    b.prefill(PROMPT)
+    assert seen and a.choices is not b.choices
+    assert {id(c) for c in seen} == {id(a.choices), id(b.choices)}
+    assert set(a.choices.diagnostics()) >= {"gemv", "moe_gemv", "topk_warps", "delta_net_prefill", "nccl_failed"}
