@@ -41,7 +41,6 @@ CONSTANT_TABLES: dict[tuple[str, str], str] = {
     ("backends.cuda.hf_checkpoint", "_TRANSFORMS"): "the tensor transforms a checkpoint rule names",
     ("backends.cuda.hf_checkpoint", "_EXPERT_PARTS"): "expert tensor names per family",
     ("backends.cuda.mla_weights", "_FROM_GGUF"): "GGUF tensor names of the MLA weights",
-    ("backends.cuda.testing", "HF_CONFIGS"): "transformers config classes per family",
 }
 # hf_checkpoint's rule lists (_TOP, _ATTN, ...): the parts TABLES is assembled from
 _HF_PARTS = "backends.cuda.hf_checkpoint"
