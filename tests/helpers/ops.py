@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from backends.cuda.interp import ExecContext, run_graph
+from backends.cuda.kernels import KERNELS
 from graphir.builder import Builder
 from graphir.ops import Op
 from graphir.spec import TensorSpec
