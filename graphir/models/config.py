@@ -15,7 +15,7 @@ from graphir.models.config_keys import ConfigError, _bool, _get, _int, _real  # 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 Arch = Literal["llama", "qwen3", "qwen3_moe", "qwen3_next", "seed_oss", "ministral3", "ernie4_5_moe", "hunyuan_v1_moe",
-               "glm4_moe", "minimax_m2", "deepseek_v3", "gpt_oss", "gemma3", "qwen3_5", "qwen3_5_moe"]
+               "glm4_moe", "minimax_m2", "deepseek_v3", "gpt_oss", "gemma3", "qwen3_5", "qwen3_5_moe", "gemma4"]
 # Qwen3-Next-style hybrids: gated delta-net + gated attention, zero-centred norms
 HYBRID = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
 
@@ -28,6 +28,7 @@ MODEL_TYPES: dict[str, Arch] = {
     "deepseek_v3": "deepseek_v3", "kimi_k2": "deepseek_v3",  # Kimi-K2 ships DeepseekV3ForCausalLM
     "gpt_oss": "gpt_oss",
     "gemma3_text": "gemma3",  # Gemma3ForConditionalGeneration's config nests it as text_config
+    "gemma4_text": "gemma4", "gemma4": "gemma4",  # likewise Gemma4ForConditionalGeneration's
     # Qwen3.5 ships as a vision-language wrapper; its text_config carries the *_text type
     "qwen3_5": "qwen3_5", "qwen3_5_text": "qwen3_5", "qwen3_5_moe": "qwen3_5_moe", "qwen3_5_moe_text": "qwen3_5_moe",
 }
@@ -69,11 +70,16 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
                     "sliding_window": 4096, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
                     "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh",
                     "max_position_embeddings": 131072},
+    # Gemma4TextConfig's class defaults (transformers 5.x)
+    "gemma4_text": {"vocab_size": 262144, "head_dim": 256, "num_key_value_heads": 4, "sliding_window": 512,
+                    "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh",
+                    "max_position_embeddings": 131072, "global_head_dim": 512, "hidden_size_per_layer_input": 256},
     # Qwen3_5TextConfig / Qwen3_5MoeTextConfig (transformers 5.x) over Qwen3NextConfig's linear-attention defaults
     "qwen3_5_text": {"head_dim": 256, "num_key_value_heads": 4},
     "qwen3_5_moe_text": {"head_dim": 256, "num_key_value_heads": 2, "num_experts": 256, "num_experts_per_tok": 8,
                          "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512},
 }
+_HF_DEFAULTS["gemma4"] = _HF_DEFAULTS["gemma4_text"]
 _HF_DEFAULTS["qwen3_5"], _HF_DEFAULTS["qwen3_5_moe"] = _HF_DEFAULTS["qwen3_5_text"], _HF_DEFAULTS["qwen3_5_moe_text"]
 
 
@@ -82,6 +88,7 @@ LAYER_TYPES: dict[str, tuple[str, ...]] = {
     **{a: ("full_attention", "linear_attention") for a in HYBRID},
     "gpt_oss": ("full_attention", "sliding_attention"),
     "gemma3": ("full_attention", "sliding_attention"),
+    "gemma4": ("full_attention", "sliding_attention"),
 }
 _HF_DEFAULTS["kimi_k2"] = _HF_DEFAULTS["deepseek_v3"]  # Kimi-K2 configs name the DeepSeek-V3 class
 
@@ -157,6 +164,11 @@ class ModelConfig(BaseModel):
     query_pre_attn_scalar: float = 0.0
     hidden_act: Literal["silu", "gelu_pytorch_tanh"] = "silu"
     final_logit_softcapping: float = 0.0
+    # gemma4: the full layers' own head size and KV heads (0 = head_dim / num_key_value_heads),
+    # and their values taken from the key projection (attention_k_eq_v: no attn_v)
+    global_head_dim: int = 0
+    global_kv_head: int = 0
+    k_eq_v: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -235,7 +247,10 @@ class ModelConfig(BaseModel):
             if self.linear_num_value_heads % self.linear_num_key_heads:
                 raise ValueError(f"linear_num_value_heads={self.linear_num_value_heads} is not a multiple of "
                                  f"linear_num_key_heads={self.linear_num_key_heads}")
-        if self.arch in ("gpt_oss", "gemma3"):
+        if self.arch == "gemma4" and self.n_head % self.kv_heads(self.n_layer - 1):
+            raise ValueError(f"num_attention_heads={self.n_head} is not a multiple of "
+                             f"num_global_key_value_heads={self.global_kv_head}")
+        if self.arch in ("gpt_oss", "gemma3", "gemma4"):
             if self.sliding_window < 1 and "sliding_attention" in self.layer_types:
                 raise ValueError(f"sliding_window={self.sliding_window} must be at least 1 with sliding layers")
         if self.arch == "gpt_oss":
@@ -264,7 +279,7 @@ class ModelConfig(BaseModel):
         """Whether attention has RMS norms on Q and K (per head; MiniMax-M2's span all heads)."""
         if self.arch == "glm4_moe":
             return self.use_qk_norm
-        return self.arch in ("qwen3", "qwen3_moe", *HYBRID, "hunyuan_v1_moe", "minimax_m2", "gemma3")
+        return self.arch in ("qwen3", "qwen3_moe", *HYBRID, "hunyuan_v1_moe", "minimax_m2", "gemma3", "gemma4")
 
     @property
     def qk_norm_after_rope(self) -> bool:
@@ -294,17 +309,27 @@ class ModelConfig(BaseModel):
 
     @property
     def attn_scale(self) -> float:
+        if self.arch == "gemma4":  # its Q/K norms set the logits' scale: no 1/sqrt(d)
+            return 1.0
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def embed_scale(self) -> float | None:
         """Gemma multiplies the embedding rows by sqrt(hidden)."""
-        return self.hidden_size ** 0.5 if self.arch == "gemma3" else None
+        return self.hidden_size ** 0.5 if self.arch in ("gemma3", "gemma4") else None
 
     def window(self, layer: int) -> int | None:
         """The attention window of `layer` (None: it attends to the whole context)."""
         sliding = bool(self.layer_types) and self.layer_types[layer] == "sliding_attention"
         return self.sliding_window if sliding else None
+
+    def head_size(self, layer: int) -> int:
+        """The head size of `layer` (Gemma 4's full layers have their own)."""
+        return self.global_head_dim if self.global_head_dim and self.window(layer) is None else self.head_dim
+
+    def kv_heads(self, layer: int) -> int:
+        """The KV heads of `layer` (Gemma 4's full layers have their own)."""
+        return self.global_kv_head if self.global_kv_head and self.window(layer) is None else self.n_kv_head
 
     def is_moe_layer(self, layer: int) -> bool:
         return (self.is_moe and layer not in self.mlp_only_layers
@@ -465,6 +490,10 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
                 layer_types=_layer_types(d, n_layer,
                                          lambda i: "sliding_attention" if (i + 1) % max(pattern, 1) else "full_attention"),
             )
+        if arch == "gemma4":
+            fields.update(config_families.gemma4(d, n_layer, rope, local_rope))
+            fields.update(partial_rotary_factor=1.0, rope_scaling=tuple(sorted(
+                (k, v) for k, v in rope.items() if k in ("rope_type", "partial_rotary_factor", "factor"))))
         if arch in HYBRID:
             types = d.get("layer_types")
             if types is None:
