@@ -1,5 +1,6 @@
 """config.json fields of the sigmoid-routed MoE families (glm4_moe, minimax_m2, deepseek_v3),
-DeepSeek-V3's multi-head latent attention and Gemma 4's attention, read with graphir.models.config's strict readers."""
+DeepSeek-V3's multi-head latent attention and Gemma 4's attention, read with
+graphir.models.config_keys' strict readers."""
 
 from __future__ import annotations
 
