@@ -107,6 +107,7 @@ def _rope(ins: Sequence[TensorSpec], attrs: Mapping[str, Any]) -> TensorSpec:
     n_rot = attrs["n_rot"]
     _need(isinstance(x.shape[2], int) and 0 < n_rot <= x.shape[2] and n_rot % 2 == 0,
           f"rope n_rot={n_rot} does not fit head dim of {x}")
+    _need(0 <= attrs.get("rot_pairs", 0) <= n_rot // 2, f"rope rot_pairs={attrs.get('rot_pairs')} exceeds n_rot/2")
     return x
 
 

@@ -31,6 +31,7 @@ class Op(str, enum.Enum):
     MOE_MATMUL = "moe_matmul"
     RMS_NORM = "rms_norm"
     RMS_NORM_GATED = "rms_norm_gated"
+    RMS_NORM_PLAIN = "rms_norm_plain"  # x * rsqrt(mean(x^2) + eps), no weight (Gemma 4's value norm)
     ADD = "add"
     MUL = "mul"
     SILU = "silu"
@@ -106,6 +107,7 @@ DEFS: dict[Op, OpDef] = {d.op: d for d in (
     OpDef(Op.MOE_MATMUL, 3, (), (), _moe_matmul),
     OpDef(Op.RMS_NORM, 2, ("eps",), ("offset",), _rms_norm),
     OpDef(Op.RMS_NORM_GATED, 3, ("eps",), (), _rms_norm),
+    OpDef(Op.RMS_NORM_PLAIN, 1, ("eps",), (), _unary),
     OpDef(Op.ADD, 2, (), (), _binary),
     OpDef(Op.MUL, 2, (), (), _binary),
     OpDef(Op.SILU, 1, (), (), _unary),
@@ -118,7 +120,8 @@ DEFS: dict[Op, OpDef] = {d.op: d for d in (
     OpDef(Op.SOFTCAP, 1, ("cap",), (), _unary),  # cap * tanh(x / cap): logit soft-capping
     OpDef(Op.CAST, 1, _F, (), _cast),
     OpDef(Op.ROPE, 2, ("n_rot", "theta"), ("scaling", "factor", "low_freq_factor", "high_freq_factor",
-                                             "original_ctx", "attn_factor", "beta_fast", "beta_slow", "truncate"), _rope),
+                                             "original_ctx", "attn_factor", "beta_fast", "beta_slow", "truncate",
+                                             "rot_pairs"), _rope),
     OpDef(Op.ATTN_TEMP, 2, ("beta", "length"), (), _attn_temp),
     OpDef(Op.ATTENTION, None, ("scale",), ("window",), _attention),  # q, k, v[, sinks]
     OpDef(Op.KV_APPEND, 2, (), (), _kv_append),

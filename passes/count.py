@@ -59,9 +59,10 @@ def _mla_nodes(cfg: ModelConfig) -> int:
     return 31 + (4 if cfg.q_lora_rank else 0)
 
 
-def _attn_nodes(cfg: ModelConfig, merged: bool, split: bool = False) -> tuple[int, int]:
+def _attn_nodes(cfg: ModelConfig, merged: bool, split: bool = False, layer: int = 0) -> tuple[int, int]:
     """(nodes per participating device, nodes on the lead only) of one attention block
-    (gemma3's, never split, with its post-attention norm)."""
+    (gemma3's and gemma4's, never split, with its post-attention norm; gemma4's value norm,
+    and no value projection on its full layers with attention_k_eq_v)."""
     if cfg.arch == "deepseek_v3":
         return _mla_nodes(cfg), 0
     gated, qk_norm, bias = cfg.is_hybrid, cfg.qk_norm, cfg.attention_bias
@@ -69,7 +70,9 @@ def _attn_nodes(cfg: ModelConfig, merged: bool, split: bool = False) -> tuple[in
     per += (6 if bias else 0) + (4 + 2 if gated else 1) + (4 if qk_norm else 0) + (2 if merged else 0)
     per += 1 if cfg.attn_temperature_beta else 0  # attn_temp after the query's rope
     per += 1 if cfg.arch == "gpt_oss" else 0  # the sinks' weight
-    per += 2 if cfg.arch == "gemma3" else 0  # the norm after attention
+    per += 2 if cfg.arch in ("gemma3", "gemma4") else 0  # the norm after attention
+    per += 1 if cfg.arch == "gemma4" else 0  # the value norm
+    per -= 3 if cfg.k_eq_v and cfg.window(layer) is None else 0  # values are the keys: no attn_v
     if split and cfg.arch == "minimax_m2":
         per += 2  # each device slices its heads out of the whole, normed q and k
     return per, (2 if cfg.out_bias else 0)
@@ -123,9 +126,11 @@ def _merges(cfg: ModelConfig, opts: BuildOptions, i: int, merges: Sequence[str]
         return opts.quant(p + role + ".weight", shape, L)
 
     qkv = up = sh = ex = False
-    if "merge_qkv" in merges and not cfg.is_recurrent(i) and cfg.arch != "deepseek_v3":  # MLA has no q/k/v trio
-        rows = cfg.n_head * cfg.head_dim * (2 if cfg.is_hybrid else 1)
-        kv = cfg.n_kv_head * cfg.head_dim
+    # MLA has no q/k/v trio, nor a Gemma 4 full layer whose values are its keys (no attn_v)
+    trio = cfg.arch != "deepseek_v3" and not (cfg.k_eq_v and cfg.window(i) is None)
+    if "merge_qkv" in merges and not cfg.is_recurrent(i) and trio:
+        rows = cfg.n_head * cfg.head_size(i) * (2 if cfg.is_hybrid else 1)
+        kv = cfg.kv_heads(i) * cfg.head_size(i)
         qkv = t("attn_q", rows, H) == t("attn_k", kv, H)
     if "merge_up_gate" in merges:
         if cfg.is_moe_layer(i):
@@ -159,7 +164,7 @@ def _mixer(tally: _Tally, cfg: ModelConfig, opts: BuildOptions, i: int, r: Regio
            ssm: bool = False) -> int:
     devs = r.devices
     if r.kind == "attn":
-        per, lead = _attn_nodes(cfg, qkv, len(devs) > 1)
+        per, lead = _attn_nodes(cfg, qkv, len(devs) > 1, i)
     else:
         per, lead = _delta_nodes(cfg, opts, len(devs) > 1) + (2 if ssm else 0), 0
     tally.each(devs, per)
@@ -223,7 +228,8 @@ def n_tensors(cfg: ModelConfig, layers: Sequence[int]) -> int:
             mla = (2 + (2 if cfg.q_lora_rank else 0)) if cfg.arch == "deepseek_v3" else 0  # kv_a norm, k_b, v_b
             total += 5 + (3 if cfg.attention_bias else 0) + (1 if cfg.out_bias else 0) + (2 if cfg.qk_norm else 0) + mla
             total += 1 if cfg.arch == "gpt_oss" else 0  # attn_sinks
-            total += 2 if cfg.arch == "gemma3" else 0  # post_attention_norm, post_ffw_norm
+            total += 2 if cfg.arch in ("gemma3", "gemma4") else 0  # post_attention_norm, post_ffw_norm
+            total += (1 - (1 if cfg.k_eq_v and cfg.window(i) is None else 0)) if cfg.arch == "gemma4" else 0  # scale, no v
         if cfg.is_moe_layer(i):
             shared = (4 if cfg.shared_expert_gated else 3) if cfg.shared_expert_intermediate_size else 0
             total += 5 + shared + (1 if cfg.router_bias else 0) + (4 if _biased(cfg) else 0)
@@ -291,7 +297,7 @@ def estimate_nodes(cfg: ModelConfig, opts: BuildOptions | None = None, *, merges
             if cfg.is_recurrent(i):
                 k = _delta_nodes(cfg, opts, False) + 1 + (2 if ssm else 0)
             else:
-                per, lead = _attn_nodes(cfg, qkv)
+                per, lead = _attn_nodes(cfg, qkv, layer=i)
                 k = per + lead + 1
                 rope.add(d)
             if cfg.is_moe_layer(i):
@@ -300,7 +306,8 @@ def estimate_nodes(cfg: ModelConfig, opts: BuildOptions | None = None, *, merges
                 k += (_shared_nodes(cfg) + (2 if sh or router else 0) + 1) if Ns else 0
                 k += 8 if _biased(cfg) else 0
             else:
-                k += 9 + (2 if up else 0) + 1 + (2 if cfg.arch == "gemma3" else 0)  # Gemma's post-FFN norm
+                k += 9 + (2 if up else 0) + 1 + (2 if cfg.arch in ("gemma3", "gemma4") else 0)  # Gemma's post-FFN norm
+                k += 2 if cfg.arch == "gemma4" else 0  # its layer_output_scale and the product
             tally.on(d, k)
             total += k
     extra = [j for j in sorted(rope) if j != emb]  # positions copied to each device with attention

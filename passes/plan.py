@@ -28,7 +28,7 @@ from passes.devices import PlacementError, apportion, granule_ranges, layer_grou
 Recurrent = Literal["single", "split"]
 # families ik_llama.cpp does not split by graph (absent from its is_model_split_supported):
 # there `-sm graph` falls back to layer split, and so does place_graph
-LAYER_ONLY = frozenset({"gemma3"})
+LAYER_ONLY = frozenset({"gemma3", "gemma4"})
 # families whose graph split ik_llama.cpp runs with f32 partial sums even when f16 is asked for
 # (llama.cpp's context setup: "GPT-OSS with split mode graph requires f32 precision")
 F32_REDUCE = frozenset({"gpt_oss"})

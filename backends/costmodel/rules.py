@@ -37,7 +37,7 @@ Rule = Callable[[Node, Sequence[Node], Mapping[str, int]], Work]
 # flops per output element of the cheap element-wise ops (exp, rsqrt and the like count a few)
 _VEC_FLOPS = {Op.ADD: 1, Op.MUL: 1, Op.SILU: 4, Op.SIGMOID: 4, Op.SOFTPLUS: 4, Op.SWIGLU: 5,
               Op.SWIGLU_OAI: 9, Op.ADD_ID: 1, Op.GEGLU: 8, Op.SOFTCAP: 4,
-              Op.CAST: 1, Op.ROPE: 6, Op.RMS_NORM: 4, Op.RMS_NORM_GATED: 8, Op.CONCAT: 0,
+              Op.CAST: 1, Op.ROPE: 6, Op.RMS_NORM: 4, Op.RMS_NORM_GATED: 8, Op.RMS_NORM_PLAIN: 3, Op.CONCAT: 0,
               Op.GET_ROWS: 0, Op.MOE_WEIGHTS: 4, Op.MOE_SUM: 2, Op.ATTN_TEMP: 1, Op.MOE_WEIGHTS_SIGMOID: 4,
               Op.ADD_RMS_NORM: 5, Op.CAST_RMS_NORM_GATED: 9}
 
@@ -244,7 +244,7 @@ RULES: dict[Op, Rule] = {
     Op.INPUT: _free, Op.WEIGHT: _free, Op.STATE_IN: _free, Op.RESHAPE: _free, Op.SLICE: _free,
     Op.OUTPUT: _free,
     Op.GET_ROWS: _get_rows, Op.MATMUL: _matmul, Op.MOE_MATMUL: _moe_matmul,
-    Op.RMS_NORM: _vector, Op.RMS_NORM_GATED: _vector, Op.ADD: _vector, Op.MUL: _vector,
+    Op.RMS_NORM: _vector, Op.RMS_NORM_GATED: _vector, Op.RMS_NORM_PLAIN: _vector, Op.ADD: _vector, Op.MUL: _vector,
     Op.SILU: _vector, Op.SIGMOID: _vector, Op.SOFTPLUS: _vector, Op.SWIGLU: _vector, Op.CAST: _vector,
     Op.SWIGLU_OAI: _vector, Op.ADD_ID: _add_id, Op.GEGLU: _vector, Op.SOFTCAP: _vector,
     Op.ROPE: _vector, Op.ATTN_TEMP: _vector, Op.CONCAT: _vector, Op.MOE_WEIGHTS: _vector, Op.MOE_SUM: _vector,

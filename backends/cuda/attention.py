@@ -22,7 +22,8 @@ from graphir.ops import Op
 
 
 # the rope attributes that shape the frequencies (what the frequency caches are keyed on)
-ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_ctx", "beta_fast", "beta_slow", "truncate")
+ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_ctx", "beta_fast", "beta_slow", "truncate",
+             "rot_pairs")
 
 
 @lru_cache(maxsize=64)
@@ -42,6 +43,8 @@ def _inv_freq(n_rot: int, theta: float, scaling: str | None, params: tuple[tuple
     factor = float(p.get("factor", 1.0))
     if scaling == "linear":
         return base / factor
+    if scaling == "proportional":  # Gemma 4: only the first rot_pairs pairs turn (zero frequency after)
+        return torch.where(torch.arange(n_rot // 2) < int(p["rot_pairs"]), base, 0.0) / factor
     if scaling == "llama3":
         lo, hi, old = float(p["low_freq_factor"]), float(p["high_freq_factor"]), float(p["original_ctx"])
         wavelen = 2 * math.pi / base
@@ -65,7 +68,7 @@ def _inv_freq(n_rot: int, theta: float, scaling: str | None, params: tuple[tuple
         pos = theta ** (torch.arange(0, n_rot, 2).to(torch.float32) / n_rot)
         extra = 1 - ramp  # share of the unscaled (extrapolated) frequency per dim
         return (1.0 / (factor * pos)) * (1 - extra) + (1.0 / pos) * extra
-    raise GraphirError(f"rope scaling {scaling!r} is not supported (default, linear, llama3, yarn)")
+    raise GraphirError(f"rope scaling {scaling!r} is not supported (default, linear, proportional, llama3, yarn)")
 
 
 def _attn_factor(attrs: dict[str, Any]) -> float:

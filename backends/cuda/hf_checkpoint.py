@@ -137,6 +137,7 @@ TABLES: dict[str, list[Entry]] = {
     "gemma3": _TOP + _ATTN + _FFN + _GEMMA,
     "qwen3_5": _TOP + _ATTN + _FFN + _SSM35 + _POST_NORM,
     "qwen3_5_moe": _TOP + _ATTN + _MOE + _SSM35 + _POST_NORM,
+    "gemma4": _TOP + _ATTN + _FFN + _GEMMA + [("model.layers.{i}.layer_scalar", "blk.{i}.layer_output_scale.weight", "")],
 }
 TABLES["hunyuan_v1_moe"] = _TOP + [  # its own Q/K norm names first: the first matching rule wins
     ("model.layers.{i}.self_attn.query_layernorm.weight", "blk.{i}.attn_q_norm.weight", ""),

@@ -72,6 +72,12 @@ def rms_norm(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     return _as_spec(node, w * y.to(x.dtype))
 
 
+def rms_norm_plain(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
+    """Gemma 4's value norm: x * rsqrt(mean(x^2) + eps) in f32, no weight, cast back."""
+    x32 = args[0].to(torch.float32)
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + float(node.attr["eps"]))).to(args[0].dtype)
+
+
 def rms_norm_gated(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     """Qwen3NextRMSNormGated: w * norm(x) in x's type, times silu(z) in f32, cast back."""
     x, z, w = args
@@ -253,6 +259,7 @@ KERNELS: dict[Op, Kernel] = {
     Op.MOE_MATMUL: moe_matmul,
     Op.RMS_NORM: rms_norm,
     Op.RMS_NORM_GATED: rms_norm_gated,
+    Op.RMS_NORM_PLAIN: rms_norm_plain,
     Op.ADD: add,
     Op.MUL: mul,
     Op.SILU: lambda n, a, c: F.silu(a[0]),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from graphir.graph import Graph
-from graphir.models import (deepseek_v3, ernie4_5_moe, gemma3, glm4_moe, gpt_oss, hunyuan_v1_moe, llama, minimax_m2, ministral3,
+from graphir.models import (deepseek_v3, ernie4_5_moe, gemma3, gemma4, glm4_moe, gpt_oss, hunyuan_v1_moe, llama, minimax_m2, ministral3,
                             qwen3, qwen3_5, qwen3_moe, qwen3_next, seed_oss)
 from graphir.models.common import BuildOptions, Ctx, embed, head
 from graphir.models.config import ConfigError, ModelConfig, from_hf_dict
@@ -14,7 +14,8 @@ ARCHES: dict[str, ModuleType] = {"llama": llama, "qwen3": qwen3, "qwen3_moe": qw
                                  "seed_oss": seed_oss, "ministral3": ministral3,
                                  "ernie4_5_moe": ernie4_5_moe, "hunyuan_v1_moe": hunyuan_v1_moe,
                                  "glm4_moe": glm4_moe, "minimax_m2": minimax_m2, "deepseek_v3": deepseek_v3,
-                                 "gpt_oss": gpt_oss, "gemma3": gemma3, "qwen3_5": qwen3_5, "qwen3_5_moe": qwen3_5}
+                                 "gpt_oss": gpt_oss, "gemma3": gemma3, "qwen3_5": qwen3_5, "qwen3_5_moe": qwen3_5,
+                                 "gemma4": gemma4}
 
 __all__ = ["ARCHES", "BuildOptions", "ConfigError", "ModelConfig", "build", "from_hf_dict"]
 

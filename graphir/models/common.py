@@ -81,8 +81,15 @@ def rope_attrs(cfg: ModelConfig, layer: int | None = None) -> dict[str, object]:
     if layer is not None and cfg.rope_local_theta and cfg.window(layer):  # Gemma 3's local RoPE: unscaled
         return {"n_rot": cfg.n_rot, "theta": cfg.rope_local_theta}
     attrs: dict[str, object] = {"n_rot": cfg.n_rot, "theta": cfg.rope_theta}
+    if cfg.global_head_dim and layer is not None:  # Gemma 4's full layers turn their whole (own-size) head
+        attrs["n_rot"] = cfg.head_size(layer)
     sc = dict(cfg.rope_scaling)
     kind = sc.get("rope_type", sc.get("type"))
+    if kind == "proportional" and layer is not None:
+        # Gemma 4's full layers: NeoX pairs over the whole head, frequencies theta^(-2j/d) on the
+        # first share of the pairs, the other pairs unturned
+        d = cfg.head_size(layer)
+        attrs.update(n_rot=d, rot_pairs=int(float(sc.get("partial_rotary_factor", 1.0)) * d // 2))
     if kind:
         attrs["scaling"] = str(kind)
         for src, dst in (("factor", "factor"), ("low_freq_factor", "low_freq_factor"),
@@ -112,7 +119,7 @@ def attention(c: Ctx, i: int, x: str, *, qk_norm: bool | str, gated: bool, norm_
     (cfg.window(i)) attends to its window; `sinks` adds a learnt per-head logit to each softmax
     row (gpt-oss's attn_sinks)."""
     cfg, p = c.cfg, f"blk.{i}."
-    hq, hkv, d, H = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.hidden_size
+    hq, hkv, d, H = cfg.n_head, cfg.kv_heads(i), cfg.head_size(i), cfg.hidden_size
     bias = cfg.attention_bias
     q_rows = hq * d * (2 if gated else 1)  # a gated q projection carries the output gate per head
 
@@ -125,7 +132,12 @@ def attention(c: Ctx, i: int, x: str, *, qk_norm: bool | str, gated: bool, norm_
     if qk_norm == "all":  # [T,hq*d] and [T,hkv*d]: the norm spans every head
         q, k = c.norm(p + "attn_q_norm", q), c.norm(p + "attn_k_norm", k)
     k = c.view(p + "k_heads", k, c.T, hkv, d)  # [T,hkv,d]
-    v = c.view(p + "v_heads", proj("attn_v", hkv * d), c.T, hkv, d)  # [T,hkv,d]
+    if cfg.k_eq_v and cfg.window(i) is None:  # Gemma 4's full layers: the values are the unnormed keys
+        v = k
+    else:
+        v = c.view(p + "v_heads", proj("attn_v", hkv * d), c.T, hkv, d)  # [T,hkv,d]
+    if cfg.arch == "gemma4":  # an RMS norm of each value head, without a weight
+        v = c.op(Op.RMS_NORM_PLAIN, p + "attn_v_norm", v, eps=cfg.rms_norm_eps)
     gate = None
     if gated:
         qg = c.view(p + "qg_heads", q, c.T, hq, 2 * d)  # [T,hq,2d]: per head [query | gate]

@@ -1,6 +1,6 @@
 """Read a GGUF file as a model source: hyper-parameters from its metadata, storage types from its
 tensor table. Only the header is parsed (graphir.models.gguf_header: tensor data is never
-touched, long arrays such as the tokenizer are skipped), so an 80 GB file lowers in
+touched but for Gemma 4's few RoPE frequency factors, long arrays such as the tokenizer are skipped), so an 80 GB file lowers in
 milliseconds, and files holding ik_llama.cpp's own quant types read like any other.
 """
 
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from graphir.dtypes import DType
 from graphir.models.config import ConfigError, ModelConfig, from_hf_dict
@@ -17,7 +19,7 @@ from graphir.models.gguf_header import read_header
 GGUF_ARCHES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "qwen3next": "qwen3_next",
                "seed_oss": "seed_oss", "mistral3": "ministral3", "ernie4_5-moe": "ernie4_5_moe",
                "hunyuan-moe": "hunyuan_v1_moe", "glm4moe": "glm4_moe", "minimax-m2": "minimax_m2",
-               "deepseek2": "deepseek_v3", "gpt-oss": "gpt_oss", "gemma3": "gemma3_text",
+               "deepseek2": "deepseek_v3", "gpt-oss": "gpt_oss", "gemma3": "gemma3_text", "gemma4": "gemma4_text",
                "qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe"}
 # architectures (ours) whose GGUF Q/K rows pair RoPE dims interleaved (ggml's "norm" RoPE): the
 # converter permutes llama's and mistral3's, ERNIE's come so from transformers
@@ -116,6 +118,8 @@ def read_gguf(path: Path) -> tuple[ModelConfig, tuple[tuple[str, DType], ...]]:
         # scale 1/sqrt(n_embd / n_head) for the 62-layer 27B (its query_pre_attn_scalar), else 1/sqrt(head_dim)
         d.update(sliding_window=k("attention.sliding_window"), sliding_window_pattern=6, rope_local_base_freq=10000.0,
                  query_pre_attn_scalar=(n_embd // n_head) if d["num_hidden_layers"] == 62 else head_dim)
+    if arch == "gemma4":
+        d.update(_gemma4(path, header, k, tensors, d))
     if arch in ("qwen3next", "qwen35", "qwen35moe"):
         nv = k("ssm.time_step_rank")
         d.update(full_attention_interval=k("full_attention_interval", 4), linear_conv_kernel_dim=k("ssm.conv_kernel"),
@@ -128,6 +132,41 @@ def read_gguf(path: Path) -> tuple[ModelConfig, tuple[tuple[str, DType], ...]]:
     cfg = from_hf_dict(d, name=path.stem)
     types = tuple((name, dt) for name, (_, dt) in tensors.items())
     return cfg, types
+
+
+def _gemma4(path: Path, header: Any, k: Any, tensors: dict[str, Any], d: dict[str, Any]) -> dict[str, Any]:
+    """config.json keys of gemma4 from llama.cpp's metadata: the full layers' head size in
+    key_length (the sliding ones' in key_length_swa), KV heads per layer, the layer pattern as
+    booleans; values shared with the keys where a full layer has no attn_v; proportional RoPE
+    read off rope_freqs (1 for the pairs that turn, 1e30 for the rest)."""
+    swa = k("attention.sliding_window_pattern")
+    n = d["num_hidden_layers"]
+    if not isinstance(swa, list) or len(swa) != n:
+        raise ConfigError(f"{path}: gemma4.attention.sliding_window_pattern must list {n} layers")
+    kvs = k("attention.head_count_kv")
+    kvs = kvs if isinstance(kvs, list) else [kvs] * n
+    full = [i for i in range(n) if not swa[i]]
+    head_full = k("attention.key_length")
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": k("rope.freq_base", 10000.0)}
+    t = next((x for x in header.tensors if x.name == "rope_freqs.weight"), None)
+    if t is not None:
+        if t.dtype.name != "f32" or len(t.shape) != 1:
+            raise ConfigError(f"{path}: rope_freqs.weight must be an f32 vector, got {t.dtype.name} {list(t.shape)}")
+        with open(path, "rb") as f:  # a few hundred f32: the factors themselves carry the rotary share
+            f.seek(header.data_start + t.offset)
+            factors = np.frombuffer(f.read(4 * int(np.prod(t.shape))), "<f4")
+        rope = {**rope, "rope_type": "proportional", "partial_rotary_factor": 2 * int((factors == 1.0).sum()) / head_full}
+    return {"head_dim": k("attention.key_length_swa"), "global_head_dim": head_full,
+            "num_key_value_heads": kvs[swa.index(True)] if True in swa else kvs[0],
+            "per_layer_config": {str(i): {"head_dim": head_full, "num_key_value_heads": kvs[i]} for i in full},
+            "attention_k_eq_v": bool(full) and all(f"blk.{i}.attn_v.weight" not in tensors for i in full),
+            "layer_types": ["sliding_attention" if s else "full_attention" for s in swa],
+            "sliding_window": k("attention.sliding_window"), "final_logit_softcapping": k("final_logit_softcapping", 0.0),
+            "hidden_size_per_layer_input": k("embedding_length_per_layer_input", 0),
+            "num_kv_shared_layers": k("attention.shared_kv_layers", 0),
+            "rope_parameters": {"full_attention": rope,
+                                "sliding_attention": {"rope_type": "default",
+                                                      "rope_theta": k("rope.freq_base_swa", 10000.0)}}}
 
 
 def _sigmoid_moe(path: Path, arch: str, k: Any, tensors: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,8 @@ HF_CONFIGS = {"llama": "LlamaConfig", "qwen3": "Qwen3Config", "qwen3_moe": "Qwen
               "ernie4_5_moe": "Ernie4_5_MoeConfig", "hunyuan_v1_moe": "HunYuanMoEV1Config",
               "glm4_moe": "Glm4MoeConfig", "minimax_m2": "MiniMaxM2Config", "deepseek_v3": "DeepseekV3Config",
               "gpt_oss": "GptOssConfig", "gemma3": "Gemma3TextConfig",
-              "qwen3_5": "Qwen3_5TextConfig", "qwen3_5_moe": "Qwen3_5MoeTextConfig"}
+              "qwen3_5": "Qwen3_5TextConfig", "qwen3_5_moe": "Qwen3_5MoeTextConfig",
+              "gemma4": "Gemma4TextConfig"}
 
 
 def hf_model(arch: str, seed: int = 0, **config: Any) -> Any:
@@ -56,6 +57,8 @@ def perturb(model: Any, zero_centred: bool, seed: int = 0) -> None:
     for name, b in model.named_buffers():
         if name.endswith("e_score_correction_bias"):  # sigmoid routers' selection bias: a buffer, saved
             b.copy_(0.1 * randn(b))
+        elif name.endswith("layer_scalar"):  # Gemma 4's per-layer output scale: a buffer, saved
+            b.copy_(1.0 + 0.1 * randn(b))
 
 
 def save(model: Any, path: Path, **kwargs: Any) -> Path:

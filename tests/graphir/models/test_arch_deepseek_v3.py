@@ -18,9 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends.cuda.session import Session, greedy
-from helpers.hf_oracle import (
-    hf_checkpoint_numel, hf_logits, hf_model, rel_err, save, torch_threads,
-)
+from helpers.hf_oracle import hf_checkpoint_numel, hf_logits, hf_model, rel_err, save
 from cli.main import main
 from helpers.cli_oracle import cli_eval
 from graphir.models import BuildOptions, build, from_hf_dict
@@ -38,12 +36,6 @@ FIXED = dict(vocab_size=40, hidden_size=24, intermediate_size=30, num_hidden_lay
              num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
              q_lora_rank=12, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=6, v_head_dim=5,
              first_k_dense_replace=1, n_group=4, topk_group=2, max_position_embeddings=64, **NO_IDS)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 @st.composite

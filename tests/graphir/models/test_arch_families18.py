@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from backends.cuda.gguf_weights import permute_rope
 from backends.cuda.hf_checkpoint import HFCheckpoint
 from backends.cuda.session import Session, greedy
-from helpers.hf_oracle import hf_logits, hf_model, rel_err, save, torch_threads
+from helpers.hf_oracle import hf_logits, hf_model, rel_err, save
 from backends.cuda.weights import reference_weights
 from cli.main import main
 from graphir.models import BuildOptions, ConfigError, build, from_hf_dict
@@ -37,12 +37,6 @@ SETTINGS = settings(max_examples=12, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 TOL = 1e-4
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 @st.composite

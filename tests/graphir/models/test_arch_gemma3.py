@@ -17,9 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends.cuda.session import Session, greedy
-from helpers.hf_oracle import check_logits, hf_logits, hf_model, hf_params, rel_err, save, torch_threads
-from cli.main import main
-from helpers.cli_oracle import cli_eval, placement
+from helpers.hf_oracle import check_logits, hf_logits, hf_model, hf_params, rel_err, save
+from helpers.whole_layers import RIGS, SPLITS, check_cli_graph_split, check_predict, check_split
 from graphir.models import BuildOptions, build, from_hf_dict
 from graphir.models.config import ConfigError
 from graphir.models.sources import load_preset, load_source
@@ -35,12 +34,6 @@ TINY = dict(vocab_size=40, hidden_size=24, intermediate_size=20, num_hidden_laye
             num_key_value_heads=2, head_dim=8, sliding_window=3, query_pre_attn_scalar=12, sliding_window_pattern=2,
             rope_parameters=ROPE)
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 @st.composite
@@ -110,22 +103,13 @@ def test_matches_transformers(tmp_path_factory: pytest.TempPathFactory, config: 
     check_logits("gemma3", config, tmp_path_factory.mktemp("gemma3"), prompt, split, seed)
 
 
-@pytest.mark.parametrize("mode,n,ts", [("layer", 2, "1,2"), ("layer", 3, "2,1,1"), ("graph", 2, "1,3"),
-                                       ("graph", 4, "1,2,1,3")])
+@pytest.mark.parametrize("mode,n,ts", SPLITS)
 def test_split_matches_transformers(mode: str, n: int, ts: str, tmp_path: Path) -> None:
-    cfg = from_hf_dict(dict(TINY, model_type="gemma3_text"))
-    placed: list = []
-    transform = placement(cfg, tuple(f"cpu:{k}" for k in range(n)), mode, ts, placed)
-    check_logits("gemma3", TINY, tmp_path / "ckpt", PROMPT, 4, transform=transform)
-    g = placed[-1]
-    assert len(g.device_list()) == min(n, cfg.n_layer) and not g.by_op(Op.ALL_REDUCE)  # whole layers per device
+    check_split("gemma3", TINY, PROMPT, mode, n, ts, tmp_path / "ckpt")
 
 
 def test_cli_eval_graph_split(tmp_path: Path) -> None:
-    model = hf_model("gemma3", **TINY)
-    err, generated, greedy_ref = cli_eval(model, save(model, tmp_path / "ckpt"), PROMPT, 4, "--devices", "cpu,cpu,cpu",
-                                          "--split", "graph", "--ts", "1,3,1")
-    assert err < TOL and generated == greedy_ref
+    check_cli_graph_split("gemma3", TINY, PROMPT, tmp_path / "ckpt")
 
 
 def test_gguf_matches_transformers(tmp_path: Path) -> None:
@@ -156,13 +140,10 @@ def test_gguf_matches_transformers(tmp_path: Path) -> None:
     assert rel_err(logits, hf_logits(model, PROMPT + gen)) < TOL
 
 
-@pytest.mark.parametrize("rig", ["2x3090", "4x3090", "2xH200"])
+@pytest.mark.parametrize("rig", RIGS)
 def test_predict_runs_on_every_rig(rig: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """27 B in Q4_K_M fits every rig; graph split is priced as the layer split it runs as."""
-    assert main(["predict", "gemma-3-27b", "--hw", rig, "--split", "layer,graph", "--quant", "Q4_K_M",
-                 "--ctx", "16384"]) == 0, capsys.readouterr().err
-    out = capsys.readouterr().out
-    assert "## split mode layer" in out and "## split mode graph" in out
+    """27 B in Q4_K_M fits every rig."""
+    check_predict("gemma-3-27b", rig, capsys)
 
 
 @pytest.mark.parametrize("split,n", [(None, 1), ("layer", 2), ("graph", 3)])

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from backends.cuda import mxfp4
 from backends.cuda.session import Session, greedy
-from helpers.hf_oracle import check_logits, hf_logits, hf_model, hf_params, rel_err, save, torch_threads
+from helpers.hf_oracle import check_logits, hf_logits, hf_model, hf_params, rel_err, save
 from cli.main import main
 from helpers.cli_oracle import cli_eval, placement
 from graphir.models import BuildOptions, build, from_hf_dict
@@ -34,12 +34,6 @@ SETTINGS = settings(max_examples=15, deadline=None, derandomize=True,
 TINY = dict(vocab_size=40, hidden_size=24, intermediate_size=10, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=3)
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 @st.composite

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends.cuda.session import Session, greedy
-from helpers.hf_oracle import hf_logits, hf_model, rel_err, save, torch_threads
+from helpers.hf_oracle import hf_logits, hf_model, rel_err, save
 from graphir.models import from_hf_dict
 from graphir.ops import Op
 from graphir.models.sources import load_source
@@ -34,12 +34,6 @@ MOE = dict({k: v for k, v in DENSE.items() if k != "intermediate_size"}, num_exp
            moe_intermediate_size=10, shared_expert_intermediate_size=12)
 FIXED = {"qwen3_5": DENSE, "qwen3_5_moe": MOE}
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 @st.composite

@@ -21,9 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends.cuda.session import Session, greedy
-from helpers.hf_oracle import (
-    check_low_precision, hf_checkpoint_numel, hf_logits, hf_model, rel_err, save, torch_threads,
-)
+from helpers.hf_oracle import check_low_precision, hf_checkpoint_numel, hf_logits, hf_model, rel_err, save
 from cli.main import main
 from helpers.cli_oracle import cli_eval
 from graphir.models import BuildOptions, build, from_hf_dict
@@ -48,12 +46,6 @@ FIXED = {
                        num_key_value_heads=3, head_dim=8, num_local_experts=5, num_experts_per_tok=2, rotary_dim=4,
                        **NO_IDS),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 @st.composite
