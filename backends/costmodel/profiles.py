@@ -44,7 +44,8 @@ class ARRule(BaseModel):
 FITTABLE = ("launch_us", "graph_launch_us", "stream_us", "host_us", "segment_us", "forward_us", "mem_eff", "gemm_eff",
             "float_gemm_eff", "gemm_m0",
             "gemm_tile0", "gemm_k0", "attn_pp_eff", "attn_tg_eff", "attn_tg_h0", "recurrent_eff", "recurrent_h0",
-            "recurrent_step_us", "comm_bw_eff", "copy_bw_eff", "copy_us", "allreduce_us")
+            "recurrent_step_us", "comm_bw_eff", "copy_bw_eff", "copy_us", "allreduce_us", "mmid_route_us",
+            "mmid_slot_us")
 TABLES = ("quant_mem_eff", "quant_gemm_eff", "kernels", "decode_kernels", "gemv_ops", "gemv_us", "attn_tg_kv_eff")  # per storage type or family / per op
 RATIOS = {"mem_eff", "gemm_eff", "float_gemm_eff", "copy_bw_eff", "attn_pp_eff", "attn_tg_eff", "recurrent_eff",
           "comm_bw_eff"}
@@ -102,6 +103,12 @@ class Engine(BaseModel):
     # writing its output) is amortised over the blocks of the inner loop, so a short K (an
     # expert's down projection split over GPUs: K = 256) runs at a fraction of the rate
     gemm_k0: float | None = Field(default=None, gt=0)
+    # MoE expert matmuls on quantised weights as ik's MMQ-id kernel runs them (mmid.py): the
+    # token tile width (0: priced as a dense GEMM over each expert's tokens instead), the
+    # routing pass per step and the cost of each tile slot of its grid; measured on the kernel
+    mmid_tile: int = Field(default=0, ge=0)
+    mmid_route_us: float = Field(default=0.0, ge=0)
+    mmid_slot_us: float = Field(default=0.0, ge=0)
     attn_pp_rate: str = "fp16_acc16"
     attn_pp_eff: float = Field(gt=0, le=1)
     attn_tg_rate: str = "fp32"

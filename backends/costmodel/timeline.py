@@ -17,6 +17,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from backends.costmodel import mmid
 from backends.costmodel.price import KINDS, Priced
 from backends.costmodel.profiles import Engine
 from hardware.profiles import System
@@ -106,7 +107,7 @@ def _rate_eff(pr: Priced, sysm: System, eng: Engine) -> tuple[np.ndarray, np.nda
 
 def _mat_vecs(pr: Priced, eng: Engine) -> np.ndarray:
     """Which nodes are mat-vecs streaming a weight (decode, or a few tokens)."""
-    return (pr.kind == _GEMM) & (pr.mnk[0] <= eng.mmv_max_tokens) & (pr.wbytes > 0)
+    return (pr.kind == _GEMM) & (pr.mnk[0] <= eng.mmv_max_tokens) & (pr.wbytes > 0) & ~mmid.nodes(pr, eng)
 
 
 def _gemv_flops(pr: Priced, eng: Engine, mv: np.ndarray) -> np.ndarray:
@@ -155,6 +156,9 @@ def node_costs(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray,
         act = act + np.where(attn, 4.0 * flops / np.maximum(pr.mnk[2], 1.0)[:, None], 0.0)
     byt = wb[:, None] + kvb + act
     t_c = flops / (rate * eff)[:, None]
+    ids = mmid.nodes(pr, eng)
+    if ids.any():  # ik's expert matmuls: routing, tile slots and padded tiles (mmid.py)
+        t_c = np.where(ids[:, None], mmid.compute_seconds(pr, sysm.gpu, eng, ids)[:, None], t_c)
     if eng.recurrent_step_us:  # a recurrent kernel takes at least one dependent step per token
         steps = np.where(pr.kind == _REC, pr.mnk[0] * eng.recurrent_step_us * 1e-6, 0.0)
         t_c = np.maximum(t_c, steps[:, None])
