@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from backends.costmodel.profiles import Engine
+from backends.costmodel.profiles import Engine, by_type
+from backends.costmodel.rules import distinct_experts
 from graphir.dtypes import dtype
 from hardware.profiles import GPU
 
@@ -85,14 +86,11 @@ class Expert(NamedTuple):
 
 def big_gemm_rate(gpu: GPU, eng: Engine, wtype: str) -> float:
     """FLOP/s of the engine's MMQ kernel on full tiles of type `wtype` (its large-GEMM rate)."""
-    from backends.costmodel.timeline import _by_type  # the per-type table lookup, one definition
-
-    return gpu.rate(eng.quant_rate) * eng.gemm_eff * _by_type(eng.quant_gemm_eff, wtype)
+    return gpu.rate(eng.quant_rate) * eng.gemm_eff * by_type(eng.quant_gemm_eff, wtype)
 
 
 def touched(e: Expert) -> float:
-    from backends.costmodel.rules import distinct_experts
-
+    """Experts whose weights the kernel reads: the shared ones and the routed ones hit."""
     return e.shared + distinct_experts(e.experts - e.shared, e.used - e.shared, e.tokens)
 
 

@@ -8,6 +8,7 @@ docs/cost_model.md says where each comes from.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from graphir.dtypes import dtype
 from hardware.profiles import GPU, ProfileError, data, read_yaml, validate
 
 _Strict = ConfigDict(extra="forbid", frozen=True)
@@ -207,6 +209,19 @@ class Engine(BaseModel):
             else:
                 out = out.model_copy(update={"arch": {**out.arch, head: {**out.arch.get(head, {}), rest: v}}})
         return out
+
+
+@lru_cache(maxsize=None)
+def family(type_name: str) -> str:
+    """The kernel family of a storage type (graphir.dtypes): the decoder a kernel runs for it."""
+    return dtype(type_name).family
+
+
+def by_type(table: dict[str, float], type_name: str, default: float = 1.0) -> float:
+    """A per-type table entry of an engine: the type itself, else its family, else `default`."""
+    if not type_name:
+        return default
+    return table.get(type_name, table.get(family(type_name), default))
 
 
 # ----------------------------------------------------------------------------- loading

@@ -13,13 +13,12 @@ them at once. The breakdown follows the critical path (the participant that arri
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
 from backends.costmodel import mmid
 from backends.costmodel.price import KINDS, Priced
-from backends.costmodel.profiles import Engine
+from backends.costmodel.profiles import Engine, by_type as _by_type
 from hardware.profiles import System
 from graphir.dtypes import dtype
 
@@ -44,19 +43,6 @@ class Timeline:
     terms: np.ndarray  # [len(TERMS), D] seconds along the critical path (sums to total)
     busy: np.ndarray  # [P, D] seconds each device works (kernels and transfers)
     work: dict[str, np.ndarray]  # whole-graph sums per depth: flops, weight/kv/act bytes, comm bytes
-
-
-@lru_cache(maxsize=None)
-def family(type_name: str) -> str:
-    """The kernel family of a storage type (graphir.dtypes): the decoder a kernel runs for it."""
-    return dtype(type_name).family
-
-
-def _by_type(table: dict[str, float], type_name: str, default: float = 1.0) -> float:
-    """A per-type table entry: the type itself, else its family, else `default`."""
-    if not type_name:
-        return default
-    return table.get(type_name, table.get(family(type_name), default))
 
 
 def _per_node(table: dict[str, float], pr: Priced, default: float = 1.0) -> np.ndarray:
