@@ -159,3 +159,21 @@ def test_table_command(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> No
         assert mmid_table.main(args) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and len(err.splitlines()) == 1
+
+
+def test_a_bigger_ubatch_of_a_moe_model_never_takes_less_time() -> None:
+    """The whole prefill of Qwen3-30B-A3B (128 experts, top 8) and Qwen3-Next (512, top 10) on
+    one H200 and on a 3090 pair (graph split: experts split over both) grows with the u-batch,
+    across tile boundaries and the routing versions."""
+    from backends.costmodel.timeline import evaluate
+
+    eng = load_engine("ik_llama.cpp")
+    for model in ("qwen3-30b-a3b", "qwen3-next-80b-a3b"):
+        cfg = load_preset(model).with_layers(4)
+        for hw, split in (("1xH200", "layer"), ("2x3090", "graph")):
+            sysm = resolve_system(hw)
+            g = place(cfg, BuildOptions(phase="pp", quant=scheme("Q4_0"), kv_type="f16", logits="last"),
+                      PlaceOptions(split, tuple(f"cuda:{i}" for i in range(min(2, sysm.count)))))
+            ubs = (9, 100, 128, 129, 600, 2048, 2049)
+            t = [evaluate(price(g, T), sysm, eng, np.array([0.0])).total[0] for T in ubs]
+            assert np.all(np.diff(t) > 0), (model, hw, t)
