@@ -54,6 +54,10 @@ class Priced:
     host_nodes: np.ndarray  # [N] graph nodes the executor's host walks for this one (free ones before it)
     mnk: np.ndarray  # [3, N] GEMM shape
     kv_cap: np.ndarray  # [N] cached tokens past which a node's work stops growing (inf: never)
+    # [4, N] expert matmuls: experts, slots per token, shared slots, and 1 where the node routes
+    # its tokens itself (0 where an earlier one on the device read the same activations and
+    # routing: ik's fused up/gate routes once); all 0 for other nodes
+    moe: np.ndarray
     wdtype: tuple[str, ...]  # per node ('' if none)
     seg_start: np.ndarray  # first node of each segment (for np.add.reduceat)
     seg_dev: np.ndarray
@@ -138,6 +142,8 @@ def price(g: Graph, tokens: int | None = None) -> Priced:
 
     hosted: list[int] = []  # per priced node: itself plus the free nodes (views, leaves) the host walked before it
     skipped = 0
+    routed: set[tuple[int, str, str]] = set()  # (device, activations, routing) of expert matmuls seen
+    routes: list[float] = []
     const = constants(g)  # weight-only nodes (a merged weight's concat): folded at load, free per call
     for n in g.nodes:
         if n.op in LEAVES or n.op in VIEWS or n.op == Op.OUTPUT or n.name in const:
@@ -159,6 +165,11 @@ def price(g: Graph, tokens: int | None = None) -> Priced:
             continue
         d = dix[n.device]
         rows.append((n, work(n, ins, env0), work(n, ins, env1)))
+        routes.append(0.0)
+        if rows[-1][1].experts > 0:
+            key = (d, n.inputs[0], n.inputs[3 if n.op == Op.SWIGLU_MOE_MATMUL else 2])
+            routes[-1] = float(key not in routed)
+            routed.add(key)
         hosted.append(1 + skipped)
         skipped = 0
         pending.setdefault(d, []).append(len(rows) - 1)
@@ -184,6 +195,7 @@ def price(g: Graph, tokens: int | None = None) -> Priced:
         kind=np.array([KINDS.index(r[1].kind) for r in R], dtype=int),
         flops=lin("flops"), wbytes=col("wbytes"), kvbytes=lin("kvbytes"), actbytes=lin("actbytes"),
         launches=col("launches"), mnk=np.stack([col("m"), col("n"), col("k")]), kv_cap=col("kv_cap"),
+        moe=np.stack([col("experts"), col("used"), col("shared"), np.array([routes[i] for i in order])]),
         host_nodes=np.array([hosted[i] for i in order], dtype=float),
         wdtype=tuple(r[1].wdtype for r in R), seg_start=np.asarray(seg_start, dtype=int),
         seg_dev=np.array(seg_dev, dtype=int),

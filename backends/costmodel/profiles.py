@@ -8,6 +8,7 @@ docs/cost_model.md says where each comes from.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from graphir.dtypes import dtype
 from hardware.profiles import GPU, ProfileError, data, read_yaml, validate
 
 _Strict = ConfigDict(extra="forbid", frozen=True)
@@ -44,7 +46,8 @@ class ARRule(BaseModel):
 FITTABLE = ("launch_us", "graph_launch_us", "stream_us", "host_us", "segment_us", "forward_us", "mem_eff", "gemm_eff",
             "float_gemm_eff", "gemm_m0",
             "gemm_tile0", "gemm_k0", "attn_pp_eff", "attn_tg_eff", "attn_tg_h0", "recurrent_eff", "recurrent_h0",
-            "recurrent_step_us", "comm_bw_eff", "copy_bw_eff", "copy_us", "allreduce_us")
+            "recurrent_step_us", "comm_bw_eff", "copy_bw_eff", "copy_us", "allreduce_us", "mmid_route_us",
+            "mmid_slot_us")
 TABLES = ("quant_mem_eff", "quant_gemm_eff", "kernels", "decode_kernels", "gemv_ops", "gemv_us", "attn_tg_kv_eff")  # per storage type or family / per op
 RATIOS = {"mem_eff", "gemm_eff", "float_gemm_eff", "copy_bw_eff", "attn_pp_eff", "attn_tg_eff", "recurrent_eff",
           "comm_bw_eff"}
@@ -102,6 +105,12 @@ class Engine(BaseModel):
     # writing its output) is amortised over the blocks of the inner loop, so a short K (an
     # expert's down projection split over GPUs: K = 256) runs at a fraction of the rate
     gemm_k0: float | None = Field(default=None, gt=0)
+    # MoE expert matmuls on quantised weights as ik's MMQ-id kernel runs them (mmid.py): the
+    # token tile width (0: priced as a dense GEMM over each expert's tokens instead), the
+    # routing pass per step and the cost of each tile slot of its grid; measured on the kernel
+    mmid_tile: int = Field(default=0, ge=0)
+    mmid_route_us: float = Field(default=0.0, ge=0)
+    mmid_slot_us: float = Field(default=0.0, ge=0)
     attn_pp_rate: str = "fp16_acc16"
     attn_pp_eff: float = Field(gt=0, le=1)
     attn_tg_rate: str = "fp32"
@@ -200,6 +209,19 @@ class Engine(BaseModel):
             else:
                 out = out.model_copy(update={"arch": {**out.arch, head: {**out.arch.get(head, {}), rest: v}}})
         return out
+
+
+@lru_cache(maxsize=None)
+def family(type_name: str) -> str:
+    """The kernel family of a storage type (graphir.dtypes): the decoder a kernel runs for it."""
+    return dtype(type_name).family
+
+
+def by_type(table: dict[str, float], type_name: str, default: float = 1.0) -> float:
+    """A per-type table entry of an engine: the type itself, else its family, else `default`."""
+    if not type_name:
+        return default
+    return table.get(type_name, table.get(family(type_name), default))
 
 
 # ----------------------------------------------------------------------------- loading

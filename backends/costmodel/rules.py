@@ -30,6 +30,9 @@ class Work(NamedTuple):
     comm_elem: float = 0.0  # bytes per element; 0 = the engine picks (all-reduce partial type)
     tokens: int = 0  # transfers: tokens in the batch (decides reduce algorithm and type)
     kv_cap: float = float("inf")  # cached tokens past which the work stops growing (a sliding window)
+    experts: float = 0.0  # expert matmul: experts in the weight (0: not an expert matmul)
+    used: float = 0.0  # expert matmul: slots per token (k, shared ones included)
+    shared: float = 0.0  # expert matmul: slots every token reads (a folded shared expert)
 
 
 Rule = Callable[[Node, Sequence[Node], Mapping[str, int]], Work]
@@ -123,7 +126,8 @@ def _moe_matmul(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:
     wb = _nb(w, env) * used / E
     ab = _nb(x, env) * (k if x.spec.rank == 2 else 1) + _nb(n, env) + _nb(ids, env)  # gathered rows
     return Work("gemm", flops=2.0 * T * k * out_f * in_f, wbytes=wb, actbytes=ab, launches=1,
-                m=T * k / used, n=float(out_f), k=float(in_f), wdtype=w.spec.dtype.name)
+                m=T * k / used, n=float(out_f), k=float(in_f), wdtype=w.spec.dtype.name,
+                experts=float(E), used=float(k), shared=float(m))
 
 
 def _head_matmul(n: Node, ins: Sequence[Node], env: Mapping[str, int]) -> Work:

@@ -13,12 +13,12 @@ them at once. The breakdown follows the critical path (the participant that arri
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
+from backends.costmodel import mmid
 from backends.costmodel.price import KINDS, Priced
-from backends.costmodel.profiles import Engine
+from backends.costmodel.profiles import Engine, by_type as _by_type
 from hardware.profiles import System
 from graphir.dtypes import dtype
 
@@ -43,19 +43,6 @@ class Timeline:
     terms: np.ndarray  # [len(TERMS), D] seconds along the critical path (sums to total)
     busy: np.ndarray  # [P, D] seconds each device works (kernels and transfers)
     work: dict[str, np.ndarray]  # whole-graph sums per depth: flops, weight/kv/act bytes, comm bytes
-
-
-@lru_cache(maxsize=None)
-def family(type_name: str) -> str:
-    """The kernel family of a storage type (graphir.dtypes): the decoder a kernel runs for it."""
-    return dtype(type_name).family
-
-
-def _by_type(table: dict[str, float], type_name: str, default: float = 1.0) -> float:
-    """A per-type table entry: the type itself, else its family, else `default`."""
-    if not type_name:
-        return default
-    return table.get(type_name, table.get(family(type_name), default))
 
 
 def _per_node(table: dict[str, float], pr: Priced, default: float = 1.0) -> np.ndarray:
@@ -106,7 +93,7 @@ def _rate_eff(pr: Priced, sysm: System, eng: Engine) -> tuple[np.ndarray, np.nda
 
 def _mat_vecs(pr: Priced, eng: Engine) -> np.ndarray:
     """Which nodes are mat-vecs streaming a weight (decode, or a few tokens)."""
-    return (pr.kind == _GEMM) & (pr.mnk[0] <= eng.mmv_max_tokens) & (pr.wbytes > 0)
+    return (pr.kind == _GEMM) & (pr.mnk[0] <= eng.mmv_max_tokens) & (pr.wbytes > 0) & ~mmid.nodes(pr, eng)
 
 
 def _gemv_flops(pr: Priced, eng: Engine, mv: np.ndarray) -> np.ndarray:
@@ -155,6 +142,9 @@ def node_costs(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray,
         act = act + np.where(attn, 4.0 * flops / np.maximum(pr.mnk[2], 1.0)[:, None], 0.0)
     byt = wb[:, None] + kvb + act
     t_c = flops / (rate * eff)[:, None]
+    ids = mmid.nodes(pr, eng)
+    if ids.any():  # ik's expert matmuls: routing, tile slots and padded tiles (mmid.py)
+        t_c = np.where(ids[:, None], mmid.compute_seconds(pr, sysm.gpu, eng, ids)[:, None], t_c)
     if eng.recurrent_step_us:  # a recurrent kernel takes at least one dependent step per token
         steps = np.where(pr.kind == _REC, pr.mnk[0] * eng.recurrent_step_us * 1e-6, 0.0)
         t_c = np.maximum(t_c, steps[:, None])
