@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -43,7 +44,7 @@ DENSE = "qwen3-8b"
 NEXT = "qwen3-next-80b-a3b"
 NEXT_LAYERS = 8
 SETS = {  # file set -> (model, layers, weight types)
-    "dense": (DENSE, None, ("f16", "q8_0", "q4_0", "iq4_xs", "iq4_ks")),
+    "dense": (DENSE, None, ("f16", "q8_0", "q4_0", "q4_k_m", "iq4_xs", "iq4_ks")),
     "next": (NEXT, NEXT_LAYERS, ("bf16", "iq4_xs")),
 }
 SWEEP = ["-c", "18432", "-ub", "2048", "-b", "2048", "-ngl", "99", "-fa", "on", "-n", "128", "--no-warmup", "-wb"]
@@ -185,8 +186,24 @@ def _files(w: Work, set_name: str, types: list[str] | None) -> list[tuple[str, s
     return [(model, t, w.models / f"{tag}-{t}.gguf") for t in (types or default)]
 
 
+def storage(cfg, t: str) -> tuple[str, dict[str, str] | None, int]:
+    """A weight type of the writer (`q4_0`), or a llama.cpp file type (`q4_k_m`: q4_k with q6_k for
+    the tensors llama-quantize gives more bits) as per-tensor types: (wtype, types, data bytes)."""
+    from graphir.dtypes import dtype
+    from graphir.models.gguf_writer import TYPES, file_size, tensor_specs
+    from graphir.quant import file_type
+
+    if t.lower() in TYPES:
+        return t, None, file_size(cfg, t)
+    scheme = file_type(t)
+    types = {s.name: scheme(s.name, s.shape, cfg.n_layer).name for s in tensor_specs(cfg)}
+    size = sum(dtype(types[s.name]).row_bytes(s.shape[-1]) * math.prod(s.shape[:-1]) for s in tensor_specs(cfg))
+    matrices = [v for v in types.values() if v != "f32"]
+    return max(sorted(set(matrices)), key=matrices.count), types, size  # the file's main type names it
+
+
 def cmd_write(a: argparse.Namespace) -> int:
-    from graphir.models.gguf_writer import file_size, write_gguf
+    from graphir.models.gguf_writer import write_gguf
     from graphir.models.sources import load_preset
 
     w = Work(a.dir)
@@ -196,7 +213,7 @@ def cmd_write(a: argparse.Namespace) -> int:
         cfg = cfg.with_layers(layers)
     bad = 0
     for _, t, path in _files(w, a.set, a.types):
-        need = file_size(cfg, t)
+        wtype, types, need = storage(cfg, t)
         if path.is_file() and path.stat().st_size >= need:
             w.say(f"{path.name}: exists ({path.stat().st_size / 1e9:.2f} GB)")
             continue
@@ -207,7 +224,7 @@ def cmd_write(a: argparse.Namespace) -> int:
             continue
         t0 = time.time()
         try:
-            write_gguf(path, cfg, wtype=t, seed=a.seed)
+            write_gguf(path, cfg, wtype=wtype, types=types, seed=a.seed)
             rc = 0
         except Exception as e:  # record and go on with the next file
             w.say(f"{path.name}: failed: {type(e).__name__}: {e}")
@@ -282,8 +299,9 @@ def _graphir_jobs(w: Work) -> list[tuple[str, list[str]]]:
     jobs = [(f"graphir_{DENSE}-bf16", [DENSE, *sweep, "--dtype", "bf16"]),
             ("graphir_qwen3-32b-bf16", ["qwen3-32b", *sweep, "--dtype", "bf16"]),
             (f"graphir_{NEXT}-L{NEXT_LAYERS}-bf16", [NEXT, *sweep, "--dtype", "bf16", "--layers", f"0:{NEXT_LAYERS}"])]
-    for _, t, path in _files(w, "dense", ["f16"]):
-        jobs.append((f"graphir_{path.stem}", [str(path), *sweep, "--dtype", "f16"]))
+    for set_name in SETS:  # every file written, at its own width: quantised files compute in bf16
+        for _, t, path in _files(w, set_name, None):
+            jobs.append((f"graphir_{path.stem}", [str(path), *sweep, "--dtype", "f16" if t == "f16" else "bf16"]))
     return jobs
 
 
