@@ -13,6 +13,12 @@ nine launches, each tiny at a short cache. Here:
 2. `_combine_k`: one program per query head merges the valid splits' triples, up to 64 at a
    time.
 
+A sliding window of W rows (gpt-oss, Gemma) starts the walk at row pos-W+1: splits wholly
+before it do no work and the combine starts at the first split the window touches, so a
+windowed layer reads W rows, not the cache. Attention sinks (gpt-oss: one logit per query
+head that joins the softmax without a value) enter in the combine, as one more term of the
+normaliser: out = sum_j e^(s_j) v_j / (sum_j e^(s_j) + e^sink).
+
 Rounding: scores are rounded to the activation type, scaled, and rounded again, as the
 reference (a bf16 product, times the scale in bf16) rounds them; the unnormalised
 probabilities are rounded to that type before they weight the values (the reference rounds
@@ -33,7 +39,7 @@ if triton is not None:
 
     @triton.jit
     def _split_k(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, a_ptr, sq_h, sk_s, sk_h, sv_s, sv_h, NS, SPLIT, scale,
-                 G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr,
+                 WINDOW, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr,
                  BDV: tl.constexpr, BS: tl.constexpr, F32_DOT: tl.constexpr):
         h = tl.program_id(0)
         sp = tl.program_id(1)
@@ -49,6 +55,8 @@ if triton is not None:
         acc = tl.zeros([GP, BDV], dtype=tl.float32)
         start = sp * SPLIT
         end = tl.minimum(start + SPLIT, last + 1)  # a split past the position runs no block
+        if WINDOW > 0:  # rows before pos-W+1 are outside the window: a split before it runs none
+            start = tl.maximum(start, last - WINDOW + 1)
         for s0 in range(start, end, BS):
             rs = s0 + tl.arange(0, BS)
             ms = rs < end
@@ -80,31 +88,41 @@ if triton is not None:
         tl.store(a_ptr + row[:, None] * BDV + ov[None, :], acc)
 
     @triton.jit
-    def _combine_k(pos_ptr, m_ptr, l_ptr, a_ptr, o_ptr, NS, SPLIT, G: tl.constexpr, GP: tl.constexpr,
-                   DV: tl.constexpr, BDV: tl.constexpr, CB: tl.constexpr):
+    def _combine_k(pos_ptr, m_ptr, l_ptr, a_ptr, o_ptr, sink_ptr, NS, SPLIT, WINDOW, G: tl.constexpr,
+                   GP: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, CB: tl.constexpr, SINK: tl.constexpr):
         # CB splits at a time (vector loads, not one dependent load per split)
         qh = tl.program_id(0)
         h = qh // G
         gi = qh % G
         ov = tl.arange(0, BDV)
         cb = tl.arange(0, CB)
-        n_valid = tl.load(pos_ptr).to(tl.int32) // SPLIT + 1  # split 0 always holds row 0
+        last = tl.load(pos_ptr).to(tl.int32)
+        n_valid = last // SPLIT + 1
+        first = 0  # the first split holding a valid row (split 0 holds row 0)
+        if WINDOW > 0:
+            first = tl.maximum(last - WINDOW + 1, 0) // SPLIT
         m = tl.full([1], float("-inf"), tl.float32)
         l = tl.zeros([1], dtype=tl.float32)
         acc = tl.zeros([BDV], dtype=tl.float32)
-        for s0 in range(0, n_valid, CB):
+        for s0 in range(first, n_valid, CB):
             sp = s0 + cb
             ok = sp < n_valid
             row = (h * NS + sp) * GP + gi
             mi = tl.load(m_ptr + row, mask=ok, other=float("-inf"))  # [CB]
             li = tl.load(l_ptr + row, mask=ok, other=0.0)
             ai = tl.load(a_ptr + row[:, None] * BDV + ov[None, :], mask=ok[:, None], other=0.0)  # [CB,BDV]
-            m_new = tl.maximum(m, tl.max(mi, axis=0))  # finite: the first block holds split 0
+            m_new = tl.maximum(m, tl.max(mi, axis=0))  # finite: the first block holds the first valid split
             a_old = tl.exp(m - m_new)
             wi = tl.exp(mi - m_new)  # 0 for the masked splits
             l = l * a_old + tl.sum(li * wi, axis=0)
             acc = acc * a_old + tl.sum(ai * wi[:, None], axis=0)
             m = m_new
+        if SINK:  # the sink logit in the activation type, as the reference casts it
+            sk = tl.load(sink_ptr + qh + tl.zeros([1], dtype=tl.int32)).to(o_ptr.dtype.element_ty).to(tl.float32)
+            m_new = tl.maximum(m, sk)
+            a_old = tl.exp(m - m_new)
+            l = l * a_old + tl.exp(sk - m_new)
+            acc = acc * a_old
         tl.store(o_ptr + qh * DV + ov, (acc / l).to(o_ptr.dtype.element_ty), mask=ov < DV)
 
 
@@ -125,17 +143,20 @@ def split_rows(S: int, hkv: int, block: int) -> int:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-                     scale: float, split: int | None = None) -> torch.Tensor:
+                     scale: float, split: int | None = None, window: int | None = None,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q [1,hq,d]; k [S,hkv,d], v [S,hkv,dv] (cache rows, the new token's already written);
     pos: int [1] on the device, the newest valid row -> [1,hq,dv] in q's type. `split`:
-    cache rows per split (benchmarks; a multiple of the block), else split_rows'."""
+    cache rows per split (benchmarks; a multiple of the block), else split_rows'. `window`:
+    only rows pos-window+1 .. pos are seen; `sinks` [hq]: one extra softmax logit per head."""
     _, hq, d = q.shape
     S, hkv, dv = v.shape
     G = hq // hkv
     GP = max(16, triton.next_power_of_2(G))  # tl.dot wants 16 rows at least
     BD, BDV = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
     BS = 32 if max(BD, BDV) > 128 else 64
-    SPLIT = split or split_rows(S, hkv, BS)
+    W = int(window) if window else 0
+    SPLIT = split or split_rows(min(S, W) if W else S, hkv, BS)  # a window's rows, not the cache's
     NS = triton.cdiv(S, SPLIT)
     CB = min(64, max(2, triton.next_power_of_2(NS)))  # splits the combine merges per step
     dev = q.device
@@ -145,8 +166,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     out = torch.empty((1, hq, dv), dtype=q.dtype, device=dev)
     with on(out):
         _split_k[(hkv, NS)](q, k, v, pos, m, l, a, q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                            NS, SPLIT, float(scale), G=G, GP=GP, D=d, BD=BD, DV=dv, BDV=BDV, BS=BS, F32_DOT=INTERPRET,
+                            NS, SPLIT, float(scale), W, G=G, GP=GP, D=d, BD=BD, DV=dv, BDV=BDV, BS=BS, F32_DOT=INTERPRET,
                             num_warps=4 if max(BD, BDV) <= 128 else 8)
-        _combine_k[(hq,)](pos, m, l, a, out, NS, SPLIT, G=G, GP=GP, DV=dv, BDV=BDV, CB=CB,
-                          num_warps=4 if CB * BDV <= 4096 else 8)
+        _combine_k[(hq,)](pos, m, l, a, out, sinks if sinks is not None else m, NS, SPLIT, W, G=G, GP=GP, DV=dv,
+                          BDV=BDV, CB=CB, SINK=sinks is not None, num_warps=4 if CB * BDV <= 4096 else 8)
     return out

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from backends.cuda import attention as ref_attn
-from backends.cuda import decode_attention, deltanet_prefill, fused
+from backends.cuda import decode_attention, deltanet_prefill, fused, window_attention
 from backends.cuda import gemv
 from backends.cuda import triton_deltanet as tdn
 from backends.cuda.devices import torch_device, torch_dtype
@@ -197,8 +197,8 @@ def _lower_right(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, scale: fl
 
 def attention(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     """Scaled-dot-product attention over the cache (flash / efficient kernels on CUDA)."""
-    if ref_attn.needs_mask(node, args):  # window / sinks: the reference kernel (bucket mode included)
-        return ref_attn.attention(node, args, ctx)
+    if ref_attn.needs_mask(node, args):  # window / sinks: read the window only (or the reference)
+        return window_attention.attention(node, args, ctx)
     q, k, v = args  # q [T,hq,d], k [S,hkv,d], v [S,hkv,dv]
     T, hq, d = q.shape
     S, hkv, dv = v.shape
