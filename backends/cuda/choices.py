@@ -25,6 +25,7 @@ class KernelChoices:
     nccl_failed: list[str] = field(default_factory=list)  # the first NCCL failure: peer copies from then on
     flash_lower_right: bool | None = None  # the flash kernel's causal mask checked once against an explicit one
     flash_window: bool | None = None  # the flash kernel's sliding window (and the sink rescale) checked once
+    flash_window_note: str = ""  # why: its error on first use, or the failure
     # the delta-net prefill: "impl" (chunked | recurrent), the chosen tile "config", "prep", "errors", ...
     deltanet_prefill: dict[str, Any] = field(default_factory=lambda: {"impl": "chunked"})
 
@@ -32,6 +33,7 @@ class KernelChoices:
         """Which fast paths were chosen or fell back (for run metadata and benchmark records)."""
         return {"grouped_mm_failed": list(self.grouped_mm_failed), "nccl_failed": list(self.nccl_failed),
                 "flash_lower_right": self.flash_lower_right, "flash_window": self.flash_window,
+                "flash_window_note": self.flash_window_note,
                 "delta_net_prefill": dict(self.deltanet_prefill),
                 "gemv": {f"{n}x{k} {dt}": c for (n, k, dt, _), c in sorted(self.gemv.items())},
                 "moe_gemv": {f"{n}x{k} slots {s} {dt}{' swiglu' if gated else ''}": ",".join(map(str, c))

@@ -175,8 +175,11 @@ def test_delta_net_matches_transformers(T: int, nk: int, nv: int) -> None:
     out = run_op(Op.DELTA_NET, q, k, v, decay, beta, state, qk_l2norm=True)
     assert out.shape == (T + dk, nv, dv) and out.dtype == torch.float32
     hf_state = state.permute(1, 0, 2)[None]  # transformers keeps [B,nv,dk,dv]
+    # transformers' model repeats the key heads to the value heads before calling its delta
+    # rule (some releases' rule does not take fewer key heads)
+    qr, kr = q.repeat_interleave(nv // nk, dim=1), k.repeat_interleave(nv // nk, dim=1)
     for fn in (hf_next.torch_recurrent_gated_delta_rule, hf_next.torch_chunk_gated_delta_rule):
-        o, s = fn(q[None], k[None], v[None], g=decay[None], beta=beta[None], initial_state=hf_state,
+        o, s = fn(qr[None], kr[None], v[None], g=decay[None], beta=beta[None], initial_state=hf_state,
                   output_final_state=True, use_qk_l2norm_in_kernel=True)
         torch.testing.assert_close(out[:T], o[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out[T:], s[0].permute(1, 0, 2), rtol=1e-5, atol=1e-5)
