@@ -20,8 +20,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from backends.cuda.mla_weights import mla_from_gguf
-from backends.cuda.weights import WeightError, WeightInfo
+from backends.cuda.weights.mla_weights import mla_from_gguf
+from backends.cuda.weights.sources import WeightError, WeightInfo
 from graphir.models import ModelConfig
 from graphir.models.gguf_source import PERMUTED_QK
 

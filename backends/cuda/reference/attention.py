@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from backends.cuda.interp import ExecContext
+from backends.cuda.runtime.interp import ExecContext
 from graphir.errors import GraphirError
 from graphir.graph import Node
 from graphir.ops import Op

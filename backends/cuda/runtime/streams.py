@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 import torch
 
-from backends.cuda.devices import torch_device
+from backends.cuda.runtime.devices import torch_device
 
 
 class DeviceStreams:

@@ -14,7 +14,7 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-from backends.cuda.interp import ExecContext
+from backends.cuda.runtime.interp import ExecContext
 from graphir.graph import Node
 
 CHUNK = 64  # tokens per chunk of the chunked form; shorter calls run the recurrent form

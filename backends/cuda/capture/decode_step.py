@@ -31,9 +31,9 @@ from typing import Any, Sequence
 
 import torch
 
-from backends.cuda import fastpath
-from backends.cuda.devices import torch_device
-from backends.cuda.interp import ExecContext, ExecError, Replicas, _read
+from backends.cuda.rules import fastpath
+from backends.cuda.runtime.devices import torch_device
+from backends.cuda.runtime.interp import ExecContext, ExecError, Replicas, _read
 from graphir.graph import Node
 from graphir.ops import LEAVES, Op
 

@@ -14,8 +14,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from backends.cuda.choices import KernelChoices
-from backends.cuda.devices import describe, torch_device, torch_dtype
+from backends.cuda.runtime.choices import KernelChoices
+from backends.cuda.runtime.devices import describe, torch_device, torch_dtype
 from graphir import dims as D
 from graphir.errors import GraphirError
 from graphir.graph import Graph, Node, is_constant
@@ -46,7 +46,7 @@ class ExecContext:
     buffers: Mapping[str, torch.Tensor] = field(default_factory=dict)  # state name -> preallocated cache
     default_device: str = "cpu"
     # bucket mode (a captured decode step): caches are read as their first `bucket` rows and
-    # written at the device-side position kvpos[device] (int64 [1]); see fastpath.py
+    # written at the device-side position kvpos[device] (int64 [1]); see rules/fastpath.py
     bucket: int | None = None
     kvpos: Mapping[str, torch.Tensor] = field(default_factory=dict)
     cache: dict[Any, Any] = field(default_factory=dict)  # per-call constants kernels keep (index ranges)

@@ -14,13 +14,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from backends.cuda.choices import KernelChoices
-from backends.cuda.devices import parse_devices, torch_device, torch_dtype
-from backends.cuda.rule_table import kernels_for
-from backends.cuda.interp import ExecContext, Kernel, Replicas, RunStats, run_graph
-from backends.cuda.loader import load_folded
-from backends.cuda.streams import DeviceStreams
-from backends.cuda.weights import DeviceRandomWeights, RandomWeights, WeightSource, reference_weights
+from backends.cuda.runtime.choices import KernelChoices
+from backends.cuda.runtime.devices import parse_devices, torch_device, torch_dtype
+from backends.cuda.rules.rule_table import kernels_for
+from backends.cuda.runtime.interp import ExecContext, Kernel, Replicas, RunStats, run_graph
+from backends.cuda.weights.loader import load_folded
+from backends.cuda.runtime.streams import DeviceStreams
+from backends.cuda.weights.sources import DeviceRandomWeights, RandomWeights, WeightSource, reference_weights
 from graphir import dims as D
 from graphir.errors import GraphirError
 from graphir.graph import Graph, Node, verify
@@ -45,11 +45,11 @@ def open_weights(weights: WeightSource | str | Path | None, source: ModelSource,
     if isinstance(weights, (str, Path)):
         p = Path(weights)
         if p.suffix == ".gguf" or (p.is_file() and _magic(p) == b"GGUF"):
-            from backends.cuda.gguf_weights import GGUFWeights
+            from backends.cuda.weights.gguf_weights import GGUFWeights
 
             return GGUFWeights(p, source.cfg, dict(source.gguf_name_map))
         if p.is_dir():
-            from backends.cuda.hf_checkpoint import HFCheckpoint
+            from backends.cuda.weights.hf_checkpoint import HFCheckpoint
 
             return HFCheckpoint(p, source.cfg)
         raise GraphirError(f"{weights}: no such checkpoint directory or GGUF file")

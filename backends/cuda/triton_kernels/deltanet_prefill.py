@@ -1,6 +1,6 @@
 """Which form of the delta-net prefill runs: measured once per session, then used.
 
-triton_deltanet.py has two prefill kernels: the token-serial walk (`delta_net`, T dependent
+deltanet.py has two prefill kernels: the token-serial walk (`delta_net`, T dependent
 steps) and the chunked UT-transform form (`delta_net_chunked`, T/64 steps on tensor cores, in
 tf32/bf16 operands). Which is faster, and which chunked tile, depends on the GPU and the head
 sizes, so `calibrate` times both once at the run's u-batch and `prefill` uses the faster. What
@@ -14,8 +14,8 @@ from typing import Callable
 
 import torch
 
-from backends.cuda.choices import KernelChoices, or_fresh
-from backends.cuda.triton_deltanet import CONFIGS, PRECISIONS, delta_net, delta_net_chunked, note_failure
+from backends.cuda.runtime.choices import KernelChoices, or_fresh
+from backends.cuda.triton_kernels.deltanet import CONFIGS, PRECISIONS, delta_net, delta_net_chunked, note_failure
 
 
 def calibrate(device: torch.device, nk: int, nv: int, dk: int, dv: int, T: int = 2048,

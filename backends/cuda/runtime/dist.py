@@ -18,9 +18,9 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from backends.cuda.devices import torch_dtype
-from backends.cuda.interp import ExecContext, ExecError, Replicas, RunStats, _check, _read
-from backends.cuda.session import Session
+from backends.cuda.runtime.devices import torch_dtype
+from backends.cuda.runtime.interp import ExecContext, ExecError, Replicas, RunStats, _check, _read
+from backends.cuda.runtime.session import Session
 from graphir.errors import GraphirError
 from graphir.graph import Graph, Node, is_constant
 from graphir.ops import Op
@@ -55,7 +55,7 @@ class RankSession(Session):
 
     # the full placed graphs are kept in self.graphs; the executed ones are this rank's part
     def _select(self, graphs: dict[str, Graph]) -> dict[str, Graph]:
-        from backends.cuda.rule_table import kernels_for
+        from backends.cuda.rules.rule_table import kernels_for
 
         self.kernels = kernels_for([self.local])
         out = {}
@@ -95,7 +95,7 @@ class RankSession(Session):
         return [self.local]
 
     def decode(self, ids: Any) -> torch.Tensor | None:
-        from backends.cuda.session import _ids
+        from backends.cuda.runtime.session import _ids
 
         rows = [self._run("tg", [t]) for t in _ids(ids)]
         return None if rows[0] is None else torch.cat(rows, dim=0)

@@ -17,7 +17,7 @@ from typing import Iterable, Mapping, Protocol
 
 import torch
 
-from backends.cuda.devices import torch_device
+from backends.cuda.runtime.devices import torch_device
 from graphir.errors import GraphirError
 from graphir.graph import Graph, Node
 from graphir.models import ModelConfig

@@ -1,7 +1,7 @@
 """One query token against a KV cache in two launches (split-K "flash decoding").
 
 A decode step's attention is one query row per head over a cache of S rows, with the rows
-past the token's position (a device-side counter, graphs.DecodeStep) masked. As torch ops
+past the token's position (a device-side counter, decode_step.DecodeStep) masked. As torch ops
 that is a mask, a product, a scale, a masked fill, a softmax, a cast and a second product:
 nine launches, each tiny at a short cache. Here:
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from backends.cuda.fused import INTERPRET, on, tl, triton, usable
+from backends.cuda.triton_kernels.fused import INTERPRET, on, tl, triton, usable
 
 MAX_HEAD_DIM = 256  # a [G, d] query block and [BS, d] key / value blocks in registers
 

@@ -19,10 +19,10 @@ from typing import Container, Mapping
 
 import torch
 
-from backends.cuda.devices import torch_device
-from backends.cuda.fold import align_rows
-from backends.cuda.interp import ExecContext, Kernel
-from backends.cuda.weights import WeightError, WeightInfo, WeightSource, assemble, source_names
+from backends.cuda.runtime.devices import torch_device
+from backends.cuda.weights.fold import align_rows
+from backends.cuda.runtime.interp import ExecContext, Kernel
+from backends.cuda.weights.sources import WeightError, WeightInfo, WeightSource, assemble, source_names
 from graphir.graph import Graph, Node, constants, is_constant
 from graphir.ops import Op
 

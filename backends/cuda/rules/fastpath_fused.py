@@ -1,4 +1,4 @@
-"""Fast forms of the fused ops (passes/fuse.py makes them; kernels.py has their reference).
+"""Fast forms of the fused ops (passes/fuse.py makes them; reference/kernels.py has their reference).
 
 Each runs one Triton kernel where its shapes allow (on CUDA tensors, or on the CPU under
 Triton's interpreter) and the reference kernel otherwise, which computes the same values
@@ -12,10 +12,11 @@ from typing import Any, Sequence
 
 import torch
 
-from backends.cuda import fast_moe, fastpath, fused, moe_router
-from backends.cuda.devices import torch_dtype
-from backends.cuda.interp import ExecContext, Kernel
-from backends.cuda.kernels import KERNELS
+from backends.cuda.triton_kernels import fast_moe, fused, moe_router
+from backends.cuda.rules import fastpath
+from backends.cuda.runtime.devices import torch_dtype
+from backends.cuda.runtime.interp import ExecContext, Kernel
+from backends.cuda.reference.kernels import KERNELS
 from graphir.graph import Node
 from graphir.ops import Op
 

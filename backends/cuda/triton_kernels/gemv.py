@@ -25,8 +25,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from backends.cuda.choices import KernelChoices, or_fresh
-from backends.cuda.fused import on, tl, triton, usable
+from backends.cuda.runtime.choices import KernelChoices, or_fresh
+from backends.cuda.triton_kernels.fused import on, tl, triton, usable
 
 # (BN rows per program, BK columns per tile, warps[, pipeline stages]): tall-thin tiles for short N,
 # wide for long K

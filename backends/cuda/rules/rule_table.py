@@ -1,4 +1,4 @@
-"""The CUDA backend's rule table: the reference kernels (kernels.py) overridden by the fast
+"""The CUDA backend's rule table: the reference kernels (reference/kernels.py) overridden by the fast
 forms of the plain ops (fastpath.py) and of the fused ops (fastpath_fused.py). A session on
 CPU devices only runs the reference table."""
 
@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from backends.cuda.fastpath import OVERRIDES
-from backends.cuda.fastpath_fused import FUSED
-from backends.cuda.interp import Kernel
-from backends.cuda.kernels import KERNELS
+from backends.cuda.rules.fastpath import OVERRIDES
+from backends.cuda.rules.fastpath_fused import FUSED
+from backends.cuda.runtime.interp import Kernel
+from backends.cuda.reference.kernels import KERNELS
 from graphir.ops import Op
 
 CUDA_KERNELS: dict[Op, Kernel] = {**KERNELS, **OVERRIDES, **FUSED}

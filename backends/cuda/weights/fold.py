@@ -14,7 +14,7 @@ from typing import Mapping
 
 import torch
 
-from backends.cuda.interp import ExecContext, Kernel
+from backends.cuda.runtime.interp import ExecContext, Kernel
 from graphir.graph import Graph, Node, constants
 from graphir.ops import Op
 

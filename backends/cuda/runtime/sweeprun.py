@@ -5,7 +5,7 @@ taken back: the cache length is reset and conv / delta-net state restored), then
 of PP tokens at depth N_KV (timed -> T_PP; kept, so the cache grows one u-batch per row).
 Tokens are random, as sweep-bench's are. Each decode feeds its token and waits for the step
 to finish, as llama_decode does; on CUDA the step is replayed from CUDA graphs captured once
-per row over a cache bucket of round_up(N_KV + TG, 256) rows (graphs.DecodeStep).
+per row over a cache bucket of round_up(N_KV + TG, 256) rows (decode_step.DecodeStep).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from backends.cuda.graphs import DecodeStep
+from backends.cuda.capture.decode_step import DecodeStep
 from graphir.ops import Op
 from reports.sweep import SweepRow
 
@@ -37,7 +37,7 @@ def calibrate(session: Any, ubatch: int) -> dict[str, float]:
     devs = [d for d in session.used_devices() if d.startswith("cuda")]
     if not dn or not devs or ubatch <= 64:
         return {}
-    from backends.cuda.deltanet_prefill import calibrate as time_prefill
+    from backends.cuda.triton_kernels.deltanet_prefill import calibrate as time_prefill
 
     g = session.executed["pp"]
     q, v = g[dn[0].inputs[0]].spec.shape, g[dn[0].inputs[2]].spec.shape

@@ -3,7 +3,7 @@
 On a GPU a decode step is a few hundred tiny kernels; in the reference table an RMS norm is
 seven torch launches, RoPE about fifteen. Each kernel here does one op in one launch with the
 reference table's rounding points (values rounded to the activation type where torch rounds
-them), so results agree with kernels.py to the last bit or two.
+them), so results agree with reference/kernels.py to the last bit or two.
 
 Every wrapper takes the tensors the rule receives; `usable(t)` says whether Triton can run on
 that tensor's device (CUDA, or the CPU under Triton's interpreter, which the tests use).

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from backends.cuda.weights import WeightInfo
+from backends.cuda.weights.sources import WeightInfo
 from graphir.models import ModelConfig
 
 TRANSFORMS = ("mla_k_b", "mla_v_b", "mla_q", "mla_kv_a")

@@ -21,10 +21,10 @@ from typing import Callable, Mapping
 import torch
 from safetensors import safe_open
 
-from backends.cuda import mxfp4
-from backends.cuda.gguf_weights import unpermute_rope
-from backends.cuda.mla_weights import TRANSFORMS as MLA_TRANSFORMS, mla_weight
-from backends.cuda.weights import WeightError, WeightInfo
+from backends.cuda.weights import mxfp4
+from backends.cuda.weights.gguf_weights import unpermute_rope
+from backends.cuda.weights.mla_weights import TRANSFORMS as MLA_TRANSFORMS, mla_weight
+from backends.cuda.weights.sources import WeightError, WeightInfo
 from graphir.models import ModelConfig
 from graphir.models.sources import INDEX, ModelSource, weights_problem
 

@@ -13,11 +13,11 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from backends.cuda.attention import attention, attn_temp, kv_append, rope
-from backends.cuda.devices import torch_device, torch_dtype
-from backends.cuda.interp import ExecContext, Kernel, Replicas
-from backends.cuda.moe import moe_matmul, moe_sum, moe_topk, moe_topk_bias, moe_topk_biased, moe_weights, moe_weights_sigmoid
-from backends.cuda.recurrent import delta_net, ssm_conv
+from backends.cuda.reference.attention import attention, attn_temp, kv_append, rope
+from backends.cuda.runtime.devices import torch_device, torch_dtype
+from backends.cuda.runtime.interp import ExecContext, Kernel, Replicas
+from backends.cuda.reference.moe import moe_matmul, moe_sum, moe_topk, moe_topk_bias, moe_topk_biased, moe_weights, moe_weights_sigmoid
+from backends.cuda.reference.recurrent import delta_net, ssm_conv
 from graphir.graph import Node
 from graphir.ops import Op
 

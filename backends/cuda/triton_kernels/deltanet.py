@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from backends.cuda.choices import KernelChoices, or_fresh
+from backends.cuda.runtime.choices import KernelChoices, or_fresh
 
 if TYPE_CHECKING:
-    from backends.cuda.recurrent import ChunkTerms
+    from backends.cuda.reference.recurrent import ChunkTerms
 
 try:
     import triton
@@ -86,7 +86,7 @@ if triton is not None:
 
 
 def _on(t: torch.Tensor):  # type: ignore[no-untyped-def]
-    from backends.cuda.fused import on
+    from backends.cuda.triton_kernels.fused import on
 
     return on(t)
 
@@ -270,7 +270,7 @@ def chunk_terms_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torc
     """recurrent.chunk_terms in one Triton launch (grid: chunks × value heads); same ChunkTerms,
     f32, contiguous but kd (a transposed view: stored [dk,C] per chunk). q,k [T,nk,dk] (dk a power of two >= 16), v [T,nv,dv], g,beta [T,nv];
     chunk 16, 32 or 64 (the block inverse assumes at most four 16-row blocks)."""
-    from backends.cuda.recurrent import ChunkTerms
+    from backends.cuda.reference.recurrent import ChunkTerms
 
     T, nk, dk = q.shape
     nv, dv = v.shape[1], v.shape[2]
@@ -297,7 +297,7 @@ def _terms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b
            qk_l2norm: bool, chunk: int, precision: str, prep: str | None, chosen: dict) -> ChunkTerms:
     """The intra-chunk terms: the fused kernel, else (it does not compile here, or prep="torch")
     the batched torch ops of recurrent.chunk_terms."""
-    from backends.cuda.recurrent import ChunkTerms, chunk_terms
+    from backends.cuda.reference.recurrent import ChunkTerms, chunk_terms
 
     if prep == "fused" or (prep is None and chosen.get("prep") != "torch" and _fusable(chunk, q.shape[2])):
         warps = [chosen["prep_warps"]] if chosen.get("prep_warps") else list(PREP_WARPS)

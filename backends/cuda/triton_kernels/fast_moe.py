@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from backends.cuda.choices import KernelChoices, or_fresh
-from backends.cuda.fused import on, tl, triton, usable
+from backends.cuda.runtime.choices import KernelChoices, or_fresh
+from backends.cuda.triton_kernels.fused import on, tl, triton, usable
 
 DECODE_SLOTS = 64  # T*k up to this many slots takes the GEMV path
 
@@ -119,7 +119,7 @@ def _tile(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, up: torch.Tensor 
     base = gemv_config(N, K)
     if not x.is_cuda or torch.cuda.is_current_stream_capturing():
         return base
-    from backends.cuda.gemv import fastest
+    from backends.cuda.triton_kernels.gemv import fastest
 
     cands = {",".join(map(str, c)): (lambda c=c: moe_gemv(x, w, ids, c, up)) for c in (base, *GEMV_TILES)}
     best = fastest(cands, ",".join(map(str, base)), x.device)

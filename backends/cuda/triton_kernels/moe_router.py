@@ -16,15 +16,15 @@ from typing import Any
 
 import torch
 
-from backends.cuda.choices import KernelChoices, or_fresh
-from backends.cuda.fused import on, tl, triton, usable
+from backends.cuda.runtime.choices import KernelChoices, or_fresh
+from backends.cuda.triton_kernels.fused import on, tl, triton, usable
 
 TOPK_MAX_E = 4096  # widest router row the top-k kernel holds in registers
 TOPK_MAX_K = 64
 
 
 if triton is not None:
-    from backends.cuda.fused import norm_row  # a jit helper the layer-end kernel calls
+    from backends.cuda.triton_kernels.fused import norm_row  # a jit helper the layer-end kernel calls
 
     @triton.jit
     def _topk_k(l_ptr, ids_ptr, w_ptr, g_ptr, E, sl, sg, K: tl.constexpr, M: tl.constexpr, KP: tl.constexpr,
@@ -156,7 +156,7 @@ def _topk_warps(logits: torch.Tensor, BE: int, k: int, m: int, run: Any, chosen:
         return chosen[key]
     if not logits.is_cuda or torch.cuda.is_current_stream_capturing() or logits.shape[0] > 64:
         return base
-    from backends.cuda.gemv import fastest
+    from backends.cuda.triton_kernels.gemv import fastest
 
     cands = {str(w): (lambda w=w: run(w)) for w in (base, 1, 2)}  # the same ids whatever the warps
     chosen[key] = int(fastest(cands, str(base), logits.device))

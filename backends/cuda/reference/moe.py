@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from backends.cuda.interp import ExecContext
+from backends.cuda.runtime.interp import ExecContext
 from graphir.graph import Node
 
 

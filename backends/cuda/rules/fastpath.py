@@ -19,17 +19,17 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from backends.cuda import attention as ref_attn
-from backends.cuda import decode_attention, deltanet_prefill, fused
-from backends.cuda import gemv
-from backends.cuda import triton_deltanet as tdn
-from backends.cuda.devices import torch_device, torch_dtype
-from backends.cuda import fast_moe, moe_router
-from backends.cuda.interp import ExecContext, Kernel, Replicas
-from backends.cuda.kernels import KERNELS, _as_spec
-from backends.cuda.moe import shared_ids
-from backends.cuda import recurrent
-from backends.cuda.recurrent import CHUNK
+from backends.cuda.reference import attention as ref_attn
+from backends.cuda.triton_kernels import decode_attention, deltanet_prefill, fused
+from backends.cuda.triton_kernels import gemv
+from backends.cuda.triton_kernels import deltanet as tdn
+from backends.cuda.runtime.devices import torch_device, torch_dtype
+from backends.cuda.triton_kernels import fast_moe, moe_router
+from backends.cuda.runtime.interp import ExecContext, Kernel, Replicas
+from backends.cuda.reference.kernels import KERNELS, _as_spec
+from backends.cuda.reference.moe import shared_ids
+from backends.cuda.reference import recurrent
+from backends.cuda.reference.recurrent import CHUNK
 from graphir.graph import Node
 from graphir.ops import Op
 
@@ -44,7 +44,7 @@ def matmul(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     x, w = args
     base = getattr(w, "aligned_base", None)
     if base is not None and base.dtype == x.dtype:
-        # a merged weight folded with zero rows for alignment (fold.py): multiply by all of them
+        # a merged weight folded with zero rows for alignment (weights/fold.py): multiply by all of them
         y = gemv.matmul(x, base, ctx.choices) if gemv.applies(x, base) else F.linear(x, base)
         return y[..., :w.shape[0]]
     if gemv.applies(x, w):  # one row (a decode step): the measured-faster of cuBLAS and a GEMV
