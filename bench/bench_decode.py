@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from backends.cuda import decode_attention as da  # noqa: E402
-from backends.cuda import fast_moe, fused, gemv, moe_router  # noqa: E402
+from backends.cuda.triton_kernels import decode_attention as da  # noqa: E402
+from backends.cuda.triton_kernels import fast_moe, fused, gemv, moe_router  # noqa: E402
 
 DEV = torch.device("cuda:0")
 BF = torch.bfloat16

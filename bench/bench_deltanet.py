@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere in the checkout
 
-from backends.cuda import deltanet_prefill  # noqa: E402
-from backends.cuda import triton_deltanet as tdn  # noqa: E402
-from backends.cuda.choices import KernelChoices  # noqa: E402
-from backends.cuda.recurrent import chunk_terms  # noqa: E402
+from backends.cuda.triton_kernels import deltanet_prefill  # noqa: E402
+from backends.cuda.triton_kernels import deltanet as tdn  # noqa: E402
+from backends.cuda.runtime.choices import KernelChoices  # noqa: E402
+from backends.cuda.reference.recurrent import chunk_terms  # noqa: E402
 
 CHOICES = KernelChoices()  # what this run of the benchmark measured, kept across its calls
 

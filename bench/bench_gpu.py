@@ -113,8 +113,8 @@ def _tokens(n: int, seed: int = 5) -> list[int]:
 
 
 def _check_run(split: str | None, recurrent: str, dtype: str) -> dict[str, torch.Tensor]:
-    from backends.cuda.graphs import DecodeStep
-    from backends.cuda.session import Session
+    from backends.cuda.capture.decode_step import DecodeStep
+    from backends.cuda.runtime.session import Session
     from graphir.models.sources import load_source
 
     cfg = load_source(NEXT).cfg
@@ -177,7 +177,7 @@ def dist_stage(res: dict[str, Any], out: Path) -> None:
 def dist_worker(out: Path) -> None:
     import torch.distributed as dist
 
-    from backends.cuda.dist import RankSession, init_from_env
+    from backends.cuda.runtime.dist import RankSession, init_from_env
     from graphir.models.sources import load_source
 
     rank, _, local = init_from_env()
@@ -323,9 +323,9 @@ def prof(res: dict[str, Any], out: Path) -> None:
     the captured decode step timed with and without a wait after every token."""
     from torch.profiler import ProfilerActivity, profile
 
-    from backends.cuda.graphs import DecodeStep
-    from backends.cuda.session import Session
-    from backends.cuda.sweeprun import calibrate, warm_up
+    from backends.cuda.capture.decode_step import DecodeStep
+    from backends.cuda.runtime.session import Session
+    from backends.cuda.runtime.sweeprun import calibrate, warm_up
     from graphir.models.sources import load_source
 
     cfg = load_source(NEXT).cfg
@@ -401,8 +401,8 @@ def host(res: dict[str, Any], out: Path) -> None:
     import io
     import pstats
 
-    from backends.cuda.session import Session
-    from backends.cuda.sweeprun import calibrate, warm_up
+    from backends.cuda.runtime.session import Session
+    from backends.cuda.runtime.sweeprun import calibrate, warm_up
     from graphir.models.sources import load_source
 
     cfg = load_source(NEXT).cfg

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from backends.cuda.choices import KernelChoices  # noqa: E402
-from backends.cuda.fused import tl, triton  # noqa: E402
+from backends.cuda.runtime.choices import KernelChoices  # noqa: E402
+from backends.cuda.triton_kernels.fused import tl, triton  # noqa: E402
 
 DEV = "cuda:0"
 E, K_TOP, H, I = 512, 10, 2048, 512
@@ -146,7 +146,7 @@ def rand_ids(T: int, sets: int, dev: torch.device) -> list[torch.Tensor]:
 
 
 def decode(iters: int, sweep: bool) -> None:
-    from backends.cuda import fast_moe, moe_router
+    from backends.cuda.triton_kernels import fast_moe, moe_router
 
     dev = torch.device(DEV)
     bf = torch.bfloat16
@@ -202,7 +202,7 @@ def decode(iters: int, sweep: bool) -> None:
 
 
 def prefill(iters: int) -> None:
-    from backends.cuda import fast_moe, moe_router
+    from backends.cuda.triton_kernels import fast_moe, moe_router
 
     dev = torch.device(DEV)
     bf = torch.bfloat16

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from backends.cuda.pipeline import ENGINE_PASSES
+from backends.cuda.rules.pipeline import ENGINE_PASSES
 from cli import options as O
 from cli.common import output_path
 from graphir.errors import GraphirError
@@ -20,7 +20,7 @@ from graphir.errors import GraphirError
 RANDOM_HELP = ("run on seeded random weights (a checkpoint directory without readable weights is "
                "an error otherwise; a preset or config.json has none and always runs random)")
 OVERFLOW_HELP = "go on when the estimate says the host's or GPUs' memory is too small (a warning)"
-DEFAULT_PASSES = ",".join(ENGINE_PASSES)  # the engine pipeline (backends/cuda/pipeline.py)
+DEFAULT_PASSES = ",".join(ENGINE_PASSES)  # the engine pipeline (backends/cuda/rules/pipeline.py)
 
 
 def parse_tokens(spec: str) -> list[int]:
@@ -56,7 +56,7 @@ def header(source: Any, random_weights: bool, seed: int, dtype: str, plan: Any, 
     """What an execution states before its results: the weights (random or the source's own
     types, computed in `dtype`), the KV type and the memory per device (GiB, as estimated;
     CPU devices share the host's memory: one figure)."""
-    from backends.cuda.memcheck import gib_per_device
+    from backends.cuda.runtime.memcheck import gib_per_device
     from graphir.models.sources import uses_random_weights, weights_label
 
     what = (f"random weights (seed {seed})" if uses_random_weights(source, random_weights)
@@ -81,7 +81,7 @@ def _prepare(model: str, devices: str, dtype: str, ctx: int, tokens: int, random
     host memory for the session (the unplaced graph: placement moves bytes between logical
     CPU devices, never out of the host). Returns (source, device names, layer range, plan or
     None for GPUs)."""
-    from backends.cuda.memcheck import check_host, session_plan
+    from backends.cuda.runtime.memcheck import check_host, session_plan
     from cli.common import parse_layers
     from graphir.models.sources import load_source, require_weights
     from passes.devices import parse_devices as placement_devices
@@ -105,7 +105,7 @@ def _warn(problem: str | None) -> None:
 def _session_plan(source: Any, devs: tuple[str, ...], dtype: str, ctx: int, tokens: int, rng: Any,
                   transform: list[Callable[..., Any]], allow_overflow: bool, pp_logits: str = "all") -> Any:
     """The placed session's memory per device; GPUs checked against their free memory."""
-    from backends.cuda.memcheck import check_gpus, session_plan
+    from backends.cuda.runtime.memcheck import check_gpus, session_plan
 
     plan = session_plan(source.cfg, dtype, ctx, tokens, rng, transform, pp_logits)
     _warn(check_gpus(plan, devs, dtype, allow_overflow))
@@ -133,9 +133,9 @@ def evaluate(model: str, tokens: list[int], decode: int = 0, dtype: str = "f32",
 
     import numpy as np
 
-    from backends.cuda.devices import parse_devices
-    from backends.cuda.session import Session, greedy
-    from backends.cuda.weights import random_source
+    from backends.cuda.runtime.devices import parse_devices
+    from backends.cuda.runtime.session import Session, greedy
+    from backends.cuda.weights.sources import random_source
     from cli.common import write_atomic
     from graphir.models.sources import uses_random_weights
 
@@ -181,10 +181,10 @@ def run_sweep(model: str, *, devices: str = "cuda:0", split: str | None = None, 
     source, names, rng, plan = _prepare(model, devices, dtype, n_ctx, ubatch, random_weights, allow_overflow,
                                         layers, "last")
 
-    from backends.cuda.devices import parse_devices
-    from backends.cuda.session import Session
-    from backends.cuda.sweeprun import calibrate, sweep
-    from backends.cuda.weights import random_source
+    from backends.cuda.runtime.devices import parse_devices
+    from backends.cuda.runtime.session import Session
+    from backends.cuda.runtime.sweeprun import calibrate, sweep
+    from backends.cuda.weights.sources import random_source
     from graphir.models.sources import uses_random_weights
 
     devs = parse_devices(names)

@@ -24,7 +24,7 @@ from graphir.graph import Graph, Node
 from graphir.ops import LEAVES, Op, infer_results
 
 # the expert GEMV applies a swiglu for up to this many slots (T*k) of one decode step; a
-# larger batch runs the grouped GEMM, which reads a made x (backends/cuda/fast_moe.DECODE_SLOTS)
+# larger batch runs the grouped GEMM, which reads a made x (backends/cuda/triton_kernels/fast_moe.DECODE_SLOTS)
 GEMV_SLOTS = 64
 NARROW_FLOATS = ("bf16", "f16")
 

@@ -1,5 +1,5 @@
 """No module of the project's packages over 400 lines (DESIGN: a module holds one idea; past
-400 lines it holds several, and is split along them, e.g. triton_deltanet.py's kernels and
+400 lines it holds several, and is split along them, e.g. triton_kernels/deltanet.py's kernels and
 deltanet_prefill.py's choice between them).
 
 The packages are the installed ones (pyproject.toml); tests/ and the benchmark scripts of

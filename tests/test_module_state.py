@@ -1,5 +1,5 @@
 """No module-level mutable state in backends/: what kernels choose at run time lives in the
-session's KernelChoices (backends/cuda/choices.py), handed to them through ExecContext.
+session's KernelChoices (backends/cuda/runtime/choices.py), handed to them through ExecContext.
 
 An AST scan of every module under backends/ fails when
 - a module-level name is bound to a mutable value (a dict, list or set display, a
@@ -32,18 +32,18 @@ CONSTANT_TABLES: dict[tuple[str, str], str] = {
     ("backends.costmodel.rules", "RULES"): "the cost model's rule table, one rule per op",
     ("backends.costmodel.timeline", "_REDUCE_BYTES"): "bytes per element of each wire type",
     ("backends.cuda", "_EXPORTS"): "the package's lazily imported names",
-    ("backends.cuda.devices", "_TORCH"): "graphir dtype names -> torch dtypes",
-    ("backends.cuda.fastpath", "OVERRIDES"): "the CUDA fast kernels' part of the rule table",
-    ("backends.cuda.fastpath_fused", "FUSED"): "the fused ops' part of the rule table",
-    ("backends.cuda.kernels", "KERNELS"): "the reference rule table, one kernel per op",
-    ("backends.cuda.rule_table", "CUDA_KERNELS"): "the CUDA rule table assembled from its parts",
-    ("backends.cuda.hf_checkpoint", "TABLES"): "checkpoint tensor names per family",
-    ("backends.cuda.hf_checkpoint", "_TRANSFORMS"): "the tensor transforms a checkpoint rule names",
-    ("backends.cuda.hf_checkpoint", "_EXPERT_PARTS"): "expert tensor names per family",
-    ("backends.cuda.mla_weights", "_FROM_GGUF"): "GGUF tensor names of the MLA weights",
+    ("backends.cuda.runtime.devices", "_TORCH"): "graphir dtype names -> torch dtypes",
+    ("backends.cuda.rules.fastpath", "OVERRIDES"): "the CUDA fast kernels' part of the rule table",
+    ("backends.cuda.rules.fastpath_fused", "FUSED"): "the fused ops' part of the rule table",
+    ("backends.cuda.reference.kernels", "KERNELS"): "the reference rule table, one kernel per op",
+    ("backends.cuda.rules.rule_table", "CUDA_KERNELS"): "the CUDA rule table assembled from its parts",
+    ("backends.cuda.weights.hf_checkpoint", "TABLES"): "checkpoint tensor names per family",
+    ("backends.cuda.weights.hf_checkpoint", "_TRANSFORMS"): "the tensor transforms a checkpoint rule names",
+    ("backends.cuda.weights.hf_checkpoint", "_EXPERT_PARTS"): "expert tensor names per family",
+    ("backends.cuda.weights.mla_weights", "_FROM_GGUF"): "GGUF tensor names of the MLA weights",
 }
 # hf_checkpoint's rule lists (_TOP, _ATTN, ...): the parts TABLES is assembled from
-_HF_PARTS = "backends.cuda.hf_checkpoint"
+_HF_PARTS = "backends.cuda.weights.hf_checkpoint"
 
 _CONSTRUCTORS = {"dict", "list", "set", "defaultdict", "OrderedDict", "Counter", "deque", "bytearray"}
 _MUTATORS = {"append", "extend", "insert", "pop", "popitem", "clear", "update", "setdefault", "add",
@@ -168,7 +168,7 @@ def test_the_scan_finds_what_it_forbids() -> None:
         "    CHOICE['a'] = 1\n"
         "    d['x'] = 2\n"
     )
-    got = problems(src, "backends.cuda.kernels")
+    got = problems(src, "backends.cuda.reference.kernels")
     assert any("mutable 'CHOICE'" in m for m in got) and any("mutable 'SEEN'" in m for m in got)
     assert not any("mutable 'KERNELS'" in m for m in got)  # a listed table ...
     assert any("note writes module-level 'KERNELS'" in m for m in got)  # ... but never written at run time

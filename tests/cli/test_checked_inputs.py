@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from backends.cuda.memcheck import host_available
-from backends.cuda.session import Session
+from backends.cuda.runtime.memcheck import host_available
+from backends.cuda.runtime.session import Session
 from helpers.hf_oracle import hf_model, save
-from backends.cuda.weights import WeightError
+from backends.cuda.weights.sources import WeightError
 from cli.main import main
 from graphir.models.config import MAX_LAYERS
 from graphir.models.sources import load_source

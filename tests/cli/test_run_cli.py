@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cli.run import evaluate, run_sweep
-from backends.cuda.session import Session
-from backends.cuda.sweeprun import sweep
+from backends.cuda.runtime.session import Session
+from backends.cuda.runtime.sweeprun import sweep
 from helpers.hf_oracle import hf_logits, hf_model, rel_err, save, torch_threads
 from cli.main import main
 

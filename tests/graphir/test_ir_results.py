@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends.cuda.pipeline import ENGINE_PASSES
+from backends.cuda.rules.pipeline import ENGINE_PASSES
 from graphir.builder import Builder
 from graphir.graph import Graph, GraphError, Node, verify
 from graphir.models import BuildOptions, build

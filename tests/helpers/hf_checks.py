@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from hypothesis import strategies as st
 
-from backends.cuda.session import Session, greedy
+from backends.cuda.runtime.session import Session, greedy
 from graphir.models.sources import load_source
 from helpers.hf_oracle import hf_logits, hf_model, rel_err, save
 

@@ -77,7 +77,7 @@ def check_logits(arch: str, config: dict[str, Any], path: Path, prompt: list[int
     """A random checkpoint of `arch` saved at `path`: the prompt and 4 greedy tokens through
     Session (whole, then as two prefills and a decode), every logit row against transformers'
     forward over the full sequence, within `tol` relative."""
-    from backends.cuda.session import Session, greedy
+    from backends.cuda.runtime.session import Session, greedy
     from graphir.models.sources import load_source
 
     model = hf_model(arch, seed=seed, **config)
@@ -157,7 +157,7 @@ def hf_checkpoint_numel(config: dict[str, Any]) -> int:
 def check_low_precision(model: Any, ckpt: Path, prompt: list[int]) -> None:
     """bf16 / f16 runs of a saved checkpoint stay as close to graphir's f32 run as transformers'
     own bf16 / f16 runs do (a model-dependent tolerance measured on the oracle, floor 3%)."""
-    from backends.cuda.session import Session, greedy
+    from backends.cuda.runtime.session import Session, greedy
     from graphir.models.sources import load_source
 
     src = load_source(ckpt)

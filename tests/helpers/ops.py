@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from backends.cuda.interp import ExecContext, run_graph
-from backends.cuda.kernels import KERNELS
+from backends.cuda.runtime.interp import ExecContext, run_graph
+from backends.cuda.reference.kernels import KERNELS
 from graphir.builder import Builder
 from graphir.ops import Op
 from graphir.spec import TensorSpec

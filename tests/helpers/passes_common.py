@@ -23,7 +23,7 @@ MERGES = ("merge_qkv", "merge_up_gate")
 def session_class() -> Any:
     """The executor's Session, or None while backends/cuda has no session API."""
     try:
-        from backends.cuda.session import Session
+        from backends.cuda.runtime.session import Session
     except ImportError:
         return None
     return Session

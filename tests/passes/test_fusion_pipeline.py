@@ -17,10 +17,10 @@ from planner.placement import PlaceOptions, place
 from backends.costmodel.price import price
 from backends.costmodel.profiles import load_engine
 from cli.run import DEFAULT_PASSES, make_transform
-from backends.cuda.graphs import DecodeStep, decode_schedule
-from backends.cuda.loader import executed_graph
-from backends.cuda.pipeline import ENGINE_PASSES, MERGES
-from backends.cuda.session import Session
+from backends.cuda.capture.decode_step import DecodeStep, decode_schedule
+from backends.cuda.weights.loader import executed_graph
+from backends.cuda.rules.pipeline import ENGINE_PASSES, MERGES
+from backends.cuda.runtime.session import Session
 from graphir.graph import Graph, Node, verify
 from graphir.models import BuildOptions, build, from_hf_dict
 from graphir.models.sources import load_preset, preset_names

@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends.cuda.fold import fold_weights
-from backends.cuda.interp import ExecContext, run_graph
-from backends.cuda.kernels import KERNELS
+from backends.cuda.weights.fold import fold_weights
+from backends.cuda.runtime.interp import ExecContext, run_graph
+from backends.cuda.reference.kernels import KERNELS
 from graphir.builder import Builder
 from graphir.graph import Graph, Node, verify
 from graphir.ops import Op

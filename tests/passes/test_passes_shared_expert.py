@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends.cuda.session import Session, greedy
+from backends.cuda.runtime.session import Session, greedy
 from helpers.hf_oracle import rel_err, torch_threads
 from graphir.graph import Graph, verify
 from graphir.models import BuildOptions, build, from_hf_dict

@@ -12,16 +12,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backends.cuda import decode_attention, deltanet_prefill, fast_moe, fused, gemv
-from backends.cuda import triton_deltanet as tdn
-from backends.cuda.fastpath import attention as fast_attention
-from backends.cuda.choices import KernelChoices
-from backends.cuda.rule_table import CUDA_KERNELS
-from backends.cuda.graphs import DecodeStep
-from backends.cuda.interp import ExecContext
-from backends.cuda.kernels import KERNELS
-from backends.cuda.recurrent import delta_rule_recurrent, raw_gates
-from backends.cuda.session import Session
+from backends.cuda.triton_kernels import decode_attention, deltanet_prefill, fast_moe, fused, gemv
+from backends.cuda.triton_kernels import deltanet as tdn
+from backends.cuda.rules.fastpath import attention as fast_attention
+from backends.cuda.runtime.choices import KernelChoices
+from backends.cuda.rules.rule_table import CUDA_KERNELS
+from backends.cuda.capture.decode_step import DecodeStep
+from backends.cuda.runtime.interp import ExecContext
+from backends.cuda.reference.kernels import KERNELS
+from backends.cuda.reference.recurrent import delta_rule_recurrent, raw_gates
+from backends.cuda.runtime.session import Session
 from helpers.hf_oracle import patch_triton_interpreter, rel_err
 from graphir.builder import Builder
 from graphir.models import from_hf_dict
@@ -203,7 +203,7 @@ def _delta_inputs(T: int, nk: int = 2, nv: int = 4, dk: int = 32, dv: int = 24):
 def test_delta_net_chunk_terms_fused(T: int) -> None:
     """The one-launch intra-chunk kernel against recurrent.chunk_terms (key heads shared, dv not
     a power of two, a partial last chunk)."""
-    from backends.cuda.recurrent import chunk_terms
+    from backends.cuda.reference.recurrent import chunk_terms
 
     q, k, v, g, beta, _ = _delta_inputs(T)
     want = chunk_terms(*(x.cpu() for x in (q, k, v, g, beta)), True, 64)

@@ -11,7 +11,7 @@ import socket
 import pytest
 import torch
 
-from backends.cuda.session import Session
+from backends.cuda.runtime.session import Session
 from graphir.models import from_hf_dict
 from passes import merge_qkv, merge_up_gate, place_graph, place_layer
 
@@ -40,7 +40,7 @@ def _free_port() -> int:
 def _rank(rank: int, port: int, split: str, q: "mp.Queue") -> None:
     import torch.distributed as dist
 
-    from backends.cuda.dist import RankSession, init_from_env
+    from backends.cuda.runtime.dist import RankSession, init_from_env
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from backends.cuda.gguf_weights import GGUFWeights, permute_rope
-from backends.cuda.hf_checkpoint import HFCheckpoint
-from backends.cuda.session import Session, greedy
+from backends.cuda.weights.gguf_weights import GGUFWeights, permute_rope
+from backends.cuda.weights.hf_checkpoint import HFCheckpoint
+from backends.cuda.runtime.session import Session, greedy
 from helpers.hf_oracle import hf_model, rel_err, save, torch_threads
-from backends.cuda.weights import reference_weights
+from backends.cuda.weights.sources import reference_weights
 from cli.main import main
 from graphir.models import ModelConfig
 from graphir.models import gguf_writer

@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends.cuda.session import Session, greedy
+from backends.cuda.runtime.session import Session, greedy
 from helpers.hf_checks import attention_sizes, check_against_hf
 from helpers.hf_oracle import check_low_precision, hf_logits, hf_model, rel_err, save, torch_threads
 from cli.main import main

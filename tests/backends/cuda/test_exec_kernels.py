@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from transformers.models.llama import modeling_llama as hf_llama
 from transformers.models.qwen3_next import modeling_qwen3_next as hf_next
 
-from backends.cuda import recurrent
-from backends.cuda.attention import _inv_freq
-from backends.cuda.interp import ExecContext, ExecError, run_graph
-from backends.cuda.kernels import KERNELS
+from backends.cuda.reference import recurrent
+from backends.cuda.reference.attention import _inv_freq
+from backends.cuda.runtime.interp import ExecContext, ExecError, run_graph
+from backends.cuda.reference.kernels import KERNELS
 from helpers.hf_oracle import torch_threads
 from helpers.ops import run_op
 from graphir.builder import Builder

@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends.cuda import fast_moe, fused, moe_router
-from backends.cuda.rule_table import CUDA_KERNELS
-from backends.cuda.interp import ExecContext
-from backends.cuda.kernels import KERNELS
+from backends.cuda.triton_kernels import fast_moe, fused, moe_router
+from backends.cuda.rules.rule_table import CUDA_KERNELS
+from backends.cuda.runtime.interp import ExecContext
+from backends.cuda.reference.kernels import KERNELS
 from helpers.hf_oracle import patch_triton_interpreter, rel_err
 from graphir.graph import Graph, Node
 from graphir.ops import Op
@@ -351,7 +351,7 @@ def test_prefill_graph_routes_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     real = fast_moe.route
     monkeypatch.setattr(fast_moe, "route", lambda ids, n: calls.append(n) or real(ids, n))
-    from backends.cuda.interp import run_graph
+    from backends.cuda.runtime.interp import run_graph
 
     ctx = ExecContext(g, {}, vals, {}, {}, DEV)
     got = run_graph(g, ctx, CUDA_KERNELS)["y"]
@@ -366,7 +366,7 @@ def test_prefill_graph_routes_once(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_folded_shared_expert_session() -> None:
     """Qwen3-Next with its shared expert folded (and merged after) through the fast paths: the
     reference kernels' logits of the unfolded graph (f32)."""
-    from backends.cuda.session import Session, greedy
+    from backends.cuda.runtime.session import Session, greedy
     from graphir.models import from_hf_dict
     from passes import PassContext, run_pipeline
 

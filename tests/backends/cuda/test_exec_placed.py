@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends.cuda.session import Session, greedy
+from backends.cuda.runtime.session import Session, greedy
 from helpers.placed_models import CONFIGS, DEVS, PROMPT
 from helpers.hf_oracle import torch_threads
 from graphir.builder import Builder
@@ -274,7 +274,7 @@ def test_loading_two_layouts_holds_one_full_tensor_at_a_time(monkeypatch: pytest
     """Prefill sliced over four devices, decode whole on a home device (auto's plans): the
     loader cuts every piece of a source tensor together, so it never holds more than one full
     tensor (it held every expert tensor of the model at once before, and ran out of memory)."""
-    from backends.cuda import loader
+    from backends.cuda.weights import loader
     from passes import merge_up_gate, place_graph, place_layer
 
     cfg = from_hf_dict(CONFIGS["qwen3_next"])

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends.cuda.session import Session, greedy
+from backends.cuda.runtime.session import Session, greedy
 from helpers.hf_oracle import torch_threads
-from backends.cuda.weights import RandomWeights, WeightInfo, reference_weights
+from backends.cuda.weights.sources import RandomWeights, WeightInfo, reference_weights
 from graphir.errors import GraphirError
 from graphir.models import from_hf_dict
 
@@ -100,7 +100,7 @@ def test_deep_random_model_stays_finite() -> None:
 
 
 def test_decode_pieces_start_short_and_cover_every_node() -> None:
-    from backends.cuda.graphs import _pieces
+    from backends.cuda.capture.decode_step import _pieces
     from graphir.graph import Node
     from graphir.ops import Op
     from graphir.spec import TensorSpec
@@ -114,7 +114,7 @@ def test_decode_pieces_start_short_and_cover_every_node() -> None:
 def test_each_session_hands_its_own_kernel_choices_to_the_kernels() -> None:
     """Timed kernel choices belong to the session (ExecContext.choices), not to the process:
     every kernel of a call sees its session's object, and two sessions do not share one."""
-    from backends.cuda.kernels import KERNELS
+    from backends.cuda.reference.kernels import KERNELS
     from graphir.ops import Op
 
     seen: list[object] = []

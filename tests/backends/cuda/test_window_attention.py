@@ -1,4 +1,4 @@
-"""Sliding-window and sink attention's fast forms (backends/cuda/window_attention.py, the
+"""Sliding-window and sink attention's fast forms (backends/cuda/rules/window_attention.py, the
 window and sinks of decode_attention.py) against the reference kernel.
 
 The split decode kernel runs on a GPU or under Triton's interpreter; the flash prefill form
@@ -10,10 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends.cuda import decode_attention, fused, window_attention
-from backends.cuda.fastpath import attention as fast_attention
-from backends.cuda.interp import ExecContext
-from backends.cuda.kernels import KERNELS
+from backends.cuda.triton_kernels import decode_attention, fused
+from backends.cuda.rules import window_attention
+from backends.cuda.rules.fastpath import attention as fast_attention
+from backends.cuda.runtime.interp import ExecContext
+from backends.cuda.reference.kernels import KERNELS
 from graphir.builder import Builder
 from graphir.ops import Op
 from graphir.spec import TensorSpec

@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends.cuda.session import Session, greedy
+from backends.cuda.runtime.session import Session, greedy
 from helpers.hf_oracle import hf_checkpoint_numel, hf_logits, hf_model, rel_err, save
 from cli.main import main
 from helpers.cli_oracle import cli_eval
@@ -164,8 +164,8 @@ def test_predict_every_preset_on_every_rig(name: str, hw: str, tmp_path: Path,
 def test_gguf_matches_safetensors(rope: str, tmp_path: Path) -> None:
     """A deepseek2 GGUF as llama.cpp lays it out (interleaved rotary rows as in the checkpoint,
     attn_k_b / attn_v_b per head, MLA and YaRN keys) loads to the same config and logits."""
-    from backends.cuda.hf_checkpoint import HFCheckpoint
-    from backends.cuda.mla_weights import interleave
+    from backends.cuda.weights.hf_checkpoint import HFCheckpoint
+    from backends.cuda.weights.mla_weights import interleave
     from graphir.models import gguf_writer
     from graphir.models.weights import reference_weights
 

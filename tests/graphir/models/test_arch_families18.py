@@ -18,11 +18,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends.cuda.gguf_weights import permute_rope
-from backends.cuda.hf_checkpoint import HFCheckpoint
-from backends.cuda.session import Session, greedy
+from backends.cuda.weights.gguf_weights import permute_rope
+from backends.cuda.weights.hf_checkpoint import HFCheckpoint
+from backends.cuda.runtime.session import Session, greedy
 from helpers.hf_oracle import hf_logits, hf_model, rel_err, save
-from backends.cuda.weights import reference_weights
+from backends.cuda.weights.sources import reference_weights
 from cli.main import main
 from graphir.models import BuildOptions, ConfigError, build, from_hf_dict
 from graphir.models import gguf_writer

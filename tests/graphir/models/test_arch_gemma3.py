@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends.cuda.session import Session, greedy
+from backends.cuda.runtime.session import Session, greedy
 from helpers.hf_oracle import check_logits, hf_logits, hf_model, hf_params, rel_err, save
 from helpers.whole_layers import RIGS, SPLITS, check_cli_graph_split, check_predict, check_split
 from graphir.models import BuildOptions, build, from_hf_dict
@@ -116,8 +116,8 @@ def test_gguf_matches_transformers(tmp_path: Path) -> None:
     """llama.cpp's layout: norms hold w + 1; the layer pattern (every 6th global), the local
     RoPE base and (below 62 layers) the head-dim attention scale are llama.cpp's constants."""
     pytest.importorskip("gguf")
-    from backends.cuda.hf_checkpoint import HFCheckpoint
-    from backends.cuda.weights import reference_weights
+    from backends.cuda.weights.hf_checkpoint import HFCheckpoint
+    from backends.cuda.weights.sources import reference_weights
     from graphir.models import gguf_writer
 
     config = dict(TINY, hidden_size=32, intermediate_size=32, num_hidden_layers=7, head_dim=16,

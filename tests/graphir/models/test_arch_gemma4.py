@@ -21,7 +21,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends.cuda.session import Session, greedy
+from backends.cuda.runtime.session import Session, greedy
 from helpers.hf_oracle import check_logits, hf_logits, hf_model, hf_params, rel_err, save
 from cli.main import main
 from helpers.whole_layers import RIGS, SPLITS, check_cli_graph_split, check_predict, check_split
@@ -145,8 +145,8 @@ def test_gguf_matches_transformers(tmp_path: Path) -> None:
     rope.dimension_count (the sliding ones' as *_swa), KV heads per layer, the layer pattern as
     booleans, no attn_v where values are the keys, the proportional RoPE as rope_freqs."""
     gguf = pytest.importorskip("gguf")
-    from backends.cuda.hf_checkpoint import HFCheckpoint
-    from backends.cuda.weights import reference_weights
+    from backends.cuda.weights.hf_checkpoint import HFCheckpoint
+    from backends.cuda.weights.sources import reference_weights
     from graphir.models import gguf_writer
 
     model = hf_model("gemma4", **TINY)

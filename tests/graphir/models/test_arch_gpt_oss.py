@@ -17,8 +17,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends.cuda import mxfp4
-from backends.cuda.session import Session, greedy
+from backends.cuda.weights import mxfp4
+from backends.cuda.runtime.session import Session, greedy
 from helpers.hf_oracle import check_logits, hf_logits, hf_model, hf_params, rel_err, save
 from cli.main import main
 from helpers.cli_oracle import cli_eval, placement
@@ -167,8 +167,8 @@ def test_gguf_matches_transformers(experts: str, tmp_path: Path) -> None:
     """A GGUF as llama.cpp's converter lays gpt-oss out (gate and up experts apart, biases and
     sinks f32; experts optionally MXFP4 blocks) loads and gives transformers' logits."""
     gguf = pytest.importorskip("gguf")
-    from backends.cuda.hf_checkpoint import HFCheckpoint
-    from backends.cuda.weights import reference_weights
+    from backends.cuda.weights.hf_checkpoint import HFCheckpoint
+    from backends.cuda.weights.sources import reference_weights
     from graphir.models import gguf_writer
 
     config = dict(TINY, hidden_size=64, intermediate_size=32)
@@ -228,7 +228,7 @@ def test_decode_step_falls_back_to_the_reference_attention() -> None:
     """A fixed-shape decode step (bucket mode, as CUDA graphs replay it) over windowed and sink
     attention: the fast decode kernel knows neither, so the reference kernel runs there, with
     the cache's valid rows taken from the device-side position; it equals the plain decode."""
-    from backends.cuda.graphs import DecodeStep
+    from backends.cuda.capture.decode_step import DecodeStep
 
     s = Session(from_hf_dict(dict(TINY, model_type="gpt_oss")), "random", "cpu", 64)
     s.prefill(PROMPT)

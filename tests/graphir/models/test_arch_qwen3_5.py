@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends.cuda.session import Session, greedy
+from backends.cuda.runtime.session import Session, greedy
 from helpers.hf_oracle import hf_logits, hf_model, rel_err, save
 from graphir.models import from_hf_dict
 from graphir.ops import Op
@@ -157,9 +157,9 @@ def test_wrapped_config_reads_text_tower() -> None:
 def _llama_cpp_layout(cfg, ckpt: Path) -> dict:
     """Graph-named tensors as the converter stores them: zero-centred norms with the 1 added,
     value heads tiled."""
-    from backends.cuda.gguf_weights import v_head_order
-    from backends.cuda.hf_checkpoint import HFCheckpoint
-    from backends.cuda.weights import reference_weights
+    from backends.cuda.weights.gguf_weights import v_head_order
+    from backends.cuda.weights.hf_checkpoint import HFCheckpoint
+    from backends.cuda.weights.sources import reference_weights
 
     src = HFCheckpoint(ckpt, cfg)
     out = {}
@@ -182,7 +182,7 @@ def test_gguf_matches_transformers(arch: str, tmp_path: Path) -> None:
     st_src = load_source(save(model, tmp_path / "ckpt"))
     cfg = st_src.cfg
     tensors = _llama_cpp_layout(cfg, tmp_path / "ckpt")
-    from backends.cuda.gguf_weights import v_head_order
+    from backends.cuda.weights.gguf_weights import v_head_order
     z = tensors["blk.0.attn_gate.weight"]
     assert not torch.equal(z, v_head_order(z, cfg, "blk.0.attn_gate.weight", to_gguf=False))  # the order matters here
     arrays = {k: v.numpy() for k, v in tensors.items()}

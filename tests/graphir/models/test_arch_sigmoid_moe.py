@@ -20,7 +20,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends.cuda.session import Session, greedy
+from backends.cuda.runtime.session import Session, greedy
 from helpers.hf_oracle import check_low_precision, hf_checkpoint_numel, hf_logits, hf_model, rel_err, save
 from cli.main import main
 from helpers.cli_oracle import cli_eval
@@ -157,7 +157,7 @@ def test_graph_split_follows_ik_llama_cpp() -> None:
 def test_gguf_matches_safetensors(tmp_path: Path) -> None:
     """A GGUF in llama.cpp's layout (glm4moe / minimax-m2 metadata, exp_probs_b, shared experts,
     post_attention_norm) loads to the same config and logits as the safetensors checkpoint."""
-    from backends.cuda.hf_checkpoint import HFCheckpoint
+    from backends.cuda.weights.hf_checkpoint import HFCheckpoint
     from graphir.models import gguf_writer
     from graphir.models.weights import reference_weights
 
@@ -279,7 +279,7 @@ def test_cuda_rule_table_falls_back_for_the_new_ops(d: dict) -> None:
     """The CUDA table (fast-path overrides, eager kernels for ops it does not know: the biased
     top-k, sigmoid weights, head_matmul) gives the reference table's logits; on CPU tensors the
     overrides take their fallbacks, so this checks the wiring, not the GPU kernels."""
-    from backends.cuda.rule_table import CUDA_KERNELS
+    from backends.cuda.rules.rule_table import CUDA_KERNELS
 
     cfg = from_hf_dict(d)
     ref, gen = greedy(Session(cfg, "random", "cpu", 16, seed=3), PROMPT, 3)
