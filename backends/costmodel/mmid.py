@@ -101,7 +101,7 @@ def seconds(e: Expert, gpu: GPU, eng: Engine) -> tuple[float, float]:
     cols = padded_columns(e.tokens, routed, e.used - e.shared, x) + e.shared * x * math.ceil(e.tokens / x)
     slots = e.experts * math.ceil(e.rows / ROW_TILE) * math.ceil(e.tokens / x)
     steps = route_steps(e.tokens, e.used) if e.routes else 0.0
-    t_c = (2.0 * cols * e.rows * e.inner / big_gemm_rate(gpu, eng, e.wtype)
+    t_c = (2.0 * cols * e.rows * e.inner / (big_gemm_rate(gpu, eng, e.wtype) * eng.mmid_eff)
            + (steps * eng.mmid_route_us + slots * eng.mmid_slot_us) * 1e-6)
     wbytes = touched(e) * e.rows * dtype(e.wtype).nbytes(e.inner)
     return t_c, wbytes / (gpu.mem_bw_GBps * 1e9 * eng.mem_eff)
@@ -142,27 +142,28 @@ def kernel_rows(path: Path, min_tokens: int = 9) -> list[Row]:
     return out
 
 
-def fit_rows(rows: list[Row], gpu: GPU, eng: Engine) -> tuple[float, float]:
-    """(mmid_route_us, mmid_slot_us) minimising the relative error over `rows`: the tile
-    compute is the engine's own rate; where it is shorter than the weight read, the fixed terms
-    are fitted against that read instead (the kernel's max). Linear least squares, two passes."""
-    free = eng.model_copy(update={"mmid_route_us": 0.0, "mmid_slot_us": 0.0})
-    route, slot = 0.0, 0.0
+def fit_rows(rows: list[Row], gpu: GPU, eng: Engine) -> tuple[float, float, float]:
+    """(mmid_route_us, mmid_slot_us, mmid_eff) minimising the relative error over `rows`: the
+    padded tiles at the engine's dense MMQ rate over mmid_eff; where the tiles are shorter than
+    the weight read, the fixed terms are fitted against that read instead (the kernel's max).
+    Linear least squares in (route, slot, 1/eff), two passes."""
+    free = eng.model_copy(update={"mmid_route_us": 0.0, "mmid_slot_us": 0.0, "mmid_eff": 1.0})
+    route, slot, inv = 0.0, 0.0, 1.0
     for _ in range(2):
         A, b = [], []
         for row in rows:
             e = row.case
             t_c, t_m = seconds(e, gpu, free)
             x = tile_width(e.tokens, eng.mmid_tile)
-            feats = [route_steps(e.tokens, e.used) if e.routes else 0.0,
+            feats = [t_c * 1e6, route_steps(e.tokens, e.used) if e.routes else 0.0,
                      e.experts * math.ceil(e.rows / ROW_TILE) * math.ceil(e.tokens / x)]
-            base = t_c * 1e6
-            if t_m * 1e6 > base + feats[0] * route + feats[1] * slot:
-                feats, base = [0.0, 0.0], t_m * 1e6  # weight-bound at the current values
+            base = 0.0
+            if t_m * 1e6 > feats[0] * inv + feats[1] * route + feats[2] * slot:
+                feats, base = [0.0, 0.0, 0.0], t_m * 1e6  # weight-bound at the current values
             A.append([f / row.us for f in feats])
             b.append((row.us - base) / row.us)
-        route, slot = (float(v) for v in np.linalg.lstsq(np.array(A), np.array(b), rcond=None)[0])
-    return route, slot
+        inv, route, slot = (float(v) for v in np.linalg.lstsq(np.array(A), np.array(b), rcond=None)[0])
+    return route, slot, 1.0 / inv
 
 
 # ---------------------------------------------------------------- a priced graph's expert matmuls

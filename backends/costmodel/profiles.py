@@ -47,7 +47,7 @@ FITTABLE = ("launch_us", "graph_launch_us", "stream_us", "host_us", "segment_us"
             "float_gemm_eff", "gemm_m0",
             "gemm_tile0", "gemm_k0", "attn_pp_eff", "attn_tg_eff", "attn_tg_h0", "recurrent_eff", "recurrent_h0",
             "recurrent_step_us", "comm_bw_eff", "copy_bw_eff", "copy_us", "allreduce_us", "mmid_route_us",
-            "mmid_slot_us")
+            "mmid_slot_us", "clock_eff", "mask_ns")
 TABLES = ("quant_mem_eff", "quant_gemm_eff", "kernels", "decode_kernels", "gemv_ops", "gemv_us", "attn_tg_kv_eff")  # per storage type or family / per op
 RATIOS = {"mem_eff", "gemm_eff", "float_gemm_eff", "copy_bw_eff", "attn_pp_eff", "attn_tg_eff", "recurrent_eff",
           "comm_bw_eff"}
@@ -111,6 +111,9 @@ class Engine(BaseModel):
     mmid_tile: int = Field(default=0, ge=0)
     mmid_route_us: float = Field(default=0.0, ge=0)
     mmid_slot_us: float = Field(default=0.0, ge=0)
+    # the kernel's padded tiles run at this fraction of the dense MMQ rate (they gather their
+    # rows by expert and scatter the results); fitted with the two above
+    mmid_eff: float = Field(default=1.0, gt=0, le=1)
     attn_pp_rate: str = "fp16_acc16"
     attn_pp_eff: float = Field(gt=0, le=1)
     attn_tg_rate: str = "fp32"
@@ -143,6 +146,19 @@ class Engine(BaseModel):
     # flash attention (-fa); without it attention is a KQ mat-mul, a softmax and a KQV mat-mul
     # with the f32 scores written and read back in between
     flash_attn: bool = True
+    # the SM clock the engine's tensor-core kernels hold through a sustained prefill, over the
+    # datasheet's; None: the GPU's `tensor_clock_eff` (a large torch matmul's). An engine whose
+    # kernels were timed for seconds at full clock sets 1 for that generation
+    clock_eff: float | None = Field(default=None, gt=0, le=1.5)
+    # host time per KQ-mask element the engine builds before each forward pass (ns, one host
+    # thread): llama.cpp-style engines fill an n_kv x tokens mask on the CPU, cell by cell, and
+    # upload it; from `mask_min_tokens` tokens and `mask_min_kv` cells `mask_threads` threads
+    # share it. 0: not modelled
+    mask_ns: float = Field(default=0.0, ge=0)
+    mask_threads: int = Field(default=1, ge=1)
+    mask_min_tokens: int = 32
+    mask_min_kv: int = 1024
+    kv_pad: int = Field(default=256, ge=1)  # the cache rows the engine's attention sees are padded to this
     # kernels the engine launches for one IR node of an op (its fused or unfused pieces), where
     # that differs from the op table's one; counted in the engine's graph builders
     kernels: dict[str, float] = {}
@@ -174,6 +190,11 @@ class Engine(BaseModel):
             if bad:
                 raise ValueError(f"{a}: not a per-generation field: {', '.join(bad)}")
         return v
+
+    def run_gpu(self, gpu: GPU) -> GPU:
+        """`gpu` with the sustained clock this engine's kernels hold on it (`clock_eff`)."""
+        clock = self.for_gpu(gpu).clock_eff
+        return gpu if clock is None else gpu.model_copy(update={"tensor_clock_eff": clock})
 
     def ar_algo(self, gpus: int, tokens: int, p2p: bool) -> str:
         for r in self.allreduce:

@@ -125,6 +125,7 @@ def node_costs(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray,
     """Per node seconds [N, D] and the same split into TERMS [N, 6, D] (zeros [N, 6, 1] without
     `breakdown`: a fit needs the totals only)."""
     eng = eng.for_gpu(sysm.gpu)
+    sysm = sysm.with_(gpu=eng.run_gpu(sysm.gpu))  # the clock the engine's kernels hold
     rate, eff = _rate_eff(pr, sysm, eng)
     bw = sysm.gpu.mem_bw_GBps * 1e9 * _mem_eff(pr, eng)
     x = pr.kv(kv)
@@ -164,6 +165,17 @@ def node_costs(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray,
     terms[:, 3] = np.where(comp, 0.0, share * act)
     terms[:, 5] = launch[:, None]
     return body + launch[:, None], terms
+
+
+def mask_seconds(pr: Priced, eng: Engine, kv: np.ndarray) -> np.ndarray:
+    """[D] host seconds building the KQ mask before a forward pass at depths `kv`: tokens x
+    cache rows in view (padded) elements, one thread below the engine's threading thresholds
+    (a decode step), else `mask_threads`; the host does it before the GPU starts the pass."""
+    if not eng.mask_ns or not (pr.kind == _ATTN).any():
+        return np.zeros(len(kv))
+    n_kv = np.ceil((kv + pr.tokens) / eng.kv_pad) * eng.kv_pad
+    threads = np.where((pr.tokens >= eng.mask_min_tokens) & (n_kv >= eng.mask_min_kv), eng.mask_threads, 1)
+    return pr.tokens * n_kv * eng.mask_ns * 1e-9 / threads
 
 
 def copy_seconds(nbytes: float, sysm: System, eng: Engine) -> float:
@@ -300,9 +312,10 @@ def evaluate(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray, spans: list[
         snaps[ev.snap] = (start + cost_c, hist + add)
     ends = np.stack(t)
     last = np.argmax(ends, axis=0)
-    total = ends.max(axis=0) + eng.forward_us * 1e-6
+    host = eng.forward_us * 1e-6 + mask_seconds(pr, eng, kv)
+    total = ends.max(axis=0) + host
     crit = np.stack(bd)[last, :, np.arange(D)].T
-    crit[5] += eng.forward_us * 1e-6
+    crit[5] += host
     x = pr.kv(kv)
     work = {
         "flops": (pr.flops[0][:, None] + pr.flops[1][:, None] * x).sum(axis=0),

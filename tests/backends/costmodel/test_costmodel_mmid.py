@@ -27,7 +27,9 @@ TYPES = ("q8_0", "q4_0", "iq4_xs", "q4_k", "q6_k", "iq4_ks")
 @lru_cache(maxsize=None)
 def _h200() -> tuple[System, GPU, Engine]:
     sysm = resolve_system("1xH200")
-    return sysm, sysm.gpu, load_engine("ik_llama.cpp").for_gpu(sysm.gpu)
+    eng = load_engine("ik_llama.cpp").for_gpu(sysm.gpu)
+    gpu = eng.run_gpu(sysm.gpu)  # the clock ik's kernels held when they were timed
+    return sysm.with_(gpu=gpu), gpu, eng
 
 
 def _errors(eng: Engine) -> np.ndarray:
@@ -55,13 +57,14 @@ def test_every_term_is_needed() -> None:
 
 
 def test_shipped_values_are_the_kernel_fit() -> None:
-    """The profile's two MMQ-id values are the least-squares fit to the kernel rows (nothing
+    """The profile's three MMQ-id values are the least-squares fit to the kernel rows (nothing
     fitted to sweep tables)."""
     _, gpu, eng = _h200()
-    route, slot = mmid.fit_rows(mmid.kernel_rows(TABLE), gpu, eng)
+    route, slot, eff = mmid.fit_rows(mmid.kernel_rows(TABLE), gpu, eng)
     assert route == pytest.approx(eng.mmid_route_us, rel=0.01)
     assert slot == pytest.approx(eng.mmid_slot_us, rel=0.01)
-    assert "mmid_route_us" not in eng.fit and "mmid_slot_us" not in eng.fit
+    assert eff == pytest.approx(eng.mmid_eff, rel=0.01) and eff < 1.0
+    assert not {"mmid_route_us", "mmid_slot_us", "mmid_eff"} & set(eng.fit)
 
 
 def test_routing_steps_follow_the_kernel_versions() -> None:
