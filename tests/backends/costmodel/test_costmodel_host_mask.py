@@ -72,7 +72,8 @@ def test_host_mask_is_tokens_times_padded_cache_rows() -> None:
 
 
 def test_kernel_and_gap_tables_print_and_refuse_bad_input(capsys) -> None:
-    from backends.costmodel import gap_table, mmq_table
+    from backends.costmodel import mmq_table
+    from planner import gap_table
 
     assert mmq_table.main([str(OPS)]) == 0
     out = capsys.readouterr().out
