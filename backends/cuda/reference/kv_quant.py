@@ -39,7 +39,8 @@ def stored_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     dt = DTYPES[name]
     d = shape[-1]
     if d % dt.block_size:
-        raise GraphirError(f"a {name} cache needs a head size that is a multiple of {dt.block_size}, got {d}")
+        raise GraphirError(f"a {name} KV cache needs a head size that is a multiple of {dt.block_size} "
+                           f"(whole blocks per head), this model's is {d}")
     return tuple(shape[:-1]) + (d // dt.block_size * dt.type_size,)
 
 

@@ -86,7 +86,10 @@ def _check_quant_cache(g: Graph, kv_type: str) -> None:
     model whose cache feeds other ops (the latent cache of multi-head latent attention)."""
     if not kv_quant.is_quant(kv_type):
         return
-    allowed = {Op.ATTENTION, Op.RESULT, Op.COPY}
+    for n in g.by_op(Op.STATE_IN):
+        if n.spec.dtype.name == kv_type:
+            kv_quant.stored_shape(kv_type, tuple(n.spec.shape))  # the head size must hold whole blocks
+    allowed = {Op.ATTENTION, Op.OUTPUT, Op.COPY}  # OUTPUT: the cache kept for the next call
     for n in g.by_op(Op.KV_APPEND):
         bad = sorted({g[u].op.value for u in g.users[n.name]} - {o.value for o in allowed})
         if bad:
