@@ -20,6 +20,8 @@ from graphir.errors import GraphirError
 RANDOM_HELP = ("run on seeded random weights (a checkpoint directory without readable weights is "
                "an error otherwise; a preset or config.json has none and always runs random)")
 OVERFLOW_HELP = "go on when the estimate says the host's or GPUs' memory is too small (a warning)"
+KV_HELP = ("KV cache type: the compute type (default), f32, f16, bf16, or ggml's q8_0 / q4_0 blocks "
+           "(attention reads them dequantised)")
 DEFAULT_PASSES = ",".join(ENGINE_PASSES)  # the engine pipeline (backends/cuda/rules/pipeline.py)
 
 
@@ -52,7 +54,7 @@ def make_transform(cfg: Any, devices: tuple[str, ...], split: str | None = None,
 
 
 def header(source: Any, random_weights: bool, seed: int, dtype: str, plan: Any, devices: tuple[str, ...],
-           notes: tuple[str, ...] = ()) -> dict[str, Any]:
+           notes: tuple[str, ...] = (), kv_type: str | None = None) -> dict[str, Any]:
     """What an execution states before its results: the weights (random or the source's own
     types, computed in `dtype`), the KV type and the memory per device (GiB, as estimated;
     CPU devices share the host's memory: one figure)."""
@@ -62,7 +64,7 @@ def header(source: Any, random_weights: bool, seed: int, dtype: str, plan: Any, 
     what = (f"random weights (seed {seed})" if uses_random_weights(source, random_weights)
             else f"{weights_label(source)}, computed in {dtype}")
     cpu = all(d.startswith("cpu") for d in devices)
-    return {"weights": what, "kv_type": dtype, "memory_GiB": dict(gib_per_device(plan, "host" if cpu else devices[0])),
+    return {"weights": what, "kv_type": kv_type or dtype, "memory_GiB": dict(gib_per_device(plan, "host" if cpu else devices[0])),
             "notes": list(notes)}
 
 
@@ -76,7 +78,8 @@ def header_line(h: dict[str, Any]) -> str:
 
 
 def _prepare(model: str, devices: str, dtype: str, ctx: int, tokens: int, random_weights: bool,
-             allow_overflow: bool, layers: str | None = None, pp_logits: str = "all") -> tuple[Any, Any, Any, Any]:
+             allow_overflow: bool, layers: str | None = None, pp_logits: str = "all",
+             kv_type: str | None = None) -> tuple[Any, Any, Any, Any]:
     """Before torch loads: the source, its weights (never silently random) and, on CPU devices,
     host memory for the session (the unplaced graph: placement moves bytes between logical
     CPU devices, never out of the host). Returns (source, device names, layer range, plan or
@@ -92,9 +95,18 @@ def _prepare(model: str, devices: str, dtype: str, ctx: int, tokens: int, random
     rng = parse_layers(layers, source.cfg.n_layer)
     plan = None
     if all(d.startswith("cpu") for d in names):
-        plan = session_plan(source.cfg, dtype, ctx, tokens, rng, pp_logits=pp_logits)
+        plan = session_plan(source.cfg, dtype, ctx, tokens, rng, pp_logits=pp_logits, kv_type=kv_type)
         _warn(check_host(plan, dtype, allow_overflow))
     return source, names, rng, plan
+
+
+def check_kv(kv_type: str | None) -> None:
+    """--kv-type before anything loads: a type the executor holds (f32, f16, bf16, q8_0, q4_0)."""
+    if kv_type is not None:
+        from backends.cuda.reference.kv_quant import check_kv_type
+        from backends.cuda.runtime.session import FLOAT_KV
+
+        check_kv_type(kv_type, FLOAT_KV)
 
 
 def _warn(problem: str | None) -> None:
@@ -103,11 +115,12 @@ def _warn(problem: str | None) -> None:
 
 
 def _session_plan(source: Any, devs: tuple[str, ...], dtype: str, ctx: int, tokens: int, rng: Any,
-                  transform: list[Callable[..., Any]], allow_overflow: bool, pp_logits: str = "all") -> Any:
+                  transform: list[Callable[..., Any]], allow_overflow: bool, pp_logits: str = "all",
+                  kv_type: str | None = None) -> Any:
     """The placed session's memory per device; GPUs checked against their free memory."""
     from backends.cuda.runtime.memcheck import check_gpus, session_plan
 
-    plan = session_plan(source.cfg, dtype, ctx, tokens, rng, transform, pp_logits)
+    plan = session_plan(source.cfg, dtype, ctx, tokens, rng, transform, pp_logits, kv_type)
     _warn(check_gpus(plan, devs, dtype, allow_overflow))
     return plan
 
@@ -116,6 +129,7 @@ def evaluate(model: str, tokens: list[int], decode: int = 0, dtype: str = "f32",
              seed: int = 0, ctx: int | None = None, out: str | None = None, split: str | None = None,
              ts: str | None = None, max_gpu: int | None = None, recurrent: str = "single",
              passes: str | None = None, *, random_weights: bool = False, allow_overflow: bool = False,
+             kv_type: str | None = None,
              say: Callable[[str], None] | None = None) -> list[int]:
     """The `eval` verb as a function: returns the generated ids; writes logits [P+N, vocab]
     float32 to `out` (.npy, atomically) when given; `say` gets the header line. A checkpoint
@@ -128,8 +142,9 @@ def evaluate(model: str, tokens: list[int], decode: int = 0, dtype: str = "f32",
     need = len(tokens) + decode
     if ctx is not None and ctx < need:
         raise GraphirError(f"--ctx {ctx} is shorter than the {len(tokens)} prompt + {decode} decoded tokens")
+    check_kv(kv_type)
     source, names, _, plan = _prepare(model, devices, dtype, ctx or need, len(tokens), random_weights,
-                                      allow_overflow)
+                                      allow_overflow, kv_type=kv_type)
 
     import numpy as np
 
@@ -141,11 +156,13 @@ def evaluate(model: str, tokens: list[int], decode: int = 0, dtype: str = "f32",
 
     devs = parse_devices(names)
     transform = make_transform(source.cfg, devs, split, ts, max_gpu, recurrent, passes, ctx or need)
-    plan = plan or _session_plan(source, devs, dtype, ctx or need, len(tokens), None, transform, allow_overflow)
-    head = header_line(header(source, random_weights, seed, dtype, plan, devs))
+    plan = plan or _session_plan(source, devs, dtype, ctx or need, len(tokens), None, transform, allow_overflow,
+                                 kv_type=kv_type)
+    head = header_line(header(source, random_weights, seed, dtype, plan, devs, kv_type=kv_type))
     on_gpu = any(d.startswith("cuda") for d in devs)
     weights = random_source(seed, on_gpu) if uses_random_weights(source, random_weights) else None
-    session = Session(source, weights, devs, ctx or need, dtype=dtype, seed=seed, transform=transform)
+    session = Session(source, weights, devs, ctx or need, dtype=dtype, seed=seed, transform=transform,
+                      kv_type=kv_type)
     logits, generated = greedy(session, tokens, decode)
     if out:
         buf = io.BytesIO()
@@ -167,7 +184,7 @@ def run_sweep(model: str, *, devices: str = "cuda:0", split: str | None = None, 
               tg: int = 128, ctx: int = 8192, layers: str | None = None, passes: str | None = DEFAULT_PASSES,
               seed: int = 0, graphs: bool = True, say: Callable[[str], None] | None = None,
               hw: str = "2xH200", engine: str = "graphir-cuda", random_weights: bool = False,
-              allow_overflow: bool = False) -> dict[str, Any]:
+              allow_overflow: bool = False, kv_type: str | None = None) -> dict[str, Any]:
     """The `run` verb as a function: {"rows": [SweepRow], "meta": {...}}; meta carries the
     header (weights, KV type, memory per device). Weights and memory are checked as `evaluate`
     checks them; a u-batch above --ctx is clamped to it (reports.sweep.sweep_shape)."""
@@ -176,10 +193,11 @@ def run_sweep(model: str, *, devices: str = "cuda:0", split: str | None = None, 
     say = say or (lambda msg: None)
     if dtype not in ("f32", "bf16", "f16"):
         raise GraphirError(f"--dtype must be f32, bf16 or f16, got {dtype!r}")
+    check_kv(kv_type)
     ubatch, notes = sweep_shape(ubatch, tg, ctx)
     n_ctx = ctx + max(ubatch, tg)
     source, names, rng, plan = _prepare(model, devices, dtype, n_ctx, ubatch, random_weights, allow_overflow,
-                                        layers, "last")
+                                        layers, "last", kv_type)
 
     from backends.cuda.runtime.devices import parse_devices
     from backends.cuda.runtime.session import Session
@@ -190,14 +208,14 @@ def run_sweep(model: str, *, devices: str = "cuda:0", split: str | None = None, 
     devs = parse_devices(names)
     transform = make_transform(source.cfg, devs, split, ts, max_gpu, recurrent, passes, ctx, ubatch=ubatch, tg=tg,
                                hw=hw, engine=engine)
-    plan = plan or _session_plan(source, devs, dtype, n_ctx, ubatch, rng, transform, allow_overflow, "last")
-    head = header(source, random_weights, seed, dtype, plan, devs, notes)
+    plan = plan or _session_plan(source, devs, dtype, n_ctx, ubatch, rng, transform, allow_overflow, "last", kv_type)
+    head = header(source, random_weights, seed, dtype, plan, devs, notes, kv_type)
     say(f"building {source.cfg.name or model} on {','.join(devs)} ({split or 'one device'})")
     t0 = time.perf_counter()
     weights = random_source(seed, any(d.startswith("cuda") for d in devs)) \
         if uses_random_weights(source, random_weights) else None
     session = Session(source, weights, devs, n_ctx, dtype=dtype, seed=seed, transform=transform,
-                      layers=rng, pp_logits="last")
+                      layers=rng, pp_logits="last", kv_type=kv_type)
     load_s = time.perf_counter() - t0
     cal = calibrate(session, ubatch)
     label = split or "single"
@@ -234,12 +252,14 @@ def register(app: typer.Typer) -> None:
                  out: Optional[str] = typer.Option(None, "--out", help="write logits [P+N, vocab] float32 .npy",
                                                    callback=output_path),
                  random_weights: bool = typer.Option(False, "--random-weights", help=RANDOM_HELP),
-                 allow_overflow: bool = typer.Option(False, "--allow-overflow", help=OVERFLOW_HELP)) -> None:
+                 allow_overflow: bool = typer.Option(False, "--allow-overflow", help=OVERFLOW_HELP),
+                 kv_type: Optional[str] = typer.Option(None, "--kv-type", help=KV_HELP)) -> None:
         """Run MODEL on a prompt, then greedy decode steps; print the generated ids (the header,
         with weights, KV type and memory, goes to stderr)."""
         generated = evaluate(model, parse_tokens(tokens), decode, dtype, devices, seed, ctx, out, split, ts,
                              max_gpu, recurrent, passes, random_weights=random_weights,
-                             allow_overflow=allow_overflow, say=lambda msg: typer.echo(f"# {msg}", err=True))
+                             allow_overflow=allow_overflow, kv_type=kv_type,
+                             say=lambda msg: typer.echo(f"# {msg}", err=True))
         typer.echo(",".join(str(t) for t in generated))
 
     @app.command("run")
@@ -259,7 +279,8 @@ def register(app: typer.Typer) -> None:
                 out: Optional[str] = typer.Option(None, "-o", "--out", help="write the table here",
                                                   callback=output_path),
                 random_weights: bool = typer.Option(False, "--random-weights", help=RANDOM_HELP),
-                allow_overflow: bool = typer.Option(False, "--allow-overflow", help=OVERFLOW_HELP)) -> None:
+                allow_overflow: bool = typer.Option(False, "--allow-overflow", help=OVERFLOW_HELP),
+                kv_type: Optional[str] = typer.Option(None, "--kv-type", help=KV_HELP)) -> None:
         """Measure MODEL like llama-sweep-bench: S_PP and S_TG at each cache depth."""
         from cli.common import emit
         from reports.sweep import format_markdown, to_json, write_csv
@@ -270,7 +291,7 @@ def register(app: typer.Typer) -> None:
         res = run_sweep(model, devices=devices, split=split, ts=ts, recurrent=recurrent, max_gpu=max_gpu,
                         dtype=dtype, ubatch=ubatch, tg=tg, ctx=ctx, layers=layers, passes=passes, seed=seed,
                         graphs=not no_graphs, say=show, hw=hw, engine=engine, random_weights=random_weights,
-                        allow_overflow=allow_overflow)
+                        allow_overflow=allow_overflow, kv_type=kv_type)
         show("")
         rows, meta = res["rows"], res["meta"]
         if format == "csv":

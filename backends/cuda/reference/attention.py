@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
+from backends.cuda.reference import kv_quant
 from backends.cuda.runtime.interp import ExecContext
 from graphir.errors import GraphirError
 from graphir.graph import Node
@@ -124,15 +125,22 @@ def needs_mask(node: Node, args: Sequence[torch.Tensor]) -> bool:
     return "window" in node.attr or len(args) > 3
 
 
+def cache_floats(node: Node, args: Sequence[torch.Tensor], ctx: ExecContext,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """An attention node's K and V as floats of `dtype` (a block-quantised cache dequantised)."""
+    return tuple(kv_quant.floats(args[i], ctx.graph[node.inputs[i]].spec.dtype.name, dtype)  # type: ignore[return-value]
+                 for i in (1, 2))
+
+
 def attention(node: Node, args: Sequence[torch.Tensor], ctx: ExecContext) -> torch.Tensor:
     """Causal attention: query i sits at absolute position S-T+i; q head j reads kv head j // g.
     `window` W: a query at p sees keys p-W+1..p only (transformers' sliding window). Sinks (a
     4th input, one logit per q head) join each row's softmax as a column without a value."""
-    q, k, v = args[:3]  # q [T,hq,d], k [S,hkv,d], v [S,hkv,dv]
+    q = args[0]
+    k, v = cache_floats(node, args, ctx, q.dtype)  # q [T,hq,d], k [S,hkv,d], v [S,hkv,dv]
     T, hq, d = q.shape
     S, hkv, dv = v.shape
     g = hq // hkv
-    k, v = k.to(q.dtype), v.to(q.dtype)
     qh = q.reshape(T, hkv, g, d).permute(1, 2, 0, 3)  # [hkv,g,T,d]
     kh = k.permute(1, 0, 2)[:, None]  # [hkv,1,S,d]
     vh = v.permute(1, 0, 2)[:, None]  # [hkv,1,S,dv]
@@ -164,6 +172,6 @@ def kv_append(node: Node, args: Sequence[torch.Tensor], ctx: ExecContext) -> tor
     buf = ctx.buffers.get(src.attr["state"]) if src.op == Op.STATE_IN else None
     if (buf is not None and buf.shape[0] >= n0 + t and buf.device == new.device
             and (n0 == 0 or cache.data_ptr() == buf.data_ptr())):
-        buf[n0:n0 + t].copy_(new)  # copy_ converts to the cache type
+        buf[n0:n0 + t].copy_(kv_quant.to_cache(new, node.spec.dtype.name, buf))  # in the cache's type
         return buf[:n0 + t]
-    return torch.cat((cache, new.to(cache.dtype)), dim=0)
+    return torch.cat((cache, kv_quant.to_cache(new, node.spec.dtype.name, cache)), dim=0)

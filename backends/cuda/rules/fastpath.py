@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from backends.cuda.reference import attention as ref_attn
+from backends.cuda.reference import kv_quant
 from backends.cuda.triton_kernels import decode_attention, deltanet_prefill, fused
 from backends.cuda.rules import window_attention
 from backends.cuda.triton_kernels import gemv
@@ -200,12 +201,12 @@ def attention(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     """Scaled-dot-product attention over the cache (flash / efficient kernels on CUDA)."""
     if ref_attn.needs_mask(node, args):  # window / sinks: read the window only (or the reference)
         return window_attention.attention(node, args, ctx)
-    q, k, v = args  # q [T,hq,d], k [S,hkv,d], v [S,hkv,dv]
+    q = args[0]
+    k, v = ref_attn.cache_floats(node, args, ctx, q.dtype)  # q [T,hq,d], k [S,hkv,d], v [S,hkv,dv]
     T, hq, d = q.shape
     S, hkv, dv = v.shape
     g = hq // hkv
     scale = float(node.attr["scale"])
-    k, v = k.to(q.dtype), v.to(q.dtype)
     kh = k.permute(1, 0, 2).unsqueeze(0)  # [1,hkv,S,d]
     vh = v.permute(1, 0, 2).unsqueeze(0)
     mask = None
@@ -243,7 +244,7 @@ def kv_append(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     buf = ctx.buffers[src.attr["state"]]
     pos = ctx.kvpos[ctx.device_name(node)]
     idx = pos if new.shape[0] == 1 else pos + _key_index(ctx, new.device, new.shape[0])
-    buf.index_copy_(0, idx, new.to(buf.dtype))
+    buf.index_copy_(0, idx, kv_quant.to_cache(new, node.spec.dtype.name, buf))
     return buf[:cache.shape[0] + new.shape[0]]  # bucket rows; KV is bound to bucket - T
 
 

@@ -39,7 +39,7 @@ def attention(node: Node, args: Sequence[torch.Tensor], ctx: ExecContext) -> tor
     window = node.attr.get("window")
     if not (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)):
         return ref_attn.attention(node, args, ctx)
-    k, v = k.to(q.dtype), v.to(q.dtype)
+    k, v = ref_attn.cache_floats(node, args, ctx, q.dtype)
     scale = float(node.attr["scale"])
     sink = None if sinks is None else sinks.to(q.device, q.dtype).contiguous()  # the reference rounds it so
     if ctx.bucket is not None:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from backends.cuda.reference import kv_quant
 from backends.cuda.runtime.choices import KernelChoices
 from backends.cuda.runtime.devices import describe, torch_device, torch_dtype
 from graphir import dims as D
@@ -99,9 +100,13 @@ def _check(node: Node, out: Any, ctx: ExecContext, weight_like: bool) -> None:
             _check_one(node, t, spec.bind(ctx.symbols), torch_dtype(spec.dtype), spec.dtype.name)
         return
     vals = out.values() if isinstance(out, Replicas) else (out,)
-    want_dt = None if weight_like else torch_dtype(node.spec.dtype)
+    shape, name = ctx.shape(node), node.spec.dtype.name
+    if name in kv_quant.EXECUTABLE and not weight_like:  # a block-quantised cache: its raw blocks
+        shape, want_dt = kv_quant.stored_shape(name, shape), torch.uint8
+    else:
+        want_dt = None if weight_like else torch_dtype(node.spec.dtype)
     for t in vals:
-        _check_one(node, t, ctx.shape(node), want_dt, node.spec.dtype.name)
+        _check_one(node, t, shape, want_dt, name)
 
 
 def _check_one(node: Node, t: torch.Tensor, want_shape: tuple[int, ...], want_dt: torch.dtype | None,

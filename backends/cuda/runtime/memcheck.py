@@ -29,11 +29,12 @@ HINT = "use fewer --layers, a smaller --ctx or --dtype, or more devices"
 
 
 def session_plan(cfg: ModelConfig, dtype: str, ctx: int, tokens: int, layers: range | None = None,
-                 transform: Iterable[Pass] = (), pp_logits: str = "all") -> MemoryPlan:
-    """Memory per device of a Session's prefill graph: weights and KV in the compute type
-    (as the Session loads them), `ctx` cached tokens, `tokens` in one prefill call."""
+                 transform: Iterable[Pass] = (), pp_logits: str = "all", kv_type: str | None = None) -> MemoryPlan:
+    """Memory per device of a Session's prefill graph: weights in the compute type (as the
+    Session loads them), KV in `kv_type` (default: the compute type), `ctx` cached tokens,
+    `tokens` in one prefill call."""
     act = act_dtype(dtype).name
-    opts = BuildOptions(phase="pp", act_dtype=act, quant=uniform(act), kv_type=act,  # type: ignore[arg-type]
+    opts = BuildOptions(phase="pp", act_dtype=act, quant=uniform(act), kv_type=kv_type or act,  # type: ignore[arg-type]
                         logits=pp_logits)  # type: ignore[arg-type]
     g = build(cfg, opts, layers)
     for p in transform:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from backends.cuda.reference import kv_quant
 from backends.cuda.runtime.choices import KernelChoices
 from backends.cuda.runtime.devices import parse_devices, torch_device, torch_dtype
 from backends.cuda.rules.rule_table import kernels_for
@@ -77,6 +78,25 @@ def _ids(ids: Any) -> list[int]:
     return [int(x) for x in (ids.reshape(-1).tolist() if hasattr(ids, "reshape") else ids)]
 
 
+FLOAT_KV = ("f32", "f16", "bf16")
+
+
+def _check_quant_cache(g: Graph, kv_type: str) -> None:
+    """A block-quantised cache is read back only by attention (which dequantises it): refuse a
+    model whose cache feeds other ops (the latent cache of multi-head latent attention)."""
+    if not kv_quant.is_quant(kv_type):
+        return
+    for n in g.by_op(Op.STATE_IN):
+        if n.spec.dtype.name == kv_type:
+            kv_quant.stored_shape(kv_type, tuple(n.spec.shape))  # the head size must hold whole blocks
+    allowed = {Op.ATTENTION, Op.OUTPUT, Op.COPY}  # OUTPUT: the cache kept for the next call
+    for n in g.by_op(Op.KV_APPEND):
+        bad = sorted({g[u].op.value for u in g.users[n.name]} - {o.value for o in allowed})
+        if bad:
+            raise GraphirError(f"KV cache type {kv_type} is executable for attention's K/V caches only; "
+                               f"%{n.name} feeds {', '.join(bad)}")
+
+
 class Session:
     """Execute one sequence. `prefill(ids)` -> logits [T, vocab]; `decode(ids)` -> one row per id.
     Prefill may be called several times: a prompt split over calls gives the same logits."""
@@ -95,7 +115,7 @@ class Session:
             devices.split(",") if isinstance(devices, str) else devices)
         self.act = act_dtype(dtype)
         self.kv_type = kv_type or self.act.name
-        torch_dtype(self.kv_type)  # quantised caches are not executable: say so now
+        kv_quant.check_kv_type(self.kv_type, FLOAT_KV)  # a cache type the executor cannot hold: say so now
         if ctx < 1:
             raise GraphirError(f"context length must be positive, got {ctx}")
         self.ctx = int(ctx)
@@ -111,6 +131,7 @@ class Session:
             for p in passes:
                 g = p(g)
             verify(g)
+            _check_quant_cache(g, self.kv_type)
             self.graphs[phase] = g
         reference = reference_weights(self.cfg)
         on_gpu = any(d.startswith("cuda") for d in self.devices)
@@ -149,13 +170,18 @@ class Session:
                 if key in self.buffers or key in self.state:
                     continue
                 first, rest = n.spec.shape[0], n.spec.shape[1:]
-                dev, dt = self._device(n), torch_dtype(n.spec.dtype)
+                dev = self._device(n)
                 if D.symbols(first) == ("KV",) and all(isinstance(d, int) for d in rest):
-                    # [KV, ...]: a cache that grows by T rows per call, preallocated for ctx
+                    # [KV, ...]: a cache that grows by T rows per call, preallocated for ctx; a
+                    # block-quantised one holds its raw blocks (uint8, kv_quant)
+                    qname = n.spec.dtype.name
+                    dt = torch.uint8 if kv_quant.is_quant(qname) else torch_dtype(n.spec.dtype)
+                    if kv_quant.is_quant(qname):
+                        rest = kv_quant.stored_shape(qname, tuple(rest))
                     self.buffers[key] = torch.zeros((self.ctx + D.bind(first, {"KV": 0}),) + tuple(rest),
                                                     dtype=dt, device=dev)
                 elif all(isinstance(d, int) for d in n.spec.shape):
-                    self.state[key] = torch.zeros(tuple(n.spec.shape), dtype=dt, device=dev)
+                    self.state[key] = torch.zeros(tuple(n.spec.shape), dtype=torch_dtype(n.spec.dtype), device=dev)
                 else:
                     raise GraphirError(f"state %{n.name} has shape {n.spec}: only [KV,...] caches or fixed shapes")
 
