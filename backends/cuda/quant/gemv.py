@@ -7,8 +7,9 @@ What costs more than that is an int -> f32 conversion (I2F runs at 1/8 of the FM
 per weight it alone caps the kernel near half the bandwidth) and a byte-by-byte load.
 So the kernel here:
 
-- loads whole words: a program's tile is [BN rows, BB blocks, words per block] int32, one
-  16-byte vector load per 4 words (the repack made each block's quants whole, aligned words);
+- loads whole words: a program's tile is [BN rows, BB units, 4 words] int32, one 16-byte
+  vector load per unit (the repack made each block's quants whole, aligned words; a unit is a
+  Q4_0 block or half a Q8_0 block);
 - turns a field into a float without a conversion: (word & mask) is q * 2^s; OR-ed into the
   mantissa of 2^23 (bits 0x4B000000) it reads as 2^23 + q * 2^s exactly, and one subtraction
   of 2^23 + zero * 2^s leaves (q - zero) * 2^s; the 2^-s is folded into x, which is loaded and
@@ -35,9 +36,11 @@ import torch
 from backends.cuda.fused import on, tl, triton, usable
 from backends.cuda.quant.repack import WORDS, Packed, dequantize
 
-Config = tuple[int, int, int, int]  # (BN rows per program, BB blocks per step, warps, split of K)
-CONFIGS: tuple[Config, ...] = ((4, 128, 4, 1), (8, 128, 4, 1), (2, 128, 4, 1), (8, 64, 2, 1),
-                               (16, 64, 4, 1), (4, 256, 8, 1), (2, 64, 4, 4), (4, 128, 4, 8))
+Config = tuple[int, int, int, int]  # (BN rows per program, BB units per step, warps, split of K)
+# 8 rows a thread amortise x's load and scaling (BN = 8, or 16 over 2 row-warps); the first
+# config is the default. Few of them: each is a compile (~1 s) the first time a shape is timed.
+CONFIGS: tuple[Config, ...] = ((8, 128, 4, 1), (4, 128, 4, 1), (16, 64, 4, 1), (8, 64, 2, 1),
+                               (4, 256, 8, 1), (4, 64, 4, 4))
 DEFAULT: Config = CONFIGS[0]
 MAGIC = 0x4B000000  # the f32 bits of 2^23
 REPS = 20
@@ -48,19 +51,20 @@ if triton is not None:
     @triton.jit
     def _term(w, xp, mb, magic, OFF: tl.constexpr, MASK: tl.constexpr, SUB: tl.constexpr, SCALE: tl.constexpr,
               EVEN: tl.constexpr):
-        # one field of every word: x for it [BB, NW] (a contiguous run, scaled by 2^-s), times the
+        # one field of every word: x for it [BB, 4] (a contiguous run, scaled by 2^-s), times the
         # field as a float: 2^23 + q * 2^s read from its bits, minus 2^23 + zero * 2^s (exact)
         if EVEN:
             x = tl.load(xp + OFF)
         else:
             x = tl.load(xp + OFF, mask=mb[:, None], other=0.0)
-        f = ((w & MASK) | magic).to(tl.float32, bitcast=True) - SUB  # [BN, BB, NW]
+        f = ((w & MASK) | magic).to(tl.float32, bitcast=True) - SUB  # [BN, BB, 4]
         return f * (x.to(tl.float32) * SCALE)[None, :, :]
 
     @triton.jit
-    def _gemv_k(x_ptr, q_ptr, d_ptr, o_ptr, N, NB, BPS, sq, sd, so, magic, NW: tl.constexpr, BN: tl.constexpr,
+    def _gemv_k(x_ptr, q_ptr, d_ptr, o_ptr, N, NU, UPS, sq, sd, so, magic, UPB: tl.constexpr, BN: tl.constexpr,
                 BB: tl.constexpr, PARTIAL: tl.constexpr, EVEN_N: tl.constexpr, EVEN: tl.constexpr):
-        # program (i, s): rows [i*BN, i*BN + BN), blocks [s*BPS, s*BPS + BPS) of the row.
+        # program (i, s): rows [i*BN, i*BN + BN), units [s*UPS, s*UPS + UPS) of the row, BB units a
+        # step. A unit is 4 words (one 16-byte load), 32 / UPB elements: UPB units share a scale.
         # `magic` (0x4B000000, the bits of 2^23) comes as an argument, not a literal: with the field
         # masks also literals the compiler would spend a MOV on every AND-OR; this way it is one
         # register and each AND-OR is one LOP3 with the mask as its immediate.
@@ -68,15 +72,15 @@ if triton is not None:
         rows = tl.program_id(0) * BN + tl.arange(0, BN)
         mr = rows < N
         r64 = rows.to(tl.int64)
-        wi = tl.arange(0, NW)
-        b_lo = tl.program_id(1) * BPS
-        b_hi = tl.minimum(NB, b_lo + BPS)
+        wi = tl.arange(0, 4)
+        b_lo = tl.program_id(1) * UPS
+        b_hi = tl.minimum(NU, b_lo + UPS)
         acc = tl.zeros([BN, BB], dtype=tl.float32)
         for b0 in range(b_lo, b_hi, BB):
             blk = b0 + tl.arange(0, BB)
             mb = blk < b_hi
-            qp = q_ptr + r64[:, None, None] * sq + (blk * NW)[None, :, None] + wi[None, None, :]  # [BN, BB, NW]
-            dp = d_ptr + r64[:, None] * sd + blk[None, :]  # [BN, BB]
+            qp = q_ptr + r64[:, None, None] * sq + (blk * 4)[None, :, None] + wi[None, None, :]  # [BN, BB, 4]
+            dp = d_ptr + r64[:, None] * sd + (blk // UPB)[None, :]  # [BN, BB]: Q8_0's two units load one scale
             if EVEN and EVEN_N:
                 w = tl.load(qp)
                 d = tl.load(dp)
@@ -86,8 +90,8 @@ if triton is not None:
             # a field at bits s..s+b-1 reads as 2^23 + q * 2^s only while it stays below bit 23 (the
             # exponent's lowest bit): the fields above come from the word shifted right by 12
             h = w >> 12  # (the sign bits it shifts in are masked off)
-            xp = x_ptr + (blk * 32)[:, None] + wi[None, :]  # [BB, NW]: element w of each block
-            if NW == 4:  # Q4_0: nibble j of word w is element 4j + w, zero point 8
+            xp = x_ptr + (blk * (32 // UPB))[:, None] + wi[None, :]  # [BB, 4]: element w of each unit
+            if UPB == 1:  # Q4_0: nibble j of word w is element 4j + w, zero point 8
                 t = _term(w, xp, mb, magic, 0, 0xF, 8388616.0, 1.0, EVEN)
                 t += _term(w, xp, mb, magic, 4, 0xF0, 8388736.0, 0.0625, EVEN)
                 t += _term(w, xp, mb, magic, 8, 0xF00, 8390656.0, 0.00390625, EVEN)
@@ -96,12 +100,12 @@ if triton is not None:
                 t += _term(h, xp, mb, magic, 20, 0xF00, 8390656.0, 0.00390625, EVEN)
                 t += _term(h, xp, mb, magic, 24, 0xF000, 8421376.0, 0.000244140625, EVEN)
                 t += _term(h, xp, mb, magic, 28, 0xF0000, 8912896.0, 1.52587890625e-05, EVEN)
-            else:  # Q8_0: byte j of word w is element 8j + w, stored q + 128
+            else:  # Q8_0: byte j of word w is element 4j + w of the unit, stored q + 128
                 t = _term(w, xp, mb, magic, 0, 0xFF, 8388736.0, 1.0, EVEN)
-                t += _term(w, xp, mb, magic, 8, 0xFF00, 8421376.0, 0.00390625, EVEN)
-                t += _term(h, xp, mb, magic, 16, 0xFF0, 8390656.0, 0.0625, EVEN)
-                t += _term(h, xp, mb, magic, 24, 0xFF000, 8912896.0, 0.000244140625, EVEN)
-            acc += tl.sum(t, axis=2) * d.to(tl.float32)  # the block's scale, once per 32 weights
+                t += _term(w, xp, mb, magic, 4, 0xFF00, 8421376.0, 0.00390625, EVEN)
+                t += _term(h, xp, mb, magic, 8, 0xFF0, 8390656.0, 0.0625, EVEN)
+                t += _term(h, xp, mb, magic, 12, 0xFF000, 8912896.0, 0.000244140625, EVEN)
+            acc += tl.sum(t, axis=2) * d.to(tl.float32)  # the scale, once per unit (32 or 16 weights)
         y = tl.sum(acc, axis=1)
         if not PARTIAL:
             y = y.to(o_ptr.dtype.element_ty)
@@ -126,16 +130,17 @@ def reference(x: torch.Tensor, p: Packed) -> torch.Tensor:
 def _launch(x: torch.Tensor, p: Packed, cfg: Config) -> torch.Tensor:
     bn, bb, warps, split = cfg
     n, k = p.shape
-    nb = k // 32
-    split = max(1, min(split, nb))
-    bps = triton.cdiv(nb, split)
-    bb = min(bb, triton.next_power_of_2(bps))  # a short row takes a narrower tile, not masked lanes
+    upb = WORDS[p.qtype][0] // 4  # 16-byte units per block
+    nu = k // 32 * upb
+    split = max(1, min(split, nu))
+    ups = triton.cdiv(nu, split)
+    bb = min(bb, triton.next_power_of_2(ups))  # a short row takes a narrower tile, not masked lanes
     part = split > 1
-    even = nb % split == 0 and bps % bb == 0  # every program's blocks are whole tiles
+    even = nu % split == 0 and ups % bb == 0  # every program's units are whole tiles
     out = torch.empty((split, n) if part else (1, n), dtype=torch.float32 if part else x.dtype, device=x.device)
     with on(x):
-        _gemv_k[(triton.cdiv(n, bn), split)](x, p.qs, p.d, out, n, nb, bps, p.qs.stride(0), p.d.stride(0),
-                                             out.stride(0), MAGIC, NW=WORDS[p.qtype][0], BN=bn, BB=bb,
+        _gemv_k[(triton.cdiv(n, bn), split)](x, p.qs, p.d, out, n, nu, ups, p.qs.stride(0), p.d.stride(0),
+                                             out.stride(0), MAGIC, UPB=upb, BN=bn, BB=bb,
                                              PARTIAL=part, EVEN_N=n % bn == 0, EVEN=even, num_warps=warps,
                                              enable_fp_fusion=True)  # the products and sums as FFMAs
     return out.sum(0, keepdim=True).to(x.dtype) if part else out  # [1, N]

@@ -13,8 +13,10 @@ field is isolated with one AND against a constant (no shift per weight, see gemv
 
 - Q4_0 (4 words / block): nibble j (bits 4j..4j+3) of word w holds element 4j + w, as the raw
   value 0..15 (w = d * (q - 8)).
-- Q8_0 (8 words / block): byte j (bits 8j..8j+7) of word w holds element 8j + w, stored as
-  q + 128 (0..255, a bijection of int8) so that it can be OR-ed into a float's mantissa.
+- Q8_0 (8 words / block, two units of 4 words and 16 elements): byte j (bits 8j..8j+7) of word
+  w = 4c + v holds element 16c + 4j + v, stored as q + 128 (0..255, a bijection of int8) so
+  that it can be OR-ed into a float's mantissa. Both types thus read as units of 4 words (one
+  16-byte load) whose field j is elements 4j..4j+3 of the unit: one kernel serves both.
 
 `unpack` inverts the repack to the file's bytes and `dequantize` mirrors formats.dequantize's
 arithmetic on the repacked arrays; the tests prove both bit for bit.
@@ -66,7 +68,7 @@ def repack(raw: torch.Tensor, qtype: str) -> Packed:
         q = nibbles(b[..., 2:]).reshape(n, nb, 8, 4)  # [N, B, j, w]: element 4j + w, 0..15
         byte = q[:, :, 0::2] | (q[:, :, 1::2] << 4)  # [N, B, 4 bytes, w]: byte t = fields 2t, 2t+1
     else:
-        byte = (b[..., 2:] ^ 0x80).reshape(n, nb, 4, 8)  # [N, B, byte j, w]: q + 128 of element 8j + w
+        byte = (b[..., 2:] ^ 0x80).reshape(n, nb, 2, 4, 4)  # [N, B, c, byte j, v]: q + 128 of 16c + 4j + v
     qs = byte.transpose(-1, -2).contiguous().view(torch.int32).reshape(n, nb * nw)  # little-endian words
     return Packed(qtype, qs, d)
 
@@ -75,9 +77,10 @@ def _fields(p: Packed) -> torch.Tensor:
     """The quants of p as uint8 [N, B, 32] in the row's element order (raw values)."""
     nw, bits = WORDS[p.qtype]
     n, nb = p.d.shape
-    byte = p.qs.reshape(n, nb, nw).contiguous().view(torch.uint8).reshape(n, nb, nw, 4).transpose(-1, -2)
-    if bits == 8:  # [N, B, byte j, w] -> element 8j + w
+    byte = p.qs.reshape(n, nb, nw).contiguous().view(torch.uint8).reshape(n, nb, nw // 4, 4, 4).transpose(-1, -2)
+    if bits == 8:  # [N, B, c, byte j, v] -> element 16c + 4j + v
         return (byte ^ 0x80).reshape(n, nb, 32)
+    byte = byte[:, :, 0]  # Q4_0: one unit per block
     q = torch.stack((byte & 0x0F, byte >> 4), dim=3)  # [N, B, 4, 2, w]: field 2t + h
     return q.reshape(n, nb, 32)  # element 4j + w
 

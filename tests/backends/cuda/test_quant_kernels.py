@@ -109,7 +109,7 @@ def test_repack_keeps_every_bit(qtype: str, source: str) -> None:
 
 
 def test_repack_puts_field_j_of_word_w_at_the_documented_element() -> None:
-    """Q4_0: nibble j of word w is element 4j + w; Q8_0: byte j of word w is element 8j + w (q + 128)."""
+    """Q4_0: nibble j of word w is element 4j + w; Q8_0: byte j of word 4c + v is element 16c + 4j + v (q + 128)."""
     q = torch.arange(32) % 16  # element e of the block holds e % 16
     raw = torch.cat((torch.tensor([0, 0x3C], dtype=torch.uint8), (q[:16] | (q[16:] << 4)).to(torch.uint8)))
     w = repack.repack(raw[None], "Q4_0").qs[0].tolist()  # 4 words
@@ -117,7 +117,8 @@ def test_repack_puts_field_j_of_word_w_at_the_documented_element() -> None:
     q8 = torch.arange(-16, 16, dtype=torch.int8)
     raw8 = torch.cat((torch.tensor([0, 0x3C], dtype=torch.uint8), q8.view(torch.uint8)))
     w8 = repack.repack(raw8[None], "Q8_0").qs[0].tolist()  # 8 words
-    assert all(((w8[i] >> (8 * j)) & 0xFF) - 128 == q8[8 * j + i] for i in range(8) for j in range(4))
+    assert all(((w8[4 * c + v] >> (8 * j)) & 0xFF) - 128 == q8[16 * c + 4 * j + v]
+               for c in range(2) for v in range(4) for j in range(4))
 
 
 # ---- the Triton GEMV --------------------------------------------------------------------------
@@ -142,7 +143,7 @@ def close(got: torch.Tensor, x: torch.Tensor, p: repack.Packed) -> None:
 @needs_triton
 @pytest.mark.parametrize("qtype", PACKED)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,k", [(37, 96), (5, 4128), (300, 1024), (1, 2080)])
+@pytest.mark.parametrize("n,k", [(37, 96), (5, 4128), (300, 1024), (1, 2080), (256, 2048)])  # last: no masks
 def test_gemv_matches_dequantised_matmul(qtype: str, dtype: torch.dtype, n: int, k: int) -> None:
     x, p = case(qtype, n, k, dtype, seed=n + k)
     close(gemv.gemv(x, p), x, p)
