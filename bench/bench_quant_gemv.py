@@ -1,13 +1,14 @@
 """Time the quant GEMV (backends/cuda/quant) on Qwen3-8B's decode shapes against bf16 and a copy.
 
-    python3 bench/bench_quant_gemv.py [--types Q8_0,Q4_0] [--reps 30] [--default-only]
+    python3 bench/bench_quant_gemv.py [--types Q8_0,Q4_0,Q4_K] [--reps 30] [--default-only]
 
 For each quant type and [N, K] (attention out 4096x4096, merged qkv 6144x4096, merged up+gate
 24576x4096, down 4096x12288, output head 151936x4096) it times, with CUDA events and L2 flushed
 before every call (a decode step reads each weight once): the Triton GEMV on the repacked blocks
 (the fastest of its tile configs, as `choose` picks it), cuBLAS's bf16 GEMV (F.linear) on the
 dequantised weight, and a device copy of the quant's bytes. It prints one row per case: us,
-GB/s on the quant's real bytes (quants + scales), that as a % of the copy's bandwidth (bytes
+GB/s on the bytes the kernel reads (quants + scales: the file's bytes; for Q4_K 148 per 256
+weights, its 6-bit scales unpacked to bytes), that as a % of the copy's bandwidth (bytes
 read + written per second, for the same bytes and for a 2 GiB copy) and the speed-up over bf16.
 The weights are random blocks (timing does not depend on the values); it writes no files.
 """
@@ -32,11 +33,12 @@ SHAPES = ((4096, 4096), (6144, 4096), (24576, 4096), (4096, 12288), (151936, 409
 
 
 def random_packed(qtype: str, n: int, k: int, dev: torch.device) -> repack.Packed:
-    """Random blocks with finite scales (the f16 scale field of each block overwritten)."""
+    """Random blocks with finite scales (the f16 scale fields of each block overwritten)."""
     bs, size = formats.SIZES[qtype]
     raw = torch.randint(0, 256, (n, k // bs, size), dtype=torch.uint8, device=dev)
     d = (torch.rand(n, k // bs, device=dev) * 1e-2 + 1e-3).half()
-    raw[..., 0:2] = d.view(torch.uint8).reshape(n, k // bs, 2)
+    for off in (0, 2) if qtype == "Q4_K" else (0,):  # Q4_K: d and dmin
+        raw[..., off:off + 2] = d.view(torch.uint8).reshape(n, k // bs, 2)
     return repack.repack(raw.reshape(n, -1), qtype)
 
 
@@ -48,9 +50,12 @@ def copy_ms(nbytes: int, dev: torch.device, reps: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--types", default="Q8_0,Q4_0", help="comma-separated quant types with a repacked layout")
+    ap.add_argument("--types", default="Q8_0,Q4_0,Q4_K", help="comma-separated quant types with a repacked layout")
     ap.add_argument("--reps", type=int, default=30, help="timed calls per kernel (the median is kept)")
     ap.add_argument("--default-only", action="store_true", help="time only the default tile (no config search)")
+    ap.add_argument("--search-budget", type=float, default=40.0,
+                    help="seconds after which the remaining cases time only the default tile (each config "
+                         "is a Triton compile the first time: this keeps a cold run under a minute)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_quant_gemv.py: skipped: needs a CUDA GPU")
@@ -75,7 +80,7 @@ def main() -> int:
         for n, k in SHAPES:
             p = random_packed(qtype, n, k, dev)
             x = torch.randn(1, k, device=dev).to(torch.bfloat16)
-            if a.default_only:
+            if a.default_only or time.perf_counter() - t0 > a.search_budget:
                 cfg, ms = gemv.DEFAULT, gemv.gpu_time(lambda: gemv.gemv(x, p), dev, a.reps)
             else:
                 cfg, _ = gemv.choose(x, p)
