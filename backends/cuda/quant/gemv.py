@@ -233,7 +233,7 @@ def choose(x: torch.Tensor, p: Packed, configs: tuple[Config, ...] = CONFIGS) ->
     failed: Exception | None = None
     for cfg in configs:
         try:
-            times[cfg] = gpu_time(lambda cfg=cfg: _launch(x, p, cfg), x.device)
+            times[cfg] = gpu_time(lambda cfg=cfg: _launch(x.contiguous(), p, cfg), x.device)
         except Exception as e:  # noqa: BLE001 - a tile this GPU cannot compile (registers, shared memory)
             failed = e
     if not times:
