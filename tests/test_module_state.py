@@ -41,6 +41,9 @@ CONSTANT_TABLES: dict[tuple[str, str], str] = {
     ("backends.cuda.weights.hf_checkpoint", "_TRANSFORMS"): "the tensor transforms a checkpoint rule names",
     ("backends.cuda.weights.hf_checkpoint", "_EXPERT_PARTS"): "expert tensor names per family",
     ("backends.cuda.weights.mla_weights", "_FROM_GGUF"): "GGUF tensor names of the MLA weights",
+    ("backends.cuda.quant.formats", "SIZES"): "elements and bytes per block of each GGUF block format",
+    ("backends.cuda.quant.formats", "_DEQUANT"): "the dequantisation function of each block format",
+    ("backends.cuda.quant.repack", "WORDS"): "words per block and bits per field of each repacked layout",
 }
 # hf_checkpoint's rule lists (_TOP, _ATTN, ...): the parts TABLES is assembled from
 _HF_PARTS = "backends.cuda.weights.hf_checkpoint"

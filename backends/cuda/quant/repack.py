@@ -1,0 +1,146 @@
+"""Load-time repack of GGUF blocks into the structure-of-arrays layout the GEMV kernels read.
+
+A GGUF block interleaves its f16 scale with its quants (18 or 34 bytes: not a multiple of 4),
+so a kernel reading the file's bytes cannot issue aligned 16-byte loads and must pick bytes one
+by one. The repack splits every row into two arrays holding exactly the same bits:
+
+- `qs`: int32 words [N, blocks * words per block], a block's quants in whole words;
+- `d`:  the block scales, f16 [N, blocks] (the file's f16 bits, unchanged).
+
+Inside a block the quants are permuted so that, for the kernel, "the j-th field of every word
+of a block" is a *contiguous* run of the row (so x for that field loads as one vector) and a
+field is isolated with one AND against a constant (no shift per weight, see gemv.py):
+
+- Q4_0 (4 words / block): nibble j (bits 4j..4j+3) of word w holds element 4j + w, as the raw
+  value 0..15 (w = d * (q - 8)).
+- Q8_0 (8 words / block, two units of 4 words and 16 elements): byte j (bits 8j..8j+7) of word
+  w = 4c + v holds element 16c + 4j + v, stored as q + 128 (0..255, a bijection of int8) so
+  that it can be OR-ed into a float's mantissa. Both types thus read as units of 4 words (one
+  16-byte load) whose field j is elements 4j..4j+3 of the unit: one kernel serves both.
+- Q4_K (256-element super-blocks of 8 sub-blocks): every 32-element sub-block is a unit as in
+  Q4_0 (raw 0..15, no zero point); `sub` int16 [N, K/32] holds its 6-bit scale | 6-bit min << 8
+  (the file packs these 16 bytes into 12: unpacked, a super-block reads 148 bytes, not 144),
+  and `d` f16 [N, K/256, 2] the super-block's (d, dmin). w = (d * sc) * q - dmin * m.
+
+`unpack` inverts the repack to the file's bytes and `dequantize` mirrors formats.dequantize's
+arithmetic on the repacked arrays; the tests prove both bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from backends.cuda.quant.formats import QuantFormatError, blocks, nibbles, q4_k_scales
+
+# quant type -> (32-bit words per 32 elements, bits per quant field)
+WORDS: dict[str, tuple[int, int]] = {"Q4_0": (4, 4), "Q8_0": (8, 8), "Q4_K": (4, 4)}
+
+
+@dataclass(frozen=True)
+class Packed:
+    """One weight [N, K] in the repacked layout (see the module docstring)."""
+
+    qtype: str
+    qs: torch.Tensor  # int32 [N, K / 32 * words per 32]
+    d: torch.Tensor  # f16 [N, K / 32]; Q4_K: [N, K / 256, 2] (d, dmin)
+    sub: torch.Tensor | None = None  # Q4_K: int16 [N, K / 32], sub-block scale | min << 8
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qs.shape[0], self.qs.shape[1] // WORDS[self.qtype][0] * 32
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes the GEMV reads (the file's; Q4_K's sub-block scales take 16 bytes, not 12)."""
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.sub) if t is not None)
+
+
+def _words(qtype: str) -> tuple[int, int]:
+    if qtype not in WORDS:
+        raise QuantFormatError(f"no repacked layout for {qtype} (have {', '.join(WORDS)})")
+    return WORDS[qtype]
+
+
+def _to_words(byte: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, ..., 4 bytes, 4 words] -> int32 [N, -1] (little-endian words)."""
+    return byte.transpose(-1, -2).contiguous().view(torch.int32).reshape(byte.shape[0], -1)
+
+
+def _from_words(qs: torch.Tensor) -> torch.Tensor:
+    """int32 [N, 4 U] -> uint8 [N, U, 4 bytes, 4 words] (the inverse of _to_words)."""
+    return qs.contiguous().view(torch.uint8).reshape(qs.shape[0], -1, 4, 4).transpose(-1, -2)
+
+
+def _nibble_bytes(q: torch.Tensor) -> torch.Tensor:
+    """[N, U, 32] raw 4-bit values of units -> [N, U, 4 bytes, 4 words]: nibble j of word w is
+    element 4j + w (byte t of a word holds fields 2t and 2t + 1)."""
+    q = q.reshape(*q.shape[:2], 8, 4)  # [N, U, j, w]
+    return q[:, :, 0::2] | (q[:, :, 1::2] << 4)
+
+
+def repack(raw: torch.Tensor, qtype: str) -> Packed:
+    """The file's bytes uint8 [N, nbytes] -> Packed (on raw's device)."""
+    _words(qtype)
+    b = blocks(raw, qtype)  # [N, B, bytes per block]
+    n, nb = b.shape[0], b.shape[1]
+    if qtype == "Q4_K":
+        sc, mn = q4_k_scales(b[..., 4:16])  # [N, B, 8] each
+        sub = (sc.to(torch.int16) | (mn.to(torch.int16) << 8)).reshape(n, nb * 8)
+        qs = b[..., 16:].reshape(n, nb, 4, 1, 32)
+        q = torch.cat((qs & 0x0F, qs >> 4), dim=3).reshape(n, nb * 8, 32)  # chunk c: sub-blocks 2c, 2c + 1
+        d2 = b[..., 0:4].contiguous().view(torch.float16).reshape(n, nb, 2)
+        return Packed(qtype, _to_words(_nibble_bytes(q)), d2, sub)
+    d = b[..., 0:2].contiguous().view(torch.float16).reshape(n, nb)  # [N, B]
+    if qtype == "Q4_0":
+        return Packed(qtype, _to_words(_nibble_bytes(nibbles(b[..., 2:]))), d)
+    byte = (b[..., 2:] ^ 0x80).reshape(n, nb * 2, 4, 4)  # [N, unit 2B + c, byte j, v]: q + 128 of 16c + 4j + v
+    return Packed(qtype, _to_words(byte), d)
+
+
+def _fields(p: Packed) -> torch.Tensor:
+    """The quants of p as uint8 [N, U, 32] in the row's element order (raw values), where a
+    unit U is 32 elements for the 4-bit types and 16 for Q8_0."""
+    byte = _from_words(p.qs)  # [N, U, 4 bytes, 4 words]
+    if WORDS[p.qtype][1] == 8:  # byte j of word v -> element 4j + v of the 16
+        return (byte ^ 0x80).reshape(p.qs.shape[0], -1, 16)
+    q = torch.stack((byte & 0x0F, byte >> 4), dim=3)  # [N, U, 4, 2, w]: field 2t + h
+    return q.reshape(p.qs.shape[0], -1, 32)  # element 4j + w
+
+
+def _q4_k_scale_bytes(sub: torch.Tensor) -> torch.Tensor:
+    """int16 [N, B, 8] scale | min << 8 -> the file's 12 bytes [N, B, 12] (q4_k_scales inverted)."""
+    sc, mn = (sub & 0xFF).to(torch.uint8), (sub >> 8).to(torch.uint8)
+    lo = torch.cat((sc[..., :4] | ((sc[..., 4:] >> 4) << 6), mn[..., :4] | ((mn[..., 4:] >> 4) << 6)), dim=-1)
+    return torch.cat((lo, (sc[..., 4:] & 0x0F) | ((mn[..., 4:] & 0x0F) << 4)), dim=-1)
+
+
+def unpack(p: Packed) -> torch.Tensor:
+    """Packed -> the file's bytes uint8 [N, nbytes] (the exact inverse of repack)."""
+    n = p.qs.shape[0]
+    q = _fields(p).reshape(n, p.d.shape[1], -1)  # [N, B, elements per block]
+    dbytes = p.d.contiguous().view(torch.uint8).reshape(n, p.d.shape[1], -1)
+    if p.qtype == "Q4_K":
+        q = q.reshape(n, -1, 4, 2, 32)
+        q = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).reshape(n, -1, 128)
+        dbytes = torch.cat((dbytes, _q4_k_scale_bytes(p.sub.reshape(n, -1, 8))), dim=-1)
+    elif p.qtype == "Q4_0":
+        q = q[..., :16] | (q[..., 16:] << 4)  # ggml's pairing: byte i = q[i] | q[i+16] << 4
+    return torch.cat((dbytes, q), dim=-1).reshape(n, -1)
+
+
+def dequantize(p: Packed) -> torch.Tensor:
+    """Packed -> f32 [N, K] with formats.dequantize's arithmetic (bit-equal to it)."""
+    n = p.qs.shape[0]
+    q = _fields(p).reshape(n, p.d.shape[1], -1)  # [N, B, elements per block]
+    if p.qtype == "Q4_K":
+        dd, dmin = p.d.float().unbind(-1)  # [N, B]
+        sub = p.sub.reshape(n, -1, 8)
+        dl = (dd[..., None] * (sub & 0xFF).float())[..., None]  # [N, B, 8, 1]
+        ml = (dmin[..., None] * (sub >> 8).float())[..., None]
+        return (dl * q.reshape(n, -1, 8, 32).float() - ml).reshape(n, -1)
+    d = p.d.float()[..., None]  # [N, B, 1]
+    if p.qtype == "Q4_0":
+        return (d * (q.to(torch.int8) - 8).float()).reshape(n, -1)
+    return (q.view(torch.int8).float() * d).reshape(n, -1)
