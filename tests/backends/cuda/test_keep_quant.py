@@ -2,7 +2,8 @@
 
 The oracle is the same file run the default way (every tensor dequantised at load): in f32 the
 logits must agree within 1e-5 relative, for a prompt and greedy decode steps, unplaced, merged
-(merge_qkv, merge_up_gate: same-type parts stay blocks, mixed ones are dequantised) and placed
+(merge_qkv, merge_up_gate: same-type parts stay blocks; a join of mixed types, which these
+passes do not make, is dequantised: test_cuts_keep_blocks_only_at_block_bounds) and placed
 on cpu,cpu by layers and by graph split. The files hold Q8_0, Q4_0 and Q4_K matrices (random
 blocks from graphir's writer, which gguf dequantises to weights of about N(0, 0.02)).
 Under Triton's interpreter (TRITON_INTERPRET=1) the decode rows run the Triton GEMV on the CPU;
@@ -20,10 +21,16 @@ import torch
 from backends.cuda.quant import kept, repack
 from backends.cuda.quant.repack import Packed
 from backends.cuda.runtime.session import Session, greedy
+from backends.cuda.weights.gguf_weights import GGUFWeights
+from backends.cuda.weights.loader import _Pieces
+from backends.cuda.weights.sources import reference_weights
 from backends.cuda.triton_kernels import fused
 from cli.main import main
 from cli.run import make_transform
 from graphir.errors import GraphirError
+from graphir.graph import Node
+from graphir.ops import Op
+from graphir.spec import spec
 from graphir.models import from_hf_dict
 from graphir.models.gguf_writer import TYPES as WRITER_TYPES, _random_blocks, write_gguf
 from helpers.hf_oracle import patch_triton_interpreter
@@ -87,14 +94,34 @@ def test_kept_equals_dequantised(gguf_file: Path, split: str | None, passes: str
     assert not isinstance(ks.weights.get("token_embd.weight"), Packed)
 
 
+def test_cut_inside_a_block_is_dequantised(gguf_file: Path) -> None:
+    """The graph split cuts K at block bounds of these files (its column granularity follows the
+    storage type), so a leaf is cut by hand here: K 16..80 of a Q8_0 weight falls inside blocks
+    and loads dequantised, bit for bit the default load's cut; 32..96 stays blocks."""
+    cfg = from_hf_dict(CFG, name="tiny")
+    ref = reference_weights(cfg)
+    src = GGUFWeights(gguf_file, cfg)
+    name = "blk.1.ffn_down.weight"  # Q8_0 [256, 512]
+    for (a, b), blocks in (((16, 80), False), ((32, 96), True)):
+        leaf = Node(f"{name}#cut", Op.WEIGHT, (), spec("f32", 256, b - a),
+                    (("src", name), ("slice_dim", 1), ("start", a), ("stop", b)))
+        got = _Pieces(src, ref, [leaf], keep=True).piece(leaf, torch.device("cpu"), torch.float32)
+        want = src.get(ref[name])[:, a:b]
+        assert isinstance(got, Packed) == blocks
+        assert torch.equal(kept.dense(got, torch.float32) if blocks else got, want)
+
+
 def test_what_is_kept_unplaced(gguf_file: Path) -> None:
     s, _, _ = _run(gguf_file, True)
     assert s.kept == {"Q4_0": 4, "Q4_K": 4, "Q8_0": 7} and sum(s.kept.values()) == MATRICES
-    # merged: layer 1's all-Q8_0 Q/K/V stay blocks as one tensor, layer 0's mixed ones do not
+    # merged: layer 1's all-Q8_0 Q/K/V become one tensor of blocks; merge_qkv leaves layer 0's
+    # Q/K/V of three types apart (the pass merges one storage type only), each kept
     m, _, _ = _run(gguf_file, True, passes="merge_qkv,merge_up_gate")
-    merged = {k: w for k, w in m.weights.items() if "qkv" in k or "gate_up" in k}
-    assert merged and {k: isinstance(w, Packed) for k, w in merged.items()} == \
-        {k: not k.startswith("blk.0.attn") for k in merged}
+    types = {k: getattr(w, "qtype", None) for k, w in m.weights.items()}
+    assert {k: v for k, v in types.items() if "qkv" in k or "gate_up" in k} == \
+        {"blk.1.attn_qkv.weight": "Q8_0", "blk.0.ffn_gate_up.weight": "Q4_0", "blk.1.ffn_gate_up.weight": "Q4_K"}
+    assert [types[f"blk.0.attn_{x}.weight"] for x in "qkv"] == ["Q4_K", "Q8_0", "Q4_0"]
+    assert m.kept == {"Q4_0": 3, "Q4_K": 3, "Q8_0": 5}
 
 
 def test_decode_choice_in_diagnostics(gguf_file: Path) -> None:
@@ -147,3 +174,16 @@ def test_cuts_keep_blocks_only_at_block_bounds(qtype: str) -> None:
     assert both is not None and torch.equal(kept.dense(both, torch.float32), torch.cat([full, full[:2]]))
     other = repack.repack(torch.zeros(2, 34 * k // 32, dtype=torch.uint8), "Q8_0")
     assert qtype == "Q8_0" or kept.cat_rows([p, other]) is None  # mixed types: not joined
+
+
+def test_cli_run_keep_quant_meta(gguf_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`graphir run --keep-quant`: the metadata counts the kept weights and names the decode choices."""
+    import json
+
+    assert main(["run", str(gguf_file), "--devices", "cpu", "--ubatch", "8", "--tg", "2", "--ctx", "8",
+                 "--format", "json", "--keep-quant", "--no-cuda-graphs"]) == 0
+    meta = json.loads(capsys.readouterr().out)["meta"]
+    assert meta["kept_quant"] == {"Q4_0": 3, "Q4_K": 3, "Q8_0": 5}  # the engine's merges, as above
+    assert any(n.startswith("kept in GGUF blocks: 11 matmul weights") for n in meta["notes"])
+    assert "256x256 Q4_K float32" not in meta["fast_paths"]["quant_gemv"]  # run computes in bf16
+    assert "256x512 Q4_K bfloat16" in meta["fast_paths"]["quant_gemv"]
