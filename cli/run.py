@@ -71,6 +71,18 @@ def header(source: Any, random_weights: bool, seed: int, dtype: str, plan: Any, 
 HEADER_KEYS = ("weights", "kv_type", "memory_GiB", "notes")
 
 
+KEEP_HELP = ("keep GGUF matmul weights of types Q8_0, Q4_0, Q4_K in their blocks (decode runs the quant GEMV, "
+             "prefill dequantises per call); other tensors load as usual")
+
+
+def kept_note(kept: dict[str, int]) -> str:
+    """The header's note on weights kept in their blocks (Session.kept); the memory figures
+    above count every weight at the compute type, so kept ones take less than they say."""
+    types = ", ".join(f"{q} {n}" for q, n in kept.items())
+    return (f"kept in GGUF blocks: {sum(kept.values())} matmul weights ({types or 'none'}); "
+            "the memory estimate counts them at the compute type")
+
+
 def header_line(h: dict[str, Any]) -> str:
     mem = ", ".join(f"{d} {g:.3g}" for d, g in h["memory_GiB"].items())
     return "; ".join([f"{h['weights']}, KV {h['kv_type']}", f"memory per device (GiB): {mem}"]
@@ -129,7 +141,7 @@ def evaluate(model: str, tokens: list[int], decode: int = 0, dtype: str = "f32",
              seed: int = 0, ctx: int | None = None, out: str | None = None, split: str | None = None,
              ts: str | None = None, max_gpu: int | None = None, recurrent: str = "single",
              passes: str | None = None, *, random_weights: bool = False, allow_overflow: bool = False,
-             kv_type: str | None = None,
+             kv_type: str | None = None, keep_quant: bool = False,
              say: Callable[[str], None] | None = None) -> list[int]:
     """The `eval` verb as a function: returns the generated ids; writes logits [P+N, vocab]
     float32 to `out` (.npy, atomically) when given; `say` gets the header line. A checkpoint
@@ -158,17 +170,19 @@ def evaluate(model: str, tokens: list[int], decode: int = 0, dtype: str = "f32",
     transform = make_transform(source.cfg, devs, split, ts, max_gpu, recurrent, passes, ctx or need)
     plan = plan or _session_plan(source, devs, dtype, ctx or need, len(tokens), None, transform, allow_overflow,
                                  kv_type=kv_type)
-    head = header_line(header(source, random_weights, seed, dtype, plan, devs, kv_type=kv_type))
+    head = header(source, random_weights, seed, dtype, plan, devs, kv_type=kv_type)
     on_gpu = any(d.startswith("cuda") for d in devs)
     weights = random_source(seed, on_gpu) if uses_random_weights(source, random_weights) else None
     session = Session(source, weights, devs, ctx or need, dtype=dtype, seed=seed, transform=transform,
-                      kv_type=kv_type)
+                      kv_type=kv_type, keep_quant=keep_quant)
+    if keep_quant:
+        head["notes"].append(kept_note(session.kept))
     logits, generated = greedy(session, tokens, decode)
     if out:
         buf = io.BytesIO()
         np.save(buf, logits.numpy().astype(np.float32))
         write_atomic(out, buf.getvalue())
-    (say or (lambda msg: None))(head)  # after success: an error stays the only line on stderr
+    (say or (lambda msg: None))(header_line(head))  # after success: an error stays the only line on stderr
     return generated
 
 
@@ -184,7 +198,7 @@ def run_sweep(model: str, *, devices: str = "cuda:0", split: str | None = None, 
               tg: int = 128, ctx: int = 8192, layers: str | None = None, passes: str | None = DEFAULT_PASSES,
               seed: int = 0, graphs: bool = True, say: Callable[[str], None] | None = None,
               hw: str = "2xH200", engine: str = "graphir-cuda", random_weights: bool = False,
-              allow_overflow: bool = False, kv_type: str | None = None) -> dict[str, Any]:
+              allow_overflow: bool = False, kv_type: str | None = None, keep_quant: bool = False) -> dict[str, Any]:
     """The `run` verb as a function: {"rows": [SweepRow], "meta": {...}}; meta carries the
     header (weights, KV type, memory per device). Weights and memory are checked as `evaluate`
     checks them; a u-batch above --ctx is clamped to it (reports.sweep.sweep_shape)."""
@@ -215,7 +229,9 @@ def run_sweep(model: str, *, devices: str = "cuda:0", split: str | None = None, 
     weights = random_source(seed, any(d.startswith("cuda") for d in devs)) \
         if uses_random_weights(source, random_weights) else None
     session = Session(source, weights, devs, n_ctx, dtype=dtype, seed=seed, transform=transform,
-                      layers=rng, pp_logits="last", kv_type=kv_type)
+                      layers=rng, pp_logits="last", kv_type=kv_type, keep_quant=keep_quant)
+    if keep_quant:
+        head["notes"].append(kept_note(session.kept))
     load_s = time.perf_counter() - t0
     cal = calibrate(session, ubatch)
     label = split or "single"
@@ -230,6 +246,8 @@ def run_sweep(model: str, *, devices: str = "cuda:0", split: str | None = None, 
             "ubatch": ubatch, "tg": tg, "ctx": ctx, "layers": layers or "all", "passes": passes or "none",
             "cuda_graphs": graphs, "load_s": round(load_s, 3), "delta_net_prefill_ms": cal,
             "nodes": {k: len(g.nodes) for k, g in session.executed.items()}, "fast_paths": session.choices.diagnostics()}
+    if keep_quant:
+        meta["kept_quant"] = dict(session.kept)
     plan = searched_plan(transform)
     if plan is not None:
         meta["auto_plan"] = explain(plan)
@@ -253,12 +271,13 @@ def register(app: typer.Typer) -> None:
                                                    callback=output_path),
                  random_weights: bool = typer.Option(False, "--random-weights", help=RANDOM_HELP),
                  allow_overflow: bool = typer.Option(False, "--allow-overflow", help=OVERFLOW_HELP),
-                 kv_type: Optional[str] = typer.Option(None, "--kv-type", help=KV_HELP)) -> None:
+                 kv_type: Optional[str] = typer.Option(None, "--kv-type", help=KV_HELP),
+                 keep_quant: bool = typer.Option(False, "--keep-quant", help=KEEP_HELP)) -> None:
         """Run MODEL on a prompt, then greedy decode steps; print the generated ids (the header,
         with weights, KV type and memory, goes to stderr)."""
         generated = evaluate(model, parse_tokens(tokens), decode, dtype, devices, seed, ctx, out, split, ts,
                              max_gpu, recurrent, passes, random_weights=random_weights,
-                             allow_overflow=allow_overflow, kv_type=kv_type,
+                             allow_overflow=allow_overflow, kv_type=kv_type, keep_quant=keep_quant,
                              say=lambda msg: typer.echo(f"# {msg}", err=True))
         typer.echo(",".join(str(t) for t in generated))
 
@@ -280,7 +299,8 @@ def register(app: typer.Typer) -> None:
                                                   callback=output_path),
                 random_weights: bool = typer.Option(False, "--random-weights", help=RANDOM_HELP),
                 allow_overflow: bool = typer.Option(False, "--allow-overflow", help=OVERFLOW_HELP),
-                kv_type: Optional[str] = typer.Option(None, "--kv-type", help=KV_HELP)) -> None:
+                kv_type: Optional[str] = typer.Option(None, "--kv-type", help=KV_HELP),
+                keep_quant: bool = typer.Option(False, "--keep-quant", help=KEEP_HELP)) -> None:
         """Measure MODEL like llama-sweep-bench: S_PP and S_TG at each cache depth."""
         from cli.common import emit
         from reports.sweep import format_markdown, to_json, write_csv
@@ -291,7 +311,7 @@ def register(app: typer.Typer) -> None:
         res = run_sweep(model, devices=devices, split=split, ts=ts, recurrent=recurrent, max_gpu=max_gpu,
                         dtype=dtype, ubatch=ubatch, tg=tg, ctx=ctx, layers=layers, passes=passes, seed=seed,
                         graphs=not no_graphs, say=show, hw=hw, engine=engine, random_weights=random_weights,
-                        allow_overflow=allow_overflow, kv_type=kv_type)
+                        allow_overflow=allow_overflow, kv_type=kv_type, keep_quant=keep_quant)
         show("")
         rows, meta = res["rows"], res["meta"]
         if format == "csv":

@@ -159,8 +159,8 @@ if triton is not None:
 
 def _check(x: torch.Tensor, p: Packed) -> None:
     n, k = p.shape
-    if x.dim() != 2 or x.shape != (1, k) or x.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"quant GEMV wants x bf16/f16 [1, {k}] for a {p.qtype} [{n}, {k}] weight, "
+    if x.dim() != 2 or x.shape != (1, k) or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"quant GEMV wants x bf16/f16/f32 [1, {k}] for a {p.qtype} [{n}, {k}] weight, "
                          f"got {x.dtype} {tuple(x.shape)}")
 
 
@@ -190,7 +190,7 @@ def _launch(x: torch.Tensor, p: Packed, cfg: Config) -> torch.Tensor:
 
 
 def gemv(x: torch.Tensor, p: Packed, cfg: Config = DEFAULT) -> torch.Tensor:
-    """x [1, K] bf16/f16 @ W[N, K]^T -> [1, N] in x's dtype, W as repacked blocks.
+    """x [1, K] bf16/f16/f32 @ W[N, K]^T -> [1, N] in x's dtype, W as repacked blocks.
     Triton where it runs (CUDA, or the CPU under the interpreter), else torch."""
     _check(x, p)
     if not (usable(x) and p.qs.device == x.device):

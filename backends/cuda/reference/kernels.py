@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from backends.cuda.quant import kept
 from backends.cuda.reference.attention import attention, attn_temp, kv_append, rope
 from backends.cuda.runtime.devices import torch_device, torch_dtype
 from backends.cuda.runtime.interp import ExecContext, Kernel, Replicas
@@ -50,7 +51,9 @@ def get_rows(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
 
 
 def matmul(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
-    x, w = args  # x [...,in], w [out,in]
+    x, w = args  # x [...,in], w [out,in] (or kept in its GGUF blocks: quant/kept.py)
+    if kept.is_kept(w):
+        return kept.matmul(x, w, ctx.choices)
     return F.linear(x, w.to(x.dtype))
 
 

@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from backends.cuda.quant import kept
 from backends.cuda.reference import attention as ref_attn
 from backends.cuda.reference import kv_quant
 from backends.cuda.triton_kernels import decode_attention, deltanet_prefill, fused
@@ -44,6 +45,8 @@ def _ref(op: Op) -> Kernel:
 
 def matmul(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     x, w = args
+    if kept.is_kept(w):  # GGUF blocks (quant/kept.py): the quant GEMV for a decode row
+        return kept.matmul(x, w, ctx.choices)
     base = getattr(w, "aligned_base", None)
     if base is not None and base.dtype == x.dtype:
         # a merged weight folded with zero rows for alignment (weights/fold.py): multiply by all of them

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from backends.cuda.quant.kept import summary as kept_summary
 from backends.cuda.reference import kv_quant
 from backends.cuda.runtime.choices import KernelChoices
 from backends.cuda.runtime.devices import parse_devices, torch_device, torch_dtype
@@ -108,7 +109,7 @@ class Session:
                  devices: str | Sequence[str] = "cpu", ctx: int = 4096, *, dtype: str = "f32", seed: int = 0,
                  kv_type: str | None = None, transform: Pass | Iterable[Pass] | None = None,
                  kernels: Mapping[Op, Kernel] | None = None, layers: range | None = None,
-                 pp_logits: str = "all") -> None:
+                 pp_logits: str = "all", keep_quant: bool = False) -> None:
         self.source = _as_source(model)
         self.cfg = self.source.cfg
         self.devices = parse_devices(devices) if self.check_devices else tuple(
@@ -137,9 +138,12 @@ class Session:
         on_gpu = any(d.startswith("cuda") for d in self.devices)
         self.weight_source = open_weights(weights, self.source, seed, on_device=on_gpu)
         self.weight_source.check(reference)
+        if keep_quant and not hasattr(self.weight_source, "get_kept"):
+            raise GraphirError(f"keep_quant needs weights from a GGUF file; {self.weight_source.label} is not one")
         # what runs: the same graphs with load-time constants (merged weights, ...) folded
         self.weights, self.executed = load_folded(self._select(self.graphs), reference, self.weight_source,
-                                                  torch_dtype(self.act), self.devices[0], self.kernels)
+                                                  torch_dtype(self.act), self.devices[0], self.kernels, keep_quant)
+        self.kept = kept_summary(self.weights)  # matmul weights held in their GGUF blocks, by type
         self.streams = DeviceStreams(self.used_devices())
         self.last_stats = RunStats()
         self.outputs: dict[str, Any] = {}  # the last call's results by key

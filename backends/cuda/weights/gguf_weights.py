@@ -20,6 +20,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from backends.cuda.quant.repack import WORDS, Packed, repack
 from backends.cuda.weights.mla_weights import mla_from_gguf
 from backends.cuda.weights.sources import WeightError, WeightInfo
 from graphir.models import ModelConfig
@@ -103,6 +104,23 @@ class GGUFWeights:
         for info in infos.values():
             if self._gguf_name(info) not in self.tensors:
                 raise WeightError(f"{self.path.name} lacks tensor {self._gguf_name(info)}")
+
+    def get_kept(self, info: WeightInfo) -> Packed | None:
+        """A 2-D tensor of a type with a repacked layout as its blocks (Session(keep_quant=True)),
+        with the row permutations `get` undoes applied to whole rows; None for the rest (other
+        types, other ranks, and transforms that need the values: those `get` dequantises)."""
+        t = self.tensors.get(self._gguf_name(info))
+        cfg = self.cfg
+        if (t is None or t.tensor_type.name not in WORDS or len(t.shape) != 2 or cfg.arch == "deepseek_v3"
+                or v_head_blocks(cfg, info.name) is not None or len(info.shape) != 2):
+            return None
+        raw = torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(int(t.shape[1]), -1))  # a copy, as in get
+        if cfg.arch in PERMUTED_QK and info.name.endswith(_ROPED):
+            raw = unpermute_rope(raw, cfg.n_head if ".attn_q." in info.name else cfg.n_kv_head)
+        p = repack(raw.contiguous(), t.tensor_type.name)
+        if p.shape != info.shape:
+            raise WeightError(f"GGUF tensor {info.name} has shape {list(p.shape)}, the config needs {list(info.shape)}")
+        return p
 
     def get(self, info: WeightInfo) -> torch.Tensor:
         from gguf.quants import dequantize

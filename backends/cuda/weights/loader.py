@@ -19,6 +19,8 @@ from typing import Container, Mapping
 
 import torch
 
+from backends.cuda.quant import kept
+from backends.cuda.quant.repack import Packed
 from backends.cuda.runtime.devices import torch_device
 from backends.cuda.weights.fold import align_rows
 from backends.cuda.runtime.interp import ExecContext, Kernel
@@ -92,13 +94,14 @@ def _load_order(nodes: list[Node], leaves: list[Node]) -> list[Node]:
 class _Pieces:
     """Full tensors by source name, each kept until its last piece is cut."""
 
-    def __init__(self, source: WeightSource, reference: Mapping[str, WeightInfo], leaves: list[Node]) -> None:
-        self.source, self.reference = source, reference
+    def __init__(self, source: WeightSource, reference: Mapping[str, WeightInfo], leaves: list[Node],
+                 keep: bool = False) -> None:
+        self.source, self.reference, self.keep = source, reference, keep
         self.uses: dict[str, int] = {}
         for n in leaves:
             for p in source_names(n):
                 self.uses[p] = self.uses.get(p, 0) + 1
-        self.full: dict[str, torch.Tensor] = {}
+        self.full: dict[str, torch.Tensor | Packed] = {}
 
     def _get(self, name: str, node: Node, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         if name not in self.full:
@@ -106,20 +109,36 @@ class _Pieces:
             if info is None:
                 raise WeightError(f"graph weight %{node.name} refers to {name}, which this model does not have")
             get_on = getattr(self.source, "get_on", None)
-            t = get_on(info, device, dtype) if get_on is not None else self.source.get(info)
+            t = self.source.get_kept(info) if self.keep else None  # type: ignore[attr-defined]
+            if t is None:
+                t = get_on(info, device, dtype) if get_on is not None else self.source.get(info)
             if tuple(t.shape) != info.shape:
                 raise WeightError(f"{name}: {self.source.label} gives shape {list(t.shape)}, "
                                   f"the config needs {list(info.shape)}")
             self.full[name] = t
         return self.full[name]
 
-    def piece(self, node: Node, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    @staticmethod
+    def _kept(node: Node, ts: list[torch.Tensor | Packed], device: torch.device) -> Packed | None:
+        """The piece as blocks when its sources are kept and its cut keeps them (quant/kept.py)."""
+        if not all(kept.is_kept(t) for t in ts):
+            return None
+        p = kept.assemble(node, ts)  # type: ignore[arg-type]
+        if p is not None and p.shape != tuple(int(d) for d in node.spec.shape):
+            raise WeightError(f"graph weight %{node.name} wants shape {list(node.spec.shape)}, its source gives "
+                              f"{list(p.shape)}")
+        return None if p is None else kept.to_device(p, device)
+
+    def piece(self, node: Node, device: torch.device, dtype: torch.dtype) -> torch.Tensor | Packed:
         parts = source_names(node)
         ts = [self._get(p, node, device, dtype) for p in parts]
-        t = assemble(node, [x.to(device=device, dtype=dtype) for x in ts] if len(ts) > 1 else ts)
-        t = t.to(device=device, dtype=dtype).contiguous()
-        if t.untyped_storage().nbytes() > t.numel() * t.element_size():
-            t = t.clone()  # a slice must not keep the whole tensor alive
+        t = self._kept(node, ts, device)
+        if t is None:
+            ts = kept.dequantised(ts, dtype)  # (mixed types, or a cut inside a block)
+            t = assemble(node, [x.to(device=device, dtype=dtype) for x in ts] if len(ts) > 1 else ts)
+            t = t.to(device=device, dtype=dtype).contiguous()
+            if t.untyped_storage().nbytes() > t.numel() * t.element_size():
+                t = t.clone()  # a slice must not keep the whole tensor alive
         for p in parts:
             self.uses[p] -= 1
             if self.uses[p] == 0:
@@ -128,13 +147,14 @@ class _Pieces:
 
 
 def load_folded(graphs: Mapping[str, Graph], reference: Mapping[str, WeightInfo], source: WeightSource,
-                dtype: torch.dtype, default_device: str, kernels: Mapping[Op, Kernel]
+                dtype: torch.dtype, default_device: str, kernels: Mapping[Op, Kernel], keep_quant: bool = False
                 ) -> tuple[dict[str, torch.Tensor], dict[str, Graph]]:
-    """(weights the executed graphs read, by node name; the graphs with constants folded to leaves)."""
+    """(weights the executed graphs read, by node name; the graphs with constants folded to leaves).
+    `keep_quant`: matmul weights the source holds in blocks stay blocks (quant/kept.py)."""
     nodes, live, readers = _constants(graphs)
     leaves = [n for n in nodes if n.op == Op.WEIGHT]
     nodes = _load_order(nodes, leaves)
-    pieces = _Pieces(source, reference, leaves)
+    pieces = _Pieces(source, reference, leaves, keep_quant)
     weights: dict[str, torch.Tensor] = {}
     any_graph = next(iter(graphs.values()))
     ctx = ExecContext(any_graph, {}, {}, weights, {}, default_device)
@@ -143,13 +163,29 @@ def load_folded(graphs: Mapping[str, Graph], reference: Mapping[str, WeightInfo]
         if n.op == Op.WEIGHT:
             weights[n.name] = pieces.piece(n, dev, dtype)
         else:
-            weights[n.name] = align_rows(n, kernels[n.op](n, [weights[i] for i in n.inputs], ctx).contiguous())
+            args = [weights[i] for i in n.inputs]
+            out = kept.fold(n, args, ctx) if keep_quant else None
+            if out is None:
+                out = align_rows(n, kernels[n.op](n, kept.dequantised(args, dtype), ctx).contiguous())
+            weights[n.name] = out
             for i in dict.fromkeys(n.inputs):
                 readers[i] -= 1
                 if readers[i] == 0 and i not in live:
                     del weights[i]  # only constants read it, and they are all computed now
     executed = {k: _as_leaves(g, weights) for k, g in graphs.items()}
+    if keep_quant:
+        _dequantise_non_matmul(executed, weights, dtype)
     return weights, executed
+
+
+def _dequantise_non_matmul(graphs: Mapping[str, Graph], weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Only a matmul's weight operand takes blocks: a kept weight any other node reads (an
+    embedding table's get_rows, a fused op) is dequantised, once, to the compute type."""
+    for g in graphs.values():
+        for n in g.nodes:
+            for k, i in enumerate(n.inputs):
+                if kept.is_kept(weights.get(i)) and not (n.op == Op.MATMUL and k == 1):
+                    weights[i] = kept.dense(weights[i], dtype)  # type: ignore[arg-type]
 
 
 def executed_graph(g: Graph) -> Graph:
