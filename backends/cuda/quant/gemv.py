@@ -30,12 +30,12 @@ Without Triton (or off CUDA without the interpreter) `gemv` dequantises and mult
 
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 
 from backends.cuda.triton_kernels.fused import on, tl, triton, usable
 from backends.cuda.quant.repack import Packed, dequantize
+from backends.cuda.triton_kernels.gemv import gpu_time  # the executor's GEMV timing: L2 flushed, launches queued
 
 Config = tuple[int, int, int, int]  # (BN rows per program, BB units per step, warps, split of K)
 # 8 rows a thread amortise x's load and scaling (BN = 8, or 16 over 2 row-warps); the first
@@ -198,30 +198,6 @@ def gemv(x: torch.Tensor, p: Packed, cfg: Config = DEFAULT) -> torch.Tensor:
     return _launch(x.contiguous(), p, cfg)
 
 
-def flush_bytes(device: torch.device) -> int:
-    """Bytes to write between timed calls so that no operand stays in L2 (a decode step reads
-    each weight once, after the rest of the model has passed through the cache)."""
-    return max(64 << 20, 2 * int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)))
-
-
-def gpu_time(fn: Callable[[], object], device: torch.device, reps: int = REPS) -> float:
-    """Median GPU milliseconds of fn() with L2 flushed before each call. The calls are queued
-    behind a GPU sleep, so the launcher's Python time is not in the figure."""
-    fn()  # compile, warm
-    flush = torch.empty(flush_bytes(device), dtype=torch.uint8, device=device)
-    marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    with torch.cuda.device(device):
-        torch.cuda._sleep(max(2_000_000, 300_000 * reps))  # ~150 us of host time per queued call
-        for start, end in marks:
-            flush.zero_()
-            start.record()
-            fn()
-            end.record()
-    marks[-1][1].synchronize()
-    times = sorted(s.elapsed_time(e) for s, e in marks)
-    return times[len(times) // 2]
-
-
 def choose(x: torch.Tensor, p: Packed, configs: tuple[Config, ...] = CONFIGS) -> tuple[Config, dict[Config, float]]:
     """The fastest config for this (x, p) on its GPU and every config's median ms; off CUDA
     (the interpreter) nothing is timed and DEFAULT comes back. Configs that fail to compile
@@ -233,7 +209,7 @@ def choose(x: torch.Tensor, p: Packed, configs: tuple[Config, ...] = CONFIGS) ->
     failed: Exception | None = None
     for cfg in configs:
         try:
-            times[cfg] = gpu_time(lambda cfg=cfg: _launch(x.contiguous(), p, cfg), x.device)
+            times[cfg] = gpu_time(lambda cfg=cfg: _launch(x.contiguous(), p, cfg), x.device, REPS)
         except Exception as e:  # noqa: BLE001 - a tile this GPU cannot compile (registers, shared memory)
             failed = e
     if not times:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from backends.cuda.quant import gemv
+from backends.cuda.quant.formats import SIZES
 from backends.cuda.quant.repack import WORDS, Packed, dequantize
 from backends.cuda.triton_kernels.fused import usable
 from graphir.ops import Op
@@ -37,7 +38,7 @@ def is_kept(v: Any) -> bool:
 
 def block_elements(qtype: str) -> int:
     """Weights per block along K (a Q4_K super-block carries the shared d, dmin)."""
-    return 256 if qtype == "Q4_K" else 32
+    return SIZES[qtype][0]
 
 
 def _map(p: Packed, fn: Any) -> Packed:
@@ -106,10 +107,6 @@ def dequantised(args: Sequence[Any], dtype: torch.dtype) -> list[Any]:
     return [dense(a, dtype) if is_kept(a) else a for a in args]
 
 
-def _config_name(cfg: gemv.Config | None) -> str:
-    return "torch" if cfg is None else ",".join(map(str, cfg))
-
-
 def matmul(x: torch.Tensor, p: Packed, choices: Any) -> torch.Tensor:
     """x [..., K] @ W^T for a kept W [N, K]: the quant GEMV for one row, dequantise + matmul else."""
     n, k = p.shape
@@ -120,11 +117,11 @@ def matmul(x: torch.Tensor, p: Packed, choices: Any) -> torch.Tensor:
     key = (n, k, p.qtype, str(x.dtype).removeprefix("torch."), str(x.device))
     if key not in choices.quant_gemv:
         runs = usable(x1) and p.qs.device == x1.device
-        choices.quant_gemv[key] = _config_name(gemv.choose(x1, p)[0] if runs else None)
+        choices.quant_gemv[key] = gemv.choose(x1, p)[0] if runs else None
     cfg = choices.quant_gemv[key]
-    if cfg == "torch":
-        return F.linear(x, dense(p, x.dtype))  # (the dequantised session's product, bit for bit)
-    return gemv.gemv(x1, p, tuple(int(c) for c in cfg.split(","))).reshape(*lead, n)  # type: ignore[arg-type]
+    if cfg is None:  # no Triton here: the dequantised session's product, bit for bit
+        return F.linear(x, dense(p, x.dtype))
+    return gemv.gemv(x1, p, cfg).reshape(*lead, n)
 
 
 def summary(weights: Mapping[str, Any]) -> dict[str, int]:

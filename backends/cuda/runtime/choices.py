@@ -19,8 +19,8 @@ class KernelChoices:
     """What the timed and fallible fast paths chose, by the shape they chose it for."""
 
     gemv: dict[tuple[int, int, str, str], str] = field(default_factory=dict)  # (N, K, dtype, device) -> "cublas" | "BN,BK,warps"
-    # kept GGUF weights (quant/kept.py): (N, K, qtype, dtype, device) -> "BN,BB,warps,split" | "torch"
-    quant_gemv: dict[tuple[int, int, str, str, str], str] = field(default_factory=dict)
+    # kept GGUF weights (quant/kept.py): (N, K, qtype, dtype, device) -> tile (BN, BB, warps, split), None: torch
+    quant_gemv: dict[tuple[int, int, str, str, str], tuple[int, ...] | None] = field(default_factory=dict)
     moe_gemv: dict[tuple, tuple[int, ...]] = field(default_factory=dict)  # (N, K, slots, dtype, device, swiglu) -> tile
     topk_warps: dict[tuple, int] = field(default_factory=dict)  # (T, E, k, m, dtype, device) -> warps
     grouped_mm_failed: list[str] = field(default_factory=list)  # the first failure of _grouped_mm: tried once
@@ -38,7 +38,8 @@ class KernelChoices:
                 "flash_window_note": self.flash_window_note,
                 "delta_net_prefill": dict(self.deltanet_prefill),
                 "gemv": {f"{n}x{k} {dt}": c for (n, k, dt, _), c in sorted(self.gemv.items())},
-                "quant_gemv": {f"{n}x{k} {q} {dt}": c for (n, k, q, dt, _), c in sorted(self.quant_gemv.items())},
+                "quant_gemv": {f"{n}x{k} {q} {dt}": "torch" if c is None else ",".join(map(str, c))
+                               for (n, k, q, dt, _), c in sorted(self.quant_gemv.items())},
                 "moe_gemv": {f"{n}x{k} slots {s} {dt}{' swiglu' if gated else ''}": ",".join(map(str, c))
                              for (n, k, s, dt, _, gated), c in sorted(self.moe_gemv.items())},
                 "topk_warps": {f"T {t} E {e} k {k}+{m}": w

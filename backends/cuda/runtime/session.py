@@ -178,10 +178,9 @@ class Session:
                 if D.symbols(first) == ("KV",) and all(isinstance(d, int) for d in rest):
                     # [KV, ...]: a cache that grows by T rows per call, preallocated for ctx; a
                     # block-quantised one holds its raw blocks (uint8, kv_quant)
-                    qname = n.spec.dtype.name
-                    dt = torch.uint8 if kv_quant.is_quant(qname) else torch_dtype(n.spec.dtype)
-                    if kv_quant.is_quant(qname):
-                        rest = kv_quant.stored_shape(qname, tuple(rest))
+                    dt = torch_dtype(n.spec.dtype) if not kv_quant.is_quant(n.spec.dtype.name) else torch.uint8
+                    if dt == torch.uint8:
+                        rest = kv_quant.stored_shape(n.spec.dtype.name, tuple(rest))
                     self.buffers[key] = torch.zeros((self.ctx + D.bind(first, {"KV": 0}),) + tuple(rest),
                                                     dtype=dt, device=dev)
                 elif all(isinstance(d, int) for d in n.spec.shape):

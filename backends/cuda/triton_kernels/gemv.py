@@ -79,15 +79,16 @@ def _flush_bytes(device: torch.device) -> int:
     return max(64 << 20, 4 * int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)))
 
 
-def _time(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
-    """Median GPU time of one call with its operands in HBM, not L2: in a decode step each
-    weight is read once per token, after the rest of the model has gone through the cache
+def gpu_time(fn: Callable[[], object], device: torch.device, reps: int = REPS) -> float:
+    """Median GPU milliseconds of one call with its operands in HBM, not L2: in a decode step
+    each weight is read once per token, after the rest of the model has gone through the cache
     (repeating a call back to back would time a 17 MB weight out of an H200's 50 MB L2)."""
     fn()  # compile / warm
     flush = torch.empty(_flush_bytes(device), dtype=torch.uint8, device=device)
-    marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(REPS)]
+    marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     with torch.cuda.device(device):
-        torch.cuda._sleep(2_000_000)  # the GPU waits while the host queues every launch below
+        # the GPU waits while the host queues every launch below (~150 us of host time each)
+        torch.cuda._sleep(max(2_000_000, 300_000 * reps))
         for start, end in marks:
             flush.zero_()
             start.record()
@@ -103,7 +104,7 @@ def fastest(candidates: dict[str, Callable[[], torch.Tensor]], default: str, dev
     time and agrees with it (a coin flip between near-equal kernels would make the logits
     depend on timing noise); else `default`. Candidates that do not compile are skipped."""
     ref = candidates[default]()
-    times = {default: _time(candidates[default], device)}
+    times = {default: gpu_time(candidates[default], device)}
     for name, fn in candidates.items():
         if name == default:
             continue
@@ -114,7 +115,7 @@ def fastest(candidates: dict[str, Callable[[], torch.Tensor]], default: str, dev
         err = float((got.float() - ref.float()).abs().max())
         if err > 1e-2 * float(ref.float().abs().max()) + 1e-3:
             continue  # never trade accuracy for speed
-        times[name] = _time(fn, device)
+        times[name] = gpu_time(fn, device)
     best = min(times, key=lambda n: times[n])
     return best if times[best] <= MARGIN * times[default] else default
 
