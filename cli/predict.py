@@ -243,7 +243,7 @@ def _cli_cases(measured: list[Path], model: str, sysm: "System", eng: "Engine", 
                 raise CostModelCliError(f"{path}: rows mix u-batch sizes {ubs}; calibrate one size per table")
             split_mode, rec = run_label(mode, recurrent)
             po = parse_placement(split_mode, sysm.devices, ts, max_gpu, rec)
-            pp, tg, _ = place_and_price(cfg, q, kv_type, po, ubs[0], eng.passes)
+            pp, tg, _ = place_and_price(cfg, q, kv_type, po, ubs[0], eng.passes, eng.act_dtype)
             cases.append(Case(f"{path.stem}:{mode}", pp, tg, t))
     return cases
 

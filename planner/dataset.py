@@ -82,7 +82,7 @@ def build_case(spec: CaseSpec, folder: Path, eng: Engine) -> Case:
 
     def priced(split: str) -> tuple[Any, Any]:
         po = PlaceOptions(split, sysm.devices, spec.ts, spec.options.max_gpu, spec.recurrent)  # type: ignore[arg-type]
-        pp, tg, _ = place_and_price(cfg, spec.quant, kv, po, ubs[0], tuple(eng.passes) + extra)
+        pp, tg, _ = place_and_price(cfg, spec.quant, kv, po, ubs[0], tuple(eng.passes) + extra, eng.act_dtype)
         return pp, tg
 
     pp, tg = priced(spec.split)

@@ -1,4 +1,4 @@
-"""`python -m planner.gap_table MANIFEST [ENGINE]`: per measured row of every case, the
+"""`python -m planner.gap_table MANIFEST [ENGINE]` (ENGINE: the manifest's own by default): per measured row of every case, the
 time of one prefill u-batch and of one decode token as measured and as predicted, and what the
 prediction misses (ms), with the predicted prefill split by op at the first and last depth. The
 check behind `graphir calibrate --manifest M --no-fit` in milliseconds: a miss that stays flat
@@ -19,13 +19,13 @@ from hardware.profiles import ProfileError
 def main(argv: list[str] | None = None) -> int:
     """Print the table; 2 with one line on stderr for a bad manifest or engine."""
     from backends.costmodel.calibrate import _case_engine, predict_speeds
-    from planner.dataset import build_cases  # the planner builds cases; this tool sits above it
+    from planner.dataset import build_cases, load_manifest  # the planner builds cases; this tool sits above it
 
     args = sys.argv[1:] if argv is None else argv
     try:
         if not 1 <= len(args) <= 2:
             raise ProfileError("usage: python -m planner.gap_table MANIFEST.yaml [ENGINE]")
-        eng = load_engine(args[1] if len(args) > 1 else "ik_llama.cpp")
+        eng = load_engine(args[1] if len(args) > 1 else load_manifest(args[0])[0].engine)
         cases = build_cases(eng, args[0])
     except (OSError, ProfileError) as e:
         print(f"error: {e}", file=sys.stderr)

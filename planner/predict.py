@@ -124,13 +124,13 @@ def predict_placed(pp: Priced, tg: Priced, sysm: System, eng: Engine, workload: 
 
 
 def place_and_price(cfg: ModelConfig, quant: str | QuantScheme | None, kv_type: str, po: PlaceOptions,
-                    ubatch: int, passes: Sequence[str] = ()) -> tuple[Priced, Priced, Graph]:
-    """Build, place and price both phases (after the engine's `passes`); also returns the
-    placed tg graph (for memory)."""
+                    ubatch: int, passes: Sequence[str] = (), act: str = "f32") -> tuple[Priced, Priced, Graph]:
+    """Build, place and price both phases (after the engine's `passes`, activations in the
+    engine's `act` type); also returns the placed tg graph (for memory)."""
     out = []
     for phase in ("pp", "tg"):
-        opts = BuildOptions(phase=phase, quant=scheme(quant, default="bf16"), kv_type=kv_type,
-                            logits="last")  # sweep-bench asks for the last row's logits only
+        opts = BuildOptions(phase=phase, quant=scheme(quant, default="bf16"), kv_type=kv_type,  # type: ignore[arg-type]
+                            act_dtype=act, logits="last")  # sweep-bench asks for the last row's logits only
         g = place(cfg, opts, po)
         out.append((price(engine_graph(g, cfg, passes), ubatch), g))
     return out[0][0], out[1][0], out[1][1]
@@ -192,7 +192,7 @@ def predict(model: str, hw: str | System = DEFAULT_HW, engine: str | Engine = DE
             warnings += [w for w in [fit_check(split, devices, modes[split].memory_GB, sysm, wl.ctx,
                                                allow_overflow)] if w]
             continue
-        pp, tg, g = place_and_price(src.cfg, q, kv_type, po, wl.ubatch, tuple(eng.passes) + extra)
+        pp, tg, g = place_and_price(src.cfg, q, kv_type, po, wl.ubatch, tuple(eng.passes) + extra, eng.act_dtype)
         split = split or "+".join(passes)
         mem = memory_per_device(g, wl.ctx)
         # before the sweep is evaluated: a context the caches cannot hold stops here
@@ -208,8 +208,9 @@ def predict_auto(cfg: ModelConfig, quant: str | QuantScheme, kv_type: str, po: P
     """Split mode `auto`: the auto search (planner.placement.AutoPlacer) for this sweep (every
     row alike, PP and TG weighted 1:1) on `po.hw` with `po.engine`; the rows are its plan's,
     switch costs included."""
-    graphs = {ph: build(cfg, BuildOptions(phase=ph, quant=scheme(quant, default="bf16"), kv_type=kv_type,
-                                          logits="last")) for ph in ("pp", "tg")}
+    eng = po.engine if isinstance(po.engine, Engine) else load_engine(po.engine)
+    graphs = {ph: build(cfg, BuildOptions(phase=ph, quant=scheme(quant, default="bf16"), kv_type=kv_type,  # type: ignore[arg-type]
+                                          act_dtype=eng.act_dtype, logits="last")) for ph in ("pp", "tg")}
     plan = auto_placer(po, cfg, graphs=graphs).plan_for(graphs["pp"])
     sysm, wl = plan_system(po), po.workload or Workload()
     pp, tg = stitched(plan)

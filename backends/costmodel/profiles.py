@@ -94,6 +94,11 @@ class Engine(BaseModel):
     # Hopper part) a 4-bit mat-vec is bound by this, not by the bytes. Measured from the
     # engine's own kernels (docs/cost_model.md); types absent: 4 (never the limit)
     gemv_ops: dict[str, float] = {}
+    # the type the engine keeps activations in between kernels (the graph it prices is built
+    # with it, as the executor builds its own): ggml computes in f32, graphir's executor in its
+    # compute type (`--dtype`, bf16 by default). It sets the bytes of every norm, add, rope,
+    # swiglu and activation copy, which dominate prefill outside the matmuls
+    act_dtype: Literal["f32", "bf16", "f16"] = "f32"
     quant_rate: str = "int8"  # unit running GEMMs on quantised weights
     quant_dequant: bool = False  # GEMMs first expand quantised weights to f16 (extra bytes)
     float_rates: dict[str, str] = {"f32": "fp32", "f16": "fp16_acc16", "bf16": "bf16"}

@@ -150,9 +150,10 @@ def node_costs(pr: Priced, sysm: System, eng: Engine, kv: np.ndarray,
         steps = np.where(pr.kind == _REC, pr.mnk[0] * eng.recurrent_step_us * 1e-6, 0.0)
         t_c = np.maximum(t_c, steps[:, None])
     t_m = byt / bw[:, None]
-    launch = _launches(pr, eng) * np.where(pr.kind == _ATTN, 1.0 if eng.flash_attn else 4.0, 1.0) * 1e-6
-    if eng.stream_us or eng.gemv_us:
-        launch = launch + np.where(mv, _per_node(eng.gemv_us, pr, eng.stream_us) * 1e-6, 0.0) * (eng.graph_launch_us if _replays(pr, eng) else eng.launch_us)
+    per_launch = eng.graph_launch_us if _replays(pr, eng) else eng.launch_us
+    launch = _launches(pr, eng) * np.where(pr.kind == _ATTN, 1.0 if eng.flash_attn else 4.0, 1.0) * per_launch * 1e-6
+    if eng.stream_us or eng.gemv_us:  # a mat-vec's pipeline fill and last wave: µs of its own, not launches
+        launch = launch + np.where(mv, _per_node(eng.gemv_us, pr, eng.stream_us) * 1e-6, 0.0)
     body = np.maximum(t_c, t_m)
     if not breakdown:
         return body + launch[:, None], np.zeros((len(pr.names), len(TERMS), 1))

@@ -137,3 +137,43 @@ def test_a_typed_all_reduce_pays_its_casts() -> None:
                              for n in g.nodes])
     (_, o0), (_, o1) = comm_costs(price(g), sysm, eng), comm_costs(price(typed), sysm, eng)
     assert o1[0] - o0[0] == pytest.approx(2 * eng.graph_launch_us * 1e-6)  # tg: replayed kernels
+
+
+@pytest.mark.parametrize("engine", ["ik_llama.cpp", "graphir-cuda"])
+@pytest.mark.parametrize("phase", ["pp", "tg"])
+def test_a_kernel_pays_its_launch_and_a_mat_vec_its_stream_time(engine: str, phase: str) -> None:
+    """Per node: launches x the phase's per-launch time (graph_launch_us when replayed, else
+    launch_us), plus stream_us (µs, not launches) on each weight-streaming mat-vec."""
+    sysm = resolve_system("2x3090")
+    g = _two_branches(True)
+    pr = price(Graph(g.nodes, (("phase", phase),)), 1)  # one token: every matmul is a mat-vec
+    eng = load_engine(engine)
+    base = eng.model_copy(update={"launch_us": 3.0, "graph_launch_us": 1.0, "stream_us": 0.0, "gemv_us": {}})
+    t0 = node_costs(pr, sysm, base, np.array([0.0]))[1][:, TERMS.index("launch"), 0]
+    per = 1.0 if (eng.cuda_graphs == "tg" and phase == "tg") or eng.cuda_graphs == "always" else 3.0
+    assert t0 == pytest.approx(pr.launches * per * 1e-6)
+    slower = base.model_copy(update={"launch_us": 6.0, "graph_launch_us": 2.0})
+    t1 = node_costs(pr, sysm, slower, np.array([0.0]))[1][:, TERMS.index("launch"), 0]
+    assert t1 == pytest.approx(2 * t0)  # the launch term scales with the per-launch time
+    streams = base.model_copy(update={"stream_us": 5.0})
+    t2 = node_costs(pr, sysm, streams, np.array([0.0]))[1][:, TERMS.index("launch"), 0]
+    gemv = np.array([op == "matmul" for op in pr.ops])
+    assert t2 - t0 == pytest.approx(np.where(gemv, 5e-6, 0.0))
+
+
+def test_the_engine_activation_type_sets_the_priced_bytes() -> None:
+    """graphir's executor keeps activations in its compute type, ggml in f32: the graph each
+    engine prices is built so (planner.predict.place_and_price), halving a norm's bytes."""
+    from graphir.models.sources import load_preset
+    from planner.placement import PlaceOptions
+    from planner.predict import place_and_price
+
+    cfg = load_preset("qwen3-0.6b").with_layers(2)
+    po = PlaceOptions("layer", ("cuda:0",))
+    assert load_engine("graphir-cuda").act_dtype == "bf16" and load_engine("ik_llama.cpp").act_dtype == "f32"
+    norm = {}
+    for act in ("f32", "bf16"):
+        pp, _, _ = place_and_price(cfg, "bf16", "bf16", po, 512, (), act)
+        i = [k for k, op in enumerate(pp.ops) if op == "rms_norm"][0]
+        norm[act] = pp.actbytes[0][i]
+    assert norm["bf16"] == pytest.approx(norm["f32"] / 2)
