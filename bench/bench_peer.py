@@ -5,7 +5,7 @@
     python3 bench/bench_peer.py write  --dir WORK --set dense|next [--types f16,q8_0,...]
     python3 bench/bench_peer.py ik     --dir WORK --set dense|next [--delete]
     python3 bench/bench_peer.py ops    --dir WORK [--types f16,q8_0,...]
-    python3 bench/bench_peer.py graphir --dir WORK [--only qwen3-8b,...]
+    python3 bench/bench_peer.py graphir --dir WORK [--only qwen3-8b,...] [--keep-quant --suffix -kq] [--kv-type q8_0]
     python3 bench/bench_peer.py report --dir WORK --out OUT
 
 Everything a step produces goes under WORK/results (CSV per run, one log per command, runs.jsonl
@@ -317,7 +317,10 @@ def cmd_graphir(a: argparse.Namespace) -> int:
             w.say(f"{name}: {args[0]} missing, not run")
             continue
         csv_path = w.results / f"{name}{a.suffix}.csv"
-        cmd = [sys.executable, "-m", "cli.main", "run", *args, "--format", "csv", "-o", str(csv_path)]
+        extra = ["--kv-type", a.kv_type] if a.kv_type else []
+        if a.keep_quant and args[0].endswith(".gguf"):  # a float file has no blocks to keep
+            extra.append("--keep-quant")
+        cmd = [sys.executable, "-m", "cli.main", "run", *args, *extra, "--format", "csv", "-o", str(csv_path)]
         rc, _ = w.run(name + a.suffix, cmd, timeout=a.timeout, env=env, cwd=ROOT)
         bad += rc != 0
     return 1 if bad else 0
@@ -344,10 +347,12 @@ def comparison(results: Path) -> str:
     pairs = []
     for stem, t in ik.items():
         model, _, wt = stem.rpartition("-")
-        # same file when graphir ran it; else graphir's bf16 sweep of the same model
-        g_key = stem if stem in gr else next((k for k in gr if k.startswith(model + "-")
-                                              and not k.endswith(".gguf")), None)
-        pairs.append((stem, t, g_key, gr.get(g_key) if g_key else None))
+        # the same file, every way graphir ran it (a --suffix run, e.g. `-kq` for --keep-quant);
+        # else graphir's bf16 sweep of the same model
+        same = [k for k in sorted(gr) if k == stem or k.startswith(stem + "-")]
+        if not same:
+            same = [next((k for k in gr if k.startswith(model + "-") and not k.endswith(".gguf")), "")]
+        pairs += [(stem, t, k or None, gr.get(k) if k else None) for k in same]
     lines = ["| model | ik weights | graphir run | N_KV | ik S_PP | graphir S_PP | PP ratio | ik S_TG | "
              "graphir S_TG | TG ratio |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for stem, t, g_key, g in pairs:
@@ -415,7 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=120, help="per weight type")
     p = sub.add_parser("graphir")
     p.add_argument("--only", type=lambda s: s.split(","), default=None)
-    p.add_argument("--suffix", default="", help="appended to CSV names (a repeat run)")
+    p.add_argument("--suffix", default="", help="appended to CSV names (a repeat run, or `-kq` with --keep-quant)")
+    p.add_argument("--keep-quant", action="store_true", help="GGUF files: keep their blocks on the GPU (graphir run --keep-quant)")
+    p.add_argument("--kv-type", default="", help="graphir run --kv-type (e.g. q8_0)")
     p.add_argument("--timeout", type=float, default=240, help="per run")
     p = sub.add_parser("report")
     p.add_argument("--out", default=None)
