@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import re
 import sys
@@ -196,7 +197,17 @@ def calibrate_cmd(
         prov |= {"fitted": {k: round(v, 6) for k, v in res.fitted.items()},
                  "residuals": {k: {m: {s: round(float(x), 5) for s, x in st.items()} for m, st in v.items()}
                                for k, v in res.per_case.items()}}
-        _emit(engine_yaml(res.engine.model_copy(update={"calibration": prov})), output)
+        # a profile rewritten in place keeps the comment it opens with (where its numbers come from)
+        _emit(_leading_comment(output) + engine_yaml(res.engine.model_copy(update={"calibration": prov})), output)
+
+
+def _leading_comment(path: Path) -> str:
+    """The `#` lines an existing YAML file opens with ("" for a new file)."""
+    if not path.is_file():
+        return ""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    head = itertools.takewhile(lambda s: s.startswith("#"), lines)
+    return "".join(s if s.endswith("\n") else s + "\n" for s in head)
 
 
 def format_cv(held: dict[str, dict[str, dict[str, float]]]) -> str:

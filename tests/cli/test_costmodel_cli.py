@@ -67,6 +67,13 @@ def test_calibrate_recovers_a_parameter(tmp_path: Path, capsys: pytest.CaptureFi
     doc = yaml.safe_load(fitted.read_text())
     assert doc["attn_pp_eff"] == pytest.approx(truth.attn_pp_eff, rel=0.05)
     assert doc["calibration"]["data"] == ["meas.csv"]
+    # refitting a profile in place keeps the comment it opens with, and only that
+    fitted.write_text("# where these numbers come from\n# (second line)\n" + fitted.read_text() + "# tail\n")
+    assert main(["calibrate", str(meas), "--model", "qwen3-0.6b", "--hw", "2x3090", "--engine", str(fitted),
+                 "--fit", "attn_pp_eff", "-o", str(fitted)]) == 0
+    text = fitted.read_text()
+    assert text.startswith("# where these numbers come from\n# (second line)\nname: ") and "# tail" not in text
+    assert load_engine(str(fitted)).attn_pp_eff == pytest.approx(truth.attn_pp_eff, rel=0.05)
 
 
 def test_compare_measured_with_predicted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
