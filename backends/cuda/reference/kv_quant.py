@@ -10,7 +10,11 @@ with d a multiple of 32: a block never spans two heads, so per-head blocks are t
 back as floats (`floats`): the numbers attention sees are exactly ggml's round trip, since the
 quantisers below are the reference ones (ggml-quants.c's, which the `gguf` package mirrors bit
 for bit; a test holds them to it). Reading back dequantises the whole view in torch: correct
-everywhere and capturable in a CUDA graph (no host synchronisation), not a fused kernel.
+everywhere and capturable in a CUDA graph (no host synchronisation), not a fused kernel. The
+decode step's route (a 16-bit session, one query, a bucket of the cache) is the exception:
+the split decode-attention kernel (triton_kernels/decode_attention.py) reads the blocks
+themselves, 34 or 18 bytes per 32 values, and dequantises them in registers to the same values.
+Prefill still reads a dequantised copy.
 """
 
 from __future__ import annotations

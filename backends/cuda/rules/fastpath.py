@@ -200,16 +200,27 @@ def _lower_right(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, scale: fl
     return _explicit(qh, kh, vh, scale, mask[None, None])
 
 
+def _block_cache(node: Node, args: Args, ctx: ExecContext, i: int) -> str | None:
+    """The block type ("q8_0", "q4_0") of attention input i when it arrives as raw bytes, else None."""
+    name = ctx.graph[node.inputs[i]].spec.dtype.name
+    return name if kv_quant.is_quant(name) and args[i].dtype == torch.uint8 else None
+
+
 def attention(node: Node, args: Args, ctx: ExecContext) -> torch.Tensor:
     """Scaled-dot-product attention over the cache (flash / efficient kernels on CUDA)."""
     if ref_attn.needs_mask(node, args):  # window / sinks: read the window only (or the reference)
         return window_attention.attention(node, args, ctx)
     q = args[0]
+    scale = float(node.attr["scale"])
+    if ctx.bucket is not None and q.shape[0] == 1:  # a block-quantised cache read as its bytes
+        kc, vc = (_block_cache(node, args, ctx, i) for i in (1, 2))
+        if (kc or vc) and decode_attention.usable_for(q, args[1], args[2], kc, vc):
+            return decode_attention.decode_attention(q, args[1], args[2], ctx.kvpos[ctx.device_name(node)], scale,
+                                                     k_cache=kc, v_cache=vc)
     k, v = ref_attn.cache_floats(node, args, ctx, q.dtype)  # q [T,hq,d], k [S,hkv,d], v [S,hkv,dv]
     T, hq, d = q.shape
     S, hkv, dv = v.shape
     g = hq // hkv
-    scale = float(node.attr["scale"])
     kh = k.permute(1, 0, 2).unsqueeze(0)  # [1,hkv,S,d]
     vh = v.permute(1, 0, 2).unsqueeze(0)
     mask = None

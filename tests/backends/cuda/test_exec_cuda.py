@@ -52,10 +52,11 @@ def node(op: Op, name: str = "n", **attrs: object):  # a bare node to hand a rul
     return Node(name, op, (), TensorSpec((1,), "f32"), tuple(attrs.items()))
 
 
-def ctx_for() -> ExecContext:
+def ctx_for(g=None) -> ExecContext:
+    """A context for one kernel call; `g`: the graph of its node (attention reads its inputs' cache types)."""
     from graphir.graph import Graph
 
-    return ExecContext(Graph(()), {}, {}, {}, {}, DEV)
+    return ExecContext(g if g is not None else Graph(()), {}, {}, {}, {}, DEV)
 
 
 # ---- kernels ----------------------------------------------------------------------------------
@@ -269,7 +270,7 @@ def test_attention_sdpa(T: int, S: int, dtype: torch.dtype) -> None:
     g = _attn_graph(T, S, hq, hkv, d)
     q, k, v = rand(T, hq, d, dtype=dtype), rand(S, hkv, d, dtype=dtype, seed=1), rand(S, hkv, d, dtype=dtype, seed=2)
     a = g["a"]
-    want = KERNELS[Op.ATTENTION](a, [q.float().cpu(), k.float().cpu(), v.float().cpu()], ctx_for())
+    want = KERNELS[Op.ATTENTION](a, [q.float().cpu(), k.float().cpu(), v.float().cpu()], ctx_for(g))
     got = fast_attention(a, [q, k, v], ExecContext(g, {}, {}, {}, {}, DEV))
     assert rel_err(got.float().cpu(), want) < (1e-5 if dtype == torch.float32 else 2e-2)
 
@@ -281,7 +282,7 @@ def test_attention_bucket_mask() -> None:
     q, k, v = rand(1, hq, d), rand(S, hkv, d, seed=1), rand(S, hkv, d, seed=2)
     ctx = ExecContext(g, {}, {}, {}, {}, DEV, bucket=S, kvpos={DEV: torch.tensor([pos], device=DEV)})
     got = fast_attention(g["a"], [q, k, v], ctx)
-    want = KERNELS[Op.ATTENTION](g["a"], [q.cpu(), k[:pos + 1].cpu(), v[:pos + 1].cpu()], ctx_for())
+    want = KERNELS[Op.ATTENTION](g["a"], [q.cpu(), k[:pos + 1].cpu(), v[:pos + 1].cpu()], ctx_for(g))
     assert rel_err(got.cpu(), want) < 1e-5
 
 
@@ -296,7 +297,7 @@ def test_decode_attention_two_launches(hq: int, hkv: int, d: int, S: int, pos: i
     assert decode_attention.usable_for(q, k, v)
     ctx = ExecContext(g, {}, {}, {}, {}, DEV, bucket=S, kvpos={DEV: torch.tensor([pos], device=DEV)})
     got = fast_attention(g["a"], [q, k, v], ctx)
-    want = KERNELS[Op.ATTENTION](g["a"], [x.float().cpu() for x in (q, k[:pos + 1], v[:pos + 1])], ctx_for())
+    want = KERNELS[Op.ATTENTION](g["a"], [x.float().cpu() for x in (q, k[:pos + 1], v[:pos + 1])], ctx_for(g))
     assert got.dtype == torch.bfloat16 and got.shape == (1, hq, d)
     # bf16 rounding (scores, probabilities, output); Triton's interpreter rounds toward zero,
     # which biases every rounding the same way (a GPU rounds to nearest)

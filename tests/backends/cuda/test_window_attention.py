@@ -45,9 +45,7 @@ def _rand(*shape: int, seed: int, dtype: torch.dtype = torch.bfloat16) -> torch.
 
 
 def _reference(g, args: list[torch.Tensor]) -> torch.Tensor:
-    from graphir.graph import Graph
-
-    ctx = ExecContext(Graph(()), {}, {}, {}, {}, "cpu")
+    ctx = ExecContext(g, {}, {}, {}, {}, "cpu")  # the graph: attention reads its inputs' cache types
     return KERNELS[Op.ATTENTION](g["a"], [x.float().cpu() for x in args], ctx)
 
 
