@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (module, name) -> why it is a constant: written only while the module is imported
 CONSTANT_TABLES: dict[tuple[str, str], str] = {
+    ("backends.cuda.triton_kernels.decode_attention", "CACHE_CODES"): "cache storage -> the kernel's code, fixed",
+    ("backends.cuda.triton_kernels.decode_attention", "BLOCK_BYTES"): "ggml's bytes per 32-value block, fixed",
     ("backends.costmodel", "__all__"): "the package's exported names",
     ("backends.costmodel.options", "_BOOL_ON"): "spellings of a true flag value",
     ("backends.costmodel.options", "_BOOL_OFF"): "spellings of a false flag value",

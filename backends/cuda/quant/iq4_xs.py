@@ -41,7 +41,7 @@ from backends.cuda.quant.repack import Packed, _from_words, _nibble_bytes, _to_w
 from backends.cuda.triton_kernels.fused import on, tl, triton, usable
 
 QTYPE = "IQ4_XS"
-_BOOK = [v + 128 for v in KVALUES]  # the code book as unsigned bytes, 16 of them
+_BOOK = tuple(v + 128 for v in KVALUES)  # the code book as unsigned bytes, 16 of them
 # its four little-endian words: T0, T1 hold entries 0..7 (q < 8), T2, T3 entries 8..15
 
 
