@@ -44,7 +44,7 @@ CONFIGS: tuple[Config, ...] = ((8, 128, 4, 1), (4, 128, 4, 1), (16, 64, 4, 1), (
                                (4, 256, 8, 1), (4, 64, 4, 4))
 DEFAULT: Config = CONFIGS[0]
 MAGIC = 0x4B000000  # the f32 bits of 2^23
-KINDS = ("Q4_0", "Q8_0", "Q4_K")  # the kernel's KIND: index of the repacked type
+KINDS = ("Q4_0", "Q8_0", "Q4_K", "Q6_K")  # the kernel's KIND: index of the repacked type
 REPS = 20
 
 
@@ -87,16 +87,44 @@ if triton is not None:
         return t, tl.sum(((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), axis=1)
 
     @triton.jit
+    def _term6(w, hs, x, magic, MASK: tl.constexpr, HMASK: tl.constexpr, SUB: tl.constexpr, SCALE: tl.constexpr):
+        # a 6-bit field: nibble at bits s..s+3 of w (MASK), its top 2 bits at s+4, s+5 of hs (HMASK)
+        f = (((w & MASK) | magic) | (hs & HMASK)).to(tl.float32, bitcast=True) - SUB
+        return f * (x * SCALE)[None, :, :]
+
+    @triton.jit
+    def _six(w, hl, hh, xp, mb, magic, EVEN: tl.constexpr):
+        # a Q6_K unit of 32 (nibble j of word w: element 4j + w's low 4 bits; its top 2 bits at
+        # 4j+4 of hl for j <= 4, at 4j-8 of hh for j >= 5, where w >> 12 holds the nibble):
+        # the products of elements 0..15 and of 16..31 (two scales), each [BN, BB]
+        h = w >> 12
+        t = _term6(w, hl, _x(xp, mb, 0, EVEN), magic, 0xF, 0x30, 8388640.0, 1.0)
+        t += _term6(w, hl, _x(xp, mb, 4, EVEN), magic, 0xF0, 0x300, 8389120.0, 0.0625)
+        t += _term6(w, hl, _x(xp, mb, 8, EVEN), magic, 0xF00, 0x3000, 8396800.0, 0.00390625)
+        t += _term6(w, hl, _x(xp, mb, 12, EVEN), magic, 0xF000, 0x30000, 8519680.0, 0.000244140625)
+        u = _term6(w, hl, _x(xp, mb, 16, EVEN), magic, 0xF0000, 0x300000, 10485760.0, 1.52587890625e-05)
+        u += _term6(h, hh, _x(xp, mb, 20, EVEN), magic, 0xF00, 0x3000, 8396800.0, 0.00390625)
+        u += _term6(h, hh, _x(xp, mb, 24, EVEN), magic, 0xF000, 0x30000, 8519680.0, 0.000244140625)
+        u += _term6(h, hh, _x(xp, mb, 28, EVEN), magic, 0xF0000, 0x300000, 10485760.0, 1.52587890625e-05)
+        return tl.sum(t, axis=2), tl.sum(u, axis=2)
+
+    @triton.jit
+    def _byte(v, magic, MASK: tl.constexpr, SCALE: tl.constexpr):
+        # a biased byte (value + 128) at the bits of MASK as a float, by the mantissa trick
+        return (((v & MASK) | magic).to(tl.float32, bitcast=True) - 8388608.0) * SCALE - 128.0
+
+    @triton.jit
     def _int6(v, magic):
         # a 6-bit field at bits 0..5 as a float, by the same mantissa trick
         return ((v & 0x3F) | magic).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
-    def _gemv_k(x_ptr, q_ptr, d_ptr, s_ptr, o_ptr, N, NU, UPS, sq, sd, ss, so, magic, KIND: tl.constexpr,
+    def _gemv_k(x_ptr, q_ptr, d_ptr, s_ptr, h_ptr, o_ptr, N, NU, UPS, sq, sd, ss, sh, so, magic, KIND: tl.constexpr,
                 BN: tl.constexpr, BB: tl.constexpr, PARTIAL: tl.constexpr, EVEN_N: tl.constexpr,
                 EVEN: tl.constexpr):
         # program (i, s): rows [i*BN, i*BN + BN), units [s*UPS, s*UPS + UPS) of the row, BB units a
-        # step. A unit is 4 words (one 16-byte load): 32 elements (KIND 0 Q4_0, 2 Q4_K) or 16 (1 Q8_0).
+        # step. A unit is 4 words (one 16-byte load): 32 elements (KIND 0 Q4_0, 2 Q4_K) or 16 (1 Q8_0);
+        # Q6_K's (KIND 3) is 64 elements: 8 words of low nibbles, 4 of top bits, 4 scale bytes.
         # `magic` (0x4B000000, the bits of 2^23) comes as an argument, not a literal: with the field
         # masks also literals the compiler would spend a MOV on every AND-OR; this way it is one
         # register and each AND-OR is one LOP3 with the mask as its immediate.
@@ -112,8 +140,10 @@ if triton is not None:
             blk = b0 + tl.arange(0, BB)
             mb = blk < b_hi
             m2 = mr[:, None] & mb[None, :]
-            qp = q_ptr + r64[:, None, None] * sq + (blk * 4)[None, :, None] + wi[None, None, :]  # [BN, BB, 4]
-            if KIND == 1:
+            qp = q_ptr + r64[:, None, None] * sq + (blk * (8 if KIND == 3 else 4))[None, :, None] + wi[None, None, :]
+            if KIND == 3:
+                dp = d_ptr + r64[:, None] * sd + (blk // 4)[None, :]  # [BN, BB]: four pairs share a d
+            elif KIND == 1:
                 dp = d_ptr + r64[:, None] * sd + (blk // 2)[None, :]  # [BN, BB]: two units share a scale
             elif KIND == 2:
                 dp = d_ptr + r64[:, None] * sd + (blk // 8 * 2)[None, :]  # [BN, BB]: the super-block's d
@@ -128,7 +158,24 @@ if triton is not None:
             # a field at bits s..s+b-1 reads as 2^23 + q * 2^s only while it stays below bit 23 (the
             # exponent's lowest bit): the fields above come from the word shifted right by 12
             h = w >> 12  # (the sign bits it shifts in are masked off)
-            if KIND == 1:  # Q8_0: byte j of word w is element 4j + w of the unit, stored q + 128
+            if KIND == 3:  # Q6_K: w = (d * sc) * (q - 32), an int8 scale per 16 elements
+                hp = h_ptr + r64[:, None, None] * sh + (blk * 4)[None, :, None] + wi[None, None, :]
+                sp = s_ptr + r64[:, None] * ss + blk[None, :]
+                if EVEN and EVEN_N:
+                    wb = tl.load(qp + 4)
+                    hw = tl.load(hp)
+                    sw = tl.load(sp)
+                else:
+                    wb = tl.load(qp + 4, mask=mr[:, None, None] & mb[None, :, None], other=0)
+                    hw = tl.load(hp, mask=mr[:, None, None] & mb[None, :, None], other=0)
+                    sw = tl.load(sp, mask=m2, other=0)
+                xp = x_ptr + (blk * 64)[:, None] + wi[None, :]
+                a0, a1 = _six(w, hw << 4, hw >> 8, xp, mb, magic, EVEN)
+                b0, b1 = _six(wb, hw << 2, hw >> 10, xp + 32, mb, magic, EVEN)
+                sx = sw >> 12
+                acc += ((a0 * _byte(sw, magic, 0xFF, 1.0) + a1 * _byte(sw, magic, 0xFF00, 0.00390625))
+                        + (b0 * _byte(sx, magic, 0xFF0, 0.0625) + b1 * _byte(sx, magic, 0xFF000, 0.000244140625))) * d
+            elif KIND == 1:  # Q8_0: byte j of word w is element 4j + w of the unit, stored q + 128
                 xp = x_ptr + (blk * 16)[:, None] + wi[None, :]  # [BB, 4]: element w of each unit
                 t = _term(w, _x(xp, mb, 0, EVEN), magic, 0xFF, 8388736.0, 1.0)
                 t += _term(w, _x(xp, mb, 4, EVEN), magic, 0xFF00, 8421376.0, 0.00390625)
@@ -173,7 +220,7 @@ def _launch(x: torch.Tensor, p: Packed, cfg: Config) -> torch.Tensor:
     bn, bb, warps, split = cfg
     n, k = p.shape
     kind = KINDS.index(p.qtype)
-    nu = p.qs.shape[1] // 4  # 16-byte units per row
+    nu = p.qs.shape[1] // (8 if p.qtype == "Q6_K" else 4)  # units per row (Q6_K's: a pair of 32 elements)
     split = max(1, min(split, nu))
     ups = triton.cdiv(nu, split)
     bb = min(bb, triton.next_power_of_2(ups))  # a short row takes a narrower tile, not masked lanes
@@ -181,9 +228,10 @@ def _launch(x: torch.Tensor, p: Packed, cfg: Config) -> torch.Tensor:
     even = nu % split == 0 and ups % bb == 0  # every program's units are whole tiles
     out = torch.empty((split, n) if part else (1, n), dtype=torch.float32 if part else x.dtype, device=x.device)
     with on(x):
-        sub = p.d if p.sub is None else p.sub  # (a stand-in the kernel does not read)
-        _gemv_k[(triton.cdiv(n, bn), split)](x, p.qs, p.d, sub, out, n, nu, ups, p.qs.stride(0), p.d.stride(0),
-                                             sub.stride(0), out.stride(0), MAGIC, KIND=kind, BN=bn, BB=bb,
+        sub = p.d if p.sub is None else p.sub  # (stand-ins the kernel does not read)
+        qh = p.d if p.qh is None else p.qh
+        _gemv_k[(triton.cdiv(n, bn), split)](x, p.qs, p.d, sub, qh, out, n, nu, ups, p.qs.stride(0), p.d.stride(0),
+                                             sub.stride(0), qh.stride(0), out.stride(0), MAGIC, KIND=kind, BN=bn, BB=bb,
                                              PARTIAL=part, EVEN_N=n % bn == 0, EVEN=even, num_warps=warps,
                                              enable_fp_fusion=True)  # the products and sums as FFMAs
     return out.sum(0, keepdim=True).to(x.dtype) if part else out  # [1, N]

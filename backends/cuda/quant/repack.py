@@ -21,6 +21,16 @@ field is isolated with one AND against a constant (no shift per weight, see gemv
   Q4_0 (raw 0..15, no zero point); `sub` int16 [N, K/32] holds its 6-bit scale | 6-bit min << 8
   (the file packs these 16 bytes into 12: unpacked, a super-block reads 148 bytes, not 144),
   and `d` f16 [N, K/256, 2] the super-block's (d, dmin). w = (d * sc) * q - dmin * m.
+- Q6_K (256-element super-blocks, 6-bit q, an int8 scale per 16): the low 4 bits of every
+  32-element unit are Q4_0's nibble words in `qs`; the top 2 bits of a 64-element pair of
+  units (a, b) are 4 words in `qh` [N, K/64 * 4], where bits 4j..4j+1 of word w are the top
+  bits of a's element 4j + w and bits 4j+2..4j+3 those of b's. So (word << 4) puts a's at bits
+  4j+4..4j+5, right above nibble j of a's word w, and (word << 2) does the same for b: the
+  kernel ORs them into the mantissa next to the nibble with one LOP3, and a 6-bit field is
+  read as in Q4_0 (fields 5..7 of both from the words shifted right by 12, 8 and 10).
+  `sub` int32 [N, K/64] holds a pair's four int8 scales as bytes, XOR 0x80 (the value + 128,
+  for the mantissa trick), `d` f16 [N, K/256]. Bytes: 128 + 64 + 16 + 2 per 256 weights, the
+  file's 210 (6.5625 bits a weight). w = (d * sc) * (q - 32).
 
 `unpack` inverts the repack to the file's bytes and `dequantize` mirrors formats.dequantize's
 arithmetic on the repacked arrays; the tests prove both bit for bit.
@@ -32,10 +42,10 @@ from dataclasses import dataclass
 
 import torch
 
-from backends.cuda.quant.formats import QuantFormatError, blocks, nibbles, q4_k_scales
+from backends.cuda.quant.formats import QuantFormatError, blocks, nibbles, q4_k_scales, q6_k_values
 
-# quant type -> (32-bit words per 32 elements, bits per quant field)
-WORDS: dict[str, tuple[int, int]] = {"Q4_0": (4, 4), "Q8_0": (8, 8), "Q4_K": (4, 4)}
+# quant type -> (32-bit words of `qs` per 32 elements, bits per quant field in them)
+WORDS: dict[str, tuple[int, int]] = {"Q4_0": (4, 4), "Q8_0": (8, 8), "Q4_K": (4, 4), "Q6_K": (4, 4)}
 
 
 @dataclass(frozen=True)
@@ -44,8 +54,14 @@ class Packed:
 
     qtype: str
     qs: torch.Tensor  # int32 [N, K / 32 * words per 32]
-    d: torch.Tensor  # f16 [N, K / 32]; Q4_K: [N, K / 256, 2] (d, dmin)
-    sub: torch.Tensor | None = None  # Q4_K: int16 [N, K / 32], sub-block scale | min << 8
+    d: torch.Tensor  # f16 [N, K / 32]; Q4_K: [N, K / 256, 2] (d, dmin); Q6_K: [N, K / 256]
+    sub: torch.Tensor | None = None  # Q4_K: int16 [N, K / 32], sub-block scale | min << 8; Q6_K: int32 [N, K / 64]
+    qh: torch.Tensor | None = None  # Q6_K: int32 [N, K / 64 * 4], the top 2 bits
+
+    @property
+    def arrays(self) -> tuple[torch.Tensor, ...]:
+        """The arrays that hold the weight, each [N, columns proportional to K, ...]."""
+        return tuple(t for t in (self.qs, self.d, self.sub, self.qh) if t is not None)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -54,7 +70,7 @@ class Packed:
     @property
     def nbytes(self) -> int:
         """The bytes the GEMV reads (the file's; Q4_K's sub-block scales take 16 bytes, not 12)."""
-        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.sub) if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.arrays)
 
 
 def _words(qtype: str) -> tuple[int, int]:
@@ -80,11 +96,45 @@ def _nibble_bytes(q: torch.Tensor) -> torch.Tensor:
     return q[:, :, 0::2] | (q[:, :, 1::2] << 4)
 
 
+def _unplanes(q: torch.Tensor, width: int, bits: int) -> torch.Tensor:
+    """formats.planes inverted: [..., n * 8 / bits] fields -> [..., n] bytes."""
+    q = q.reshape(*q.shape[:-1], -1, 8 // bits, width)
+    out = q[..., 0, :]
+    for s in range(1, 8 // bits):
+        out = out | (q[..., s, :] << (bits * s))
+    return out.reshape(*q.shape[:-3], -1)
+
+
+def _q6_k(b: torch.Tensor) -> Packed:
+    n, nb = b.shape[0], b.shape[1]
+    q = q6_k_values(b).reshape(n, nb * 4, 2, 32)  # [N, pair, unit a / b, 32]
+    qs = _to_words(_nibble_bytes((q & 0x0F).reshape(n, nb * 8, 32)))
+    top = q >> 4
+    qh = _to_words(_nibble_bytes(top[:, :, 0] | (top[:, :, 1] << 2)))  # field j of word w: a's | b's << 2
+    sub = (b[..., 192:208] ^ 0x80).contiguous().view(torch.int32).reshape(n, nb * 4)
+    return Packed("Q6_K", qs, b[..., 208:210].contiguous().view(torch.float16).reshape(n, nb), sub, qh)
+
+
+def _q6_k_values(p: Packed) -> torch.Tensor:
+    """Packed Q6_K -> uint8 [N, K] raw 6-bit values (q + 32) in the row's order."""
+    n = p.qs.shape[0]
+    top = _fields(Packed("Q4_0", p.qh, p.d)).reshape(n, -1, 1, 32)  # [N, pair, 1, 32]: a's | b's << 2
+    top = torch.cat((top & 3, top >> 2), dim=2).reshape(n, -1)
+    return _fields(p).reshape(n, -1) | (top << 4)
+
+
+def _q6_k_scales(p: Packed) -> torch.Tensor:
+    """Packed Q6_K -> int8 [N, K / 16], the file's scales."""
+    return (p.sub.contiguous().view(torch.uint8) ^ 0x80).view(torch.int8).reshape(p.qs.shape[0], -1)
+
+
 def repack(raw: torch.Tensor, qtype: str) -> Packed:
     """The file's bytes uint8 [N, nbytes] -> Packed (on raw's device)."""
     _words(qtype)
     b = blocks(raw, qtype)  # [N, B, bytes per block]
     n, nb = b.shape[0], b.shape[1]
+    if qtype == "Q6_K":
+        return _q6_k(b)
     if qtype == "Q4_K":
         sc, mn = q4_k_scales(b[..., 4:16])  # [N, B, 8] each
         sub = (sc.to(torch.int16) | (mn.to(torch.int16) << 8)).reshape(n, nb * 8)
@@ -119,6 +169,11 @@ def _q4_k_scale_bytes(sub: torch.Tensor) -> torch.Tensor:
 def unpack(p: Packed) -> torch.Tensor:
     """Packed -> the file's bytes uint8 [N, nbytes] (the exact inverse of repack)."""
     n = p.qs.shape[0]
+    if p.qtype == "Q6_K":
+        q = _q6_k_values(p).reshape(n, p.d.shape[1], 256)
+        sc = _q6_k_scales(p).view(torch.uint8).reshape(n, -1, 16)
+        dbytes = p.d.contiguous().view(torch.uint8).reshape(n, -1, 2)
+        return torch.cat((_unplanes(q & 0x0F, 64, 4), _unplanes(q >> 4, 32, 2), sc, dbytes), dim=-1).reshape(n, -1)
     q = _fields(p).reshape(n, p.d.shape[1], -1)  # [N, B, elements per block]
     dbytes = p.d.contiguous().view(torch.uint8).reshape(n, p.d.shape[1], -1)
     if p.qtype == "Q4_K":
@@ -133,6 +188,10 @@ def unpack(p: Packed) -> torch.Tensor:
 def dequantize(p: Packed) -> torch.Tensor:
     """Packed -> f32 [N, K] with formats.dequantize's arithmetic (bit-equal to it)."""
     n = p.qs.shape[0]
+    if p.qtype == "Q6_K":
+        dl = (p.d.float()[..., None] * _q6_k_scales(p).reshape(n, -1, 16).float())[..., None]  # [N, B, 16, 1]
+        q = (_q6_k_values(p).to(torch.int8) - 32).float().reshape(n, -1, 16, 16)
+        return (dl * q).reshape(n, -1)
     q = _fields(p).reshape(n, p.d.shape[1], -1)  # [N, B, elements per block]
     if p.qtype == "Q4_K":
         dd, dmin = p.d.float().unbind(-1)  # [N, B]
