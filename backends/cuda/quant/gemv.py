@@ -44,7 +44,7 @@ CONFIGS: tuple[Config, ...] = ((8, 128, 4, 1), (4, 128, 4, 1), (16, 64, 4, 1), (
                                (4, 256, 8, 1), (4, 64, 4, 4))
 DEFAULT: Config = CONFIGS[0]
 MAGIC = 0x4B000000  # the f32 bits of 2^23
-KINDS = ("Q4_0", "Q8_0", "Q4_K", "Q6_K")  # the kernel's KIND: index of the repacked type
+KINDS = ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "Q5_0", "Q4_1", "Q5_K")  # the kernel's KIND: index of the repacked type
 REPS = 20
 
 
@@ -58,6 +58,12 @@ if triton is not None:
         return tl.load(xp + OFF, mask=mb[:, None], other=0.0).to(tl.float32)
 
     @triton.jit
+    def _x8(xp, mb, EVEN: tl.constexpr):
+        # x for the 8 fields of a 32-element unit's words: field j is elements 4j..4j+3
+        return (_x(xp, mb, 0, EVEN), _x(xp, mb, 4, EVEN), _x(xp, mb, 8, EVEN), _x(xp, mb, 12, EVEN),
+                _x(xp, mb, 16, EVEN), _x(xp, mb, 20, EVEN), _x(xp, mb, 24, EVEN), _x(xp, mb, 28, EVEN))
+
+    @triton.jit
     def _term(w, x, magic, MASK: tl.constexpr, SUB: tl.constexpr, SCALE: tl.constexpr):
         # one field of every word, as a float: 2^23 + q * 2^s read from its bits, minus
         # 2^23 + zero * 2^s (exact), times x scaled by 2^-s
@@ -68,14 +74,7 @@ if triton is not None:
     def _nib(w, h, xp, mb, magic, Z: tl.constexpr, EVEN: tl.constexpr):
         # a 4-bit unit (nibble j of word w is element 4j + w), zero point Z: the products [BN, BB, 4]
         # and the unit's x sum [BB] (Q4_K's mins need it)
-        x0 = _x(xp, mb, 0, EVEN)
-        x1 = _x(xp, mb, 4, EVEN)
-        x2 = _x(xp, mb, 8, EVEN)
-        x3 = _x(xp, mb, 12, EVEN)
-        x4 = _x(xp, mb, 16, EVEN)
-        x5 = _x(xp, mb, 20, EVEN)
-        x6 = _x(xp, mb, 24, EVEN)
-        x7 = _x(xp, mb, 28, EVEN)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x8(xp, mb, EVEN)
         t = _term(w, x0, magic, 0xF, 8388608.0 + Z, 1.0)
         t += _term(w, x1, magic, 0xF0, 8388608.0 + Z * 16.0, 0.0625)
         t += _term(w, x2, magic, 0xF00, 8388608.0 + Z * 256.0, 0.00390625)
@@ -93,20 +92,23 @@ if triton is not None:
         return f * (x * SCALE)[None, :, :]
 
     @triton.jit
-    def _six(w, hl, hh, xp, mb, magic, EVEN: tl.constexpr):
-        # a Q6_K unit of 32 (nibble j of word w: element 4j + w's low 4 bits; its top 2 bits at
-        # 4j+4 of hl for j <= 4, at 4j-8 of hh for j >= 5, where w >> 12 holds the nibble):
-        # the products of elements 0..15 and of 16..31 (two scales), each [BN, BB]
+    def _nibh(w, hl, hh, xp, mb, magic, HM: tl.constexpr, Z: tl.constexpr, EVEN: tl.constexpr):
+        # a unit of 32 with bits above its nibbles (Q6_K: 2, HM = 3; Q5_*: 1, HM = 1): nibble j
+        # of word w is element 4j + w's low 4 bits, its top bits sit at 4j+4 of hl for j <= 4 and
+        # at 4j-8 of hh for j >= 5 (where w >> 12 holds the nibble); zero point Z. The products
+        # of elements 0..15 and of 16..31 (Q6_K has a scale for each), [BN, BB], and the x sum [BB]
         h = w >> 12
-        t = _term6(w, hl, _x(xp, mb, 0, EVEN), magic, 0xF, 0x30, 8388640.0, 1.0)
-        t += _term6(w, hl, _x(xp, mb, 4, EVEN), magic, 0xF0, 0x300, 8389120.0, 0.0625)
-        t += _term6(w, hl, _x(xp, mb, 8, EVEN), magic, 0xF00, 0x3000, 8396800.0, 0.00390625)
-        t += _term6(w, hl, _x(xp, mb, 12, EVEN), magic, 0xF000, 0x30000, 8519680.0, 0.000244140625)
-        u = _term6(w, hl, _x(xp, mb, 16, EVEN), magic, 0xF0000, 0x300000, 10485760.0, 1.52587890625e-05)
-        u += _term6(h, hh, _x(xp, mb, 20, EVEN), magic, 0xF00, 0x3000, 8396800.0, 0.00390625)
-        u += _term6(h, hh, _x(xp, mb, 24, EVEN), magic, 0xF000, 0x30000, 8519680.0, 0.000244140625)
-        u += _term6(h, hh, _x(xp, mb, 28, EVEN), magic, 0xF0000, 0x300000, 10485760.0, 1.52587890625e-05)
-        return tl.sum(t, axis=2), tl.sum(u, axis=2)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x8(xp, mb, EVEN)
+        t = _term6(w, hl, x0, magic, 0xF, HM * 16, 8388608.0 + Z, 1.0)
+        t += _term6(w, hl, x1, magic, 0xF0, HM * 256, 8388608.0 + Z * 16.0, 0.0625)
+        t += _term6(w, hl, x2, magic, 0xF00, HM * 4096, 8388608.0 + Z * 256.0, 0.00390625)
+        t += _term6(w, hl, x3, magic, 0xF000, HM * 65536, 8388608.0 + Z * 4096.0, 0.000244140625)
+        u = _term6(w, hl, x4, magic, 0xF0000, HM * 1048576, 8388608.0 + Z * 65536.0, 1.52587890625e-05)
+        u += _term6(h, hh, x5, magic, 0xF00, HM * 4096, 8388608.0 + Z * 256.0, 0.00390625)
+        u += _term6(h, hh, x6, magic, 0xF000, HM * 65536, 8388608.0 + Z * 4096.0, 0.000244140625)
+        u += _term6(h, hh, x7, magic, 0xF0000, HM * 1048576, 8388608.0 + Z * 65536.0, 1.52587890625e-05)
+        xs = tl.sum(((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), axis=1)
+        return tl.sum(t, axis=2), tl.sum(u, axis=2), xs
 
     @triton.jit
     def _byte(v, magic, MASK: tl.constexpr, SCALE: tl.constexpr):
@@ -145,8 +147,10 @@ if triton is not None:
                 dp = d_ptr + r64[:, None] * sd + (blk // 4)[None, :]  # [BN, BB]: four pairs share a d
             elif KIND == 1:
                 dp = d_ptr + r64[:, None] * sd + (blk // 2)[None, :]  # [BN, BB]: two units share a scale
-            elif KIND == 2:
+            elif KIND == 2 or KIND == 6:
                 dp = d_ptr + r64[:, None] * sd + (blk // 8 * 2)[None, :]  # [BN, BB]: the super-block's d
+            elif KIND == 5:
+                dp = d_ptr + r64[:, None] * sd + (blk * 2)[None, :]  # [BN, BB]: the block's (d, m)
             else:
                 dp = d_ptr + r64[:, None] * sd + blk[None, :]
             if EVEN and EVEN_N:
@@ -158,6 +162,14 @@ if triton is not None:
             # a field at bits s..s+b-1 reads as 2^23 + q * 2^s only while it stays below bit 23 (the
             # exponent's lowest bit): the fields above come from the word shifted right by 12
             h = w >> 12  # (the sign bits it shifts in are masked off)
+            if KIND == 4 or KIND == 6:  # Q5_0, Q5_K: a word per unit, bit 4j + w = element 4j + w's 5th bit
+                hp = h_ptr + r64[:, None] * sh + blk[None, :]
+                if EVEN and EVEN_N:
+                    hq = tl.load(hp)[:, :, None]
+                else:
+                    hq = tl.load(hp, mask=m2, other=0)[:, :, None]
+                hl = hq << (4 - wi)[None, None, :]  # bit 4j + w -> 4j + 4, right above nibble j of word w
+                hh = hq >> (8 + wi)[None, None, :]  # and for the fields read from w >> 12
             if KIND == 3:  # Q6_K: w = (d * sc) * (q - 32), an int8 scale per 16 elements
                 hp = h_ptr + r64[:, None, None] * sh + (blk * 4)[None, :, None] + wi[None, None, :]
                 sp = s_ptr + r64[:, None] * ss + blk[None, :]
@@ -170,8 +182,8 @@ if triton is not None:
                     hw = tl.load(hp, mask=mr[:, None, None] & mb[None, :, None], other=0)
                     sw = tl.load(sp, mask=m2, other=0)
                 xp = x_ptr + (blk * 64)[:, None] + wi[None, :]
-                a0, a1 = _six(w, hw << 4, hw >> 8, xp, mb, magic, EVEN)
-                b0, b1 = _six(wb, hw << 2, hw >> 10, xp + 32, mb, magic, EVEN)
+                a0, a1, _ = _nibh(w, hw << 4, hw >> 8, xp, mb, magic, 3, 32.0, EVEN)
+                b0, b1, _ = _nibh(wb, hw << 2, hw >> 10, xp + 32, mb, magic, 3, 32.0, EVEN)
                 sx = sw >> 12
                 acc += ((a0 * _byte(sw, magic, 0xFF, 1.0) + a1 * _byte(sw, magic, 0xFF00, 0.00390625))
                         + (b0 * _byte(sx, magic, 0xFF0, 0.0625) + b1 * _byte(sx, magic, 0xFF000, 0.000244140625))) * d
@@ -185,8 +197,23 @@ if triton is not None:
             elif KIND == 0:  # Q4_0: zero point 8
                 t, xs = _nib(w, h, x_ptr + (blk * 32)[:, None] + wi[None, :], mb, magic, 8.0, EVEN)
                 acc += tl.sum(t, axis=2) * d
-            else:  # Q4_K: w = (d * sc) * q - (dmin * m): sum_e w x = d sc sum(q x) - dmin m sum(x)
+            elif KIND == 4:  # Q5_0: zero point 16
+                a0, a1, _ = _nibh(w, hl, hh, x_ptr + (blk * 32)[:, None] + wi[None, :], mb, magic, 1, 16.0, EVEN)
+                acc += (a0 + a1) * d
+            elif KIND == 5:  # Q4_1: w = d * q + m: sum_e w x = d sum(q x) + m sum(x)
                 t, xs = _nib(w, h, x_ptr + (blk * 32)[:, None] + wi[None, :], mb, magic, 0.0, EVEN)
+                if EVEN and EVEN_N:
+                    m = tl.load(dp + 1).to(tl.float32)
+                else:
+                    m = tl.load(dp + 1, mask=m2, other=0.0).to(tl.float32)
+                acc += tl.sum(t, axis=2) * d + m * xs[None, :]
+            else:  # Q4_K, Q5_K: w = (d * sc) * q - (dmin * m): sum_e w x = d sc sum(q x) - dmin m sum(x)
+                if KIND == 6:
+                    a0, a1, xs = _nibh(w, hl, hh, x_ptr + (blk * 32)[:, None] + wi[None, :], mb, magic, 1, 0.0, EVEN)
+                    tq = a0 + a1
+                else:
+                    t, xs = _nib(w, h, x_ptr + (blk * 32)[:, None] + wi[None, :], mb, magic, 0.0, EVEN)
+                    tq = tl.sum(t, axis=2)
                 sp = s_ptr + r64[:, None] * ss + blk[None, :]
                 if EVEN and EVEN_N:
                     dmin = tl.load(dp + 1).to(tl.float32)
@@ -194,7 +221,7 @@ if triton is not None:
                 else:
                     dmin = tl.load(dp + 1, mask=m2, other=0.0).to(tl.float32)
                     sm = tl.load(sp, mask=m2, other=0).to(tl.int32)
-                acc += tl.sum(t, axis=2) * (d * _int6(sm, magic)) - (dmin * _int6(sm >> 8, magic)) * xs[None, :]
+                acc += tq * (d * _int6(sm, magic)) - (dmin * _int6(sm >> 8, magic)) * xs[None, :]
         y = tl.sum(acc, axis=1)
         if not PARTIAL:
             y = y.to(o_ptr.dtype.element_ty)

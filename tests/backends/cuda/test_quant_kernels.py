@@ -102,7 +102,8 @@ def test_bad_bytes_give_one_line_errors() -> None:
 # ---- repack -----------------------------------------------------------------------------------
 
 GGUF_QUANTISES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
-EXTRA_BYTES = {"Q4_K": 4 * 2 * 6}  # Q4_K's 12 bytes of 6-bit scales per 256 weights read as 16
+EXTRA_BYTES = {"Q4_K": 4 * 2 * 6, "Q5_K": 4 * 2 * 6}  # (Q4|5)_K's 12 bytes of 6-bit scales per 256 read as 16
+D_SHAPE = {"Q4_K": (6, 2, 2), "Q5_K": (6, 2, 2), "Q6_K": (6, 2), "Q4_1": (6, 16, 2)}  # of 6 x 512 weights
 
 
 @pytest.mark.parametrize("qtype", PACKED)
@@ -114,7 +115,7 @@ def test_repack_keeps_every_bit(qtype: str, source: str | int) -> None:
     p = repack.repack(raw, qtype)
     words, _ = repack.WORDS[qtype]
     assert p.qs.dtype == torch.int32 and tuple(p.qs.shape) == (6, 16 * words) and p.shape == (6, 512)
-    assert p.d.dtype == torch.float16 and tuple(p.d.shape) == {"Q4_K": (6, 2, 2), "Q6_K": (6, 2)}.get(qtype, (6, 16))
+    assert p.d.dtype == torch.float16 and tuple(p.d.shape) == D_SHAPE.get(qtype, (6, 16))
     assert p.nbytes == raw.numel() + EXTRA_BYTES.get(qtype, 0)  # nothing added but Q4_K's unpacked scales
     assert torch.equal(repack.unpack(p), raw)
     assert torch.equal(bits(repack.dequantize(p)), bits(formats.dequantize(raw, qtype)))
