@@ -1,6 +1,6 @@
 """Time the quant GEMV (backends/cuda/quant) on Qwen3-8B's decode shapes against bf16 and a copy.
 
-    python3 bench/bench_quant_gemv.py [--types Q8_0,Q4_0,Q4_K] [--reps 30] [--default-only]
+    python3 bench/bench_quant_gemv.py [--types Q8_0,Q4_0,Q4_1,Q5_0,Q4_K,Q5_K,Q6_K] [--reps 30] [--default-only]
 
 For each quant type and [N, K] (attention out 4096x4096, merged qkv 6144x4096, merged up+gate
 24576x4096, down 4096x12288, output head 151936x4096) it times, with CUDA events and L2 flushed
@@ -8,7 +8,7 @@ before every call (a decode step reads each weight once): the Triton GEMV on the
 (the fastest of its tile configs, as `choose` picks it), cuBLAS's bf16 GEMV (F.linear) on the
 dequantised weight, and a device copy of the quant's bytes. It prints one row per case: us,
 GB/s on the bytes the kernel reads (quants + scales: the file's bytes; for Q4_K 148 per 256
-weights, its 6-bit scales unpacked to bytes), that as a % of the copy's bandwidth (bytes
+weights and Q5_K 180, their 6-bit scales unpacked to bytes), that as a % of the copy's bandwidth (bytes
 read + written per second, for the same bytes and for a 2 GiB copy) and the speed-up over bf16.
 The weights are random blocks (timing does not depend on the values); it writes no files.
 """
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 from backends.cuda.quant import formats, gemv, repack  # noqa: E402
 
 SHAPES = ((4096, 4096), (6144, 4096), (24576, 4096), (4096, 12288), (151936, 4096))  # Qwen3-8B [N, K]
+F16_FIELDS = {"Q4_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}  # byte offsets; (0,) for the rest
 
 
 def random_packed(qtype: str, n: int, k: int, dev: torch.device) -> repack.Packed:
@@ -37,7 +38,7 @@ def random_packed(qtype: str, n: int, k: int, dev: torch.device) -> repack.Packe
     bs, size = formats.SIZES[qtype]
     raw = torch.randint(0, 256, (n, k // bs, size), dtype=torch.uint8, device=dev)
     d = (torch.rand(n, k // bs, device=dev) * 1e-2 + 1e-3).half()
-    for off in (0, 2) if qtype == "Q4_K" else (0,):  # Q4_K: d and dmin
+    for off in F16_FIELDS.get(qtype, (0,)):  # d, and the min's scale where there is one
         raw[..., off:off + 2] = d.view(torch.uint8).reshape(n, k // bs, 2)
     return repack.repack(raw.reshape(n, -1), qtype)
 
@@ -50,7 +51,7 @@ def copy_ms(nbytes: int, dev: torch.device, reps: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--types", default="Q8_0,Q4_0,Q4_K", help="comma-separated quant types with a repacked layout")
+    ap.add_argument("--types", default=",".join(repack.WORDS), help="comma-separated quant types with a repacked layout")
     ap.add_argument("--reps", type=int, default=30, help="timed calls per kernel (the median is kept)")
     ap.add_argument("--default-only", action="store_true", help="time only the default tile (no config search)")
     ap.add_argument("--search-budget", type=float, default=40.0,

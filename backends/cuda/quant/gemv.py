@@ -44,7 +44,7 @@ CONFIGS: tuple[Config, ...] = ((8, 128, 4, 1), (4, 128, 4, 1), (16, 64, 4, 1), (
                                (4, 256, 8, 1), (4, 64, 4, 4))
 DEFAULT: Config = CONFIGS[0]
 MAGIC = 0x4B000000  # the f32 bits of 2^23
-KINDS = ("Q4_0", "Q8_0", "Q4_K")  # the kernel's KIND: index of the repacked type
+KINDS = ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "Q5_0", "Q4_1", "Q5_K")  # the kernel's KIND: index of the repacked type
 REPS = 20
 
 
@@ -58,6 +58,12 @@ if triton is not None:
         return tl.load(xp + OFF, mask=mb[:, None], other=0.0).to(tl.float32)
 
     @triton.jit
+    def _x8(xp, mb, EVEN: tl.constexpr):
+        # x for the 8 fields of a 32-element unit's words: field j is elements 4j..4j+3
+        return (_x(xp, mb, 0, EVEN), _x(xp, mb, 4, EVEN), _x(xp, mb, 8, EVEN), _x(xp, mb, 12, EVEN),
+                _x(xp, mb, 16, EVEN), _x(xp, mb, 20, EVEN), _x(xp, mb, 24, EVEN), _x(xp, mb, 28, EVEN))
+
+    @triton.jit
     def _term(w, x, magic, MASK: tl.constexpr, SUB: tl.constexpr, SCALE: tl.constexpr):
         # one field of every word, as a float: 2^23 + q * 2^s read from its bits, minus
         # 2^23 + zero * 2^s (exact), times x scaled by 2^-s
@@ -68,14 +74,7 @@ if triton is not None:
     def _nib(w, h, xp, mb, magic, Z: tl.constexpr, EVEN: tl.constexpr):
         # a 4-bit unit (nibble j of word w is element 4j + w), zero point Z: the products [BN, BB, 4]
         # and the unit's x sum [BB] (Q4_K's mins need it)
-        x0 = _x(xp, mb, 0, EVEN)
-        x1 = _x(xp, mb, 4, EVEN)
-        x2 = _x(xp, mb, 8, EVEN)
-        x3 = _x(xp, mb, 12, EVEN)
-        x4 = _x(xp, mb, 16, EVEN)
-        x5 = _x(xp, mb, 20, EVEN)
-        x6 = _x(xp, mb, 24, EVEN)
-        x7 = _x(xp, mb, 28, EVEN)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x8(xp, mb, EVEN)
         t = _term(w, x0, magic, 0xF, 8388608.0 + Z, 1.0)
         t += _term(w, x1, magic, 0xF0, 8388608.0 + Z * 16.0, 0.0625)
         t += _term(w, x2, magic, 0xF00, 8388608.0 + Z * 256.0, 0.00390625)
@@ -87,16 +86,47 @@ if triton is not None:
         return t, tl.sum(((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), axis=1)
 
     @triton.jit
+    def _term6(w, hs, x, magic, MASK: tl.constexpr, HMASK: tl.constexpr, SUB: tl.constexpr, SCALE: tl.constexpr):
+        # a 6-bit field: nibble at bits s..s+3 of w (MASK), its top 2 bits at s+4, s+5 of hs (HMASK)
+        f = (((w & MASK) | magic) | (hs & HMASK)).to(tl.float32, bitcast=True) - SUB
+        return f * (x * SCALE)[None, :, :]
+
+    @triton.jit
+    def _nibh(w, hl, hh, xp, mb, magic, HM: tl.constexpr, Z: tl.constexpr, EVEN: tl.constexpr):
+        # a unit of 32 with bits above its nibbles (Q6_K: 2, HM = 3; Q5_*: 1, HM = 1): nibble j
+        # of word w is element 4j + w's low 4 bits, its top bits sit at 4j+4 of hl for j <= 4 and
+        # at 4j-8 of hh for j >= 5 (where w >> 12 holds the nibble); zero point Z. The products
+        # of elements 0..15 and of 16..31 (Q6_K has a scale for each), [BN, BB], and the x sum [BB]
+        h = w >> 12
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x8(xp, mb, EVEN)
+        t = _term6(w, hl, x0, magic, 0xF, HM * 16, 8388608.0 + Z, 1.0)
+        t += _term6(w, hl, x1, magic, 0xF0, HM * 256, 8388608.0 + Z * 16.0, 0.0625)
+        t += _term6(w, hl, x2, magic, 0xF00, HM * 4096, 8388608.0 + Z * 256.0, 0.00390625)
+        t += _term6(w, hl, x3, magic, 0xF000, HM * 65536, 8388608.0 + Z * 4096.0, 0.000244140625)
+        u = _term6(w, hl, x4, magic, 0xF0000, HM * 1048576, 8388608.0 + Z * 65536.0, 1.52587890625e-05)
+        u += _term6(h, hh, x5, magic, 0xF00, HM * 4096, 8388608.0 + Z * 256.0, 0.00390625)
+        u += _term6(h, hh, x6, magic, 0xF000, HM * 65536, 8388608.0 + Z * 4096.0, 0.000244140625)
+        u += _term6(h, hh, x7, magic, 0xF0000, HM * 1048576, 8388608.0 + Z * 65536.0, 1.52587890625e-05)
+        xs = tl.sum(((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), axis=1)
+        return tl.sum(t, axis=2), tl.sum(u, axis=2), xs
+
+    @triton.jit
+    def _byte(v, magic, MASK: tl.constexpr, SCALE: tl.constexpr):
+        # a biased byte (value + 128) at the bits of MASK as a float, by the mantissa trick
+        return (((v & MASK) | magic).to(tl.float32, bitcast=True) - 8388608.0) * SCALE - 128.0
+
+    @triton.jit
     def _int6(v, magic):
         # a 6-bit field at bits 0..5 as a float, by the same mantissa trick
         return ((v & 0x3F) | magic).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
-    def _gemv_k(x_ptr, q_ptr, d_ptr, s_ptr, o_ptr, N, NU, UPS, sq, sd, ss, so, magic, KIND: tl.constexpr,
+    def _gemv_k(x_ptr, q_ptr, d_ptr, s_ptr, h_ptr, o_ptr, N, NU, UPS, sq, sd, ss, sh, so, magic, KIND: tl.constexpr,
                 BN: tl.constexpr, BB: tl.constexpr, PARTIAL: tl.constexpr, EVEN_N: tl.constexpr,
                 EVEN: tl.constexpr):
         # program (i, s): rows [i*BN, i*BN + BN), units [s*UPS, s*UPS + UPS) of the row, BB units a
-        # step. A unit is 4 words (one 16-byte load): 32 elements (KIND 0 Q4_0, 2 Q4_K) or 16 (1 Q8_0).
+        # step. A unit is 4 words (one 16-byte load): 32 elements (KIND 0 Q4_0, 2 Q4_K) or 16 (1 Q8_0);
+        # Q6_K's (KIND 3) is 64 elements: 8 words of low nibbles, 4 of top bits, 4 scale bytes.
         # `magic` (0x4B000000, the bits of 2^23) comes as an argument, not a literal: with the field
         # masks also literals the compiler would spend a MOV on every AND-OR; this way it is one
         # register and each AND-OR is one LOP3 with the mask as its immediate.
@@ -112,11 +142,15 @@ if triton is not None:
             blk = b0 + tl.arange(0, BB)
             mb = blk < b_hi
             m2 = mr[:, None] & mb[None, :]
-            qp = q_ptr + r64[:, None, None] * sq + (blk * 4)[None, :, None] + wi[None, None, :]  # [BN, BB, 4]
-            if KIND == 1:
+            qp = q_ptr + r64[:, None, None] * sq + (blk * (8 if KIND == 3 else 4))[None, :, None] + wi[None, None, :]
+            if KIND == 3:
+                dp = d_ptr + r64[:, None] * sd + (blk // 4)[None, :]  # [BN, BB]: four pairs share a d
+            elif KIND == 1:
                 dp = d_ptr + r64[:, None] * sd + (blk // 2)[None, :]  # [BN, BB]: two units share a scale
-            elif KIND == 2:
+            elif KIND == 2 or KIND == 6:
                 dp = d_ptr + r64[:, None] * sd + (blk // 8 * 2)[None, :]  # [BN, BB]: the super-block's d
+            elif KIND == 5:
+                dp = d_ptr + r64[:, None] * sd + (blk * 2)[None, :]  # [BN, BB]: the block's (d, m)
             else:
                 dp = d_ptr + r64[:, None] * sd + blk[None, :]
             if EVEN and EVEN_N:
@@ -128,7 +162,32 @@ if triton is not None:
             # a field at bits s..s+b-1 reads as 2^23 + q * 2^s only while it stays below bit 23 (the
             # exponent's lowest bit): the fields above come from the word shifted right by 12
             h = w >> 12  # (the sign bits it shifts in are masked off)
-            if KIND == 1:  # Q8_0: byte j of word w is element 4j + w of the unit, stored q + 128
+            if KIND == 4 or KIND == 6:  # Q5_0, Q5_K: a word per unit, bit 4j + w = element 4j + w's 5th bit
+                hp = h_ptr + r64[:, None] * sh + blk[None, :]
+                if EVEN and EVEN_N:
+                    hq = tl.load(hp)[:, :, None]
+                else:
+                    hq = tl.load(hp, mask=m2, other=0)[:, :, None]
+                hl = hq << (4 - wi)[None, None, :]  # bit 4j + w -> 4j + 4, right above nibble j of word w
+                hh = hq >> (8 + wi)[None, None, :]  # and for the fields read from w >> 12
+            if KIND == 3:  # Q6_K: w = (d * sc) * (q - 32), an int8 scale per 16 elements
+                hp = h_ptr + r64[:, None, None] * sh + (blk * 4)[None, :, None] + wi[None, None, :]
+                sp = s_ptr + r64[:, None] * ss + blk[None, :]
+                if EVEN and EVEN_N:
+                    wb = tl.load(qp + 4)
+                    hw = tl.load(hp)
+                    sw = tl.load(sp)
+                else:
+                    wb = tl.load(qp + 4, mask=mr[:, None, None] & mb[None, :, None], other=0)
+                    hw = tl.load(hp, mask=mr[:, None, None] & mb[None, :, None], other=0)
+                    sw = tl.load(sp, mask=m2, other=0)
+                xp = x_ptr + (blk * 64)[:, None] + wi[None, :]
+                a0, a1, _ = _nibh(w, hw << 4, hw >> 8, xp, mb, magic, 3, 32.0, EVEN)
+                b0, b1, _ = _nibh(wb, hw << 2, hw >> 10, xp + 32, mb, magic, 3, 32.0, EVEN)
+                sx = sw >> 12
+                acc += ((a0 * _byte(sw, magic, 0xFF, 1.0) + a1 * _byte(sw, magic, 0xFF00, 0.00390625))
+                        + (b0 * _byte(sx, magic, 0xFF0, 0.0625) + b1 * _byte(sx, magic, 0xFF000, 0.000244140625))) * d
+            elif KIND == 1:  # Q8_0: byte j of word w is element 4j + w of the unit, stored q + 128
                 xp = x_ptr + (blk * 16)[:, None] + wi[None, :]  # [BB, 4]: element w of each unit
                 t = _term(w, _x(xp, mb, 0, EVEN), magic, 0xFF, 8388736.0, 1.0)
                 t += _term(w, _x(xp, mb, 4, EVEN), magic, 0xFF00, 8421376.0, 0.00390625)
@@ -138,8 +197,23 @@ if triton is not None:
             elif KIND == 0:  # Q4_0: zero point 8
                 t, xs = _nib(w, h, x_ptr + (blk * 32)[:, None] + wi[None, :], mb, magic, 8.0, EVEN)
                 acc += tl.sum(t, axis=2) * d
-            else:  # Q4_K: w = (d * sc) * q - (dmin * m): sum_e w x = d sc sum(q x) - dmin m sum(x)
+            elif KIND == 4:  # Q5_0: zero point 16
+                a0, a1, _ = _nibh(w, hl, hh, x_ptr + (blk * 32)[:, None] + wi[None, :], mb, magic, 1, 16.0, EVEN)
+                acc += (a0 + a1) * d
+            elif KIND == 5:  # Q4_1: w = d * q + m: sum_e w x = d sum(q x) + m sum(x)
                 t, xs = _nib(w, h, x_ptr + (blk * 32)[:, None] + wi[None, :], mb, magic, 0.0, EVEN)
+                if EVEN and EVEN_N:
+                    m = tl.load(dp + 1).to(tl.float32)
+                else:
+                    m = tl.load(dp + 1, mask=m2, other=0.0).to(tl.float32)
+                acc += tl.sum(t, axis=2) * d + m * xs[None, :]
+            else:  # Q4_K, Q5_K: w = (d * sc) * q - (dmin * m): sum_e w x = d sc sum(q x) - dmin m sum(x)
+                if KIND == 6:
+                    a0, a1, xs = _nibh(w, hl, hh, x_ptr + (blk * 32)[:, None] + wi[None, :], mb, magic, 1, 0.0, EVEN)
+                    tq = a0 + a1
+                else:
+                    t, xs = _nib(w, h, x_ptr + (blk * 32)[:, None] + wi[None, :], mb, magic, 0.0, EVEN)
+                    tq = tl.sum(t, axis=2)
                 sp = s_ptr + r64[:, None] * ss + blk[None, :]
                 if EVEN and EVEN_N:
                     dmin = tl.load(dp + 1).to(tl.float32)
@@ -147,7 +221,7 @@ if triton is not None:
                 else:
                     dmin = tl.load(dp + 1, mask=m2, other=0.0).to(tl.float32)
                     sm = tl.load(sp, mask=m2, other=0).to(tl.int32)
-                acc += tl.sum(t, axis=2) * (d * _int6(sm, magic)) - (dmin * _int6(sm >> 8, magic)) * xs[None, :]
+                acc += tq * (d * _int6(sm, magic)) - (dmin * _int6(sm >> 8, magic)) * xs[None, :]
         y = tl.sum(acc, axis=1)
         if not PARTIAL:
             y = y.to(o_ptr.dtype.element_ty)
@@ -173,7 +247,7 @@ def _launch(x: torch.Tensor, p: Packed, cfg: Config) -> torch.Tensor:
     bn, bb, warps, split = cfg
     n, k = p.shape
     kind = KINDS.index(p.qtype)
-    nu = p.qs.shape[1] // 4  # 16-byte units per row
+    nu = p.qs.shape[1] // (8 if p.qtype == "Q6_K" else 4)  # units per row (Q6_K's: a pair of 32 elements)
     split = max(1, min(split, nu))
     ups = triton.cdiv(nu, split)
     bb = min(bb, triton.next_power_of_2(ups))  # a short row takes a narrower tile, not masked lanes
@@ -181,9 +255,10 @@ def _launch(x: torch.Tensor, p: Packed, cfg: Config) -> torch.Tensor:
     even = nu % split == 0 and ups % bb == 0  # every program's units are whole tiles
     out = torch.empty((split, n) if part else (1, n), dtype=torch.float32 if part else x.dtype, device=x.device)
     with on(x):
-        sub = p.d if p.sub is None else p.sub  # (a stand-in the kernel does not read)
-        _gemv_k[(triton.cdiv(n, bn), split)](x, p.qs, p.d, sub, out, n, nu, ups, p.qs.stride(0), p.d.stride(0),
-                                             sub.stride(0), out.stride(0), MAGIC, KIND=kind, BN=bn, BB=bb,
+        sub = p.d if p.sub is None else p.sub  # (stand-ins the kernel does not read)
+        qh = p.d if p.qh is None else p.qh
+        _gemv_k[(triton.cdiv(n, bn), split)](x, p.qs, p.d, sub, qh, out, n, nu, ups, p.qs.stride(0), p.d.stride(0),
+                                             sub.stride(0), qh.stride(0), out.stride(0), MAGIC, KIND=kind, BN=bn, BB=bb,
                                              PARTIAL=part, EVEN_N=n % bn == 0, EVEN=even, num_warps=warps,
                                              enable_fp_fusion=True)  # the products and sums as FFMAs
     return out.sum(0, keepdim=True).to(x.dtype) if part else out  # [1, N]

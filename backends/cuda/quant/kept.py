@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from backends.cuda.quant import gemv
 from backends.cuda.quant.formats import SIZES
-from backends.cuda.quant.repack import WORDS, Packed, dequantize
+from backends.cuda.quant.repack import Packed, dequantize
 from backends.cuda.triton_kernels.fused import usable
 from graphir.ops import Op
 
@@ -41,8 +41,12 @@ def block_elements(qtype: str) -> int:
     return SIZES[qtype][0]
 
 
+def _parts(p: Packed) -> tuple[torch.Tensor | None, ...]:
+    return p.qs, p.d, p.sub, p.qh  # Packed's arrays in its fields' order
+
+
 def _map(p: Packed, fn: Any) -> Packed:
-    return Packed(p.qtype, fn(p.qs), fn(p.d), None if p.sub is None else fn(p.sub))
+    return Packed(p.qtype, *(None if t is None else fn(t) for t in _parts(p)))
 
 
 def to_device(p: Packed, device: torch.device) -> Packed:
@@ -63,19 +67,16 @@ def narrow(p: Packed, dim: int, start: int, stop: int) -> Packed | None:
     be = block_elements(p.qtype)
     if dim not in (1, -1) or start % be or stop % be or not 0 <= start < stop <= k:
         return None
-    words = WORDS[p.qtype][0]
-    sub = None if p.sub is None else p.sub[:, start // 32:stop // 32].contiguous()
-    return Packed(p.qtype, p.qs[:, start // 32 * words:stop // 32 * words].contiguous(),
-                  p.d[:, start // be:stop // be].contiguous(), sub)
+    # every array's columns are proportional to K and a block bound is a bound of all of them
+    return _map(p, lambda t: t[:, start * t.shape[1] // k:stop * t.shape[1] // k].contiguous())
 
 
 def cat_rows(parts: Sequence[Packed]) -> Packed | None:
     """Parts joined along the rows (one type, one K), else None."""
     if len({(p.qtype, p.shape[1], p.qs.device) for p in parts}) != 1:
         return None
-    cat = lambda ts: torch.cat(ts, dim=0)  # noqa: E731
-    sub = None if parts[0].sub is None else cat([p.sub for p in parts])
-    return Packed(parts[0].qtype, cat([p.qs for p in parts]), cat([p.d for p in parts]), sub)
+    joined = (None if ts[0] is None else torch.cat(ts, dim=0) for ts in zip(*map(_parts, parts)))
+    return Packed(parts[0].qtype, *joined)
 
 
 def assemble(node: Any, parts: Sequence[Packed]) -> Packed | None:

@@ -21,6 +21,24 @@ field is isolated with one AND against a constant (no shift per weight, see gemv
   Q4_0 (raw 0..15, no zero point); `sub` int16 [N, K/32] holds its 6-bit scale | 6-bit min << 8
   (the file packs these 16 bytes into 12: unpacked, a super-block reads 148 bytes, not 144),
   and `d` f16 [N, K/256, 2] the super-block's (d, dmin). w = (d * sc) * q - dmin * m.
+- Q6_K (256-element super-blocks, 6-bit q, an int8 scale per 16): the low 4 bits of every
+  32-element unit are Q4_0's nibble words in `qs`; the top 2 bits of a 64-element pair of
+  units (a, b) are 4 words in `qh` [N, K/64 * 4], where bits 4j..4j+1 of word w are the top
+  bits of a's element 4j + w and bits 4j+2..4j+3 those of b's. So (word << 4) puts a's at bits
+  4j+4..4j+5, right above nibble j of a's word w, and (word << 2) does the same for b: the
+  kernel ORs them into the mantissa next to the nibble with one LOP3, and a 6-bit field is
+  read as in Q4_0 (fields 5..7 of both from the words shifted right by 12, 8 and 10).
+  `sub` int32 [N, K/64] holds a pair's four int8 scales as bytes, XOR 0x80 (the value + 128,
+  for the mantissa trick), `d` f16 [N, K/256]. Bytes: 128 + 64 + 16 + 2 per 256 weights, the
+  file's 210 (6.5625 bits a weight). w = (d * sc) * (q - 32).
+
+- Q5_0 / Q4_1 / Q5_K: Q4_0's nibble words in `qs`. Q5_0's and Q5_K's 5th bits are `qh` int32
+  [N, K/32], one word per 32-element unit whose bit 4j + w is the top bit of element 4j + w:
+  shifted left by 4 - w it sits right above nibble j of word w (fields 5..7: right by 8 + w), and
+  ORs into the mantissa as Q6_K's do. Q5_0's word is the file's qh unchanged (22 bytes per 32);
+  Q5_K's 32 bytes per 256 are regrouped by sub-block (it reads 180 bytes per 256, as Q4_K
+  148). Q4_1's `d` is f16 [N, K/32, 2] (d, m) and Q5_K's `d` and `sub` are Q4_K's; their mins go
+  through sum(x) as Q4_K's do. w = d * (q - 16), d * q + m, (d * sc) * q - dmin * m.
 
 `unpack` inverts the repack to the file's bytes and `dequantize` mirrors formats.dequantize's
 arithmetic on the repacked arrays; the tests prove both bit for bit.
@@ -32,10 +50,11 @@ from dataclasses import dataclass
 
 import torch
 
-from backends.cuda.quant.formats import QuantFormatError, blocks, nibbles, q4_k_scales
+from backends.cuda.quant.formats import QuantFormatError, blocks, nibbles, planes, q4_k_scales, q6_k_values
 
-# quant type -> (32-bit words per 32 elements, bits per quant field)
-WORDS: dict[str, tuple[int, int]] = {"Q4_0": (4, 4), "Q8_0": (8, 8), "Q4_K": (4, 4)}
+# quant type -> (32-bit words of `qs` per 32 elements, bits per quant field in them)
+WORDS: dict[str, tuple[int, int]] = {"Q4_0": (4, 4), "Q8_0": (8, 8), "Q4_K": (4, 4), "Q6_K": (4, 4), "Q4_1": (4, 4),
+                                     "Q5_0": (4, 4), "Q5_K": (4, 4)}
 
 
 @dataclass(frozen=True)
@@ -44,8 +63,14 @@ class Packed:
 
     qtype: str
     qs: torch.Tensor  # int32 [N, K / 32 * words per 32]
-    d: torch.Tensor  # f16 [N, K / 32]; Q4_K: [N, K / 256, 2] (d, dmin)
-    sub: torch.Tensor | None = None  # Q4_K: int16 [N, K / 32], sub-block scale | min << 8
+    d: torch.Tensor  # f16 [N, K / 32]; Q4_K: [N, K / 256, 2] (d, dmin); Q6_K: [N, K / 256]
+    sub: torch.Tensor | None = None  # Q4_K: int16 [N, K / 32], sub-block scale | min << 8; Q6_K: int32 [N, K / 64]
+    qh: torch.Tensor | None = None  # Q6_K: int32 [N, K / 64 * 4], the top 2 bits
+
+    @property
+    def arrays(self) -> tuple[torch.Tensor, ...]:
+        """The arrays that hold the weight, each [N, columns proportional to K, ...]."""
+        return tuple(t for t in (self.qs, self.d, self.sub, self.qh) if t is not None)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -54,7 +79,7 @@ class Packed:
     @property
     def nbytes(self) -> int:
         """The bytes the GEMV reads (the file's; Q4_K's sub-block scales take 16 bytes, not 12)."""
-        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.sub) if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.arrays)
 
 
 def _words(qtype: str) -> tuple[int, int]:
@@ -80,27 +105,84 @@ def _nibble_bytes(q: torch.Tensor) -> torch.Tensor:
     return q[:, :, 0::2] | (q[:, :, 1::2] << 4)
 
 
+def _unplanes(q: torch.Tensor, width: int, bits: int) -> torch.Tensor:
+    """formats.planes inverted: [..., n * 8 / bits] fields -> [..., n] bytes."""
+    q = q.reshape(*q.shape[:-1], -1, 8 // bits, width)
+    out = q[..., 0, :]
+    for s in range(1, 8 // bits):
+        out = out | (q[..., s, :] << (bits * s))
+    return out.reshape(*q.shape[:-3], -1)
+
+
+def _q6_k(b: torch.Tensor) -> Packed:
+    n, nb = b.shape[0], b.shape[1]
+    q = q6_k_values(b).reshape(n, nb * 4, 2, 32)  # [N, pair, unit a / b, 32]
+    qs = _to_words(_nibble_bytes((q & 0x0F).reshape(n, nb * 8, 32)))
+    top = q >> 4
+    qh = _to_words(_nibble_bytes(top[:, :, 0] | (top[:, :, 1] << 2)))  # field j of word w: a's | b's << 2
+    sub = (b[..., 192:208] ^ 0x80).contiguous().view(torch.int32).reshape(n, nb * 4)
+    return Packed("Q6_K", qs, b[..., 208:210].contiguous().view(torch.float16).reshape(n, nb), sub, qh)
+
+
+def _top_bits(p: Packed) -> torch.Tensor:
+    """The bits of p.qh as uint8 [N, K] in the row's order (Q6_K: 2 per weight, Q5_*: 1)."""
+    n = p.qs.shape[0]
+    if p.qtype == "Q6_K":
+        top = _fields(Packed("Q4_0", p.qh, p.d)).reshape(n, -1, 1, 32)  # [N, pair, 1, 32]: a's | b's << 2
+        return torch.cat((top & 3, top >> 2), dim=2).reshape(n, -1)
+    return planes(p.qh.contiguous().view(torch.uint8), 1, 1).reshape(n, -1)  # bit e of a unit's word: element e
+
+
+def _values(p: Packed) -> torch.Tensor:
+    """The raw quant values of p as uint8 [N, blocks, elements per block] in the row's order."""
+    q = _fields(p).reshape(p.qs.shape[0], -1)
+    if p.qh is not None:
+        q = q | (_top_bits(p) << 4)
+    return q.reshape(p.qs.shape[0], p.d.shape[1], -1)
+
+
+def _q6_k_scales(p: Packed) -> torch.Tensor:
+    """Packed Q6_K -> int8 [N, K / 16], the file's scales."""
+    return (p.sub.contiguous().view(torch.uint8) ^ 0x80).view(torch.int8).reshape(p.qs.shape[0], -1)
+
+
+def _half(b: torch.Tensor, n: int, nb: int, count: int) -> torch.Tensor:
+    """count f16 fields at the front of b [N, B, 2 count] -> f16 [N, B] (count 1) or [N, B, count]."""
+    d = b.contiguous().view(torch.float16)
+    return d.reshape(n, nb) if count == 1 else d.reshape(n, nb, count)
+
+
+def _words_of_bits(bits: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, ..., 32 m] single bits in row order -> int32 [N, m]: bit e of word u is element 32u + e."""
+    return _unplanes(bits, 1, 1).contiguous().view(torch.int32).reshape(bits.shape[0], -1)
+
+
 def repack(raw: torch.Tensor, qtype: str) -> Packed:
     """The file's bytes uint8 [N, nbytes] -> Packed (on raw's device)."""
     _words(qtype)
     b = blocks(raw, qtype)  # [N, B, bytes per block]
     n, nb = b.shape[0], b.shape[1]
-    if qtype == "Q4_K":
+    nib = lambda q: _to_words(_nibble_bytes(q.reshape(n, -1, 32)))  # noqa: E731 (4-bit values in row order)
+    if qtype == "Q6_K":
+        return _q6_k(b)
+    if qtype in ("Q4_K", "Q5_K"):
         sc, mn = q4_k_scales(b[..., 4:16])  # [N, B, 8] each
         sub = (sc.to(torch.int16) | (mn.to(torch.int16) << 8)).reshape(n, nb * 8)
-        qs = b[..., 16:].reshape(n, nb, 4, 1, 32)
-        q = torch.cat((qs & 0x0F, qs >> 4), dim=3).reshape(n, nb * 8, 32)  # chunk c: sub-blocks 2c, 2c + 1
-        d2 = b[..., 0:4].contiguous().view(torch.float16).reshape(n, nb, 2)
-        return Packed(qtype, _to_words(_nibble_bytes(q)), d2, sub)
-    d = b[..., 0:2].contiguous().view(torch.float16).reshape(n, nb)  # [N, B]
+        qh = _words_of_bits(planes(b[..., 16:48], 32, 1)) if qtype == "Q5_K" else None
+        return Packed(qtype, nib(planes(b[..., -128:], 32, 4)), _half(b[..., 0:4], n, nb, 2), sub, qh)
+    if qtype == "Q4_1":
+        return Packed(qtype, nib(nibbles(b[..., 4:])), _half(b[..., 0:4], n, nb, 2))
+    d = _half(b[..., 0:2], n, nb, 1)  # [N, B]
+    if qtype == "Q5_0":  # the file's qh is already a word per block whose bit e is element e's
+        return Packed(qtype, nib(nibbles(b[..., 6:])), d, None, b[..., 2:6].contiguous().view(torch.int32).reshape(n, nb))
     if qtype == "Q4_0":
-        return Packed(qtype, _to_words(_nibble_bytes(nibbles(b[..., 2:]))), d)
+        return Packed(qtype, nib(nibbles(b[..., 2:])), d)
     byte = (b[..., 2:] ^ 0x80).reshape(n, nb * 2, 4, 4)  # [N, unit 2B + c, byte j, v]: q + 128 of 16c + 4j + v
     return Packed(qtype, _to_words(byte), d)
 
 
 def _fields(p: Packed) -> torch.Tensor:
-    """The quants of p as uint8 [N, U, 32] in the row's element order (raw values), where a
+    """The quants of `qs` as uint8 [N, U, 32] in the row's element order (raw values), where a
     unit U is 32 elements for the 4-bit types and 16 for Q8_0."""
     byte = _from_words(p.qs)  # [N, U, 4 bytes, 4 words]
     if WORDS[p.qtype][1] == 8:  # byte j of word v -> element 4j + v of the 16
@@ -118,29 +200,40 @@ def _q4_k_scale_bytes(sub: torch.Tensor) -> torch.Tensor:
 
 def unpack(p: Packed) -> torch.Tensor:
     """Packed -> the file's bytes uint8 [N, nbytes] (the exact inverse of repack)."""
-    n = p.qs.shape[0]
-    q = _fields(p).reshape(n, p.d.shape[1], -1)  # [N, B, elements per block]
-    dbytes = p.d.contiguous().view(torch.uint8).reshape(n, p.d.shape[1], -1)
-    if p.qtype == "Q4_K":
-        q = q.reshape(n, -1, 4, 2, 32)
-        q = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).reshape(n, -1, 128)
-        dbytes = torch.cat((dbytes, _q4_k_scale_bytes(p.sub.reshape(n, -1, 8))), dim=-1)
-    elif p.qtype == "Q4_0":
-        q = q[..., :16] | (q[..., 16:] << 4)  # ggml's pairing: byte i = q[i] | q[i+16] << 4
-    return torch.cat((dbytes, q), dim=-1).reshape(n, -1)
+    n, nb = p.qs.shape[0], p.d.shape[1]
+    q = _values(p)  # [N, B, elements per block]
+    dbytes = p.d.contiguous().view(torch.uint8).reshape(n, nb, -1)
+    if p.qtype == "Q6_K":
+        sc = _q6_k_scales(p).view(torch.uint8).reshape(n, nb, 16)
+        parts: tuple[torch.Tensor, ...] = (_unplanes(q & 0x0F, 64, 4), _unplanes(q >> 4, 32, 2), sc, dbytes)
+    elif p.qtype in ("Q4_K", "Q5_K"):
+        top = (_unplanes(q >> 4, 32, 1),) if p.qtype == "Q5_K" else ()
+        parts = (dbytes, _q4_k_scale_bytes(p.sub.reshape(n, nb, 8)), *top, _unplanes(q & 0x0F, 32, 4))
+    elif p.qtype == "Q8_0":
+        parts = (dbytes, q)
+    else:  # ggml's pairing of 32: byte i = q[i] | q[i+16] << 4, after Q5_0's qh
+        top = (p.qh.contiguous().view(torch.uint8).reshape(n, nb, 4),) if p.qtype == "Q5_0" else ()
+        parts = (dbytes, *top, (q[..., :16] & 0x0F) | (q[..., 16:] << 4))
+    return torch.cat(parts, dim=-1).reshape(n, -1)
 
 
 def dequantize(p: Packed) -> torch.Tensor:
     """Packed -> f32 [N, K] with formats.dequantize's arithmetic (bit-equal to it)."""
     n = p.qs.shape[0]
-    q = _fields(p).reshape(n, p.d.shape[1], -1)  # [N, B, elements per block]
-    if p.qtype == "Q4_K":
+    q = _values(p)  # [N, B, elements per block]
+    if p.qtype == "Q6_K":
+        dl = (p.d.float()[..., None] * _q6_k_scales(p).reshape(n, -1, 16).float())[..., None]  # [N, B, 16, 1]
+        return (dl * (q.to(torch.int8) - 32).float().reshape(n, -1, 16, 16)).reshape(n, -1)
+    if p.qtype in ("Q4_K", "Q5_K"):
         dd, dmin = p.d.float().unbind(-1)  # [N, B]
         sub = p.sub.reshape(n, -1, 8)
         dl = (dd[..., None] * (sub & 0xFF).float())[..., None]  # [N, B, 8, 1]
         ml = (dmin[..., None] * (sub >> 8).float())[..., None]
         return (dl * q.reshape(n, -1, 8, 32).float() - ml).reshape(n, -1)
+    if p.qtype == "Q4_1":
+        d, m = p.d.float().unbind(-1)
+        return (d[..., None] * q.float() + m[..., None]).reshape(n, -1)
     d = p.d.float()[..., None]  # [N, B, 1]
-    if p.qtype == "Q4_0":
-        return (d * (q.to(torch.int8) - 8).float()).reshape(n, -1)
+    if p.qtype in ("Q4_0", "Q5_0"):
+        return (d * (q.to(torch.int8) - (8 if p.qtype == "Q4_0" else 16)).float()).reshape(n, -1)
     return (q.view(torch.int8).float() * d).reshape(n, -1)

@@ -4,8 +4,9 @@ The oracle is the same file run the default way (every tensor dequantised at loa
 logits must agree within 1e-5 relative, for a prompt and greedy decode steps, unplaced, merged
 (merge_qkv, merge_up_gate: same-type parts stay blocks; a join of mixed types, which these
 passes do not make, is dequantised: test_cuts_keep_blocks_only_at_block_bounds) and placed
-on cpu,cpu by layers and by graph split. The files hold Q8_0, Q4_0 and Q4_K matrices (random
-blocks from graphir's writer, which gguf dequantises to weights of about N(0, 0.02)).
+on cpu,cpu by layers and by graph split. The files hold Q8_0, Q4_0 and Q4_K matrices, and
+Q4_K with Q6_K as a Q4_K_M file has them (random blocks from graphir's writer, which gguf
+dequantises to weights of about N(0, 0.02)).
 Under Triton's interpreter (TRITON_INTERPRET=1) the decode rows run the Triton GEMV on the CPU;
 without it they run the torch fallback, and the test of the Triton choice skips.
 """
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from backends.cuda.quant import kept, repack
+from backends.cuda.quant.formats import SIZES
 from backends.cuda.quant.repack import Packed
 from backends.cuda.runtime.session import Session, greedy
 from backends.cuda.weights.gguf_weights import GGUFWeights
@@ -48,6 +50,10 @@ TYPES = {"blk.0.attn_q.weight": "q4_k", "blk.0.attn_k.weight": "q8_0", "blk.0.at
          "blk.1.attn_v.weight": "q8_0", "blk.1.attn_output.weight": "q4_0", "blk.1.ffn_gate.weight": "q4_k",
          "blk.1.ffn_up.weight": "q4_k", "blk.1.ffn_down.weight": "q8_0", "output.weight": "q8_0",
          "token_embd.weight": "q8_0"}
+# a Q4_K_M file's choice: Q4_K, with Q6_K for attn_v, ffn_down and the output head; and Q5_0,
+# llama.cpp's stand-in for a K-quant where rows are not whole 256-blocks, for two matrices
+Q4_K_M = ({f"blk.{i}.{t}.weight": "q6_k" for i in range(2) for t in ("attn_v", "ffn_down")}
+          | {"output.weight": "q6_k", "blk.0.attn_output.weight": "q5_0", "blk.1.ffn_up.weight": "q5_0"})
 PROMPT, DECODE = [3, 14, 15, 9, 26], 4
 MATRICES = 15  # 14 in the layers and the output head; the embedding table feeds get_rows
 
@@ -56,6 +62,13 @@ MATRICES = 15  # 14 in the layers and the output head; the embedding table feeds
 def gguf_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     p = tmp_path_factory.mktemp("kq") / "tiny.gguf"
     write_gguf(p, from_hf_dict(CFG, name="tiny"), wtype="q8_0", seed=5, types=TYPES)
+    return p
+
+
+@pytest.fixture(scope="module")
+def q4_k_m_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("kq") / "tiny-q4_k_m.gguf"
+    write_gguf(p, from_hf_dict(CFG, name="tiny"), wtype="q4_k", seed=6, types=Q4_K_M)
     return p
 
 
@@ -83,7 +96,7 @@ def test_kept_equals_dequantised(gguf_file: Path, split: str | None, passes: str
     _close(got, want)
     assert gen == gen0
     assert plain.kept == {} and not any(isinstance(w, Packed) for w in plain.weights.values())
-    assert set(ks.kept) <= {"Q4_0", "Q8_0", "Q4_K"} and sum(ks.kept.values()) > 0
+    assert set(ks.kept) <= set(repack.WORDS) and sum(ks.kept.values()) > 0
     # every kept weight is read by matmuls only; the embedding table is dense
     held = {k for k, w in ks.weights.items() if isinstance(w, Packed)}
     for g in ks.executed.values():
@@ -92,6 +105,20 @@ def test_kept_equals_dequantised(gguf_file: Path, split: str | None, passes: str
                 if name in held:
                     assert n.op.value == "matmul" and i == 1, n.name
     assert not isinstance(ks.weights.get("token_embd.weight"), Packed)
+
+
+@pytest.mark.parametrize("split,passes", [(None, None), ("graph", "merge_qkv,merge_up_gate")])
+def test_kept_equals_dequantised_q4_k_m(q4_k_m_file: Path, split: str | None, passes: str | None) -> None:
+    """Q6_K (a Q4_K_M file's attn_v, ffn_down and output head) and Q5_0 are kept and multiply
+    as the dequantised weights do."""
+    devices = "cpu" if split is None else "cpu,cpu"
+    ks, got, gen = _run(q4_k_m_file, True, devices, split, passes)
+    _, want, gen0 = _run(q4_k_m_file, False, devices, split, passes)
+    _close(got, want)
+    assert gen == gen0
+    if split is None:
+        assert ks.kept == {"Q4_K": 8, "Q5_0": 2, "Q6_K": 5}
+    assert isinstance(ks.weights["output.weight"], Packed) and ks.weights["output.weight"].qtype == "Q6_K"
 
 
 def test_cut_inside_a_block_is_dequantised(gguf_file: Path) -> None:
@@ -157,13 +184,25 @@ def test_cli_eval_keep_quant(gguf_file: Path, capsys: pytest.CaptureFixture[str]
     assert "kept in GGUF blocks" not in plain.err
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K"])
+def _blocks(qtype: str, rows: int, k: int) -> np.ndarray:
+    """Random blocks [rows, bytes]: the writer's, or (types it lacks: Q4_1, Q5_K, both with f16
+    d and m at bytes 0 and 2) random bytes with those two set to 0.01."""
+    rng = np.random.default_rng(1)
+    if qtype.lower() in WRITER_TYPES:
+        t = WRITER_TYPES[qtype.lower()]
+        return _random_blocks(rows * k // t.block, t, rng).reshape(rows, -1)
+    bs, size = SIZES[qtype]
+    b = rng.integers(0, 256, size=(rows * k // bs, size), dtype=np.uint8)
+    b[:, 0:4] = np.full((len(b), 2), 0.01, dtype="<f2").view(np.uint8)
+    return b.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", sorted(repack.WORDS))
 def test_cuts_keep_blocks_only_at_block_bounds(qtype: str) -> None:
     """Rows always keep blocks; a cut along K keeps them at block bounds and gives None (the
     loader then dequantises) inside a block; what is kept is the dense cut, bit for bit."""
     rows, k, be = 6, 512, kept.block_elements(qtype)
-    t = WRITER_TYPES[qtype.lower()]
-    raw = torch.from_numpy(_random_blocks(rows * k // t.block, t, np.random.default_rng(1)).reshape(rows, -1))
+    raw = torch.from_numpy(_blocks(qtype, rows, k))
     p = repack.repack(raw, qtype)
     full = kept.dense(p, torch.float32)
     assert torch.equal(kept.dense(kept.narrow(p, 0, 2, 5), torch.float32), full[2:5])

@@ -28,9 +28,12 @@ DEV = "cuda:0" if CUDA else "cpu"
 if not CUDA:
     patch_triton_interpreter()
 
-ALL = ("Q8_0", "Q4_0", "Q4_K", "IQ4_XS")
-PACKED = ("Q8_0", "Q4_0", "Q4_K")
-SCALE_BYTES = {"Q8_0": (0,), "Q4_0": (0,), "Q4_K": (0, 2), "IQ4_XS": (0,)}  # f16 fields of a block
+ALL = tuple(formats.SIZES)
+PACKED = tuple(repack.WORDS)
+# the f16 fields of a block
+SCALE_BYTES = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q2_K": (80, 82),
+               "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,)}
+SEEDS = (3, 11, 2026)
 
 
 def random_blocks(qtype: str, rows: int, k: int, seed: int = 0) -> np.ndarray:
@@ -38,7 +41,7 @@ def random_blocks(qtype: str, rows: int, k: int, seed: int = 0) -> np.ndarray:
     bs, size = formats.SIZES[qtype]
     rng = np.random.default_rng(seed)
     b = rng.integers(0, 256, size=(rows, k // bs, size), dtype=np.uint8)
-    top = -3 if qtype == "Q4_K" else 4  # Q4_K's d is times a 6-bit scale: keep f16 outputs finite
+    top = -3 if bs == 256 else 4  # the super-blocks' d is times a 6- or 8-bit scale: keep f16 outputs finite
     for off in SCALE_BYTES[qtype]:
         d = (rng.standard_normal((rows, k // bs)) * 2.0 ** rng.integers(-14, top, (rows, k // bs))).astype(np.float16)
         b[..., off:off + 2] = d.view(np.uint8).reshape(rows, k // bs, 2)
@@ -65,15 +68,17 @@ def same_bits(got: torch.Tensor, want: np.ndarray) -> None:
 
 # ---- formats ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("qtype", ("Q8_0", "Q4_0"))  # gguf has no quantiser for the others
-def test_dequantize_matches_gguf_on_its_quantised_blocks(qtype: str) -> None:
-    raw = quantized(qtype, 7, 256)
+@pytest.mark.parametrize("qtype", ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"))  # gguf quantises no others
+@pytest.mark.parametrize("seed", SEEDS)
+def test_dequantize_matches_gguf_on_its_quantised_blocks(qtype: str, seed: int) -> None:
+    raw = quantized(qtype, 7, 256, seed)
     same_bits(formats.dequantize(torch.from_numpy(raw), qtype), gguf_dequantize(raw, GGMLQuantizationType[qtype]))
 
 
 @pytest.mark.parametrize("qtype", ALL)
-def test_dequantize_matches_gguf_on_random_blocks(qtype: str) -> None:
-    raw = random_blocks(qtype, 5, 512, seed=3)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_dequantize_matches_gguf_on_random_blocks(qtype: str, seed: int) -> None:
+    raw = random_blocks(qtype, 5, 512, seed=seed)
     same_bits(formats.dequantize(torch.from_numpy(raw), qtype), gguf_dequantize(raw, GGMLQuantizationType[qtype]))
 
 
@@ -88,26 +93,30 @@ def test_bad_bytes_give_one_line_errors() -> None:
         formats.dequantize(torch.zeros(2, 20, dtype=torch.uint8), "Q4_0")
     with pytest.raises(formats.QuantFormatError, match="uint8"):
         formats.dequantize(torch.zeros(2, 18, dtype=torch.int8), "Q4_0")
-    with pytest.raises(formats.QuantFormatError, match="Q5_K"):
-        formats.dequantize(torch.zeros(2, 18, dtype=torch.uint8), "Q5_K")
+    with pytest.raises(formats.QuantFormatError, match="IQ2_XXS"):
+        formats.dequantize(torch.zeros(2, 18, dtype=torch.uint8), "IQ2_XXS")
     with pytest.raises(formats.QuantFormatError, match="no repacked layout for IQ4_XS"):
         repack.repack(torch.zeros(2, 136, dtype=torch.uint8), "IQ4_XS")
 
 
 # ---- repack -----------------------------------------------------------------------------------
 
+GGUF_QUANTISES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+EXTRA_BYTES = {"Q4_K": 4 * 2 * 6, "Q5_K": 4 * 2 * 6}  # (Q4|5)_K's 12 bytes of 6-bit scales per 256 read as 16
+D_SHAPE = {"Q4_K": (6, 2, 2), "Q5_K": (6, 2, 2), "Q6_K": (6, 2), "Q4_1": (6, 16, 2)}  # of 6 x 512 weights
+
+
 @pytest.mark.parametrize("qtype", PACKED)
-@pytest.mark.parametrize("source", ["gguf", "random"])
-def test_repack_keeps_every_bit(qtype: str, source: str) -> None:
-    if source == "gguf" and qtype == "Q4_K":
-        pytest.skip("gguf has no Q4_K quantiser")
-    raw = torch.from_numpy(quantized(qtype, 6, 512) if source == "gguf" else random_blocks(qtype, 6, 512, seed=1))
+@pytest.mark.parametrize("source", ["gguf", *SEEDS])
+def test_repack_keeps_every_bit(qtype: str, source: str | int) -> None:
+    if source == "gguf" and qtype not in GGUF_QUANTISES:
+        pytest.skip(f"gguf has no {qtype} quantiser")
+    raw = torch.from_numpy(quantized(qtype, 6, 512) if source == "gguf" else random_blocks(qtype, 6, 512, seed=source))
     p = repack.repack(raw, qtype)
     words, _ = repack.WORDS[qtype]
     assert p.qs.dtype == torch.int32 and tuple(p.qs.shape) == (6, 16 * words) and p.shape == (6, 512)
-    assert p.d.dtype == torch.float16 and tuple(p.d.shape) == ((6, 2, 2) if qtype == "Q4_K" else (6, 16))
-    # nothing added, but Q4_K's 12 bytes of 6-bit scales per 256 weights read as 16
-    assert p.nbytes == raw.numel() + (4 * 2 * 6 if qtype == "Q4_K" else 0)
+    assert p.d.dtype == torch.float16 and tuple(p.d.shape) == D_SHAPE.get(qtype, (6, 16))
+    assert p.nbytes == raw.numel() + EXTRA_BYTES.get(qtype, 0)  # nothing added but Q4_K's unpacked scales
     assert torch.equal(repack.unpack(p), raw)
     assert torch.equal(bits(repack.dequantize(p)), bits(formats.dequantize(raw, qtype)))
 
@@ -123,6 +132,25 @@ def test_repack_puts_field_j_of_word_w_at_the_documented_element() -> None:
     w8 = repack.repack(raw8[None], "Q8_0").qs[0].tolist()  # 8 words
     assert all(((w8[4 * c + v] >> (8 * j)) & 0xFF) - 128 == q8[16 * c + 4 * j + v]
                for c in range(2) for v in range(4) for j in range(4))
+
+
+def test_q6_k_repack_puts_the_top_bits_next_to_their_nibbles() -> None:
+    """Q6_K: nibble j of word w of unit u is element 32u + 4j + w's low 4 bits; bits 4j..4j+1
+    (4j+2..4j+3) of qh word w of pair c are the top 2 bits of element 64c + 4j + w (+ 32);
+    byte t of sub word c is scale 4c + t + 128."""
+    v = (torch.arange(256) * 37 + 11) % 64  # element e's 6-bit value
+    lo, hi = v & 0xF, v >> 4
+    ql = torch.cat([lo[128 * h:128 * h + 64] | (lo[128 * h + 64:128 * h + 128] << 4) for h in range(2)])
+    qh = torch.cat([sum(hi[128 * h + 32 * s:128 * h + 32 * s + 32] << (2 * s) for s in range(4)) for h in range(2)])
+    sc = torch.arange(-8, 8, dtype=torch.int8) * 15
+    raw = torch.cat((ql, qh, sc.view(torch.uint8).long(), torch.tensor([0, 0x3C]))).to(torch.uint8)
+    p = repack.repack(raw[None], "Q6_K")
+    w, h, s = p.qs[0].tolist(), p.qh[0].tolist(), p.sub[0].tolist()
+    assert all((w[4 * u + i] >> (4 * j)) & 0xF == int(lo[32 * u + 4 * j + i]) for u in range(8) for i in range(4)
+               for j in range(8))
+    assert all((h[4 * c + i] >> (4 * j + 2 * b)) & 3 == int(hi[64 * c + 32 * b + 4 * j + i]) for c in range(4)
+               for i in range(4) for j in range(8) for b in range(2))
+    assert all((s[c] >> (8 * t)) & 0xFF == (int(sc[4 * c + t]) + 128) for c in range(4) for t in range(4))
 
 
 # ---- the Triton GEMV --------------------------------------------------------------------------
