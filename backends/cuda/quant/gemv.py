@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from backends.cuda.triton_kernels.fused import on, tl, triton, usable
+from backends.cuda.quant import iq4_xs
 from backends.cuda.quant.repack import Packed, dequantize
 from backends.cuda.triton_kernels.gemv import gpu_time  # the executor's GEMV timing: L2 flushed, launches queued
 
@@ -44,11 +45,12 @@ CONFIGS: tuple[Config, ...] = ((8, 128, 4, 1), (4, 128, 4, 1), (16, 64, 4, 1), (
                                (4, 256, 8, 1), (4, 64, 4, 4))
 DEFAULT: Config = CONFIGS[0]
 MAGIC = 0x4B000000  # the f32 bits of 2^23
-KINDS = ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "Q5_0", "Q4_1", "Q5_K")  # the kernel's KIND: index of the repacked type
+KINDS = ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "Q5_0", "Q4_1", "Q5_K", "IQ4_XS")  # the kernel's KIND: index of the repacked type
 REPS = 20
 
 
 if triton is not None:
+    from backends.cuda.quant.iq4_xs import _book
 
     @triton.jit
     def _x(xp, mb, OFF: tl.constexpr, EVEN: tl.constexpr):
@@ -121,12 +123,23 @@ if triton is not None:
         return ((v & 0x3F) | magic).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
-    def _gemv_k(x_ptr, q_ptr, d_ptr, s_ptr, h_ptr, o_ptr, N, NU, UPS, sq, sd, ss, sh, so, magic, KIND: tl.constexpr,
-                BN: tl.constexpr, BB: tl.constexpr, PARTIAL: tl.constexpr, EVEN_N: tl.constexpr,
-                EVEN: tl.constexpr):
+    def _bytes16(v, xp, mb, magic, OFF: tl.constexpr, EVEN: tl.constexpr):
+        # a Q8_0 unit (byte j of word w is element 4j + w of 16, stored + 128) times x[OFF:OFF+16]
+        h = v >> 12
+        t = _term(v, _x(xp, mb, OFF, EVEN), magic, 0xFF, 8388736.0, 1.0)
+        t += _term(v, _x(xp, mb, OFF + 4, EVEN), magic, 0xFF00, 8421376.0, 0.00390625)
+        t += _term(h, _x(xp, mb, OFF + 8, EVEN), magic, 0xFF0, 8390656.0, 0.0625)
+        t += _term(h, _x(xp, mb, OFF + 12, EVEN), magic, 0xFF000, 8912896.0, 0.000244140625)
+        return t
+
+    @triton.jit
+    def _gemv_k(x_ptr, q_ptr, d_ptr, s_ptr, h_ptr, o_ptr, N, NU, UPS, sq, sd, ss, sh, so, magic, t0, t1, t2, t3,
+                KIND: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr, PARTIAL: tl.constexpr, EVEN_N: tl.constexpr,
+                EVEN: tl.constexpr, ASM: tl.constexpr):
         # program (i, s): rows [i*BN, i*BN + BN), units [s*UPS, s*UPS + UPS) of the row, BB units a
         # step. A unit is 4 words (one 16-byte load): 32 elements (KIND 0 Q4_0, 2 Q4_K) or 16 (1 Q8_0);
         # Q6_K's (KIND 3) is 64 elements: 8 words of low nibbles, 4 of top bits, 4 scale bytes.
+        # t0..t3: IQ4_XS's code book (iq4_xs.py), read by byte permutes (PTX where ASM, else emulated).
         # `magic` (0x4B000000, the bits of 2^23) comes as an argument, not a literal: with the field
         # masks also literals the compiler would spend a MOV on every AND-OR; this way it is one
         # register and each AND-OR is one LOP3 with the mask as its immediate.
@@ -149,6 +162,8 @@ if triton is not None:
                 dp = d_ptr + r64[:, None] * sd + (blk // 2)[None, :]  # [BN, BB]: two units share a scale
             elif KIND == 2 or KIND == 6:
                 dp = d_ptr + r64[:, None] * sd + (blk // 8 * 2)[None, :]  # [BN, BB]: the super-block's d
+            elif KIND == 7:
+                dp = d_ptr + r64[:, None] * sd + (blk // 8)[None, :]  # [BN, BB]: the super-block's d
             elif KIND == 5:
                 dp = d_ptr + r64[:, None] * sd + (blk * 2)[None, :]  # [BN, BB]: the block's (d, m)
             else:
@@ -188,12 +203,18 @@ if triton is not None:
                 acc += ((a0 * _byte(sw, magic, 0xFF, 1.0) + a1 * _byte(sw, magic, 0xFF00, 0.00390625))
                         + (b0 * _byte(sx, magic, 0xFF0, 0.0625) + b1 * _byte(sx, magic, 0xFF000, 0.000244140625))) * d
             elif KIND == 1:  # Q8_0: byte j of word w is element 4j + w of the unit, stored q + 128
-                xp = x_ptr + (blk * 16)[:, None] + wi[None, :]  # [BB, 4]: element w of each unit
-                t = _term(w, _x(xp, mb, 0, EVEN), magic, 0xFF, 8388736.0, 1.0)
-                t += _term(w, _x(xp, mb, 4, EVEN), magic, 0xFF00, 8421376.0, 0.00390625)
-                t += _term(h, _x(xp, mb, 8, EVEN), magic, 0xFF0, 8390656.0, 0.0625)
-                t += _term(h, _x(xp, mb, 12, EVEN), magic, 0xFF000, 8912896.0, 0.000244140625)
+                t = _bytes16(w, x_ptr + (blk * 16)[:, None] + wi[None, :], mb, magic, 0, EVEN)
                 acc += tl.sum(t, axis=2) * d  # the scale, once per unit
+            elif KIND == 7:  # IQ4_XS: w = d * (ls - 32) * book[q]; the looked-up bytes are Q8_0 units
+                sp = s_ptr + r64[:, None] * ss + blk[None, :]
+                if EVEN and EVEN_N:
+                    ls = tl.load(sp).to(tl.int32)
+                else:
+                    ls = tl.load(sp, mask=m2, other=0).to(tl.int32)
+                xp = x_ptr + (blk * 32)[:, None] + wi[None, :]
+                t = _bytes16(_book(w, t0, t1, t2, t3, ASM), xp, mb, magic, 0, EVEN)  # elements 0..15
+                t += _bytes16(_book(w >> 16, t0, t1, t2, t3, ASM), xp, mb, magic, 16, EVEN)  # 16..31
+                acc += tl.sum(t, axis=2) * (d * (_int6(ls, magic) - 32.0))
             elif KIND == 0:  # Q4_0: zero point 8
                 t, xs = _nib(w, h, x_ptr + (blk * 32)[:, None] + wi[None, :], mb, magic, 8.0, EVEN)
                 acc += tl.sum(t, axis=2) * d
@@ -258,8 +279,9 @@ def _launch(x: torch.Tensor, p: Packed, cfg: Config) -> torch.Tensor:
         sub = p.d if p.sub is None else p.sub  # (stand-ins the kernel does not read)
         qh = p.d if p.qh is None else p.qh
         _gemv_k[(triton.cdiv(n, bn), split)](x, p.qs, p.d, sub, qh, out, n, nu, ups, p.qs.stride(0), p.d.stride(0),
-                                             sub.stride(0), qh.stride(0), out.stride(0), MAGIC, KIND=kind, BN=bn, BB=bb,
-                                             PARTIAL=part, EVEN_N=n % bn == 0, EVEN=even, num_warps=warps,
+                                             sub.stride(0), qh.stride(0), out.stride(0), MAGIC, iq4_xs.T0, iq4_xs.T1,
+                                             iq4_xs.T2, iq4_xs.T3, KIND=kind, BN=bn, BB=bb, PARTIAL=part,
+                                             EVEN_N=n % bn == 0, EVEN=even, ASM=iq4_xs.use_asm(), num_warps=warps,
                                              enable_fp_fusion=True)  # the products and sums as FFMAs
     return out.sum(0, keepdim=True).to(x.dtype) if part else out  # [1, N]
 

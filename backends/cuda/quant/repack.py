@@ -50,11 +50,12 @@ from dataclasses import dataclass
 
 import torch
 
-from backends.cuda.quant.formats import QuantFormatError, blocks, nibbles, planes, q4_k_scales, q6_k_values
+from backends.cuda.quant.formats import (KVALUES, QuantFormatError, blocks, iq4_xs_scales, nibbles, planes,
+                                         q4_k_scales, q6_k_values)
 
 # quant type -> (32-bit words of `qs` per 32 elements, bits per quant field in them)
 WORDS: dict[str, tuple[int, int]] = {"Q4_0": (4, 4), "Q8_0": (8, 8), "Q4_K": (4, 4), "Q6_K": (4, 4), "Q4_1": (4, 4),
-                                     "Q5_0": (4, 4), "Q5_K": (4, 4)}
+                                     "Q5_0": (4, 4), "Q5_K": (4, 4), "IQ4_XS": (4, 4)}
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,9 @@ def repack(raw: torch.Tensor, qtype: str) -> Packed:
         return Packed(qtype, nib(planes(b[..., -128:], 32, 4)), _half(b[..., 0:4], n, nb, 2), sub, qh)
     if qtype == "Q4_1":
         return Packed(qtype, nib(nibbles(b[..., 4:])), _half(b[..., 0:4], n, nb, 2))
+    if qtype == "IQ4_XS":  # code book indices as Q4_0's words; ls (6 bits, 0..63) per 32 in `sub`
+        ls = (iq4_xs_scales(b) + 32).reshape(n, nb * 8)
+        return Packed(qtype, nib(nibbles(b[..., 8:])), _half(b[..., 0:2], n, nb, 1), ls)
     d = _half(b[..., 0:2], n, nb, 1)  # [N, B]
     if qtype == "Q5_0":  # the file's qh is already a word per block whose bit e is element e's
         return Packed(qtype, nib(nibbles(b[..., 6:])), d, None, b[..., 2:6].contiguous().view(torch.int32).reshape(n, nb))
@@ -211,10 +215,28 @@ def unpack(p: Packed) -> torch.Tensor:
         parts = (dbytes, _q4_k_scale_bytes(p.sub.reshape(n, nb, 8)), *top, _unplanes(q & 0x0F, 32, 4))
     elif p.qtype == "Q8_0":
         parts = (dbytes, q)
+    elif p.qtype == "IQ4_XS":
+        parts = (dbytes, *_iq4_xs_scale_bytes(p.sub.reshape(n, nb, 8)), _pairs32(q))
     else:  # ggml's pairing of 32: byte i = q[i] | q[i+16] << 4, after Q5_0's qh
         top = (p.qh.contiguous().view(torch.uint8).reshape(n, nb, 4),) if p.qtype == "Q5_0" else ()
-        parts = (dbytes, *top, (q[..., :16] & 0x0F) | (q[..., 16:] << 4))
+        parts = (dbytes, *top, _pairs32(q))
     return torch.cat(parts, dim=-1).reshape(n, -1)
+
+
+def _pairs32(q: torch.Tensor) -> torch.Tensor:
+    """[N, B, 32 m] 4-bit values -> [N, B, 16 m] bytes, ggml's pairing per 32: byte i = q[i] | q[i+16] << 4."""
+    q = q.reshape(*q.shape[:2], -1, 32)
+    return ((q[..., :16] & 0x0F) | (q[..., 16:] << 4)).reshape(*q.shape[:2], -1)
+
+
+def _iq4_xs_scale_bytes(ls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int16 [N, B, 8] 6-bit scales -> the file's scales_h (2 bytes: 2 high bits each) and
+    scales_l (4 bytes: the low nibbles, two a byte, the first low)."""
+    ls = ls.to(torch.int32)
+    hi = sum(((ls[..., i] >> 4) & 3) << (2 * i) for i in range(8))  # a u16
+    lo = (ls & 0x0F).reshape(*ls.shape[:2], 4, 2)
+    return (torch.stack((hi & 0xFF, hi >> 8), dim=-1).to(torch.uint8),  # type: ignore[union-attr]
+            (lo[..., 0] | (lo[..., 1] << 4)).to(torch.uint8))
 
 
 def dequantize(p: Packed) -> torch.Tensor:
@@ -230,6 +252,10 @@ def dequantize(p: Packed) -> torch.Tensor:
         dl = (dd[..., None] * (sub & 0xFF).float())[..., None]  # [N, B, 8, 1]
         ml = (dmin[..., None] * (sub >> 8).float())[..., None]
         return (dl * q.reshape(n, -1, 8, 32).float() - ml).reshape(n, -1)
+    if p.qtype == "IQ4_XS":
+        dl = (p.d.float()[..., None] * (p.sub.reshape(n, -1, 8) - 32).float())[..., None]  # [N, B, 8, 1]
+        kv = torch.tensor(KVALUES, dtype=torch.float32, device=q.device)
+        return (dl * kv[q.long()].reshape(n, -1, 8, 32)).reshape(n, -1)
     if p.qtype == "Q4_1":
         d, m = p.d.float().unbind(-1)
         return (d[..., None] * q.float() + m[..., None]).reshape(n, -1)

@@ -95,15 +95,16 @@ def test_bad_bytes_give_one_line_errors() -> None:
         formats.dequantize(torch.zeros(2, 18, dtype=torch.int8), "Q4_0")
     with pytest.raises(formats.QuantFormatError, match="IQ2_XXS"):
         formats.dequantize(torch.zeros(2, 18, dtype=torch.uint8), "IQ2_XXS")
-    with pytest.raises(formats.QuantFormatError, match="no repacked layout for IQ4_XS"):
-        repack.repack(torch.zeros(2, 136, dtype=torch.uint8), "IQ4_XS")
+    with pytest.raises(formats.QuantFormatError, match="no repacked layout for IQ4_NL"):
+        repack.repack(torch.zeros(2, 18, dtype=torch.uint8), "IQ4_NL")
 
 
 # ---- repack -----------------------------------------------------------------------------------
 
 GGUF_QUANTISES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
-EXTRA_BYTES = {"Q4_K": 4 * 2 * 6, "Q5_K": 4 * 2 * 6}  # (Q4|5)_K's 12 bytes of 6-bit scales per 256 read as 16
-D_SHAPE = {"Q4_K": (6, 2, 2), "Q5_K": (6, 2, 2), "Q6_K": (6, 2), "Q4_1": (6, 16, 2)}  # of 6 x 512 weights
+# (Q4|5)_K's 12 bytes of 6-bit scales per 256 read as 16; IQ4_XS's 6 bytes of 8 scales as 8 int16
+EXTRA_BYTES = {"Q4_K": 4 * 2 * 6, "Q5_K": 4 * 2 * 6, "IQ4_XS": 10 * 2 * 6}
+D_SHAPE = {"Q4_K": (6, 2, 2), "Q5_K": (6, 2, 2), "Q6_K": (6, 2), "Q4_1": (6, 16, 2), "IQ4_XS": (6, 2)}  # of 6 x 512 weights
 
 
 @pytest.mark.parametrize("qtype", PACKED)
@@ -119,6 +120,15 @@ def test_repack_keeps_every_bit(qtype: str, source: str | int) -> None:
     assert p.nbytes == raw.numel() + EXTRA_BYTES.get(qtype, 0)  # nothing added but Q4_K's unpacked scales
     assert torch.equal(repack.unpack(p), raw)
     assert torch.equal(bits(repack.dequantize(p)), bits(formats.dequantize(raw, qtype)))
+
+
+def test_the_iq4_xs_code_book_words_hold_the_book_plus_128() -> None:
+    """The four words the GEMV's byte permutes read IQ4_XS's code book from (iq4_xs.py)."""
+    from backends.cuda.quant import iq4_xs
+
+    words = np.array([iq4_xs.T0, iq4_xs.T1, iq4_xs.T2, iq4_xs.T3], dtype=np.int64) & 0xFFFFFFFF
+    book = np.array(words, dtype="<u4").view(np.uint8).astype(int) - 128
+    assert book.tolist() == list(formats.KVALUES) and iq4_xs.BOOK == tuple(v + 128 for v in formats.KVALUES)
 
 
 def test_repack_puts_field_j_of_word_w_at_the_documented_element() -> None:
